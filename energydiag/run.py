@@ -1,0 +1,185 @@
+"""Loading an energydiag/1 run directory, validating as it goes.
+
+Analyses never open files themselves; they ask a ``Run``. Every problem surfaces as a DiagError
+naming the offending file, never as a KeyError three frames deep in a replay.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from energydiag.errors import DiagError
+from energydiag.layout import (
+    BATCHES,
+    CHECKPOINTS,
+    FAILURE,
+    MANIFEST,
+    METRICS,
+    batch_path,
+    checkpoint_path,
+    steps_in,
+)
+from energydiag.manifest import Manifest, read_manifest
+from energydiag.state import RNG_PREFIX, split_state
+from energydiag.tensorfile import check_format, read_all
+
+REQUIRED_BATCH_KEYS = ("h", "a_pos")
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+
+@dataclass
+class Batch:
+    step: int
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return self.tensors["h"].shape[0]
+
+
+class Run:
+    """A run directory: manifest, checkpoints, batches and metrics."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DiagError(self.root, "run directory not found")
+        self.manifest: Manifest = read_manifest(self.root / MANIFEST)
+
+    @cached_property
+    def checkpoint_steps(self) -> list[int]:
+        return steps_in(self.root / CHECKPOINTS)
+
+    @cached_property
+    def batch_steps(self) -> list[int]:
+        return steps_in(self.root / BATCHES)
+
+    @property
+    def failure(self) -> dict | None:
+        path = self.root / FAILURE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def checkpoint_at_or_before(self, step: int) -> int:
+        earlier = [s for s in self.checkpoint_steps if s <= step]
+        if not earlier:
+            have = _ranges(self.checkpoint_steps) or "none"
+            raise DiagError(
+                self.root / CHECKPOINTS, f"no checkpoint at or before step {step} (have: {have})"
+            )
+        return earlier[-1]
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        path = self._inside(checkpoint_path(self.root, step))
+        tensors, meta = read_all(path)
+        check_format(path, meta, "checkpoint")
+        _check_step(path, meta, step)
+        model, optim = split_state(tensors)
+        if not model:
+            raise DiagError(path, "holds no 'model.*' tensors")
+        return Checkpoint(step, path, model, optim, meta)
+
+    def batch(self, step: int) -> Batch:
+        path = self._inside(batch_path(self.root, step))
+        tensors, meta = read_all(path)
+        check_format(path, meta, "batch")
+        _check_step(path, meta, step)
+        rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
+        data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
+        validate_batch(path, data)
+        return Batch(step, path, data, rng)
+
+    def require_batches(self, start: int, stop: int) -> list[int]:
+        """Steps start..stop (inclusive), all of which must be logged."""
+        have = set(self.batch_steps)
+        missing = [s for s in range(start, stop + 1) if s not in have]
+        if missing:
+            raise DiagError(self.root / BATCHES, f"missing batches for steps {_ranges(missing)}")
+        return list(range(start, stop + 1))
+
+    def metrics(self) -> pd.DataFrame:
+        path = self.root / METRICS
+        if not path.is_file():
+            return pd.DataFrame(columns=["step", "loss"])
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DiagError(path, f"line {n} is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise DiagError(path, f"line {n} has no integer 'step'")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def logged_losses(self) -> dict[int, float]:
+        frame = self.metrics()
+        if "loss" not in frame:
+            return {}
+        return dict(zip(frame["step"].astype(int), frame["loss"].astype(float), strict=True))
+
+    def _inside(self, path: Path) -> Path:
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise DiagError(path, "resolves to a path outside the run directory")
+        return path
+
+
+def validate_batch(path: Path, batch: dict[str, torch.Tensor]) -> None:
+    """Check the shapes a step's tensors must agree on: h [B,S,D], a_pos [B,H,Da], ..."""
+    for key in REQUIRED_BATCH_KEYS:
+        if key not in batch:
+            raise DiagError(path, f"missing tensor '{key}'")
+    h, a = batch["h"], batch["a_pos"]
+    if h.dim() != 3 or a.dim() != 3:
+        raise DiagError(
+            path, f"h must be [B,S,D] and a_pos [B,H,Da], got {list(h.shape)} and {list(a.shape)}"
+        )
+    if h.shape[0] != a.shape[0]:
+        raise DiagError(path, f"batch sizes differ: h has {h.shape[0]}, a_pos has {a.shape[0]}")
+    mask = batch.get("pad_mask")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(h.shape[:2])):
+        raise DiagError(
+            path,
+            f"pad_mask must be bool [B,S]={list(h.shape[:2])}, got {mask.dtype} {list(mask.shape)}",
+        )
+    for key, t in batch.items():
+        if key.startswith("layer_actions.") and t.shape != a.shape:
+            raise DiagError(path, f"'{key}' has shape {list(t.shape)}, a_pos has {list(a.shape)}")
+    neg = batch.get("a_neg")
+    if neg is not None and (
+        neg.dim() != 4 or neg.shape[0] != a.shape[0] or neg.shape[2:] != a.shape[1:]
+    ):
+        raise DiagError(path, f"a_neg must be [B,M,H,Da] matching a_pos, got {list(neg.shape)}")
+
+
+def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
+    if meta.get("step") != str(step):
+        raise DiagError(path, f"metadata says step {meta.get('step')!r}, file name says {step}")
+
+
+def _ranges(steps: list[int]) -> str:
+    """[3,4,5,9] -> '3-5, 9': compact enough for a one-line error."""
+    out, run_start = [], None
+    for i, s in enumerate(steps):
+        run_start = s if run_start is None else run_start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(str(s) if s == run_start else f"{run_start}-{s}")
+            run_start = None
+    return ", ".join(out)

@@ -1,0 +1,53 @@
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from energydiag.run import Run
+
+
+def content_hash(path):
+    """Tensors and metadata, not bytes: safetensors writes its metadata in a random order."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), "pt") as f:
+        digest = hashlib.sha256(json.dumps(f.metadata(), sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            tensor = f.get_tensor(key)
+            digest.update(f"{key}{tensor.dtype}{list(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digest(folder):
+    return {
+        p.relative_to(folder).as_posix(): content_hash(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("name", ["healthy", "stalled", "nan"])
+def test_fixture_loads_and_has_expected_answers(fixtures_dir, name):
+    run = Run(fixtures_dir / name)
+    expected = json.loads((fixtures_dir / name / "expected.json").read_text())
+    assert expected["diagnosis"] == name
+    assert run.checkpoint_steps and run.batch_steps
+
+
+def test_fixtures_are_small(fixtures_dir):
+    assert sum(p.stat().st_size for p in fixtures_dir.rglob("*") if p.is_file()) < 20 * 2**20
+
+
+def test_fixtures_regenerate_byte_for_byte(fixtures_dir, tmp_path):
+    sys.path.insert(0, str(fixtures_dir))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.pop(0)
+    make_fixtures.main(tmp_path)
+    for name in make_fixtures.FIXTURES:
+        assert digest(tmp_path / name) == digest(fixtures_dir / name), name

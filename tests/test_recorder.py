@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+from energydiag.errors import DiagError
+from energydiag.recorder import Recorder
+from energydiag.run import Run
+from energydiag.session import open_session
+from energydiag.state import restore_rng
+from energydiag.step import train_step
+from energydiag.synthetic import Task, batches, record_run
+
+
+def test_recorded_run_loads_back_identically(tmp_path):
+    record_run(tmp_path / "r", steps=6, checkpoint_every=3, model_kwargs={"dropout": 0.1})
+    run = Run(tmp_path / "r")
+    data = batches(Task(), seed=1)
+    for step in range(6):
+        expected = next(data)
+        got = run.batch(step).tensors
+        assert set(got) == set(expected)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    assert run.checkpoint_steps == [0, 3, 6]
+    assert list(run.metrics()["step"]) == list(range(6))
+
+
+def test_replay_from_checkpoint_reproduces_parameters_bit_for_bit(small_run):
+    """Replay steps 4..11 from checkpoint 4 and compare with the recorded final checkpoint 12."""
+    run = Run(small_run)
+    session = open_session(run, 4, torch.device("cpu"))
+    logged = run.logged_losses()
+    for step in range(4, 12):
+        batch = run.batch(step)
+        restore_rng(batch.rng)
+        result = train_step(
+            session.model,
+            session.optimizer,
+            session.loss_fn,
+            batch.tensors,
+            grad_clip=run.manifest.grad_clip,
+        )
+        assert result.loss.item() == logged[step]
+    final = run.checkpoint(12)
+    for name, value in session.model.state_dict().items():
+        assert torch.equal(value, final.model[name]), name
+    for name, value in final.optim.items():
+        param, field = name.rsplit(".", 1)
+        state = session.optimizer.state[dict(session.model.named_parameters())[param]]
+        assert torch.equal(state[field], value), name
+
+
+def test_without_rng_restore_dropout_diverges(small_run):
+    """Guards the test above: the RNG state is what makes dropout replay exactly."""
+    run = Run(small_run)
+    session = open_session(run, 4, torch.device("cpu"))
+    torch.manual_seed(12345)
+    result = train_step(
+        session.model,
+        session.optimizer,
+        session.loss_fn,
+        run.batch(4).tensors,
+        grad_clip=run.manifest.grad_clip,
+    )
+    assert result.loss.item() != run.logged_losses()[4]
+
+
+def test_failure_dumps_ring_and_pre_step_state(tmp_path):
+    def poison(step, batch):
+        if step == 9:
+            batch["pad_mask"][2] = True
+
+    rec = record_run(
+        tmp_path / "r",
+        steps=12,
+        checkpoint_every=100,
+        keep_batches=3,
+        persist_batches=False,
+        fault=poison,
+    )
+    run = Run(tmp_path / "r")
+    assert rec.failed_at == 9
+    assert run.batch_steps == [7, 8, 9]  # bounded by keep_batches
+    assert run.checkpoint_steps == [0, 9, 12]
+    assert run.failure["step"] == 9 and run.failure["batches_from"] == 7
+    assert len(rec.ring) == 3
+    pre = run.checkpoint(9)
+    assert all(torch.isfinite(t).all() for t in pre.model.values() if t.is_floating_point())
+    session = open_session(run, 9, torch.device("cpu"))
+    batch = run.batch(9)
+    restore_rng(batch.rng)
+    result = train_step(
+        session.model, session.optimizer, session.loss_fn, batch.tensors, grad_clip=1.0
+    )
+    assert torch.isnan(result.loss)
+
+
+def test_recorder_refuses_to_overwrite(small_run):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(DiagError, match="already holds a run"):
+        Recorder(
+            small_run,
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            model_spec={"target": "x:y"},
+            loss={"name": "margin"},
+        )
+
+
+def test_metrics_are_json_lines(small_run):
+    rows = [json.loads(line) for line in (small_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(12))
+    assert all({"loss", "grad_norm", "E_pos", "E_neg"} <= set(r) for r in rows)
