@@ -105,9 +105,8 @@ def record_run(
             value, diagnostics = loss_fn(model, batch)
             value.backward()
             grad_norm = clip(model, grad_clip)
-            rec.end_step(
-                value, grad_norm=grad_norm, E_pos=diagnostics["E_pos"], E_neg=diagnostics["E_neg"]
-            )
+            scalars = {k: v for k, v in diagnostics.items() if v.dim() == 0}
+            rec.end_step(value, grad_norm=grad_norm, **scalars)
             optimizer.step()
         rec.save_checkpoint(steps)
     return rec

@@ -1,0 +1,139 @@
+"""The command line: parse arguments, call an analysis, render. No work happens here."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from energydiag import __version__, render
+from energydiag.errors import DiagError
+from energydiag.render_json import dumps
+
+app = typer.Typer(
+    help="Diagnose NaN and flat-lining losses in energy-model training runs.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory (energydiag/1 format).")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+
+
+def exits(fn: Callable[..., int]) -> Callable[..., None]:
+    """Bad input becomes one line on stderr and exit code 2; results exit 0 (clean) or 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs)
+        except DiagError as e:
+            err.print(f"[red]energydiag: error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(code)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"energydiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Diagnose NaN and flat-lining losses in energy-model training runs."""
+
+
+def progress_bar(total: int, disabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[live]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=disabled or not err.is_terminal,
+        transient=True,
+    )
+
+
+@app.command("replay")
+@exits
+def replay_cmd(
+    run: RunArg = Path("."),
+    from_step: Annotated[
+        int,
+        typer.Option(
+            "--from-step", help="Start from the latest checkpoint at or before this step."
+        ),
+    ] = 0,
+    to_step: Annotated[
+        int | None,
+        typer.Option(
+            "--to-step", help="Last step to replay (default: last contiguous logged batch)."
+        ),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    every: Annotated[
+        int, typer.Option(help="Record full statistics every K steps (0: cheap check only).")
+    ] = 10,
+    metrics_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics-out", help="Write the per-step table (.csv, or .parquet with pyarrow)."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Re-run the logged training steps from a checkpoint; stop at the first non-finite value and
+    localise it (phase, module, op). Exit 1 when a fault is found, 2 on bad input."""
+    from energydiag.replay import plan, replay
+    from energydiag.run import Run
+    from energydiag.session import resolve_device
+    from energydiag.table import write_table
+
+    r = Run(run)
+    total = len(plan(r, r.checkpoint_at_or_before(from_step), to_step))
+    with progress_bar(total, json_out) as bar:
+        task = bar.add_task("replay", total=total, live="")
+
+        def tick(row: dict[str, Any]) -> None:
+            bar.update(
+                task,
+                advance=1,
+                live=f"step {row['step']} loss {render.fmt(row['loss'])} |g| {render.fmt(row['grad_norm'])}",
+            )
+
+        result = replay(r, from_step, to_step, resolve_device(device), every, tick)
+    if metrics_out:
+        write_table(result.table, metrics_out)
+    report = result.to_dict()
+    if json_out:
+        out.print_json(dumps(report)) if out.is_terminal else print(dumps(report))
+    else:
+        render.replay(out, report)
+    return 1 if result.fault else 0
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,195 @@
+"""What is wrong, with its evidence and the remedy that fits: one place for every rule.
+
+Analyses compute numbers; the rules here turn them into findings. Renderers only display them.
+Each rule is a small function returning a Finding or None, so adding one is adding a function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str
+    title: str
+    remedy: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ranked(findings: list[Finding | None]) -> list[Finding]:
+    """Drop the Nones; errors first, then warnings, then notes, each in the order found."""
+    kept = [f for f in findings if f is not None]
+    return sorted(kept, key=lambda f: SEVERITIES.index(f.severity))
+
+
+def has_error(findings: list[Finding]) -> bool:
+    return any(f.severity == "error" for f in findings)
+
+
+# --- energy range, temperature and loss bounds -------------------------------------------------
+
+
+def narrow_energy_range(stats: dict[str, float], tau: float | None) -> Finding | None:
+    span = stats["energy_max"] - stats["energy_min"]
+    if tau is None or span / tau >= 1.0:
+        return None
+    return Finding(
+        "energy.narrow_range",
+        "error" if span / tau < 0.1 else "warning",
+        f"energies span only {span:.3g} at tau {tau:g}: logits differ by at most {span / tau:.3g}",
+        "widen the energy range (softplus or unbounded head, or a scaled sigmoid) or raise tau "
+        "only if the head can reach the wider gap; InfoNCE cannot separate candidates whose logits "
+        "differ by less than ~1",
+        {"energy_span": span, "tau": tau, "logit_spread": span / tau},
+    )
+
+
+def loss_position(loss: float, bounds: dict[str, float], batch_size: int) -> Finding | None:
+    """Where a loss sits between the floor the head allows and chance (log B)."""
+    floor, chance = bounds["floor"], bounds["chance"]
+    if not math.isfinite(loss) or chance - floor <= 0:
+        return None
+    position = (loss - floor) / (chance - floor)
+    evidence = {
+        "loss": loss,
+        "floor": floor,
+        "chance": chance,
+        "position": position,
+        "batch_size": batch_size,
+    }
+    if abs(loss - chance) < 0.02 * chance:
+        return Finding(
+            "loss.at_chance",
+            "error",
+            f"loss {loss:.4f} sits at chance log({batch_size}) = {chance:.4f}: the model does not "
+            "tell its positive from the in-batch negatives",
+            "look for a saturated or constant energy head (no gradient reaches the body), a dead "
+            "graph, or contexts that carry no information about the action",
+            evidence,
+        )
+    if position < 0.1:
+        return Finding(
+            "loss.at_floor",
+            "warning",
+            f"loss {loss:.4f} is within 10% of the floor {floor:.4f} that the energy bound and tau "
+            "allow: it cannot go lower however well the model ranks",
+            "the plateau is the bound, not a training failure: widen the energy range or lower tau",
+            evidence,
+        )
+    return None
+
+
+def bounded_head_floor(
+    bounds: tuple[float, float] | None, tau: float | None, batch_size: int
+) -> Finding | None:
+    if bounds is None or tau is None or math.isinf(bounds[1] - bounds[0]):
+        return None
+    from energydiag.losses import infonce_bounds
+
+    span = bounds[1] - bounds[0]
+    b = infonce_bounds(batch_size, tau, span)
+    return Finding(
+        "head.bounded_floor",
+        "warning" if b["floor"] > 0.1 * b["chance"] else "info",
+        f"the energy head is bounded to a span of {span:.3g}: at tau {tau:g} and B {batch_size} the "
+        f"InfoNCE loss cannot fall below {b['floor']:.4f} (chance is {b['chance']:.4f})",
+        "use a softplus/unbounded head or a wider scaled sigmoid; raising tau raises this floor",
+        {"head_span": span, "tau": tau, "batch_size": batch_size, **b},
+    )
+
+
+def saturation(fractions: list[dict[str, Any]], threshold: float = 0.5) -> Finding | None:
+    worst = max(fractions, key=lambda s: s["fraction"], default=None)
+    if worst is None or worst["fraction"] < threshold:
+        return None
+    return Finding(
+        "activation.saturated",
+        "error" if worst["fraction"] > 0.9 else "warning",
+        f"{worst['fraction']:.0%} of {worst['op']} outputs in '{worst['module']}' are within 1e-3 "
+        "of their limits: the local gradient there has all but vanished",
+        "remove the squashing output (softplus/identity head), re-centre its input (bias, "
+        "normalisation) or lower the learning rate that drove it there",
+        {"saturation": fractions},
+    )
+
+
+def all_masked_rows(rows: list[int], source: str) -> Finding | None:
+    if not rows:
+        return None
+    return Finding(
+        "data.all_masked_row",
+        "error",
+        f"pad_mask in {source} masks every key for sample(s) {rows}: attention over them is NaN",
+        "drop such samples in the data pipeline, or keep at least one key unmasked per row",
+        {"samples": rows},
+    )
+
+
+def fidelity(max_deviation: float | None, compared: int) -> Finding | None:
+    if max_deviation is None or max_deviation == 0.0:
+        return None
+    return Finding(
+        "replay.diverges",
+        "warning",
+        f"replayed losses differ from the logged ones by up to {max_deviation:.3g} over {compared} step(s)",
+        "on CPU in float32 a recorded run replays bit for bit: check the manifest (loss kwargs, "
+        "clip, optimizer), non-deterministic kernels, or a run recorded on another device",
+        {"max_deviation": max_deviation, "compared": compared},
+    )
+
+
+# --- non-finite values -------------------------------------------------------------------------
+
+
+def explain_fault(fault: Any) -> Finding:
+    """A localised fault (energydiag.localise.Fault) as a finding with the remedy for its cause."""
+    evidence = {k: v for k, v in fault.to_dict().items() if v not in (None, [], {})}
+    title = f"step {fault.step}, {fault.phase}: {fault.summary}"
+    return Finding(f"nonfinite.{fault.phase}", "error", title, _fault_remedy(fault), evidence)
+
+
+def _fault_remedy(fault: Any) -> str:
+    op = fault.op
+    if fault.all_masked_samples and (fault.exception or (op and op.op.endswith("softmax"))):
+        return (
+            f"sample(s) {fault.all_masked_samples} have a pad_mask row that masks every key, so "
+            "attention normalises over nothing; drop or repair those samples, or unmask one key "
+            "per row"
+        )
+    if fault.exception:
+        return "the model or loss raised: read its message; replay the step with the guard off to see the raw values"
+    if fault.phase == "data":
+        return f"the input '{fault.tensor}' was already non-finite: fix the data pipeline (sample {fault.sample})"
+    if fault.phase == "optimizer":
+        return (
+            "finite gradients produced a non-finite update: check lr, eps (Adam divides by "
+            "sqrt(exp_avg_sq) + eps) and parameters that receive zero gradient; lower lr or raise eps"
+        )
+    if fault.phase == "clip":
+        return (
+            "the gradient norm itself overflowed: clip per parameter first, or scale the loss down"
+        )
+    if op is not None:
+        return _OP_REMEDIES.get(
+            op.op, f"guard the input of {op.op} (its input ranges are in the evidence)"
+        )
+    return "re-run the step with `energydiag replay --json` to see every module's output statistics"
+
+
+_OP_REMEDIES = {
+    "aten::_softmax": "a softmax row was entirely -inf (every entry masked): keep one entry per row",
+    "aten::_log_softmax": "a log-softmax row was entirely -inf: keep one entry per row",
+    "aten::log": "log of a value <= 0: add a floor (clamp_min) or work in log space",
+    "aten::sqrt": "sqrt of a negative value (or its gradient at 0): clamp the input or add eps",
+    "aten::div": "division by zero: add eps to the denominator",
+    "aten::exp": "exp overflowed: subtract the max first, or clamp the exponent",
+}

@@ -1,0 +1,164 @@
+import json
+import math
+
+import pytest
+import torch
+
+from energydiag.errors import DiagError
+from energydiag.localise import localise
+from energydiag.replay import replay, state_before
+from energydiag.run import Run
+from energydiag.state import restore_rng
+from energydiag.step import train_step
+from energydiag.synthetic import record_run
+from energydiag.tensorfile import read_all, write_atomic
+
+
+def test_nan_fixture_localised_exactly(fixtures_dir):
+    expected = json.loads((fixtures_dir / "nan" / "expected.json").read_text())
+    result = replay(Run(fixtures_dir / "nan"), 40)
+    fault = result.fault
+    assert fault.step == expected["first_nonfinite_step"]
+    assert fault.phase == expected["phase"]
+    assert fault.module == expected["module"]
+    assert fault.op.op == expected["op"]
+    assert fault.all_masked_samples == [expected["sample"]]
+    assert fault.op.detail["rows_all_neg_inf"] > 0
+    assert fault.reproduced is True
+    assert result.fidelity == (0.0, 18)  # steps 40..57, bit for bit, NaN == NaN at 57
+    assert result.findings[0].code == "nonfinite.forward"
+
+
+def test_healthy_replay_is_bit_exact_and_records_statistics(fixtures_dir):
+    result = replay(Run(fixtures_dir / "healthy"), 100, to_step=119, every=5)
+    assert result.fault is None and result.findings == []
+    assert result.fidelity == (0.0, 20)
+    stats = result.table.dropna(subset=["energy_min"])
+    assert list(stats["step"]) == [100, 105, 110, 115]
+    assert (stats["energy_max"] >= stats["energy_min"]).all()
+    assert {"saturation", "update_ratio", "logit_spread", "grad_norm/attn"} <= set(stats.columns)
+
+
+def _run_with(tmp_path, **kwargs):
+    record_run(tmp_path / "r", steps=8, checkpoint_every=4, **kwargs)
+    return tmp_path / "r"
+
+
+def _edit_checkpoint(path, tensors_fn=None, meta_fn=None):
+    tensors, meta = read_all(path)
+    if tensors_fn:
+        tensors_fn(tensors)
+    if meta_fn:
+        meta_fn(meta)
+    write_atomic(path, tensors, {k: v for k, v in meta.items() if k != "format"})
+
+
+def test_data_phase_names_tensor_and_sample(tmp_path):
+    def poison(step, batch):
+        if step == 6:
+            batch["h"][3, 2, 1] = math.inf
+
+    result = replay(Run(_run_with(tmp_path, fault=poison)), 4)
+    assert (result.fault.step, result.fault.phase) == (6, "data")
+    assert (result.fault.tensor, result.fault.sample) == ("h", 3)
+
+
+def test_forward_overflow_in_named_layer(tmp_path):
+    run_dir = _run_with(tmp_path)
+
+    def blow_up(t):
+        t["model.ctx_in.weight"].fill_(1e38)  # finite weights whose dot products overflow
+
+    _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", blow_up)
+    fault = replay(Run(run_dir), 4).fault
+    assert (fault.step, fault.phase, fault.module) == (4, "forward", "ctx_in")
+    assert fault.module_kind == "Linear"
+    assert fault.op.gained == "Inf" and fault.op.module == "ctx_in"
+    assert all(s.finite for s in fault.op.inputs)
+
+
+def test_backward_only_nan(tmp_path):
+    run_dir = _run_with(tmp_path, loss={"target": "faulty:sqrt_at_zero_loss"})
+    result = replay(Run(run_dir), 0)
+    fault = result.fault
+    assert (fault.step, fault.phase) == (0, "backward")
+    assert fault.op.autograd_node == "SqrtBackward0"
+    assert fault.parameters  # every parameter upstream of the energy
+
+
+def test_optimizer_blow_up_from_learning_rate_spike(tmp_path):
+    """A warm-up schedule lr = base * step / warmup_steps with warmup_steps = 0 yields lr = inf."""
+    run_dir = _run_with(tmp_path)
+
+    def spike(meta):
+        groups = json.loads(meta["param_groups"])
+        groups[0]["lr"] = math.inf
+        meta["param_groups"] = json.dumps(groups)
+
+    _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", meta_fn=spike)
+    fault = replay(Run(run_dir), 4).fault
+    assert (fault.step, fault.phase) == (4, "optimizer")
+    assert fault.parameters
+    first = fault.parameters[0]
+    assert fault.optimizer_state[first]["lr"] == math.inf
+    assert math.isfinite(fault.optimizer_state[first]["grad_abs_max"])
+
+
+def test_exception_in_user_forward_is_a_fault_not_a_crash(fixtures_dir, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "nan"
+    shutil.copytree(fixtures_dir / "nan", run_dir)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest["model"]["target"] = "faulty:GuardedEnergyModel"
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+    fault = replay(Run(run_dir), 50).fault
+    assert (fault.step, fault.phase) == (57, "forward")
+    assert "every key masked" in fault.exception
+    assert fault.all_masked_samples == [5]
+
+
+def test_exception_in_optimizer_is_a_fault(tmp_path):
+    run_dir = _run_with(tmp_path)
+
+    def overflow(meta):
+        groups = json.loads(meta["param_groups"])
+        groups[0]["lr"] = 1e39  # finite in Python, not in float32: Adam raises
+        meta["param_groups"] = json.dumps(groups)
+
+    _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", meta_fn=overflow)
+    fault = replay(Run(run_dir), 4).fault
+    assert (fault.step, fault.phase) == (4, "optimizer")
+    assert "overflow" in fault.exception
+
+
+def test_deep_rerun_does_not_change_what_happened(small_run):
+    """Instrumented re-run of a healthy step == the plain step, to the bit."""
+    run = Run(small_run)
+    plain = state_before(run, 6, torch.device("cpu"))
+    batch = run.batch(6)
+    restore_rng(batch.rng)
+    train_step(
+        plain.model, plain.optimizer, plain.loss_fn, batch.tensors, grad_clip=run.manifest.grad_clip
+    )
+    probed = state_before(run, 6, torch.device("cpu"))
+    assert localise(probed, batch) is None
+    for (name, a), b in zip(
+        plain.model.state_dict().items(), probed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_gap_in_batches_is_an_error(small_run):
+    (small_run / "batches" / "step-00000006.safetensors").unlink()
+    with pytest.raises(DiagError, match="missing batches for steps 6"):
+        replay(Run(small_run), 4, to_step=10)
+
+
+def test_divergent_manifest_is_reported(small_run):
+    manifest = json.loads((small_run / "run.json").read_text())
+    manifest["loss"]["kwargs"]["tau"] = 0.7
+    (small_run / "run.json").write_text(json.dumps(manifest))
+    result = replay(Run(small_run), 4)
+    assert result.fidelity[0] > 0
+    assert [f.code for f in result.findings] == ["replay.diverges"]
