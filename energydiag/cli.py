@@ -127,12 +127,70 @@ def replay_cmd(
         result = replay(r, from_step, to_step, resolve_device(device), every, tick)
     if metrics_out:
         write_table(result.table, metrics_out)
-    report = result.to_dict()
-    if json_out:
-        out.print_json(dumps(report)) if out.is_terminal else print(dumps(report))
-    else:
-        render.replay(out, report)
+    _emit(result.to_dict(), json_out, lambda d: render.replay(out, d))
     return 1 if result.fault else 0
+
+
+@app.command("inspect")
+@exits
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.")],
+    run: Annotated[
+        Path | None, typer.Option(help="Run directory (default: the checkpoint's, if any).")
+    ] = None,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            help="A batch file to run the model on (default: the run's batch at the checkpoint's step)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model factory 'package.module:factory' (default: the run's)."),
+    ] = None,
+    model_kwargs: Annotated[
+        str, typer.Option("--model-kwargs", help="JSON kwargs for --model.")
+    ] = "{}",
+    tau: Annotated[
+        float | None, typer.Option(help="InfoNCE temperature (default: the run's).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    all_tensors: Annotated[
+        bool, typer.Option("--all-tensors", help="List every tensor, not only the flagged ones.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Per-tensor statistics of a checkpoint and, given a batch, what the energy model does on it:
+    energy range, logit spread, loss bounds, saturation, per-layer norms. Exit 1 on an error finding."""
+    from energydiag.findings import has_error
+    from energydiag.inspect import inspect
+    from energydiag.manifest import ModelSpec
+    from energydiag.session import resolve_device
+
+    spec = ModelSpec(model, _json_option("--model-kwargs", model_kwargs)) if model else None
+    report = inspect(checkpoint, run, batch, spec, tau, resolve_device(device))
+    _emit(report.to_dict(), json_out, lambda d: render.inspect(out, d, all_tensors))
+    return 1 if has_error(report.findings) else 0
+
+
+def _json_option(flag: str, text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DiagError(None, f"{flag}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DiagError(None, f"{flag}: expected a JSON object")
+    return value
+
+
+def _emit(report: dict[str, Any], as_json: bool, draw: Callable[[dict[str, Any]], None]) -> None:
+    """One place that chooses JSON (strict, on stdout) or rich tables."""
+    if as_json:
+        print(dumps(report))
+    else:
+        draw(report)
 
 
 def main() -> None:

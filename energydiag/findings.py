@@ -46,9 +46,8 @@ def narrow_energy_range(stats: dict[str, float], tau: float | None) -> Finding |
         "energy.narrow_range",
         "error" if span / tau < 0.1 else "warning",
         f"energies span only {span:.3g} at tau {tau:g}: logits differ by at most {span / tau:.3g}",
-        "widen the energy range (softplus or unbounded head, or a scaled sigmoid) or raise tau "
-        "only if the head can reach the wider gap; InfoNCE cannot separate candidates whose logits "
-        "differ by less than ~1",
+        "widen the energy range (softplus or unbounded head, or a wider scaled sigmoid) or lower "
+        "tau; raising tau, often proposed, divides the spread further",
         {"energy_span": span, "tau": tau, "logit_spread": span / tau},
     )
 
@@ -193,3 +192,73 @@ _OP_REMEDIES = {
     "aten::div": "division by zero: add eps to the denominator",
     "aten::exp": "exp overflowed: subtract the max first, or clamp the exponent",
 }
+
+
+# --- checkpoint contents -----------------------------------------------------------------------
+
+
+def nonfinite_tensors(tensors: list[dict[str, Any]]) -> Finding | None:
+    if not tensors:
+        return None
+    named = ", ".join(
+        f"{t['name']} ({t['nan']} NaN, {t['posinf']} +Inf, {t['neginf']} -Inf)" for t in tensors[:5]
+    )
+    more = f" and {len(tensors) - 5} more" if len(tensors) > 5 else ""
+    return Finding(
+        "checkpoint.nonfinite",
+        "error",
+        f"{len(tensors)} tensor(s) hold non-finite values: {named}{more}",
+        "the run was already broken when this was saved: bisect to the first bad checkpoint "
+        "(`energydiag bisect`) and replay from the last good one",
+        {
+            "tensors": [
+                {k: t[k] for k in ("name", "nan", "posinf", "neginf", "first_nonfinite")}
+                for t in tensors
+            ]
+        },
+    )
+
+
+def norm_outliers(outliers: list[dict[str, Any]]) -> Finding | None:
+    if not outliers:
+        return None
+    worst = max(
+        outliers, key=lambda o: abs(math.log(o["ratio"])) if 0 < o["ratio"] < math.inf else math.inf
+    )
+    return Finding(
+        "checkpoint.norm_outlier",
+        "warning",
+        f"{worst['tensor']} has RMS {worst['rms']:.3g}, {worst['ratio']:.3g}× the median of its "
+        f"{worst['role']} peers ({worst['peer_median_rms']:.3g})",
+        "an exploding (or dead) layer: check its learning rate, initialisation and the gradients it "
+        "receives (`energydiag inspect --batch`)",
+        {"outliers": outliers},
+    )
+
+
+def adam_blowup_risk(rows: list[dict[str, Any]], limit: float) -> Finding | None:
+    risky = [r for r in rows if r["elements_over_limit"]]
+    if not risky:
+        return None
+    worst = max(risky, key=lambda r: r["max_ratio"])
+    return Finding(
+        "optimizer.adam_blowup_risk",
+        "warning",
+        f"Adam's |exp_avg| / (sqrt(exp_avg_sq) + eps) reaches {worst['max_ratio']:.3g} in "
+        f"{worst['parameter']} (healthy: ≲ 10): second moments near zero next to large first moments",
+        "the next update will be huge: raise eps, lower lr, or reset this parameter's optimizer state",
+        {"parameters": risky},
+    )
+
+
+def beyond_autocast_range(tensors: list[dict[str, Any]], dtype: str | None) -> Finding | None:
+    if not tensors:
+        return None
+    return Finding(
+        "checkpoint.beyond_autocast_range",
+        "error",
+        f"{len(tensors)} tensor(s) hold values beyond the finite range of {dtype}, which this run "
+        f"autocasts to: {', '.join(t['name'] for t in tensors[:5])}",
+        f"these overflow to Inf the moment they are cast to {dtype}: keep them in float32 or rescale",
+        {"tensors": [{"name": t["name"], "count": t["beyond_autocast_range"]} for t in tensors]},
+    )

@@ -35,6 +35,8 @@ class TensorSummary:
     neginf: int
     min: float
     max: float
+    mean: float = 0.0
+    std: float = 0.0
 
     @property
     def finite(self) -> bool:
@@ -52,15 +54,28 @@ class TensorSummary:
 
 def summarize(t: torch.Tensor) -> TensorSummary:
     x = t.detach()
-    if not x.is_floating_point():
+    if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     finite = torch.isfinite(x)
     big = torch.finfo(x.dtype).max
-    lo = torch.where(finite, x, big).min() if x.numel() else torch.tensor(big)
-    hi = torch.where(finite, x, -big).max() if x.numel() else torch.tensor(-big)
-    counts = torch.stack([x.isnan().sum(), (x == torch.inf).sum(), (x == -torch.inf).sum()])
-    nan, posinf, neginf = counts.tolist()
-    return TensorSummary(list(x.shape), nan, posinf, neginf, float(lo), float(hi))
+    if not x.numel():
+        return TensorSummary(list(x.shape), 0, 0, 0, big, -big)
+    n = finite.sum()
+    kept = torch.where(finite, x, 0.0)
+    mean = kept.sum() / n.clamp_min(1)
+    var = (torch.where(finite, x - mean, 0.0) ** 2).sum() / (n - 1).clamp_min(1)
+    parts = [
+        x.isnan().sum(),
+        (x == torch.inf).sum(),
+        (x == -torch.inf).sum(),
+        torch.where(finite, x, big).min(),
+        torch.where(finite, x, -big).max(),
+        mean,
+        var.sqrt(),
+    ]
+    values = torch.stack([p.double() for p in parts]).tolist()
+    nan, posinf, neginf, lo, hi, mu, sd = values
+    return TensorSummary(list(x.shape), int(nan), int(posinf), int(neginf), lo, hi, mu, sd)
 
 
 def float_tensors(obj: object) -> list[torch.Tensor]:
@@ -115,10 +130,11 @@ class Saturation:
 class ModuleRecorder:
     """Forward hooks on every submodule: a module stack for the op recorder, and output stats."""
 
-    def __init__(self, model: nn.Module, stats: bool = True) -> None:
-        self.model, self.stats = model, stats
+    def __init__(self, model: nn.Module, stats: bool = True, grad_outputs: bool = False) -> None:
+        self.model, self.stats, self.grad_outputs = model, stats, grad_outputs
         self.stack: list[str] = []
         self.events: list[ModuleEvent] = []
+        self.output_grad_sq: dict[str, torch.Tensor] = {}
         self._inputs_finite: list[bool] = []
 
     @contextmanager
@@ -132,6 +148,13 @@ class ModuleRecorder:
         finally:
             for h in handles:
                 h.remove()
+
+    def _grad_hook(self, path: str):
+        def hook(grad: torch.Tensor) -> None:
+            sq = grad.detach().float().pow(2).sum()
+            self.output_grad_sq[path] = self.output_grad_sq.get(path, 0.0) + sq
+
+        return hook
 
     @property
     def current(self) -> str:
@@ -153,6 +176,8 @@ class ModuleRecorder:
             self.events.append(
                 ModuleEvent(path or "<model>", kind, len(self.events), inputs_finite, summary)
             )
+            if self.grad_outputs and outs and outs[0].requires_grad:
+                outs[0].register_hook(self._grad_hook(path or "<model>"))
 
         return hook
 
@@ -274,8 +299,10 @@ class Probe:
     modules: ModuleRecorder = field(init=False)
     ops: OpRecorder = field(init=False)
 
+    grad_outputs: bool = False
+
     def __post_init__(self) -> None:
-        self.modules = ModuleRecorder(self.model)
+        self.modules = ModuleRecorder(self.model, grad_outputs=self.grad_outputs)
         self.ops = OpRecorder(self.modules)
 
     @contextmanager

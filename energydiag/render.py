@@ -128,3 +128,96 @@ def _summary(s: dict[str, Any]) -> str:
         f"{s[k]} {n}" for k, n in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf")) if s[k]
     )
     return f"{s['shape']} [{fmt(s['min'])}, {fmt(s['max'])}]" + (f" with {bad}" if bad else "")
+
+
+def inspect(console: Console, report: dict[str, Any], all_tensors: bool = False) -> None:
+    ckpt = report["checkpoint"]
+    console.print(
+        f"[bold]{ckpt['path']}[/bold]  step {ckpt['metadata'].get('step', '?')}, "
+        f"{len(ckpt['tensors'])} tensors"
+    )
+    frame(
+        console,
+        "Layers",
+        ["group", "layer", "numel", "l2", "min", "max", "nonfinite"],
+        (
+            [r[c] for c in ("group", "layer", "numel", "l2", "min", "max", "nonfinite")]
+            for r in ckpt["layers"]
+        ),
+    )
+    shown = [t for t in ckpt["tensors"] if all_tensors or t["nan"] or t["posinf"] or t["neginf"]]
+    if shown:
+        cols = [
+            "name",
+            "shape",
+            "dtype",
+            "nan",
+            "posinf",
+            "neginf",
+            "first_nonfinite",
+            "min",
+            "max",
+            "std",
+        ]
+        frame(
+            console,
+            "Tensors" if all_tensors else "Tensors with non-finite values",
+            cols,
+            ([t[c] for c in cols] for t in shown),
+        )
+    batch = report["batch"]
+    if batch:
+        _batch(console, batch)
+    findings(console, [Finding(**f) for f in report["findings"]])
+
+
+def _batch(console: Console, b: dict[str, Any]) -> None:
+    e = b["energy"]
+    key_values(
+        console,
+        f"Energy model on the batch of step {b['step']} (B={b['batch_size']}, tau={fmt(b['tau'])})",
+        [
+            ("loss", b["loss"]),
+            (
+                "energy range",
+                f"[{fmt(e['energy_min'])}, {fmt(e['energy_max'])}]  std {fmt(e['energy_std'])}",
+            ),
+            ("positives", f"mean {fmt(e['pos_mean'])}  std {fmt(e['pos_std'])}"),
+            ("negatives", f"mean {fmt(e['neg_mean'])}  std {fmt(e['neg_std'])}"),
+            ("gap (neg - pos)", e["pos_neg_gap"]),
+            ("retrieval accuracy", e["retrieval_accuracy"]),
+            (
+                "logit spread",
+                f"{fmt(e.get('logit_spread'))} overall, {fmt(e.get('logit_spread_row_mean'))} per row",
+            ),
+            (
+                "head bounds",
+                b["head_bounds"] and f"[{fmt(b['head_bounds'][0])}, {fmt(b['head_bounds'][1])}]",
+            ),
+            *(
+                (f"loss bounds ({k})", f"floor {fmt(v['floor'])}  chance {fmt(v['chance'])}")
+                for k, v in b["bounds"].items()
+            ),
+            (
+                "loss position",
+                b["loss_position"] and f"{b['loss_position']:.1%} of the way from floor to chance",
+            ),
+        ],
+    )
+    if b["saturation"]:
+        frame(
+            console,
+            "Saturation (outputs within 1e-3 of the limits)",
+            ["module", "op", "total", "fraction"],
+            ([s["module"], s["op"], s["total"], s["fraction"]] for s in b["saturation"]),
+        )
+    cols = ["module", "kind", "min", "max", "std", "nonfinite", "output_grad_norm"]
+    frame(
+        console, "Activations in execution order", cols, ([r[c] for c in cols] for r in b["layers"])
+    )
+    frame(
+        console,
+        "Parameter gradient norms by layer",
+        ["layer", "grad norm"],
+        b["param_grad_norms"].items(),
+    )

@@ -27,7 +27,7 @@ from energydiag.layout import (
 )
 from energydiag.manifest import Manifest, read_manifest
 from energydiag.state import RNG_PREFIX, split_state
-from energydiag.tensorfile import check_format, read_all
+from energydiag.tensorfile import check_format, read_all, read_metadata
 
 REQUIRED_BATCH_KEYS = ("h", "a_pos")
 
@@ -86,23 +86,18 @@ class Run:
 
     def checkpoint(self, step: int) -> Checkpoint:
         path = self._inside(checkpoint_path(self.root, step))
-        tensors, meta = read_all(path)
-        check_format(path, meta, "checkpoint")
-        _check_step(path, meta, step)
-        model, optim = split_state(tensors)
-        if not model:
-            raise DiagError(path, "holds no 'model.*' tensors")
-        return Checkpoint(step, path, model, optim, meta)
+        ckpt = load_checkpoint_file(path)
+        check_format(path, ckpt.meta, "checkpoint")
+        _check_step(path, ckpt.meta, step)
+        return ckpt
 
     def batch(self, step: int) -> Batch:
         path = self._inside(batch_path(self.root, step))
-        tensors, meta = read_all(path)
-        check_format(path, meta, "batch")
-        _check_step(path, meta, step)
-        rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
-        data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
-        validate_batch(path, data)
-        return Batch(step, path, data, rng)
+        check_format(path, read_metadata(path), "batch")
+        batch = load_batch_file(path)
+        if batch.step != step:
+            raise DiagError(path, f"metadata says step {batch.step}, file name says {step}")
+        return batch
 
     def require_batches(self, start: int, stop: int) -> list[int]:
         """Steps start..stop (inclusive), all of which must be logged."""
@@ -139,6 +134,33 @@ class Run:
         if not path.resolve().is_relative_to(self.root.resolve()):
             raise DiagError(path, "resolves to a path outside the run directory")
         return path
+
+
+def load_checkpoint_file(path: Path) -> Checkpoint:
+    """Any safetensors checkpoint: ours (model.* / optim.* prefixes) or a bare state dict."""
+    tensors, meta = read_all(path)
+    model, optim = split_state(tensors)
+    if not model and not optim:
+        model = tensors
+    if not model:
+        raise DiagError(path, "holds no model tensors")
+    step = int(meta["step"]) if meta.get("step", "").isdigit() else -1
+    return Checkpoint(step, path, model, optim, meta)
+
+
+def load_checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at, from its metadata (-1 when it does not say)."""
+    step = read_metadata(path).get("step", "")
+    return int(step) if step.isdigit() else -1
+
+
+def load_batch_file(path: Path, step: int | None = None) -> Batch:
+    tensors, meta = read_all(path)
+    rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
+    data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
+    validate_batch(path, data)
+    found = int(meta["step"]) if meta.get("step", "").isdigit() else -1
+    return Batch(found if step is None else step, path, data, rng)
 
 
 def validate_batch(path: Path, batch: dict[str, torch.Tensor]) -> None:

@@ -54,6 +54,29 @@ def open_tensors(path: Path) -> Iterator[object]:
     yield handle
 
 
+class TensorReader:
+    """Random access to a safetensors file, one tensor in memory at a time."""
+
+    def __init__(self, path: Path, handle: object) -> None:
+        self.path, self._handle = path, handle
+        self.metadata: dict[str, str] = dict(handle.metadata() or {})
+        self.names: list[str] = list(handle.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as err:
+            raise DiagError(
+                self.path, f"truncated or corrupt tensor '{name}' ({_first_line(err)})"
+            ) from None
+
+
+@contextlib.contextmanager
+def reader(path: Path) -> Iterator[TensorReader]:
+    with open_tensors(path) as handle:
+        yield TensorReader(path, handle)
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     with open_tensors(path) as f:
         return dict(f.metadata() or {})
