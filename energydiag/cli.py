@@ -173,6 +173,48 @@ def inspect_cmd(
     return 1 if has_error(report.findings) else 0
 
 
+@app.command("diagnose")
+@exits
+def diagnose_cmd(
+    run: RunArg = Path("."), device: DeviceOpt = "cpu", json_out: JsonOpt = False
+) -> int:
+    """One-shot diagnosis: replay and localise a non-finite loss, or inspect the latest checkpoint
+    for a stalled one. Exit 1 when something is wrong."""
+    from energydiag.diagnose import diagnose
+    from energydiag.run import Run
+    from energydiag.session import resolve_device
+
+    result = diagnose(Run(run), resolve_device(device))
+    _emit(result.to_dict(), json_out, lambda d: render.diagnosis(out, d))
+    return 0 if result.verdict == "healthy" else 1
+
+
+@app.command("demo")
+@exits
+def demo_cmd(
+    fixtures: Annotated[
+        Path | None,
+        typer.Option(help="Folder of fixture runs (default: the checkout's fixtures/)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Diagnose the bundled fixture runs (healthy, stalled, nan) and say what went wrong where."""
+    from energydiag.diagnose import diagnose
+    from energydiag.run import Run
+
+    folder = fixtures or Path(__file__).resolve().parent.parent / "fixtures"
+    runs = (
+        sorted(p for p in folder.glob("*") if (p / "run.json").is_file()) if folder.is_dir() else []
+    )
+    if not runs:
+        raise DiagError(
+            folder, "no fixture runs here; pass --fixtures DIR (see fixtures/make_fixtures.py)"
+        )
+    results = [diagnose(Run(p)).to_dict() for p in runs]
+    _emit({"runs": results}, json_out, lambda d: [render.diagnosis(out, r) for r in d["runs"]])
+    return 0
+
+
 def _json_option(flag: str, text: str) -> dict[str, Any]:
     import json
 

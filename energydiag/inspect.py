@@ -315,7 +315,7 @@ def _layer_rows(probe: Probe) -> list[dict[str, Any]]:
     grads = {k: math.sqrt(float(v)) for k, v in probe.modules.output_grad_sq.items()}
     rows = []
     for e in probe.modules.events:
-        if e.output is None:
+        if e.output is None:  # a module that returned no float tensor
             continue
         nonfinite = e.output.nan + e.output.posinf + e.output.neginf
         rows.append(

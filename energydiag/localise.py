@@ -95,7 +95,7 @@ class _Rerun:
     def __init__(self, session: Session, step: int, data: dict[str, torch.Tensor]) -> None:
         self.session, self.step, self.data = session, step, data
         self.model = session.model
-        self.probe = Probe(self.model)
+        self.probe = Probe(self.model, detail="flags")
         self.masked = all_masked_samples(data)
         self.loss = torch.zeros(())
 

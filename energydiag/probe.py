@@ -13,6 +13,7 @@ Used for the deep re-run of a failing step and for periodic statistics; never on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -83,9 +84,14 @@ def float_tensors(obj: object) -> list[torch.Tensor]:
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Screen with one sum per tensor: any NaN or Inf makes the total non-finite. A finite total
+    proves finiteness; a non-finite one may be a finite overflow, so it gets the exact check."""
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    total = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors]).sum()
+    if math.isfinite(total.item()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 @dataclass
@@ -94,6 +100,7 @@ class ModuleEvent:
     kind: str
     order: int
     inputs_finite: bool
+    output_finite: bool
     output: TensorSummary | None
 
 
@@ -128,10 +135,19 @@ class Saturation:
 
 
 class ModuleRecorder:
-    """Forward hooks on every submodule: a module stack for the op recorder, and output stats."""
+    """Forward hooks on every submodule: a module stack for the op recorder, and per-module facts.
 
-    def __init__(self, model: nn.Module, stats: bool = True, grad_outputs: bool = False) -> None:
-        self.model, self.stats, self.grad_outputs = model, stats, grad_outputs
+    ``detail`` sets the cost: "stack" only tracks which module is running; "flags" adds whether
+    each module's inputs and output were finite (enough to localise); "summaries" adds full output
+    statistics (what inspect shows).
+    """
+
+    def __init__(
+        self, model: nn.Module, detail: str = "summaries", grad_outputs: bool = False
+    ) -> None:
+        if detail not in ("stack", "flags", "summaries"):
+            raise ValueError(f"unknown detail level {detail!r}")
+        self.model, self.detail, self.grad_outputs = model, detail, grad_outputs
         self.stack: list[str] = []
         self.events: list[ModuleEvent] = []
         self.output_grad_sq: dict[str, torch.Tensor] = {}
@@ -141,13 +157,44 @@ class ModuleRecorder:
     def attached(self) -> Iterator[ModuleRecorder]:
         handles = []
         for path, module in self.model.named_modules():
-            handles.append(module.register_forward_pre_hook(self._pre(path)))
-            handles.append(module.register_forward_hook(self._post(path, type(module).__name__)))
+            handles.append(module.register_forward_pre_hook(self._pre(path or "<model>")))
+            handles.append(
+                module.register_forward_hook(self._post(path or "<model>", type(module).__name__))
+            )
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def _pre(self, path: str):
+        def hook(_module, args):
+            self.stack.append(path)
+            if self.detail != "stack":
+                self._inputs_finite.append(all_finite(float_tensors(args)))
+
+        return hook
+
+    def _post(self, path: str, kind: str):
+        def hook(_module, _args, output):
+            self.stack.pop()
+            if self.detail == "stack":
+                return
+            outs = float_tensors(output)
+            summary = summarize(outs[0]) if (self.detail == "summaries" and outs) else None
+            finite = summary.finite if summary else all_finite(outs[:1])
+            inputs_finite = self._inputs_finite.pop()
+            self.events.append(
+                ModuleEvent(path, kind, len(self.events), inputs_finite, finite, summary)
+            )
+            if self.grad_outputs and outs and outs[0].requires_grad:
+                outs[0].register_hook(self._grad_hook(path))
+
+        return hook
 
     def _grad_hook(self, path: str):
         def hook(grad: torch.Tensor) -> None:
@@ -156,42 +203,17 @@ class ModuleRecorder:
 
         return hook
 
-    @property
-    def current(self) -> str:
-        return self.stack[-1] if self.stack else ""
-
-    def _pre(self, path: str):
-        def hook(_module, args):
-            self.stack.append(path or "<model>")
-            self._inputs_finite.append(all_finite(float_tensors(args)) if self.stats else True)
-
-        return hook
-
-    def _post(self, path: str, kind: str):
-        def hook(_module, _args, output):
-            self.stack.pop()
-            inputs_finite = self._inputs_finite.pop()
-            outs = float_tensors(output)
-            summary = summarize(outs[0]) if (self.stats and outs) else None
-            self.events.append(
-                ModuleEvent(path or "<model>", kind, len(self.events), inputs_finite, summary)
-            )
-            if self.grad_outputs and outs and outs[0].requires_grad:
-                outs[0].register_hook(self._grad_hook(path or "<model>"))
-
-        return hook
-
     def first_faulty(self) -> ModuleEvent | None:
         """The first module to finish with a non-finite output while its inputs were finite."""
-        return next(
-            (e for e in self.events if e.inputs_finite and e.output and not e.output.finite), None
-        )
+        return next((e for e in self.events if e.inputs_finite and not e.output_finite), None)
 
 
 class OpRecorder(TorchDispatchMode):
-    def __init__(self, modules: ModuleRecorder) -> None:
+    """Every aten op: saturation counts always, non-finite origins when ``check_finite``."""
+
+    def __init__(self, modules: ModuleRecorder, check_finite: bool = True) -> None:
         super().__init__()
-        self.modules = modules
+        self.modules, self.check_finite = modules, check_finite
         self.order = 0
         self.events: list[OpEvent] = []
         self.saturation: dict[tuple[str, str], Saturation] = {}
@@ -200,13 +222,16 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.order += 1
+        if func.overloadpacket in _CANNOT_CREATE_NONFINITE:
+            return out
         name = func._schema.name
         node = torch._C._current_autograd_node()
-        outs = float_tensors(out)
         if node is None and name in _SATURATING:
-            self._count_saturation(name, args, kwargs, outs)
-        if outs and not all_finite(outs):
-            self._note_origin(name, node, args, kwargs, outs)
+            self._count_saturation(name, args, kwargs, float_tensors(out))
+        if self.check_finite:
+            outs = [out] if isinstance(out, torch.Tensor) else float_tensors(out)
+            if outs and outs[0].is_floating_point() and not all_finite(outs):
+                self._note_origin(name, node, args, kwargs, outs)
         return out
 
     def _note_origin(self, name, node, args, kwargs, outs) -> None:
@@ -245,6 +270,49 @@ class OpRecorder(TorchDispatchMode):
         if phase == "forward":
             return next((e for e in pool if e.gained == "NaN"), None) or (pool[0] if pool else None)
         return pool[0] if pool else None
+
+
+_aten = torch.ops.aten
+# Views, copies and moves return values that were already in their inputs: a non-finite value in
+# their output cannot originate there, so the recorder does not pay to check them.
+_CANNOT_CREATE_NONFINITE = {
+    _aten.view,
+    _aten._unsafe_view,
+    _aten.reshape,
+    _aten.expand,
+    _aten.permute,
+    _aten.transpose,
+    _aten.t,
+    _aten.unsqueeze,
+    _aten.squeeze,
+    _aten.slice,
+    _aten.select,
+    _aten.detach,
+    _aten.alias,
+    _aten.clone,
+    _aten.copy_,
+    _aten.as_strided,
+    _aten.split,
+    _aten.split_with_sizes,
+    _aten.chunk,
+    _aten.unbind,
+    _aten.cat,
+    _aten.stack,
+    _aten.index_select,
+    _aten.gather,
+    _aten.contiguous,
+    _aten._to_copy,
+    _aten.empty_like,
+    _aten.zeros_like,
+    _aten.ones_like,
+    _aten.new_empty,
+    _aten.new_zeros,
+    _aten.empty,
+    _aten.zeros,
+    _aten.full,
+    _aten.diagonal,
+    _aten.unfold,
+}
 
 
 def _within(path: str, prefix: str | None) -> bool:
@@ -299,11 +367,13 @@ class Probe:
     modules: ModuleRecorder = field(init=False)
     ops: OpRecorder = field(init=False)
 
+    detail: str = "summaries"
     grad_outputs: bool = False
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
-        self.modules = ModuleRecorder(self.model, grad_outputs=self.grad_outputs)
-        self.ops = OpRecorder(self.modules)
+        self.modules = ModuleRecorder(self.model, self.detail, self.grad_outputs)
+        self.ops = OpRecorder(self.modules, self.check_finite)
 
     @contextmanager
     def attached(self) -> Iterator[Probe]:

@@ -221,3 +221,27 @@ def _batch(console: Console, b: dict[str, Any]) -> None:
         ["layer", "grad norm"],
         b["param_grad_norms"].items(),
     )
+
+
+def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
+    colour = {"healthy": "green", "stalled": "yellow"}.get(d["verdict"], "red")
+    trend = f"loss {fmt(d['loss_start'])} → {fmt(d['loss_end'])} (first/last 10 logged steps)"
+    console.print(
+        Text.assemble((f"{d['run']}: ", "bold"), (d["verdict"], f"bold {colour}"), f"  {trend}")
+    )
+    fault = d["fault"]
+    if fault:
+        op = fault.get("op") or {}
+        where = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("step", fault["step"]),
+                ("phase", fault["phase"]),
+                ("module", fault["module"]),
+                ("op", op.get("op")),
+            )
+            if v is not None
+        )
+        console.print(f"  first non-finite value: {where}")
+    findings(console, [Finding(**f) for f in d["findings"][:limit]])
+    console.print()

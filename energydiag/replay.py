@@ -9,8 +9,7 @@ fully instrumented (energydiag.localise).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from energydiag import findings as rules
 from energydiag.errors import DiagError
 from energydiag.localise import Fault, localise
-from energydiag.probe import ModuleRecorder, OpRecorder
+from energydiag.probe import Probe
 from energydiag.quantities import (
     energy_stats,
     global_norm,
@@ -131,24 +130,25 @@ def run_step(session: Session, batch: Batch, stats: bool = False) -> dict[str, A
     data = session.batch_on_device(batch)
     model = session.model
     before = snapshot_params(model) if stats else None
-    with _saturation_counter(model, stats) as ops:
-        try:
-            result = train_step(
-                model,
-                session.optimizer,
-                session.loss_fn,
-                data,
-                grad_clip=session.run.manifest.grad_clip,
-                autocast_dtype=session.run.manifest.autocast_dtype,
-            )
-        except Exception as err:  # the user's forward or loss raised: a finding, not a crash
-            return {
-                "step": batch.step,
-                "loss": math.nan,
-                "grad_norm": math.nan,
-                "finite": False,
-                "exception": f"{type(err).__name__}: {err}",
-            }
+    probe = Probe(model, detail="stack", check_finite=False) if stats else None
+    try:
+        result = train_step(
+            model,
+            session.optimizer,
+            session.loss_fn,
+            data,
+            grad_clip=session.run.manifest.grad_clip,
+            autocast_dtype=session.run.manifest.autocast_dtype,
+            observe=probe.attached() if probe else None,
+        )
+    except Exception as err:  # the user's forward or loss raised: a finding, not a crash
+        return {
+            "step": batch.step,
+            "loss": math.nan,
+            "grad_norm": math.nan,
+            "finite": False,
+            "exception": f"{type(err).__name__}: {err}",
+        }
     scalars = {
         "loss": result.loss.float(),
         "grad_norm": result.grad_norm.float(),
@@ -160,8 +160,8 @@ def run_step(session: Session, batch: Batch, stats: bool = False) -> dict[str, A
     values = torch.stack([scalars[n].to(result.loss.device).reshape(()) for n in names]).tolist()
     row = {"step": batch.step, **dict(zip(names, values, strict=True))}
     row["finite"] = all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "param_norm"))
-    if stats and ops is not None:
-        row["saturation"] = max((s.fraction for s in ops.saturation.values()), default=0.0)
+    if probe is not None:
+        row["saturation"] = max((s.fraction for s in probe.saturation()), default=0.0)
     return row
 
 
@@ -174,17 +174,6 @@ def _step_stats(
         out |= energy_stats(matrix, session.run.manifest.loss.kwargs.get("tau"))
     out |= {f"grad_norm/{k}": v for k, v in layer_grad_norms(session.model).items()}
     return out
-
-
-@contextmanager
-def _saturation_counter(model: torch.nn.Module, enabled: bool) -> Iterator[OpRecorder | None]:
-    """The op recorder without module statistics: just enough to count saturated activations."""
-    if not enabled:
-        yield None
-        return
-    modules = ModuleRecorder(model, stats=False)
-    with modules.attached(), OpRecorder(modules) as ops:
-        yield ops
 
 
 def state_before(run: Run, step: int, device: torch.device) -> Session:

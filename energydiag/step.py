@@ -66,10 +66,13 @@ def train_step(
     *,
     grad_clip: float | None,
     autocast_dtype: str | None = None,
+    observe: contextlib.AbstractContextManager | None = None,
 ) -> StepResult:
+    """One step. ``observe`` (e.g. a probe) wraps the forward pass only, never the update."""
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
-    loss, diagnostics = forward(model, loss_fn, batch, device, autocast_dtype)
+    with observe or contextlib.nullcontext():
+        loss, diagnostics = forward(model, loss_fn, batch, device, autocast_dtype)
     loss.backward()
     grad_norm = clip(model, grad_clip)
     optimizer.step()

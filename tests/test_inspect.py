@@ -100,7 +100,7 @@ def test_probe_sees_module_and_functional_sigmoids_and_tanh():
 
 
 def test_stalled_fixture_findings(fixtures_dir):
-    report = inspect(fixtures_dir / "stalled" / "checkpoints" / "step-00000080.safetensors")
+    report = inspect(fixtures_dir / "stalled" / "checkpoints" / "step-00000060.safetensors")
     codes = [f.code for f in report.findings]
     assert codes[:3] == ["activation.saturated", "loss.at_chance", "energy.narrow_range"]
     assert "head.bounded_floor" in codes

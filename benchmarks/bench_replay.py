@@ -1,0 +1,61 @@
+"""Replay cost tiers, as ratios to a plain training step on the same model and batch.
+
+    python benchmarks/bench_replay.py [--rounds N]
+
+Targets (issue 4): cheap check <= 1.05x, fully instrumented <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from common import interleaved_medians, record, report
+
+from energydiag.localise import localise
+from energydiag.replay import run_step
+from energydiag.run import Run
+from energydiag.session import open_session
+from energydiag.state import restore_rng
+from energydiag.step import train_step
+
+
+def main(rounds: int) -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(record(Path(tmp) / "run"))
+        session = open_session(run, 0, torch.device("cpu"))
+        batch = run.batch(0)
+        clip = run.manifest.grad_clip
+
+        def plain() -> None:
+            restore_rng(batch.rng)
+            train_step(
+                session.model, session.optimizer, session.loss_fn, batch.tensors, grad_clip=clip
+            )
+
+        def anomaly() -> None:
+            with torch.autograd.detect_anomaly(check_nan=True):
+                plain()
+
+        variants = {
+            "plain training step": plain,
+            "replay, cheap check": lambda: run_step(session, batch),
+            "replay, statistics step (--every)": lambda: run_step(session, batch, stats=True),
+            "fully instrumented (deep re-run)": lambda: localise(session, batch),
+            "torch detect_anomaly(check_nan)": anomaly,
+        }
+        for fn in variants.values():  # warm-up
+            fn()
+        medians = interleaved_medians(variants, rounds)
+    report(
+        f"replay tiers, median of {rounds} rounds (1 thread, CPU)", medians, "plain training step"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=30)
+    main(parser.parse_args().rounds)
