@@ -91,31 +91,27 @@ def tensor_stats(name: str, t: torch.Tensor, autocast_dtype: str | None = None) 
     if not (t.is_floating_point() and t.numel()):
         return stats
     x = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    finite = torch.isfinite(x)
-    counts = torch.stack([x.isnan().sum(), (x == math.inf).sum(), (x == -math.inf).sum()]).tolist()
-    stats.nan, stats.posinf, stats.neginf = counts
-    if stats.nonfinite:
-        flat = int(torch.nonzero(~finite.reshape(-1))[0])
-        stats.first_nonfinite = (
-            list(torch.unravel_index(torch.tensor(flat), t.shape)) if t.dim() else []
-        )
-        stats.first_nonfinite = [int(i) for i in stats.first_nonfinite]
-        x = x[finite]
+    if not math.isfinite(float(x.sum())):  # one pass decides whether counting is needed
+        _count_nonfinite(stats, x)
+        x = x[torch.isfinite(x)]
     if x.numel():
+        lo, hi = torch.aminmax(x)
+        std, mean = torch.std_mean(x) if x.numel() > 1 else (x.new_zeros(()), x.mean())
         values = torch.stack(
-            [
-                x.min(),
-                x.max(),
-                x.mean(),
-                x.std() if x.numel() > 1 else x.new_zeros(()),
-                torch.linalg.vector_norm(x),
-                (x == 0).float().mean(),
-            ]
-        ).tolist()
-        stats.min, stats.max, stats.mean, stats.std, stats.l2, stats.zero_fraction = values
+            [lo, hi, mean, std, torch.linalg.vector_norm(x), (x == 0).sum() / x.numel()]
+        )
+        stats.min, stats.max, stats.mean, stats.std, stats.l2, stats.zero_fraction = values.tolist()
     if autocast_dtype in _HALF and group == "model":
         stats.beyond_autocast_range = int((x.abs() > torch.finfo(_HALF[autocast_dtype]).max).sum())
     return stats
+
+
+def _count_nonfinite(stats: TensorStats, x: torch.Tensor) -> None:
+    counts = torch.stack([x.isnan().sum(), (x == math.inf).sum(), (x == -math.inf).sum()]).tolist()
+    stats.nan, stats.posinf, stats.neginf = counts
+    if stats.nonfinite:
+        flat = int(torch.nonzero(~torch.isfinite(x.reshape(-1)))[0])
+        stats.first_nonfinite = [int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)]
 
 
 def _role(name: str) -> tuple[str, str]:

@@ -174,3 +174,25 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "broken.safetensors" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_truncated_checkpoint_is_one_line_exit_2(fixtures_dir, tmp_path):
+    ckpt = tmp_path / "cut.safetensors"
+    data = (fixtures_dir / "healthy" / "checkpoints" / "step-00000100.safetensors").read_bytes()
+    ckpt.write_bytes(data[: len(data) - 1000])
+    result = runner.invoke(app, ["inspect", str(ckpt)])
+    assert result.exit_code == 2
+    assert "cut.safetensors: truncated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_streamed_reader_matches_safetensors(fixtures_dir):
+    from energydiag.tensorfile import reader
+
+    path = fixtures_dir / "healthy" / "checkpoints" / "step-00000100.safetensors"
+    expected = load_file(str(path))
+    with reader(path) as r:
+        assert sorted(r.names) == sorted(expected)
+        assert r.metadata["step"] == "100"
+        for name in r.names:
+            assert torch.equal(r.get(name), expected[name]), name

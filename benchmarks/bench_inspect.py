@@ -1,0 +1,82 @@
+"""Streaming inspection of a >= 1 GB checkpoint vs loading it whole with safetensors' load_file.
+
+    python benchmarks/bench_inspect.py [--gib 1.0]
+
+Each approach runs in its own subprocess so its peak RSS (VmHWM, Linux) is its own; both include
+the ~300 MiB that importing torch costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CHILD = r"""
+import json, re, sys, time
+from pathlib import Path
+start = time.perf_counter()
+if sys.argv[1] == "inspect":
+    from energydiag.inspect import checkpoint_report
+    from energydiag.tensorfile import reader
+    with reader(Path(sys.argv[2])) as r:
+        report = checkpoint_report(r)
+    n = len(report.tensors)
+else:
+    from safetensors.torch import load_file
+    state = load_file(sys.argv[2])  # memory-mapped lazily: data is read when first touched
+    if sys.argv[1] == "load_file+stats":
+        from energydiag.inspect import tensor_stats
+        kept = [tensor_stats(name, t) for name, t in state.items()]
+    n = len(state)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({"seconds": time.perf_counter() - start, "tensors": n, "peak_rss_mib": peak_kib / 1024}))
+"""
+
+
+def make_checkpoint(path: Path, gib: float, tensors: int = 16) -> int:
+    per = int(gib * 2**30 / 4 / tensors)
+    gen = torch.Generator().manual_seed(0)
+    state = {f"model.block{i}.weight": torch.randn(per, generator=gen) for i in range(tensors)}
+    save_file(
+        state, str(path), metadata={"format": "energydiag/1", "kind": "checkpoint", "step": "0"}
+    )
+    return per * 4
+
+
+def measure(mode: str, path: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def main(gib: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.safetensors"
+        largest = make_checkpoint(path, gib)
+        size = path.stat().st_size
+        results = {
+            mode: measure(mode, path) for mode in ("inspect", "load_file+stats", "load_file")
+        }
+    print(f"checkpoint {size / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB")
+    for mode, r in results.items():
+        print(f"  {mode:<16} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mib']:8.0f} MiB")
+    streamed, whole = results["inspect"], results["load_file+stats"]
+    print(
+        f"  streamed / load-whole-then-inspect: peak RSS {streamed['peak_rss_mib'] / whole['peak_rss_mib']:.2f}x, "
+        f"time {streamed['seconds'] / whole['seconds']:.2f}x  (bare load_file reads nothing until touched)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gib", type=float, default=1.0)
+    main(parser.parse_args().gib)
