@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -171,6 +172,35 @@ def inspect_cmd(
     report = inspect(checkpoint, run, batch, spec, tau, resolve_device(device))
     _emit(report.to_dict(), json_out, lambda d: render.inspect(out, d, all_tensors))
     return 1 if has_error(report.findings) else 0
+
+
+@app.command("bisect")
+@exits
+def bisect_cmd(
+    run: RunArg = Path("."),
+    good: Annotated[int | None, typer.Option(help="A checkpoint step known to be good.")] = None,
+    bad: Annotated[int | None, typer.Option(help="A checkpoint step known to be bad.")] = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> int:
+    """Find the first bad checkpoint in O(log n) evaluations, then replay to the exact first bad
+    step and localise it. Unreadable checkpoints are skipped. Exit 1 when a failure is found."""
+    from energydiag.bisect import bisect
+    from energydiag.run import Run
+    from energydiag.session import resolve_device
+
+    r = Run(run)
+    with progress_bar(math.ceil(math.log2(max(len(r.checkpoint_steps), 2))) + 1, json_out) as bar:
+        task = bar.add_task("bisect", total=None, live="")
+        result = bisect(
+            r,
+            good,
+            bad,
+            resolve_device(device),
+            lambda e: bar.update(task, advance=1, live=f"step {e.step}: {e.status}"),
+        )
+    _emit(result.to_dict(), json_out, lambda d: render.bisect(out, d))
+    return 1 if result.first_bad_checkpoint is not None else 0
 
 
 @app.command("diagnose")

@@ -262,3 +262,32 @@ def beyond_autocast_range(tensors: list[dict[str, Any]], dtype: str | None) -> F
         f"these overflow to Inf the moment they are cast to {dtype}: keep them in float32 or rescale",
         {"tensors": [{"name": t["name"], "count": t["beyond_autocast_range"]} for t in tensors]},
     )
+
+
+# --- bisect ------------------------------------------------------------------------------------
+
+
+def unresolved_interval(unresolved: dict[str, Any] | None) -> Finding | None:
+    if not unresolved:
+        return None
+    span = f"between checkpoints {unresolved['from']} and {unresolved['to']}"
+    return Finding(
+        "bisect.unresolved",
+        "warning",
+        f"the first bad step lies {span}, but batches {unresolved['missing_batches']} were not logged",
+        unresolved["advice"],
+        unresolved,
+    )
+
+
+def non_monotone(warnings: list[str]) -> Finding | None:
+    if not warnings:
+        return None
+    return Finding(
+        "bisect.non_monotone",
+        "warning",
+        warnings[0],
+        "the run recovered from a non-finite step (a skipped update?): the earliest failure is "
+        "reported; look at every step the loop skipped",
+        {"warnings": warnings},
+    )

@@ -245,3 +245,28 @@ def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
         console.print(f"  first non-finite value: {where}")
     findings(console, [Finding(**f) for f in d["findings"][:limit]])
     console.print()
+
+
+def bisect(console: Console, r: dict[str, Any]) -> None:
+    frame(
+        console,
+        "Checkpoint evaluations",
+        ["step", "status", "reason"],
+        (
+            [e["step"], e["status"], e["reason"]]
+            for e in sorted(r["evaluations"], key=lambda e: e["step"])
+        ),
+    )
+    key_values(
+        console,
+        "Bisect",
+        [
+            ("first bad step", r["first_bad_step"]),
+            ("last good checkpoint", r["last_good_checkpoint"]),
+            ("first bad checkpoint", r["first_bad_checkpoint"]),
+            ("checkpoint evaluations", r["checkpoint_evaluations"]),
+            ("step replays", r["step_replays"]),
+            ("skipped (unreadable)", ", ".join(str(e["step"]) for e in r["skipped"]) or None),
+        ],
+    )
+    findings(console, [Finding(**f) for f in r["findings"]])

@@ -78,7 +78,7 @@ class Run:
     def checkpoint_at_or_before(self, step: int) -> int:
         earlier = [s for s in self.checkpoint_steps if s <= step]
         if not earlier:
-            have = _ranges(self.checkpoint_steps) or "none"
+            have = step_ranges(self.checkpoint_steps) or "none"
             raise DiagError(
                 self.root / CHECKPOINTS, f"no checkpoint at or before step {step} (have: {have})"
             )
@@ -104,7 +104,9 @@ class Run:
         have = set(self.batch_steps)
         missing = [s for s in range(start, stop + 1) if s not in have]
         if missing:
-            raise DiagError(self.root / BATCHES, f"missing batches for steps {_ranges(missing)}")
+            raise DiagError(
+                self.root / BATCHES, f"missing batches for steps {step_ranges(missing)}"
+            )
         return list(range(start, stop + 1))
 
     def metrics(self) -> pd.DataFrame:
@@ -196,7 +198,7 @@ def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
         raise DiagError(path, f"metadata says step {meta.get('step')!r}, file name says {step}")
 
 
-def _ranges(steps: list[int]) -> str:
+def step_ranges(steps: list[int]) -> str:
     """[3,4,5,9] -> '3-5, 9': compact enough for a one-line error."""
     out, run_start = [], None
     for i, s in enumerate(steps):

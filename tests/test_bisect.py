@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from energydiag.bisect import bisect
+from energydiag.errors import DiagError
+from energydiag.losses import inbatch_infonce
+from energydiag.models import EnergyModel
+from energydiag.recorder import Recorder
+from energydiag.run import Run
+from energydiag.step import clip
+from energydiag.synthetic import Task, batches, record_run
+
+SMALL = {"d_model": 16, "n_heads": 2, "dropout": 0.1}
+
+
+def mask_every_key_at(bad_step):
+    def fault(step, batch):
+        if step == bad_step:
+            batch["pad_mask"][1] = True
+
+    return fault
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """128 steps, a checkpoint every 2 (65, plus the Recorder's failure dump at 77)."""
+    root = tmp_path_factory.mktemp("long") / "run"
+    record_run(root, steps=128, checkpoint_every=2, model_kwargs=SMALL, fault=mask_every_key_at(77))
+    return root
+
+
+def test_finds_exact_first_bad_step_in_log_evaluations(long_run):
+    run = Run(long_run)
+    n = len(run.checkpoint_steps)
+    assert n >= 64
+    result = bisect(run)
+    assert result.first_bad_step == 77
+    assert (result.last_good, result.first_bad_checkpoint) == (76, 77)
+    assert result.checkpoint_evaluations <= math.ceil(math.log2(n)) + 1
+    assert result.replay.fault.phase == "forward" and result.replay.fault.module == "attn"
+    assert result.warnings == []
+
+
+def test_corrupt_checkpoints_are_skipped_not_bad(long_run, tmp_path):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(long_run, root)
+    for step in (64, 96, 80):
+        path = root / "checkpoints" / f"step-{step:08d}.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    result = bisect(Run(root))
+    assert result.first_bad_step == 77
+    skipped = [e.step for e in result.evaluations if e.status == "unreadable"]
+    assert skipped and set(skipped) <= {64, 80, 96}
+
+
+def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
+    root = tmp_path / "run"
+    record_run(
+        root,
+        steps=40,
+        checkpoint_every=10,
+        model_kwargs=SMALL,
+        fault=mask_every_key_at(27),
+        persist_batches=False,
+        keep_batches=4,
+    )
+    result = bisect(Run(root))
+    # the ring held 24..27 and the failure dump wrote checkpoint 27; checkpoint 20 is the last good
+    assert (result.last_good, result.first_bad_checkpoint) == (20, 27)
+    assert result.first_bad_step is None
+    assert result.unresolved["missing_batches"] == "20-23"
+    assert "keep_batches>=7" in result.unresolved["advice"]
+    assert [f.code for f in result.findings] == ["bisect.unresolved"]
+
+
+def test_non_monotone_run_reports_earliest_failure_and_warns(tmp_path):
+    """A loop that skips the update when the gradient norm is non-finite: the run recovers."""
+    torch.manual_seed(0)
+    task = Task()
+    kwargs = {
+        "d_context": task.d_context,
+        "d_action": task.d_action,
+        "horizon": task.horizon,
+        **SMALL,
+    }
+    model = EnergyModel(**kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = batches(task, 1)
+    fault = mask_every_key_at(41)
+    with Recorder(
+        tmp_path / "run",
+        model=model,
+        optimizer=opt,
+        persist_batches=True,
+        checkpoint_every=4,
+        model_spec={"target": "energydiag.models:EnergyModel", "kwargs": kwargs},
+        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
+        grad_clip=1.0,
+    ) as rec:
+        for step in range(64):
+            batch = next(data)
+            fault(step, batch)
+            rec.start_step(step, batch)
+            opt.zero_grad(set_to_none=True)
+            loss, _ = inbatch_infonce(model, batch, tau=0.5)
+            loss.backward()
+            norm = clip(model, 1.0)
+            if rec.end_step(loss, grad_norm=norm):
+                opt.step()
+        rec.save_checkpoint(64)
+    result = bisect(Run(tmp_path / "run"))
+    assert result.first_bad_step == 41
+    assert result.warnings and "non-monotone" in result.warnings[0]
+    assert "bisect.non_monotone" in [f.code for f in result.findings]
+
+
+def test_good_and_bad_bounds_must_be_checkpoints(long_run):
+    with pytest.raises(DiagError, match="--good 3: no checkpoint"):
+        bisect(Run(long_run), good=3)
+
+
+def test_bounds_narrow_the_search(long_run):
+    result = bisect(Run(long_run), good=70, bad=90)
+    assert result.first_bad_step == 77
+    assert all(70 < e.step < 90 for e in result.evaluations)
