@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 CHILD = r"""
-import json, re, sys, time
+import json, sys, time
 from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from common import peak_rss_mib
 start = time.perf_counter()
 if sys.argv[1] == "inspect":
     from energydiag.inspect import checkpoint_report
@@ -35,9 +37,7 @@ else:
         from energydiag.inspect import tensor_stats
         kept = [tensor_stats(name, t) for name, t in state.items()]
     n = len(state)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
-peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-print(json.dumps({"seconds": time.perf_counter() - start, "tensors": n, "peak_rss_mib": peak_kib / 1024}))
+print(json.dumps({"seconds": time.perf_counter() - start, "tensors": n, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
@@ -52,9 +52,9 @@ def make_checkpoint(path: Path, gib: float, tensors: int = 16) -> int:
 
 
 def measure(mode: str, path: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, check=True
-    )
+    here = str(Path(__file__).resolve().parent)
+    command = [sys.executable, "-c", CHILD, mode, str(path), here]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 

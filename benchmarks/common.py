@@ -41,3 +41,12 @@ def report(title: str, medians: dict[str, float], baseline: str) -> None:
     print(title)
     for name, t in medians.items():
         print(f"  {name:<34} {t * 1e3:9.2f} ms   {t / medians[baseline]:6.2f}x")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from
+    the forking parent across exec, so a child would report its parent's peak."""
+    import re
+
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024

@@ -203,6 +203,118 @@ def bisect_cmd(
     return 1 if result.first_bad_checkpoint is not None else 0
 
 
+@app.command("curves")
+@exits
+def curves_cmd(
+    metrics: Annotated[
+        Path,
+        typer.Argument(
+            help="metrics.jsonl, a CSV (W&B export), TensorBoard events, or a run directory."
+        ),
+    ],
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Column name, or a substring of one (default: an energy loss, else 'loss')."
+        ),
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Points per analysis window (default: 1/20 of the log).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="B, for the InfoNCE bounds.")
+    ] = None,
+    tau: Annotated[float | None, typer.Option(help="tau, for the InfoNCE bounds.")] = None,
+    energy_span: Annotated[
+        float | None,
+        typer.Option(
+            "--energy-span", help="Width of a bounded head's energy range (1 for sigmoid)."
+        ),
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a plot (needs the 'plot' extra).")] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Find plateaus, exact-constant stretches, spikes, divergence, oscillation and the first
+    non-finite value in a logged metric; place a plateau against the InfoNCE bounds."""
+    from energydiag import plot
+    from energydiag.curves import analyse, infonce_curve_bounds, run_bounds, sparkline
+    from energydiag.findings import has_error
+    from energydiag.layout import MANIFEST
+    from energydiag.metrics_io import choose_metric, load_metrics
+    from energydiag.run import Run
+
+    frame = load_metrics(metrics)
+    column = choose_metric(frame, metric, metrics)
+    if batch_size and tau:
+        bounds = infonce_curve_bounds(batch_size, tau, energy_span)
+    else:
+        bounds = run_bounds(Run(metrics)) if (metrics / MANIFEST).is_file() else None
+    result = analyse(frame, column, window, bounds)
+    report = result.to_dict()
+    if png:
+        plot.curve(report, png)
+    _emit(report, json_out, lambda d: render.curves(out, d, sparkline(d["display"]["value"])))
+    return 1 if has_error(result.findings) else 0
+
+
+@app.command("whatif")
+@exits
+def whatif_cmd(
+    run: RunArg = Path("."),
+    from_step: Annotated[
+        int, typer.Option("--from-step", help="Replay from the checkpoint at or before this step.")
+    ] = 0,
+    steps: Annotated[int, typer.Option(help="How many logged steps each variant replays.")] = 20,
+    tries: Annotated[
+        list[str],
+        typer.Option(
+            "--try",
+            help="A variant: tau=3, head=softplus, lr*=0.1, lr=1e-4, clip=0.5, clip=none, margin=1, warmup=10; join several with commas.",
+        ),
+    ] = [],  # noqa: B006
+    head_path: Annotated[
+        str,
+        typer.Option(
+            "--head-path", help="Module path of the energy output transform that head= swaps."
+        ),
+    ] = "head_out",
+    device: DeviceOpt = "cpu",
+    png: Annotated[
+        Path | None,
+        typer.Option(help="Write the loss curves per variant (needs the 'plot' extra)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Replay the same logged batches once per proposed fix (plus the baseline) and rank the fixes
+    by how much they lower the loss, with energy range, logit spread, saturation and gradient."""
+    from energydiag import plot
+    from energydiag.run import Run
+    from energydiag.session import resolve_device
+    from energydiag.whatif import parse_variant, whatif
+
+    if not tries:
+        raise DiagError(
+            None, "give at least one --try variant (e.g. --try tau=3 --try head=softplus)"
+        )
+    variants = [parse_variant(t) for t in tries]
+    with progress_bar(steps * (len(variants) + 1), json_out) as bar:
+        task = bar.add_task("what-if", total=steps * (len(variants) + 1), live="")
+        report = whatif(
+            Run(run),
+            from_step,
+            steps,
+            variants,
+            resolve_device(device),
+            head_path,
+            lambda label, step: bar.update(task, advance=1, live=f"{label} step {step}"),
+        )
+    data = report.to_dict()
+    if png:
+        plot.whatif(data, png)
+    _emit(data, json_out, lambda d: render.whatif(out, d))
+    return 0
+
+
 @app.command("diagnose")
 @exits
 def diagnose_cmd(

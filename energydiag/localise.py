@@ -100,14 +100,13 @@ class _Rerun:
         self.loss = torch.zeros(())
 
     def forward(self) -> Fault | None:
-        manifest = self.session.run.manifest
         with self.probe.attached():
             self.loss, _ = forward(
                 self.model,
                 self.session.loss_fn,
                 self.data,
                 self.session.device,
-                manifest.autocast_dtype,
+                self.session.autocast_dtype,
             )
         if torch.isfinite(self.loss).all():
             return None
@@ -142,7 +141,7 @@ class _Rerun:
         )
 
     def clip(self) -> Fault | None:
-        norm = clip(self.model, self.session.run.manifest.grad_clip)
+        norm = clip(self.model, self.session.grad_clip)
         bad = _nonfinite(self.model, grads=True)
         if not bad:
             return None

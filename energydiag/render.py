@@ -46,14 +46,15 @@ def key_values(console: Console, title: str, rows: Iterable[tuple[str, Any]]) ->
     console.print(table)
 
 
-def frame(console: Console, title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+def frame(
+    console: Console, title: str, columns: list[str], rows: Iterable[Iterable[Any]], digits: int = 4
+) -> None:
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(
-            c, justify="right" if c not in ("tensor", "layer", "module", "op") else "left"
-        )
+        left = c in ("tensor", "layer", "module", "op", "variant", "name", "reason")
+        table.add_column(c, justify="left" if left else "right", no_wrap=c == "variant")
     for row in rows:
-        table.add_row(*(fmt(v) for v in row))
+        table.add_row(*(fmt(v, digits) for v in row))
     console.print(table)
 
 
@@ -269,4 +270,64 @@ def bisect(console: Console, r: dict[str, Any]) -> None:
             ("skipped (unreadable)", ", ".join(str(e["step"]) for e in r["skipped"]) or None),
         ],
     )
+    findings(console, [Finding(**f) for f in r["findings"]])
+
+
+def curves(console: Console, r: dict[str, Any], spark: str) -> None:
+    console.print(f"[bold]{r['metric']}[/bold]  {r['points']} points  window {r['window']}")
+    values = r["display"]["value"]
+    console.print(
+        f"  {spark}  [dim]range [{fmt(min(values, default=None))}, {fmt(max(values, default=None))}][/dim]"
+    )
+    b = r["bounds"]
+    if b:
+        parts = [f"chance log({b['batch_size']}) = {fmt(b['chance'])}"]
+        if "floor" in b:
+            parts.append(
+                f"floor {fmt(b['floor'])} (energy span {fmt(b['energy_span'])}, tau {fmt(b['tau'])})"
+            )
+        console.print("  bounds: " + ", ".join(parts))
+    rows = [("plateau", p["start"], p["end"], p["level"]) for p in r["plateaus"]]
+    rows += [("constant", c["start"], c["end"], c["level"]) for c in r["constant"]]
+    rows += [("oscillation", o["start"], o["end"], o["level"]) for o in r["oscillations"]]
+    rows += [("spike", s["step"], s["step"], s["value"]) for s in r["spikes"]]
+    if r["divergence"]:
+        rows.append(
+            (
+                "divergence",
+                r["divergence"]["start"],
+                r["divergence"]["end"],
+                r["divergence"]["level"],
+            )
+        )
+    if r["first_nonfinite"] is not None:
+        rows.append(("first non-finite", r["first_nonfinite"], r["first_nonfinite"], None))
+    if rows:
+        frame(
+            console,
+            "Segments",
+            ["what", "from step", "to step", "level"],
+            sorted(rows, key=lambda x: x[1]),
+        )
+    findings(console, [Finding(**f) for f in r["findings"]])
+
+
+def whatif(console: Console, r: dict[str, Any]) -> None:
+    cols = {
+        "#": "rank",
+        "variant": "label",
+        "loss from": "loss_start",
+        "to": "loss_end",
+        "drop": "relative_drop",
+        "E span": "energy_span",
+        "logit spread": "logit_spread",
+        "saturated": "saturation",
+        f"|g| {r['input_layer']}": "input_layer_grad_norm",
+    }
+    title = f"What-if: {r['steps']} logged steps from checkpoint {r['from_step']}"
+    rows = [
+        {**x, "relative_drop": f"{x['relative_drop']:.1%}" if x["finite"] else "non-finite"}
+        for x in sorted(r["results"], key=lambda x: x["rank"])
+    ]
+    frame(console, title, list(cols), ([x[key] for key in cols.values()] for x in rows), digits=3)
     findings(console, [Finding(**f) for f in r["findings"]])

@@ -29,8 +29,6 @@ from energydiag.quantities import (
 )
 from energydiag.run import Batch, Run
 from energydiag.session import Session, open_session
-from energydiag.state import restore_rng
-from energydiag.step import train_step
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -124,23 +122,15 @@ def replay(
     return result
 
 
-def run_step(session: Session, batch: Batch, stats: bool = False) -> dict[str, Any]:
+def run_step(
+    session: Session, batch: Batch, stats: bool = False, update: bool = True
+) -> dict[str, Any]:
     """One real training step plus the cheap check: a single host sync."""
-    restore_rng(batch.rng)
-    data = session.batch_on_device(batch)
     model = session.model
     before = snapshot_params(model) if stats else None
     probe = Probe(model, detail="stack", check_finite=False) if stats else None
     try:
-        result = train_step(
-            model,
-            session.optimizer,
-            session.loss_fn,
-            data,
-            grad_clip=session.run.manifest.grad_clip,
-            autocast_dtype=session.run.manifest.autocast_dtype,
-            observe=probe.attached() if probe else None,
-        )
+        result = session.train(batch, observe=probe.attached() if probe else None, update=update)
     except Exception as err:  # the user's forward or loss raised: a finding, not a crash
         return {
             "step": batch.step,
@@ -180,16 +170,7 @@ def state_before(run: Run, step: int, device: torch.device) -> Session:
     """The exact state before ``step``: load the checkpoint at or before it, replay up to it."""
     session = open_session(run, step, device)
     for s in run.require_batches(session.step, step - 1) if step > session.step else []:
-        batch = run.batch(s)
-        restore_rng(batch.rng)
-        train_step(
-            session.model,
-            session.optimizer,
-            session.loss_fn,
-            session.batch_on_device(batch),
-            grad_clip=run.manifest.grad_clip,
-            autocast_dtype=run.manifest.autocast_dtype,
-        )
+        session.train(run.batch(s))
     session.step = step
     return session
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 from energydiag.errors import DiagError
 from energydiag.plugins import LossFn, build_loss, build_model, build_optimizer
 from energydiag.run import Batch, Checkpoint, Run
-from energydiag.state import optimizer_state_dict
+from energydiag.state import optimizer_state_dict, restore_rng
+from energydiag.step import StepResult, train_step
 
 
 @dataclass
@@ -21,9 +23,27 @@ class Session:
     loss_fn: LossFn
     device: torch.device
     step: int
+    grad_clip: float | None = None
+    autocast_dtype: str | None = None
 
     def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.tensors.items()}
+
+    def train(
+        self, batch: Batch, observe: AbstractContextManager | None = None, update: bool = True
+    ) -> StepResult:
+        """The run's training step on ``batch``, from the RNG state the batch was recorded with."""
+        restore_rng(batch.rng)
+        return train_step(
+            self.model,
+            self.optimizer,
+            self.loss_fn,
+            self.batch_on_device(batch),
+            grad_clip=self.grad_clip,
+            autocast_dtype=self.autocast_dtype,
+            observe=observe,
+            update=update,
+        )
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -41,7 +61,10 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
     optimizer = build_optimizer(run.manifest.optimizer, model)
     load_checkpoint(run.checkpoint(start), model, optimizer)
     loss_fn = build_loss(run.manifest.loss, **loss_overrides)
-    return Session(run, model, optimizer, loss_fn, device, start)
+    manifest = run.manifest
+    return Session(
+        run, model, optimizer, loss_fn, device, start, manifest.grad_clip, manifest.autocast_dtype
+    )
 
 
 def load_checkpoint(

@@ -67,13 +67,16 @@ def train_step(
     grad_clip: float | None,
     autocast_dtype: str | None = None,
     observe: contextlib.AbstractContextManager | None = None,
+    update: bool = True,
 ) -> StepResult:
-    """One step. ``observe`` (e.g. a probe) wraps the forward pass only, never the update."""
+    """One step. ``observe`` (e.g. a probe) wraps the forward pass only; ``update=False`` skips
+    the optimizer step, as a warm-up that trains nothing yet does."""
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     with observe or contextlib.nullcontext():
         loss, diagnostics = forward(model, loss_fn, batch, device, autocast_dtype)
     loss.backward()
     grad_norm = clip(model, grad_clip)
-    optimizer.step()
+    if update:
+        optimizer.step()
     return StepResult(loss.detach(), grad_norm.detach(), diagnostics)

@@ -1,0 +1,75 @@
+"""Curve analysis of a 10-million-row metrics log: time and peak memory.
+
+    python benchmarks/bench_curves.py [--rows 10000000]
+
+Writes a CSV (a descent, a plateau, a spike, a divergence), then in a fresh subprocess reads it
+and analyses it, timing each phase and reporting the peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from common import peak_rss_mib
+from energydiag.curves import analyse
+from energydiag.metrics_io import load_metrics
+t0 = time.perf_counter()
+frame = load_metrics(Path(sys.argv[1]))
+t1 = time.perf_counter()
+report = analyse(frame, "loss")
+t2 = time.perf_counter()
+print(json.dumps({"read_s": t1 - t0, "analyse_s": t2 - t1, "peak_rss_mib": peak_rss_mib(),
+                  "found": sorted({f.code for f in report.findings}),
+                  "plateaus": [(p.start, p.end) for p in report.plateaus], "spikes": [s["step"] for s in report.spikes],
+                  "divergence": report.divergence.start if report.divergence else None}))
+"""
+
+
+def write_log(path: Path, rows: int) -> None:
+    rng = np.random.default_rng(0)
+    steps = np.arange(rows, dtype=np.int64)
+    knee, rise = rows // 4, rows - rows // 10
+    loss = np.where(steps < knee, 3 - 1.5 * steps / knee, 1.5) + rng.normal(0, 0.01, rows)
+    loss[rows // 2] += 2.0
+    loss = np.where(steps >= rise, 1.5 + 2.0 * (steps - rise) / (rows - rise), loss)
+    pd.DataFrame({"step": steps, "loss": loss.astype(np.float32)}).to_csv(path, index=False)
+
+
+def main(rows: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metrics.csv"
+        write_log(path, rows)
+        size = path.stat().st_size
+        here = str(Path(__file__).resolve().parent)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), here],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    r = json.loads(out.stdout)
+    print(f"{rows:,} rows ({size / 2**20:.0f} MiB CSV)")
+    print(
+        f"  read {r['read_s']:.2f} s, analyse {r['analyse_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+    )
+    print(
+        f"  found {r['found']}: plateaus {r['plateaus']}, spikes {r['spikes']}, divergence from {r['divergence']}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    main(parser.parse_args().rows)

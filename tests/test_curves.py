@@ -1,0 +1,119 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from energydiag.cli import app
+from energydiag.curves import analyse, infonce_curve_bounds
+from energydiag.errors import DiagError
+from energydiag.metrics_io import choose_metric, load_metrics
+
+runner = CliRunner()
+
+
+def series(values):
+    return pd.DataFrame({"step": np.arange(len(values)), "loss": values})
+
+
+def test_plateau_spike_and_divergence_at_known_change_points():
+    rng = np.random.default_rng(1)
+    steps = np.arange(3000)
+    y = np.where(steps < 800, 3 - 0.002 * steps, 1.4) + rng.normal(0, 0.004, steps.size)
+    y[1500] += 0.8  # a spike
+    y = np.where(steps >= 2400, 1.4 + 0.01 * (steps - 2400), y)  # divergence from 2400
+    report = analyse(series(y), "loss")
+    (plateau,) = report.plateaus
+    assert plateau.start == pytest.approx(800, abs=60) and plateau.end == pytest.approx(
+        2400, abs=60
+    )
+    assert [s["step"] for s in report.spikes] == [1500]
+    assert report.divergence.start == pytest.approx(2400, abs=120)
+    codes = {f.code for f in report.findings}
+    assert {"curve.plateau", "curve.spikes", "curve.divergence"} <= codes
+
+
+def test_noisy_descent_has_no_plateau_or_spike():
+    rng = np.random.default_rng(2)
+    y = 3 * np.exp(-np.arange(2000) / 400) + 0.5 + rng.normal(0, 0.02, 2000)
+    report = analyse(series(y), "loss")
+    assert report.plateaus == [] and report.spikes == [] and report.divergence is None
+
+
+def test_exactly_constant_stretch_and_first_nonfinite():
+    y = np.linspace(2, 1, 300)
+    y[100:160] = 1.6667
+    y[250] = math.nan
+    report = analyse(series(y), "loss")
+    (const,) = report.constant
+    assert (const.start, const.end) == (100, 159)
+    assert report.first_nonfinite == 250
+    assert report.findings[0].code in ("curve.nonfinite", "curve.constant")
+
+
+def test_oscillation():
+    rng = np.random.default_rng(3)
+    y = 1 + 0.1 * (-1.0) ** np.arange(1000) + rng.normal(0, 0.01, 1000)
+    report = analyse(series(y), "loss")
+    assert report.oscillations and report.oscillations[0].start == 0
+
+
+def test_stalled_fixture_sits_on_the_bound_its_configuration_implies(fixtures_dir):
+    result = runner.invoke(app, ["curves", str(fixtures_dir / "stalled"), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    b = 8
+    assert report["bounds"]["chance"] == pytest.approx(math.log(b))
+    assert report["bounds"]["floor"] == pytest.approx(
+        math.log(1 + (b - 1) * math.exp(-1 / 0.5)), rel=1e-5
+    )
+    assert report["plateau_on"] == "chance"
+    assert report["plateaus"][0]["start"] == 0 and report["plateaus"][0]["end"] == 79
+    assert report["findings"][0]["code"] == "curve.plateau_at_chance"
+
+
+def test_plateau_at_floor_is_told_apart():
+    bounds = infonce_curve_bounds(8, 0.5, 1.0)
+    y = np.concatenate([np.linspace(2.0, bounds["floor"], 200), np.full(400, bounds["floor"])])
+    y = y + np.random.default_rng(4).normal(0, 1e-4, y.size)
+    report = analyse(series(y), "loss", bounds=bounds)
+    assert report.plateau_on == "floor"
+    assert report.findings[0].code == "curve.plateau_at_floor"
+
+
+def test_wandb_csv_columns_and_companions(tmp_path):
+    path = tmp_path / "wandb.csv"
+    frame = pd.DataFrame(
+        {
+            "Step": [0, 10, 20],
+            "VLA Train/Energy Loss": [2.0, 1.9, 1.8],
+            "VLA Train/Energy Loss__MIN": [1.9, 1.8, 1.7],
+            "VLA Train/Positive Energy": [0.5, 0.4, 0.4],
+        }
+    )
+    frame.to_csv(path, index=False)
+    loaded = load_metrics(path)
+    assert list(loaded["step"]) == [0, 10, 20]
+    assert "VLA Train/Energy Loss__MIN" not in loaded
+    assert choose_metric(loaded, None, path) == "VLA Train/Energy Loss"
+    assert choose_metric(loaded, "positive", path) == "VLA Train/Positive Energy"
+    with pytest.raises(DiagError, match="matches several"):
+        choose_metric(loaded, "energy", path)
+
+
+def test_bad_metric_files(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("a,b\n1,2\n")
+    result = runner.invoke(app, ["curves", str(path)])
+    assert result.exit_code == 2 and "no step column" in result.stderr
+    result = runner.invoke(app, ["curves", str(tmp_path / "missing.csv")])
+    assert result.exit_code == 2 and "file not found" in result.stderr
+
+
+def test_png_is_written(fixtures_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curve.png"
+    result = runner.invoke(app, ["curves", str(fixtures_dir / "stalled"), "--png", str(out)])
+    assert result.exit_code == 1 and out.read_bytes()[:4] == b"\x89PNG"
