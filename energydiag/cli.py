@@ -315,6 +315,72 @@ def whatif_cmd(
     return 0
 
 
+@app.command("check")
+@exits
+def check_cmd(
+    run: RunArg = Path("."),
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML thresholds (default: [tool.energydiag.check] in ./pyproject.toml)."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Also replay this many logged steps and check fidelity.")
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="A previous `check --json` report: fail on regressions.")
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option(help="Write JUnit XML (one test case per check).")
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON report to this file.")
+    ] = None,
+    github: Annotated[
+        bool, typer.Option("--github", help="Print GitHub Actions error annotations.")
+    ] = False,
+    device: DeviceOpt = "cpu",
+) -> int:
+    """Gate CI on a run: no non-finite values, the loss falls, no long plateau, energy range, logit
+    spread, saturation and gradient norms within bounds, replay fidelity, no regression against a
+    baseline. Exit 0 when all pass, 1 when one fails, 2 on bad input or configuration."""
+
+    from energydiag import render_ci
+    from energydiag.check import check
+    from energydiag.check_config import load_config
+    from energydiag.run import Run
+    from energydiag.session import resolve_device
+
+    thresholds = load_config(config)
+    stored = _read_json(baseline) if baseline else None
+    report = check(Run(run), thresholds, steps, stored, resolve_device(device))
+    data = report.to_dict()
+    if junit:
+        junit.write_text(render_ci.junit(data))
+    if json_file:
+        json_file.write_text(dumps(data) + "\n")
+    if github:
+        for line in render_ci.github(data):
+            print(line)
+    render.check(out, data)
+    return 1 if report.failed else 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        raise DiagError(path, "file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiagError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DiagError(path, "expected a JSON object (a `check --json` report)")
+    return data
+
+
 @app.command("diagnose")
 @exits
 def diagnose_cmd(

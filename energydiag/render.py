@@ -331,3 +331,20 @@ def whatif(console: Console, r: dict[str, Any]) -> None:
     ]
     frame(console, title, list(cols), ([x[key] for key in cols.values()] for x in rows), digits=3)
     findings(console, [Finding(**f) for f in r["findings"]])
+
+
+def check(console: Console, r: dict[str, Any]) -> None:
+    style = {"passed": "green", "failed": "bold red", "skipped": "dim"}
+    table = Table(title=f"energydiag check: {r['run']}", title_justify="left")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    for c in r["checks"]:
+        table.add_row(c["name"], Text(c["status"], style=style[c["status"]]), c["message"])
+    console.print(table)
+    failed = sum(c["status"] == "failed" for c in r["checks"])
+    console.print(
+        Text(
+            "all checks passed" if not failed else f"{failed} check(s) failed",
+            style="green" if not failed else "bold red",
+        )
+    )

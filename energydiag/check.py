@@ -1,0 +1,216 @@
+"""A CI gate: measure a run, compare the numbers with thresholds and a stored baseline.
+
+Measurements come from the recorded artefacts (metrics.jsonl; the latest checkpoint that has a
+logged batch, inspected) and, with ``steps``, a fresh replay of that many logged steps. Each check
+is a small function that passes, fails with its evidence, or is skipped when its data is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from energydiag.check_config import CheckConfig
+from energydiag.curves import analyse
+from energydiag.diagnose import first_nonfinite_loss
+from energydiag.inspect import inspect
+from energydiag.layout import checkpoint_path
+from energydiag.metrics_io import choose_metric
+from energydiag.replay import replay
+from energydiag.run import Run
+
+PASS, FAIL, SKIP = "passed", "failed", "skipped"
+# For the baseline comparison: +1 when larger is better, -1 when smaller is better.
+DIRECTION = {
+    "loss_end": -1,
+    "loss_drop": +1,
+    "logit_spread": +1,
+    "energy_span": +1,
+    "saturation": -1,
+    "plateau_fraction": -1,
+    "grad_norm_max": -1,
+}
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckReport:
+    run: str
+    config: dict[str, float]
+    measurements: dict[str, Any]
+    checks: list[CheckResult]
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "passed": not self.failed,
+            "config": self.config,
+            "measurements": self.measurements,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def measure(
+    run: Run, steps: int | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    frame = run.metrics()
+    if "loss" in frame:
+        losses = run.logged_losses()
+        m["logged_steps"] = len(losses)
+        m["first_nonfinite_step"] = first_nonfinite_loss(losses)
+        finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
+        k = max(1, len(finite) // 10)
+        if finite:
+            m["loss_start"], m["loss_end"] = sum(finite[:k]) / k, sum(finite[-k:]) / k
+            m["loss_drop"] = (
+                (m["loss_start"] - m["loss_end"]) / abs(m["loss_start"]) if m["loss_start"] else 0.0
+            )
+        curve = analyse(frame, choose_metric(frame, "loss", run.root))
+        m["plateau_fraction"] = max((p.length + 1 for p in curve.plateaus), default=0) / max(
+            len(losses), 1
+        )
+    if "grad_norm" in frame:
+        norms = frame["grad_norm"].astype(float)
+        norms = norms[norms.map(math.isfinite)]
+        if len(norms):
+            m["grad_norm_min"], m["grad_norm_max"] = float(norms.min()), float(norms.max())
+    m |= _inspected(run, device)
+    if steps:
+        m |= _replayed(run, steps, device)
+    return m
+
+
+def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
+    with_batch = [s for s in run.checkpoint_steps if s in set(run.batch_steps)]
+    if not with_batch:
+        return {}
+    report = inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device)
+    out: dict[str, Any] = {
+        "inspected_step": with_batch[-1],
+        "checkpoint_nonfinite": sum(t.nonfinite for t in report.checkpoint.tensors),
+    }
+    if report.batch:
+        e = report.batch.energy
+        out["energy_span"] = e["energy_max"] - e["energy_min"]
+        out["logit_spread"] = e.get("logit_spread")
+        out["saturation"] = max((s["fraction"] for s in report.batch.saturation), default=0.0)
+    return out
+
+
+def _replayed(run: Run, steps: int, device: torch.device | None) -> dict[str, Any]:
+    logged = set(run.batch_steps)
+    starts = [s for s in run.checkpoint_steps if all(t in logged for t in range(s, s + steps))]
+    if not starts:
+        return {"replay": f"no checkpoint is followed by {steps} logged batches"}
+    result = replay(run, starts[-1], to_step=starts[-1] + steps - 1, device=device)
+    max_dev, compared = result.fidelity
+    return {
+        "replay_from": starts[-1],
+        "replay_max_deviation": max_dev,
+        "replay_compared": compared,
+        "replay_fault_step": result.fault.step if result.fault else None,
+    }
+
+
+def evaluate(
+    measurements: dict[str, Any], config: CheckConfig, baseline: dict[str, Any] | None = None
+) -> list[CheckResult]:
+    m, c = measurements, config
+    results = [
+        _no_nonfinite(m),
+        _bound("loss_decreases", m, "loss_drop", low=c.min_loss_drop),
+        _bound("no_long_plateau", m, "plateau_fraction", high=c.max_plateau_fraction),
+        _bound("logit_spread", m, "logit_spread", low=c.min_logit_spread),
+        _bound("energy_span", m, "energy_span", low=c.min_energy_span),
+        _bound("saturation", m, "saturation", high=c.max_saturation),
+        _bound("grad_norm_floor", m, "grad_norm_min", low=c.min_grad_norm),
+        _bound("grad_norm_ceiling", m, "grad_norm_max", high=c.max_grad_norm),
+        _bound("replay_fidelity", m, "replay_max_deviation", high=c.max_replay_deviation),
+    ]
+    if baseline is not None:
+        results.append(_baseline(m, baseline, c.baseline_tolerance))
+    return results
+
+
+def check(
+    run: Run,
+    config: CheckConfig,
+    steps: int | None = None,
+    baseline: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> CheckReport:
+    measurements = measure(run, steps, device)
+    return CheckReport(
+        str(run.root), asdict(config), measurements, evaluate(measurements, config, baseline)
+    )
+
+
+def _no_nonfinite(m: dict[str, Any]) -> CheckResult:
+    evidence = _pick(m, "first_nonfinite_step", "checkpoint_nonfinite", "replay_fault_step")
+    if not evidence:
+        return CheckResult(
+            "no_nonfinite", SKIP, "no logged loss, checkpoint or replay to look at", {}
+        )
+    bad = {k: v for k, v in evidence.items() if v}  # a step or a count; None and 0 are clean
+    if not bad:
+        return CheckResult(
+            "no_nonfinite", PASS, "no non-finite loss, checkpoint value or replayed step", evidence
+        )
+    said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items())
+    return CheckResult("no_nonfinite", FAIL, f"non-finite values: {said}", evidence)
+
+
+def _bound(
+    name: str, m: dict[str, Any], key: str, low: float | None = None, high: float | None = None
+) -> CheckResult:
+    value = m.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return CheckResult(name, SKIP, f"no {key} measured", {})
+    evidence = {key: value, "min": low, "max": high}
+    if low is not None and value < low:
+        return CheckResult(
+            name, FAIL, f"{key} {value:.4g} is below the minimum {low:.4g}", evidence
+        )
+    if high is not None and value > high:
+        return CheckResult(
+            name, FAIL, f"{key} {value:.4g} is above the maximum {high:.4g}", evidence
+        )
+    return CheckResult(name, PASS, f"{key} {value:.4g}", evidence)
+
+
+def _baseline(m: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> CheckResult:
+    """Every metric both reports share may be worse than the baseline by at most ``tolerance``."""
+    base = baseline.get("measurements", baseline)
+    regressions = {}
+    for key, sign in DIRECTION.items():
+        now, then = m.get(key), base.get(key)
+        if not isinstance(now, int | float) or not isinstance(then, int | float):
+            continue
+        allowed = tolerance * max(abs(then), 1e-12)
+        if sign * (then - now) > allowed:
+            regressions[key] = {"baseline": then, "now": now, "allowed_change": allowed}
+    if not regressions:
+        return CheckResult(
+            "baseline", PASS, f"no metric regressed by more than {tolerance:.0%}", {}
+        )
+    worst = ", ".join(f"{k} {v['baseline']:.4g} → {v['now']:.4g}" for k, v in regressions.items())
+    return CheckResult("baseline", FAIL, f"regressed against the baseline: {worst}", regressions)
+
+
+def _pick(m: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: m[k] for k in keys if k in m}
