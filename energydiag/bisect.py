@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from energydiag.diagnose import first_nonfinite_loss
 from energydiag.errors import DiagError
 from energydiag.plugins import build_loss, build_model
 from energydiag.replay import ReplayResult, replay
-from energydiag.run import Run, step_ranges
+from energydiag.run import Run, load_checkpoint_file, step_ranges
 from energydiag.session import load_checkpoint
 from energydiag.state import restore_rng
 from energydiag.step import forward
@@ -124,16 +125,11 @@ def bisect(
     judge = CheckpointJudge(run, device)
     result = BisectResult()
 
-    def evaluate(step: int) -> Evaluation:
-        e = judge(step)
-        result.evaluations.append(e)
-        if progress:
-            progress(e)
-        return e
+    evaluate = _recording(result, judge, progress)
 
     steps = _candidates(run, good, bad)
     last_good, first_bad = _search(steps, good is not None, bad is not None, evaluate)
-    _check_monotone(result, run)
+    _check_monotone(result)
     logged_bad = first_nonfinite_loss(run.logged_losses())
     if logged_bad is not None and (
         first_bad is None or (last_good is not None and logged_bad < last_good)
@@ -155,6 +151,62 @@ def bisect(
         ]
     )
     return result
+
+
+def bisect_timeline(
+    timeline: dict[int, Path], progress: Callable[[Evaluation], None] | None = None
+) -> BisectResult:
+    """Checkpoint-only mode for foreign runs: the first checkpoint holding non-finite values."""
+    result = BisectResult()
+
+    evaluate = _recording(result, lambda step: _tensors_verdict(step, timeline[step]), progress)
+
+    result.last_good, result.first_bad_checkpoint = _search(
+        sorted(timeline), False, False, evaluate
+    )
+    _check_monotone(result)
+    if result.first_bad_checkpoint is not None:
+        result.unresolved = {
+            "from": result.last_good,
+            "to": result.first_bad_checkpoint,
+            "missing_batches": "all",
+            "advice": "no batches in checkpoint-only mode: record the run with energydiag.Recorder, or "
+            "`energydiag convert --batch STEP=FILE` the batches you have and replay",
+        }
+    result.findings = rules.ranked(
+        [rules.unresolved_interval(result.unresolved), rules.non_monotone(result.warnings)]
+    )
+    return result
+
+
+def _recording(
+    result: BisectResult,
+    judge: Callable[[int], Evaluation],
+    progress: Callable[[Evaluation], None] | None,
+) -> Callable[[int], Evaluation]:
+    """The judge, with every evaluation kept in the result and shown as progress."""
+
+    def evaluate(step: int) -> Evaluation:
+        e = judge(step)
+        result.evaluations.append(e)
+        if progress:
+            progress(e)
+        return e
+
+    return evaluate
+
+
+def _tensors_verdict(step: int, path: Path) -> Evaluation:
+    try:
+        ckpt = load_checkpoint_file(path)
+    except DiagError as err:
+        return Evaluation(step, UNREADABLE, err.problem)
+    bad = [
+        n for n, t in ckpt.model.items() if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        return Evaluation(step, BAD, f"{len(bad)} non-finite tensor(s), e.g. {bad[0]}")
+    return Evaluation(step, GOOD, "all tensors finite")
 
 
 def _candidates(run: Run, good: int | None, bad: int | None) -> list[int]:
@@ -200,7 +252,7 @@ def _search(
     return (steps[lo] if lo >= 0 else None), steps[hi]
 
 
-def _check_monotone(result: BisectResult, run: Run) -> None:
+def _check_monotone(result: BisectResult) -> None:
     seen = sorted((e.step, e.status) for e in result.evaluations if e.status != UNREADABLE)
     first_bad = next((s for s, status in seen if status == BAD), None)
     later_good = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,7 +64,7 @@ def _root(
     """Diagnose NaN and flat-lining losses in energy-model training runs."""
 
 
-def progress_bar(total: int, disabled: bool) -> Progress:
+def progress_bar(disabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -115,7 +114,7 @@ def replay_cmd(
 
     r = Run(run)
     total = len(plan(r, r.checkpoint_at_or_before(from_step), to_step))
-    with progress_bar(total, json_out) as bar:
+    with progress_bar(json_out) as bar:
         task = bar.add_task("replay", total=total, live="")
 
         def tick(row: dict[str, Any]) -> None:
@@ -180,27 +179,126 @@ def bisect_cmd(
     run: RunArg = Path("."),
     good: Annotated[int | None, typer.Option(help="A checkpoint step known to be good.")] = None,
     bad: Annotated[int | None, typer.Option(help="A checkpoint step known to be bad.")] = None,
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoint-only mode on a folder of foreign checkpoints: a pattern with a {step} placeholder, e.g. '*/energy_model--{step}_checkpoint.pt'."
+        ),
+    ] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> int:
     """Find the first bad checkpoint in O(log n) evaluations, then replay to the exact first bad
-    step and localise it. Unreadable checkpoints are skipped. Exit 1 when a failure is found."""
-    from energydiag.bisect import bisect
+    step and localise it. Unreadable checkpoints are skipped. Exit 1 when a failure is found.
+    With --checkpoints, RUN is any folder and only the checkpoints' tensors are judged."""
+    from energydiag.bisect import bisect, bisect_timeline
+    from energydiag.foreign import discover
     from energydiag.run import Run
     from energydiag.session import resolve_device
 
-    r = Run(run)
-    with progress_bar(math.ceil(math.log2(max(len(r.checkpoint_steps), 2))) + 1, json_out) as bar:
+    with progress_bar(json_out) as bar:
         task = bar.add_task("bisect", total=None, live="")
-        result = bisect(
-            r,
-            good,
-            bad,
-            resolve_device(device),
-            lambda e: bar.update(task, advance=1, live=f"step {e.step}: {e.status}"),
-        )
+
+        def tick(e: Any) -> None:
+            bar.update(task, advance=1, live=f"step {e.step}: {e.status}")
+
+        if checkpoints:
+            result = bisect_timeline(discover(run, checkpoints), tick)
+        else:
+            result = bisect(Run(run), good, bad, resolve_device(device), tick)
     _emit(result.to_dict(), json_out, lambda d: render.bisect(out, d))
     return 1 if result.first_bad_checkpoint is not None else 0
+
+
+@app.command("convert")
+@exits
+def convert_cmd(
+    source: Annotated[Path, typer.Argument(help="Folder holding the foreign checkpoints.")],
+    checkpoints: Annotated[
+        str,
+        typer.Option(
+            help="Pattern with a {step} placeholder, e.g. '*/energy_model--{step}_checkpoint.pt'."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: Annotated[str, typer.Option(help="Model factory 'package.module:factory'.")],
+    model_kwargs: Annotated[
+        str, typer.Option("--model-kwargs", help="JSON kwargs for the factory.")
+    ] = "{}",
+    forward_kwargs: Annotated[
+        str, typer.Option("--forward-kwargs", help="JSON kwargs for every forward call.")
+    ] = "{}",
+    loss: Annotated[
+        str, typer.Option(help="Built-in loss name or 'package.module:fn'.")
+    ] = "inbatch_infonce",
+    tau: Annotated[float | None, typer.Option(help="InfoNCE temperature.")] = None,
+    margin: Annotated[float | None, typer.Option(help="Hinge margin (margin loss).")] = None,
+    optimizer: Annotated[str, typer.Option(help="torch.optim class name.")] = "AdamW",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-4,
+    grad_clip: Annotated[
+        float | None, typer.Option("--grad-clip", help="Max gradient norm (omit for none).")
+    ] = None,
+    autocast: Annotated[
+        str | None, typer.Option(help="bfloat16 or float16 when the run autocasts.")
+    ] = None,
+    batch: Annotated[
+        list[str],
+        typer.Option(help="STEP=FILE: a batch (.pt or .safetensors) consumed at STEP; repeatable."),
+    ] = [],  # noqa: B006
+    metrics: Annotated[
+        Path | None, typer.Option(help="A metric log (e.g. a W&B CSV) to keep as metrics.jsonl.")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="Which column is the loss (name or substring).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is not empty.")] = False,
+) -> int:
+    """Turn a folder of torch.save'd state dicts (plus saved batches and a W&B CSV) into an
+    energydiag run directory, so replay, bisect, inspect, curves and check work on it."""
+    from energydiag.convert import convert
+    from energydiag.foreign import discover
+    from energydiag.manifest import parse_manifest
+
+    loss_kwargs = {k: v for k, v in (("tau", tau), ("margin", margin)) if v is not None}
+    raw = {
+        "format": "energydiag/1",
+        "model": {
+            "target": model,
+            "kwargs": _json_option("--model-kwargs", model_kwargs),
+            "forward_kwargs": _json_option("--forward-kwargs", forward_kwargs),
+        },
+        "loss": {("target" if ":" in loss else "name"): loss, "kwargs": loss_kwargs},
+        "optimizer": {"name": optimizer, "kwargs": {"lr": lr}},
+        "grad_clip": grad_clip,
+        "autocast_dtype": autocast,
+        "seed": None,
+        "notes": {
+            "converted_from": str(source),
+            "optimizer_state": "absent: replays start it fresh",
+        },
+    }
+    batches = dict(_step_file(item) for item in batch)
+    result = convert(
+        out_dir,
+        discover(source, checkpoints),
+        parse_manifest(raw, "convert options"),
+        batches,
+        metrics,
+        metric,
+        overwrite,
+    )
+    out.print(
+        f"wrote {result.root}: {len(result.checkpoint_steps)} checkpoint(s), "
+        f"{len(result.batch_steps)} batch(es)"
+    )
+    return 0
+
+
+def _step_file(item: str) -> tuple[int, Path]:
+    step, sep, path = item.partition("=")
+    if not sep or not step.strip().isdigit():
+        raise DiagError(None, f"--batch {item!r}: expected STEP=FILE")
+    return int(step), Path(path)
 
 
 @app.command("curves")
@@ -297,7 +395,7 @@ def whatif_cmd(
             None, "give at least one --try variant (e.g. --try tau=3 --try head=softplus)"
         )
     variants = [parse_variant(t) for t in tries]
-    with progress_bar(steps * (len(variants) + 1), json_out) as bar:
+    with progress_bar(json_out) as bar:
         task = bar.add_task("what-if", total=steps * (len(variants) + 1), live="")
         report = whatif(
             Run(run),

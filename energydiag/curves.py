@@ -16,6 +16,7 @@ import pandas as pd
 
 from energydiag import findings as rules
 from energydiag.losses import infonce_bounds
+from energydiag.metrics_io import metric_series
 from energydiag.models import energy_head_bounds
 from energydiag.plugins import build_model
 from energydiag.run import Run
@@ -63,8 +64,7 @@ def analyse(
     window: int | None = None,
     bounds: dict[str, float] | None = None,
 ) -> CurveReport:
-    steps = frame["step"].to_numpy(dtype=np.int64)
-    values = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=np.float64)
+    steps, values = metric_series(frame, metric)
     finite = np.isfinite(values)
     report = CurveReport(metric, len(values), 0, bounds=bounds)
     if not finite.all():

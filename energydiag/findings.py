@@ -426,3 +426,50 @@ def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
             "best_drop": best["relative_drop"],
         },
     )
+
+
+# --- set-ups seen in real runs -----------------------------------------------------------------
+
+
+def model_raised(step: int, message: str) -> Finding:
+    return Finding(
+        "model.raised",
+        "error",
+        f"the model or loss raised on the batch of step {step}: {message}",
+        "the model guards itself (non-finite tensor, all-masked row): `energydiag replay` on the "
+        "step localises what tripped the guard",
+        {"step": step, "exception": message},
+    )
+
+
+def unreachable_margin(margin: float | None, bounds: tuple[float, float] | None) -> Finding | None:
+    if margin is None or bounds is None or margin < bounds[1] - bounds[0]:
+        return None
+    span = bounds[1] - bounds[0]
+    return Finding(
+        "head.unreachable_margin",
+        "error",
+        f"the hinge margin {margin:g} is at least the whole energy range the head allows "
+        f"({bounds[0]:.3g}..{bounds[1]:.3g}, span {span:.3g}): no pair can satisfy it",
+        "use a margin well below the span, or a wider/unbounded energy head",
+        {"margin": margin, "head_bounds": list(bounds)},
+    )
+
+
+def coarse_inputs(half: dict[str, str], energy: dict[str, float]) -> Finding | None:
+    """bfloat16 keeps 8 significant bits: relative steps of 2^-8 (about 0.4%)."""
+    if not half:
+        return None
+    gap, scale = abs(energy["pos_neg_gap"]), max(abs(energy["energy_mean"]), 1e-12)
+    resolution = 2.0**-8 if "bfloat16" in half.values() else 2.0**-11
+    if gap / scale >= resolution:
+        return None
+    return Finding(
+        "data.coarse_inputs",
+        "warning",
+        f"inputs {', '.join(f'{k} ({v})' for k, v in half.items())} resolve relative differences of "
+        f"~{resolution:.2g}, coarser than the relative energy gap {gap / scale:.2g} the loss must learn",
+        "cast the policy's hidden states to float32 before detaching them for the energy model, "
+        "or widen the energy range",
+        {"inputs": half, "relative_gap": gap / scale, "resolution": resolution},
+    )

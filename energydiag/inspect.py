@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from energydiag import findings as rules
+from energydiag.foreign import open_reader
 from energydiag.layout import MANIFEST
 from energydiag.losses import energy_matrix, infonce_bounds
 from energydiag.manifest import LossSpec, ModelSpec
@@ -31,7 +32,7 @@ from energydiag.run import Batch, Run, load_batch_file, load_checkpoint_file, lo
 from energydiag.session import load_checkpoint
 from energydiag.state import MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX, restore_rng
 from energydiag.step import forward
-from energydiag.tensorfile import TensorReader, reader
+from energydiag.tensorfile import TensorReader
 
 ADAM_RATIO_LIMIT = 100.0
 NORM_OUTLIER = 100.0
@@ -246,6 +247,7 @@ def batch_report(
     tau: float | None,
     device: torch.device,
     autocast_dtype: str | None = None,
+    margin: float | None = None,
 ) -> BatchReport:
     data = {k: v.to(device) for k, v in batch.tensors.items()}
     restore_rng(batch.rng)
@@ -302,9 +304,19 @@ def batch_report(
             rules.loss_position(report.loss, reach, b) if reach else None,
             rules.narrow_energy_range(energy, tau),
             rules.bounded_head_floor(head, tau, b),
+            rules.unreachable_margin(margin, head),
+            rules.coarse_inputs(_half_inputs(batch.tensors), energy),
         ]
     )
     return report
+
+
+def _half_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {
+        k: str(t.dtype).replace("torch.", "")
+        for k, t in tensors.items()
+        if t.dtype in (torch.bfloat16, torch.float16)
+    }
 
 
 def _layer_rows(probe: Probe) -> list[dict[str, Any]]:
@@ -357,7 +369,7 @@ def inspect(
     device = device or torch.device("cpu")
     run = _find_run(ckpt_path, run_dir)
     manifest = run.manifest if run else None
-    with reader(ckpt_path) as r:
+    with open_reader(ckpt_path) as r:
         eps = _adam_eps(r.metadata)
         ckpt_report = checkpoint_report(r, manifest.autocast_dtype if manifest else None, eps)
     batch = _find_batch(run, ckpt_path, batch_path)
@@ -375,9 +387,20 @@ def inspect(
         )
         loss_fn = build_loss(loss_spec, **({} if tau is None else {"tau": tau}))
         tau = tau if tau is not None else loss_spec.kwargs.get("tau")
-        batch_rep = batch_report(
-            model, loss_fn, batch, tau, device, manifest.autocast_dtype if manifest else None
-        )
+        margin = loss_spec.kwargs.get("margin")
+        try:
+            batch_rep = batch_report(
+                model,
+                loss_fn,
+                batch,
+                tau,
+                device,
+                manifest.autocast_dtype if manifest else None,
+                margin,
+            )
+        except Exception as err:  # the user's model or loss raised: a finding, not a crash
+            raised = rules.model_raised(batch.step, f"{type(err).__name__}: {err}")
+            return InspectReport(ckpt_report, None, rules.ranked([*ckpt_report.findings, raised]))
     found = ckpt_report.findings + (batch_rep.findings if batch_rep else [])
     return InspectReport(ckpt_report, batch_rep, rules.ranked(found))
 

@@ -153,6 +153,8 @@ class _Rerun:
         )
 
     def update(self) -> Fault | None:
+        if self.step < self.session.run.manifest.optimizer.start_step:
+            return None  # still in the warm-up: the run did not update here
         self.session.optimizer.step()
         bad = _nonfinite(self.model, grads=False)
         if not bad:

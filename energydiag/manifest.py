@@ -20,8 +20,11 @@ _KEYS = {"format", "model", "loss", "optimizer", "grad_clip", "autocast_dtype", 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """``target(**kwargs)`` builds the model; ``forward_kwargs`` go to every forward call."""
+
     target: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,11 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """``start_step``: the first step whose update is applied (a warm-up before it skips them)."""
+
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    start_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,10 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
         "loss needs exactly one of 'name' (built-in) or 'target' (import string)",
     )
     need(isinstance(opt.get("name"), str), "optimizer.name must be a torch.optim class name")
+    need(
+        isinstance(opt.get("start_step", 0), int) and opt.get("start_step", 0) >= 0,
+        "optimizer.start_step must be a non-negative integer",
+    )
     clip = raw.get("grad_clip")
     need(
         clip is None or (isinstance(clip, int | float) and clip > 0),
@@ -90,10 +100,17 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
     )
     for part, name in ((model, "model"), (loss, "loss"), (opt, "optimizer")):
         need(isinstance(part.get("kwargs", {}), dict), f"{name}.kwargs must be an object")
+    need(
+        isinstance(model.get("forward_kwargs", {}), dict), "model.forward_kwargs must be an object"
+    )
     return Manifest(
-        model=ModelSpec(model["target"], dict(model.get("kwargs", {}))),
+        model=ModelSpec(
+            model["target"], dict(model.get("kwargs", {})), dict(model.get("forward_kwargs", {}))
+        ),
         loss=LossSpec(loss.get("name"), loss.get("target"), dict(loss.get("kwargs", {}))),
-        optimizer=OptimizerSpec(opt["name"], dict(opt.get("kwargs", {}))),
+        optimizer=OptimizerSpec(
+            opt["name"], dict(opt.get("kwargs", {})), int(opt.get("start_step", 0))
+        ),
         grad_clip=None if clip is None else float(clip),
         autocast_dtype=raw.get("autocast_dtype"),
         seed=raw.get("seed"),

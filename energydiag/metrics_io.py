@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from energydiag.errors import DiagError
@@ -42,15 +44,23 @@ def _jsonl(path: Path) -> pd.DataFrame:
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DiagError(path, f"line {n} is not valid JSON") from None
+                rows.append({k: _marked(v) for k, v in json.loads(line).items()})
+            except (json.JSONDecodeError, AttributeError):
+                raise DiagError(path, f"line {n} is not a JSON object") from None
     return pd.DataFrame(rows)
+
+
+def _marked(value: object) -> object:
+    """A logged non-finite float becomes text, so it stays apart from a missing value (NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _csv(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path)
+        # Empty cells (metric not logged at that step) become NaN; a logged "NaN" stays text.
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DiagError(path, f"not a readable CSV ({str(err).splitlines()[0]})") from None
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
@@ -83,6 +93,20 @@ def _tensorboard(path: Path) -> pd.DataFrame:
     if not series:
         raise DiagError(path, "holds no scalar summaries")
     return pd.DataFrame(series).rename_axis("step").reset_index()
+
+
+def metric_series(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric, without the steps where it was not logged.
+
+    Missing cells are NaN; values logged as non-finite are text ("NaN", "Infinity") and are kept.
+    """
+    column = frame[metric]
+    present = column.notna().to_numpy()
+    kept = column[present]
+    if not pd.api.types.is_numeric_dtype(kept):
+        kept = kept.astype(str).str.strip()
+    values = pd.to_numeric(kept, errors="coerce").to_numpy(dtype=np.float64)
+    return frame["step"].to_numpy(dtype=np.int64)[present], values
 
 
 def choose_metric(frame: pd.DataFrame, wanted: str | None, source: Path | str) -> str:

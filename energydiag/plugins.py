@@ -36,6 +36,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise DiagError(None, f"model factory {spec.target!r} rejected its kwargs: {err}") from None
     if not isinstance(model, nn.Module):
         raise DiagError(None, f"model factory {spec.target!r} returned {type(model).__name__}")
+    if spec.forward_kwargs:
+        # Bound on the instance, so hooks, state_dict keys and checkpoints stay exactly as they were.
+        model.forward = functools.partial(model.forward, **spec.forward_kwargs)
     return model
 
 

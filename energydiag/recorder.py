@@ -35,7 +35,8 @@ class Recorder:
     """Writes an energydiag/1 run directory from inside a user's training loop.
 
     Checkpoint ``step-N`` holds the state *before* batch N is consumed, so replay from N starts
-    with batch N. ``end_step`` must run before ``optimizer.step()``: when the loss or gradient
+    with batch N. ``optimizer_start_step`` records a warm-up: steps before it compute and log the
+    loss but the loop does not call ``optimizer.step()``. ``end_step`` must run before ``optimizer.step()``: when the loss or gradient
     norm is non-finite, the model and optimizer are then still in their pre-step state, and that
     state is what gets dumped next to the ring of recent batches.
     """
@@ -51,6 +52,7 @@ class Recorder:
         grad_clip: float | None = None,
         autocast_dtype: str | None = None,
         seed: int | None = None,
+        optimizer_start_step: int = 0,
         checkpoint_every: int = 100,
         keep_batches: int = 16,
         persist_batches: bool = False,
@@ -63,7 +65,9 @@ class Recorder:
             raise ValueError("checkpoint_every and keep_batches must be at least 1")
         self.model, self.optimizer = model, optimizer
         self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
-        self.manifest = _manifest(model_spec, loss, optimizer, grad_clip, autocast_dtype, seed)
+        self.manifest = _manifest(
+            model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step
+        )
         self.ring: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=keep_batches)
         self.failed_at: int | None = None
         self._step: int | None = None
@@ -141,6 +145,7 @@ def _manifest(
     grad_clip: float | None,
     autocast_dtype: str | None,
     seed: int | None,
+    optimizer_start_step: int,
 ) -> Manifest:
     accepted = inspect.signature(type(optimizer).__init__).parameters
     opt_kwargs = {
@@ -152,7 +157,11 @@ def _manifest(
         "format": "energydiag/1",
         "model": dict(model_spec),
         "loss": dict(loss),
-        "optimizer": {"name": type(optimizer).__name__, "kwargs": opt_kwargs},
+        "optimizer": {
+            "name": type(optimizer).__name__,
+            "kwargs": opt_kwargs,
+            "start_step": optimizer_start_step,
+        },
         "grad_clip": grad_clip,
         "autocast_dtype": autocast_dtype,
         "seed": seed,

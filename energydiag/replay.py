@@ -123,7 +123,7 @@ def replay(
 
 
 def run_step(
-    session: Session, batch: Batch, stats: bool = False, update: bool = True
+    session: Session, batch: Batch, stats: bool = False, update: bool | None = None
 ) -> dict[str, Any]:
     """One real training step plus the cheap check: a single host sync."""
     model = session.model

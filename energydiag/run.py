@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from energydiag.errors import DiagError
+from energydiag.foreign import is_pickle, load_tensor_dict
 from energydiag.layout import (
     BATCHES,
     CHECKPOINTS,
@@ -139,7 +140,10 @@ class Run:
 
 
 def load_checkpoint_file(path: Path) -> Checkpoint:
-    """Any safetensors checkpoint: ours (model.* / optim.* prefixes) or a bare state dict."""
+    """Any checkpoint: ours (model.* / optim.* prefixes), a bare safetensors state dict, or a
+    torch.save'd .pt/.pth state dict (weights only)."""
+    if is_pickle(path):
+        return Checkpoint(-1, path, load_tensor_dict(path), {}, {})
     tensors, meta = read_all(path)
     model, optim = split_state(tensors)
     if not model and not optim:
@@ -152,12 +156,14 @@ def load_checkpoint_file(path: Path) -> Checkpoint:
 
 def load_checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at, from its metadata (-1 when it does not say)."""
+    if is_pickle(path):
+        return -1
     step = read_metadata(path).get("step", "")
     return int(step) if step.isdigit() else -1
 
 
 def load_batch_file(path: Path, step: int | None = None) -> Batch:
-    tensors, meta = read_all(path)
+    tensors, meta = (load_tensor_dict(path), {}) if is_pickle(path) else read_all(path)
     rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
     data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
     validate_batch(path, data)

@@ -30,9 +30,17 @@ class Session:
         return {k: v.to(self.device) for k, v in batch.tensors.items()}
 
     def train(
-        self, batch: Batch, observe: AbstractContextManager | None = None, update: bool = True
+        self,
+        batch: Batch,
+        observe: AbstractContextManager | None = None,
+        update: bool | None = None,
     ) -> StepResult:
-        """The run's training step on ``batch``, from the RNG state the batch was recorded with."""
+        """The run's training step on ``batch``, from the RNG state the batch was recorded with.
+
+        Updates follow the manifest's warm-up (optimizer.start_step) unless ``update`` says otherwise.
+        """
+        if update is None:
+            update = batch.step >= self.run.manifest.optimizer.start_step
         restore_rng(batch.rng)
         return train_step(
             self.model,

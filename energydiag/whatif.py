@@ -127,7 +127,8 @@ def whatif(
         _apply(variant, session, head_path)
         rows = []
         for i, batch in enumerate(batches):
-            rows.append(run_step(session, batch, stats=True, update=i >= variant.warmup))
+            in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
+            rows.append(run_step(session, batch, stats=True, update=not in_warmup))
             if progress:
                 progress(variant.label, batch.step)
             if not rows[-1]["finite"]:

@@ -42,11 +42,15 @@ def test_noisy_descent_has_no_plateau_or_spike():
     assert report.plateaus == [] and report.spikes == [] and report.divergence is None
 
 
-def test_exactly_constant_stretch_and_first_nonfinite():
+def test_exactly_constant_stretch_and_first_nonfinite(tmp_path):
     y = np.linspace(2, 1, 300)
     y[100:160] = 1.6667
     y[250] = math.nan
-    report = analyse(series(y), "loss")
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        "".join(json.dumps({"step": i, "loss": float(v)}) + "\n" for i, v in enumerate(y))
+    )
+    report = analyse(load_metrics(path), "loss")
     (const,) = report.constant
     assert (const.start, const.end) == (100, 159)
     assert report.first_nonfinite == 250
@@ -101,6 +105,19 @@ def test_wandb_csv_columns_and_companions(tmp_path):
     assert choose_metric(loaded, "positive", path) == "VLA Train/Positive Energy"
     with pytest.raises(DiagError, match="matches several"):
         choose_metric(loaded, "energy", path)
+
+
+def test_unlogged_cells_are_not_non_finite(tmp_path):
+    """A W&B export has empty cells where a metric was not logged; a logged NaN is text."""
+    path = tmp_path / "export.csv"
+    rows = ["Step,VLA Train/Energy Loss,VLA Train/Grad"] + [
+        f"{10 * i},{2 - i / 100}," for i in range(60)
+    ]
+    rows += [f"{600 + 10 * i},,{i}" for i in range(5)]
+    path.write_text("\n".join(rows) + "\n")
+    assert analyse(load_metrics(path), "VLA Train/Energy Loss").first_nonfinite is None
+    path.write_text("\n".join([*rows, "700,NaN,"]) + "\n")
+    assert analyse(load_metrics(path), "VLA Train/Energy Loss").first_nonfinite == 700
 
 
 def test_bad_metric_files(tmp_path):

@@ -88,3 +88,32 @@ def test_infonce_with_layer_action_negatives():
     loss, _ = infonce_negatives(TableEnergy(table), batch, tau=tau)
     expected = -math.log(1 / (1 + math.exp(-1) + math.exp(-2)))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+class TupleEnergy(TableEnergy):
+    """Some versions of the team's model return (energy, per-step energies) and take options."""
+
+    def forward(self, h, a, pad_mask=None, return_steps=True, scale=1.0):
+        e = super().forward(h, a, pad_mask) * scale
+        return (e, e.repeat(1, 4)) if return_steps else e
+
+
+def test_tuple_forward_and_forward_kwargs():
+    from energydiag.manifest import ModelSpec
+    from energydiag.plugins import build_model
+
+    b = 4
+    table = torch.randn(b, b)
+    loss, _ = inbatch_infonce(TupleEnergy(table), ids_batch(b), tau=1.0)
+    expected = torch.nn.functional.cross_entropy(-table, torch.arange(b))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    model = build_model(
+        ModelSpec("test_losses:make_tuple_energy", {"b": b}, {"scale": 2.0, "return_steps": False})
+    )
+    e = energy_matrix(model, ids_batch(b)["h"], ids_batch(b)["a_pos"])
+    assert torch.allclose(e, 2 * model.table.detach())
+    assert set(model.state_dict()) == {"table"}  # the bound kwargs change nothing else
+
+
+def make_tuple_energy(b):
+    return TupleEnergy(torch.randn(b, b))
