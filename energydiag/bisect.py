@@ -130,7 +130,7 @@ def bisect(
     steps = _candidates(run, good, bad)
     last_good, first_bad = _search(steps, good is not None, bad is not None, evaluate)
     _check_monotone(result)
-    logged_bad = first_nonfinite_loss(run.logged_losses())
+    logged_bad = first_nonfinite_loss(run.logged())
     if logged_bad is not None and (
         first_bad is None or (last_good is not None and logged_bad < last_good)
     ):

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 
 from energydiag.check_config import CheckConfig
-from energydiag.curves import analyse
+from energydiag.curves import analyse, trend
 from energydiag.diagnose import first_nonfinite_loss
 from energydiag.inspect import inspect
 from energydiag.layout import checkpoint_path
-from energydiag.metrics_io import choose_metric
 from energydiag.replay import replay
 from energydiag.run import Run
 
@@ -68,27 +67,20 @@ def measure(
     run: Run, steps: int | None = None, device: torch.device | None = None
 ) -> dict[str, Any]:
     m: dict[str, Any] = {}
-    frame = run.metrics()
-    if "loss" in frame:
-        losses = run.logged_losses()
+    losses = run.logged("loss")
+    if losses:
         m["logged_steps"] = len(losses)
         m["first_nonfinite_step"] = first_nonfinite_loss(losses)
-        finite = [v for _, v in sorted(losses.items()) if math.isfinite(v)]
-        k = max(1, len(finite) // 10)
-        if finite:
-            m["loss_start"], m["loss_end"] = sum(finite[:k]) / k, sum(finite[-k:]) / k
-            m["loss_drop"] = (
-                (m["loss_start"] - m["loss_end"]) / abs(m["loss_start"]) if m["loss_start"] else 0.0
-            )
-        curve = analyse(frame, choose_metric(frame, "loss", run.root))
-        m["plateau_fraction"] = max((p.length + 1 for p in curve.plateaus), default=0) / max(
-            len(losses), 1
-        )
-    if "grad_norm" in frame:
-        norms = frame["grad_norm"].astype(float)
-        norms = norms[norms.map(math.isfinite)]
-        if len(norms):
-            m["grad_norm_min"], m["grad_norm_max"] = float(norms.min()), float(norms.max())
+        ends = trend(list(losses.values()))
+        if ends:
+            m["loss_start"], m["loss_end"] = ends
+            m["loss_drop"] = (ends[0] - ends[1]) / abs(ends[0]) if ends[0] else 0.0
+        curve = analyse(run.metrics(), "loss")
+        longest = max((p.length + 1 for p in curve.plateaus), default=0)
+        m["plateau_fraction"] = longest / len(losses)
+    norms = [v for v in run.logged("grad_norm").values() if math.isfinite(v)]
+    if norms:
+        m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
     m |= _inspected(run, device)
     if steps:
         m |= _replayed(run, steps, device)

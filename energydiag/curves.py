@@ -110,6 +110,15 @@ def analyse(
     return report
 
 
+def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | None:
+    """Mean of the first and of the last ``fraction`` of the finite values: where a curve went."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    k = max(1, int(len(finite) * fraction))
+    return sum(finite[:k]) / k, sum(finite[-k:]) / k
+
+
 def infonce_curve_bounds(
     batch_size: int, tau: float, energy_span: float | None
 ) -> dict[str, float]:

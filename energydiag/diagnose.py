@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
+from energydiag.curves import trend
 from energydiag.inspect import inspect
 from energydiag.layout import checkpoint_path
 from energydiag.localise import Fault
@@ -46,8 +47,8 @@ def first_nonfinite_loss(losses: dict[int, float]) -> int | None:
 
 
 def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
-    losses = run.logged_losses()
-    start, end = _window_mean(losses, head=True), _window_mean(losses, head=False)
+    losses = run.logged()
+    start, end = trend(list(losses.values())) or (None, None)
     bad = first_nonfinite_loss(losses)
     if bad is not None:
         result = replay(run, max(bad - 1, 0), to_step=bad, device=device)
@@ -59,9 +60,3 @@ def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
         found = inspect(checkpoint_path(run.root, inspected[-1]), run.root, device=device).findings
     verdict = "stalled" if rules.has_error(found) else "healthy"
     return Diagnosis(str(run.root), verdict, start, end, None, found)
-
-
-def _window_mean(losses: dict[int, float], head: bool, width: int = 10) -> float | None:
-    finite = [losses[s] for s in sorted(losses) if math.isfinite(losses[s])]
-    window = finite[:width] if head else finite[-width:]
-    return sum(window) / len(window) if window else None

@@ -226,7 +226,7 @@ def _batch(console: Console, b: dict[str, Any]) -> None:
 
 def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
     colour = {"healthy": "green", "stalled": "yellow"}.get(d["verdict"], "red")
-    trend = f"loss {fmt(d['loss_start'])} → {fmt(d['loss_end'])} (first/last 10 logged steps)"
+    trend = f"loss {fmt(d['loss_start'])} → {fmt(d['loss_end'])} (first/last 10% of the log)"
     console.print(
         Text.assemble((f"{d['run']}: ", "bold"), (d["verdict"], f"bold {colour}"), f"  {trend}")
     )

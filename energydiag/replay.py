@@ -102,7 +102,7 @@ def replay(
     """
     device = device or torch.device("cpu")
     session = open_session(run, from_step, device)
-    logged = run.logged_losses()
+    logged = run.logged()
     result = ReplayResult(session.step, [])
     for step in plan(run, session.step, to_step):
         row = run_step(session, run.batch(step), stats=every > 0 and step % every == 0)

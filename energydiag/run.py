@@ -27,6 +27,7 @@ from energydiag.layout import (
     steps_in,
 )
 from energydiag.manifest import Manifest, read_manifest
+from energydiag.metrics_io import load_metrics, metric_series
 from energydiag.state import RNG_PREFIX, split_state
 from energydiag.tensorfile import check_format, read_all, read_metadata
 
@@ -112,26 +113,15 @@ class Run:
 
     def metrics(self) -> pd.DataFrame:
         path = self.root / METRICS
-        if not path.is_file():
-            return pd.DataFrame(columns=["step", "loss"])
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DiagError(path, f"line {n} is not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise DiagError(path, f"line {n} has no integer 'step'")
-            rows.append(row)
-        return pd.DataFrame(rows)
+        return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
-    def logged_losses(self) -> dict[int, float]:
+    def logged(self, metric: str = "loss") -> dict[int, float]:
+        """step -> value where ``metric`` was logged (non-finite values included)."""
         frame = self.metrics()
-        if "loss" not in frame:
+        if metric not in frame:
             return {}
-        return dict(zip(frame["step"].astype(int), frame["loss"].astype(float), strict=True))
+        steps, values = metric_series(frame, metric)
+        return dict(zip(steps.tolist(), values.tolist(), strict=True))
 
     def _inside(self, path: Path) -> Path:
         if not path.resolve().is_relative_to(self.root.resolve()):

@@ -30,7 +30,7 @@ def test_replay_from_checkpoint_reproduces_parameters_bit_for_bit(small_run):
     """Replay steps 4..11 from checkpoint 4 and compare with the recorded final checkpoint 12."""
     run = Run(small_run)
     session = open_session(run, 4, torch.device("cpu"))
-    logged = run.logged_losses()
+    logged = run.logged()
     for step in range(4, 12):
         batch = run.batch(step)
         restore_rng(batch.rng)
@@ -63,7 +63,7 @@ def test_without_rng_restore_dropout_diverges(small_run):
         run.batch(4).tensors,
         grad_clip=run.manifest.grad_clip,
     )
-    assert result.loss.item() != run.logged_losses()[4]
+    assert result.loss.item() != run.logged()[4]
 
 
 def test_failure_dumps_ring_and_pre_step_state(tmp_path):
