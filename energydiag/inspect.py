@@ -26,7 +26,7 @@ from energydiag.losses import energy_matrix, infonce_bounds
 from energydiag.manifest import LossSpec, ModelSpec
 from energydiag.models import energy_head_bounds
 from energydiag.plugins import LossFn, build_loss, build_model
-from energydiag.probe import Probe
+from energydiag.probe import Probe, as_float, summarize
 from energydiag.quantities import energy_stats, layer_grad_norms, layer_of
 from energydiag.run import Batch, Run, load_batch_file, load_checkpoint_file, load_checkpoint_step
 from energydiag.session import load_checkpoint
@@ -86,33 +86,25 @@ class CheckpointReport:
 
 def tensor_stats(name: str, t: torch.Tensor, autocast_dtype: str | None = None) -> TensorStats:
     group, layer = _role(name)
-    stats = TensorStats(
-        name, group, layer, list(t.shape), str(t.dtype).replace("torch.", ""), t.numel()
-    )
+    dtype = str(t.dtype).replace("torch.", "")
+    stats = TensorStats(name, group, layer, list(t.shape), dtype, t.numel())
     if not (t.is_floating_point() and t.numel()):
         return stats
-    x = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    if not math.isfinite(float(x.sum())):  # one pass decides whether counting is needed
-        _count_nonfinite(stats, x)
+    s = summarize(t)
+    stats.nan, stats.posinf, stats.neginf = s.nan, s.posinf, s.neginf
+    x = as_float(t)
+    if not s.finite:
+        flat = int(torch.nonzero(~torch.isfinite(x.reshape(-1)))[0])
+        stats.first_nonfinite = [int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)]
         x = x[torch.isfinite(x)]
     if x.numel():
-        lo, hi = torch.aminmax(x)
-        std, mean = torch.std_mean(x) if x.numel() > 1 else (x.new_zeros(()), x.mean())
-        values = torch.stack(
-            [lo, hi, mean, std, torch.linalg.vector_norm(x), (x == 0).sum() / x.numel()]
-        )
-        stats.min, stats.max, stats.mean, stats.std, stats.l2, stats.zero_fraction = values.tolist()
+        stats.min, stats.max, stats.mean, stats.std = s.min, s.max, s.mean, s.std
+        stats.l2, stats.zero_fraction = torch.stack(
+            [torch.linalg.vector_norm(x), (x == 0).sum() / x.numel()]
+        ).tolist()
     if autocast_dtype in _HALF and group == "model":
         stats.beyond_autocast_range = int((x.abs() > torch.finfo(_HALF[autocast_dtype]).max).sum())
     return stats
-
-
-def _count_nonfinite(stats: TensorStats, x: torch.Tensor) -> None:
-    counts = torch.stack([x.isnan().sum(), (x == math.inf).sum(), (x == -math.inf).sum()]).tolist()
-    stats.nan, stats.posinf, stats.neginf = counts
-    if stats.nonfinite:
-        flat = int(torch.nonzero(~torch.isfinite(x.reshape(-1)))[0])
-        stats.first_nonfinite = [int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)]
 
 
 def _role(name: str) -> tuple[str, str]:
@@ -125,11 +117,17 @@ def _role(name: str) -> tuple[str, str]:
 def checkpoint_report(
     reader: TensorReader, autocast_dtype: str | None = None, eps: float = 1e-8
 ) -> CheckpointReport:
-    names = [n for n in reader.names if not n.startswith(RNG_PREFIX)]
-    tensors = [tensor_stats(n, reader.get(n), autocast_dtype) for n in names]
-    report = CheckpointReport(
-        str(reader.path), reader.metadata, tensors, _layers(tensors), _adam(reader, eps)
-    )
+    """One pass over the file in name order, so a parameter's two Adam moments arrive together."""
+    tensors, adam, moments = [], [], {}
+    for name in sorted(n for n in reader.names if not n.startswith(RNG_PREFIX)):
+        t = reader.get(name)
+        tensors.append(tensor_stats(name, t, autocast_dtype))
+        param, _, state_field = name.removeprefix(OPTIM_PREFIX).rpartition(".")
+        if name.startswith(OPTIM_PREFIX) and state_field in ("exp_avg", "exp_avg_sq"):
+            moments.setdefault(param, {})[state_field] = t
+            if len(moments[param]) == 2:
+                adam.append(_adam_row(param, moments.pop(param), eps))
+    report = CheckpointReport(str(reader.path), reader.metadata, tensors, _layers(tensors), adam)
     report.findings = rules.ranked(
         [
             rules.nonfinite_tensors([asdict(t) for t in tensors if t.nonfinite]),
@@ -191,30 +189,20 @@ def _norm_outliers(tensors: list[TensorStats]) -> list[dict[str, Any]]:
     return outliers
 
 
-def _adam(reader: TensorReader, eps: float) -> list[dict[str, Any]]:
-    """Per parameter: the largest |exp_avg| / (sqrt(exp_avg_sq) + eps), Adam's update scale."""
-    rows = []
-    for name in reader.names:
-        if not (name.startswith(OPTIM_PREFIX) and name.endswith(".exp_avg")):
-            continue
-        partner = name[: -len("exp_avg")] + "exp_avg_sq"
-        if partner not in reader.names:
-            continue
-        m, v = reader.get(name).float(), reader.get(partner).float()
-        ratio = m.abs() / (v.clamp_min(0).sqrt() + eps)
-        # Non-finite moments are reported by the non-finite rule; a finite m over a zero
-        # denominator (eps = 0) stays inf here, which is the blow-up this rule is for.
-        ratio = torch.where(torch.isfinite(m) & torch.isfinite(v), ratio, 0.0)
-        rows.append(
-            {
-                "parameter": name[len(OPTIM_PREFIX) : -len(".exp_avg")],
-                "max_ratio": float(ratio.max()),
-                "elements_over_limit": int((ratio > ADAM_RATIO_LIMIT).sum()),
-                "exp_avg_sq_min": float(v.min()),
-                "exp_avg_abs_max": float(m.abs().max()),
-            }
-        )
-    return rows
+def _adam_row(param: str, moments: dict[str, torch.Tensor], eps: float) -> dict[str, Any]:
+    """The largest |exp_avg| / (sqrt(exp_avg_sq) + eps): the scale of Adam's next update."""
+    m, v = moments["exp_avg"].float(), moments["exp_avg_sq"].float()
+    ratio = m.abs() / (v.clamp_min(0).sqrt() + eps)
+    # Non-finite moments are reported by the non-finite rule; a finite m over a zero
+    # denominator (eps = 0) stays inf here, which is the blow-up this rule is for.
+    ratio = torch.where(torch.isfinite(m) & torch.isfinite(v), ratio, 0.0)
+    return {
+        "parameter": param,
+        "max_ratio": float(ratio.max()),
+        "elements_over_limit": int((ratio > ADAM_RATIO_LIMIT).sum()),
+        "exp_avg_sq_min": float(v.min()),
+        "exp_avg_abs_max": float(m.abs().max()),
+    }
 
 
 # --- the model on a batch ----------------------------------------------------------------------

@@ -53,30 +53,31 @@ class TensorSummary:
         return f"{self.shape} finite range {rng}" + (f", {', '.join(bad)}" if bad else "")
 
 
-def summarize(t: torch.Tensor) -> TensorSummary:
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """float32/float64 as they are; half precision upcast so sums and counts stay exact."""
     x = t.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    finite = torch.isfinite(x)
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def summarize(t: torch.Tensor) -> TensorSummary:
+    """Counts of NaN/±Inf and the range, mean and std of the finite values.
+
+    A one-pass sum decides whether anything non-finite needs counting and masking at all.
+    """
+    x = as_float(t)
     big = torch.finfo(x.dtype).max
+    counts = (0, 0, 0)
+    if x.numel() and not math.isfinite(float(x.sum())):
+        counts = tuple(
+            torch.stack([x.isnan().sum(), (x == math.inf).sum(), (x == -math.inf).sum()]).tolist()
+        )
+        x = x[torch.isfinite(x)] if any(counts) else x
     if not x.numel():
-        return TensorSummary(list(x.shape), 0, 0, 0, big, -big)
-    n = finite.sum()
-    kept = torch.where(finite, x, 0.0)
-    mean = kept.sum() / n.clamp_min(1)
-    var = (torch.where(finite, x - mean, 0.0) ** 2).sum() / (n - 1).clamp_min(1)
-    parts = [
-        x.isnan().sum(),
-        (x == torch.inf).sum(),
-        (x == -torch.inf).sum(),
-        torch.where(finite, x, big).min(),
-        torch.where(finite, x, -big).max(),
-        mean,
-        var.sqrt(),
-    ]
-    values = torch.stack([p.double() for p in parts]).tolist()
-    nan, posinf, neginf, lo, hi, mu, sd = values
-    return TensorSummary(list(x.shape), int(nan), int(posinf), int(neginf), lo, hi, mu, sd)
+        return TensorSummary(list(t.shape), *counts, big, -big)
+    lo, hi = torch.aminmax(x)
+    std, mean = torch.std_mean(x) if x.numel() > 1 else (x.new_zeros(()), x.mean())
+    lo, hi, mean, std = torch.stack([lo, hi, mean, std]).double().tolist()
+    return TensorSummary(list(t.shape), *counts, lo, hi, mean, std)
 
 
 def float_tensors(obj: object) -> list[torch.Tensor]:

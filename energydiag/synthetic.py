@@ -68,9 +68,16 @@ def record_run(
     persist_batches: bool = True,
     seed: int = 0,
     fault: Fault | None = None,
+    optimizer_start_step: int = 0,
+    skip_nonfinite_updates: bool = False,
     overwrite: bool = False,
 ) -> Recorder:
-    """Train the reference model on the synthetic task, recording everything."""
+    """Train the reference model on the synthetic task, recording everything.
+
+    ``optimizer_start_step``: a warm-up that computes the loss but does not update before it.
+    ``skip_nonfinite_updates``: a loop that skips the update when the step is non-finite, so the
+    run can recover from a bad batch.
+    """
     torch.manual_seed(seed)
     kwargs = {
         "d_context": task.d_context,
@@ -91,6 +98,7 @@ def record_run(
         loss=loss,
         grad_clip=grad_clip,
         seed=seed,
+        optimizer_start_step=optimizer_start_step,
         checkpoint_every=checkpoint_every,
         keep_batches=keep_batches,
         persist_batches=persist_batches,
@@ -106,7 +114,8 @@ def record_run(
             value.backward()
             grad_norm = clip(model, grad_clip)
             scalars = {k: v for k, v in diagnostics.items() if v.dim() == 0}
-            rec.end_step(value, grad_norm=grad_norm, **scalars)
-            optimizer.step()
+            healthy = rec.end_step(value, grad_norm=grad_norm, **scalars)
+            if step >= optimizer_start_step and (healthy or not skip_nonfinite_updates):
+                optimizer.step()
         rec.save_checkpoint(steps)
     return rec

@@ -1,16 +1,11 @@
 import math
 
 import pytest
-import torch
 
 from energydiag.bisect import bisect
 from energydiag.errors import DiagError
-from energydiag.losses import inbatch_infonce
-from energydiag.models import EnergyModel
-from energydiag.recorder import Recorder
 from energydiag.run import Run
-from energydiag.step import clip
-from energydiag.synthetic import Task, batches, record_run
+from energydiag.synthetic import record_run
 
 SMALL = {"d_model": 16, "n_heads": 2, "dropout": 0.1}
 
@@ -78,40 +73,15 @@ def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
 
 
 def test_non_monotone_run_reports_earliest_failure_and_warns(tmp_path):
-    """A loop that skips the update when the gradient norm is non-finite: the run recovers."""
-    torch.manual_seed(0)
-    task = Task()
-    kwargs = {
-        "d_context": task.d_context,
-        "d_action": task.d_action,
-        "horizon": task.horizon,
-        **SMALL,
-    }
-    model = EnergyModel(**kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = batches(task, 1)
-    fault = mask_every_key_at(41)
-    with Recorder(
+    """A loop that skips the update when the step is non-finite: the run recovers."""
+    record_run(
         tmp_path / "run",
-        model=model,
-        optimizer=opt,
-        persist_batches=True,
+        steps=64,
         checkpoint_every=4,
-        model_spec={"target": "energydiag.models:EnergyModel", "kwargs": kwargs},
-        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
-        grad_clip=1.0,
-    ) as rec:
-        for step in range(64):
-            batch = next(data)
-            fault(step, batch)
-            rec.start_step(step, batch)
-            opt.zero_grad(set_to_none=True)
-            loss, _ = inbatch_infonce(model, batch, tau=0.5)
-            loss.backward()
-            norm = clip(model, 1.0)
-            if rec.end_step(loss, grad_norm=norm):
-                opt.step()
-        rec.save_checkpoint(64)
+        model_kwargs=SMALL,
+        fault=mask_every_key_at(41),
+        skip_nonfinite_updates=True,
+    )
     result = bisect(Run(tmp_path / "run"))
     assert result.first_bad_step == 41
     assert result.warnings and "non-monotone" in result.warnings[0]

@@ -88,7 +88,9 @@ def test_checkpoint_only_bisect(foreign):
     assert cli.exit_code == 1 and json.loads(cli.stdout)["first_bad_checkpoint"] == FIRST_NAN
 
 
-def convert_args(foreign, out, model="energydiag.models:EnergyModel", *extra):
+def convert_args(foreign, out, model="energydiag.models:EnergyModel", *options):
+    """The folder of .pt files into a run directory, with the model; ``options`` say the rest."""
+    model_args = ["--model", model, "--model-kwargs", json.dumps(KWARGS)]
     return [
         "convert",
         str(foreign),
@@ -96,10 +98,17 @@ def convert_args(foreign, out, model="energydiag.models:EnergyModel", *extra):
         PATTERN,
         "--out",
         str(out),
-        "--model",
+        *model_args,
+        *options,
+    ]
+
+
+def their_run_args(foreign, out, model="energydiag.models:EnergyModel"):
+    """Their set-up: InfoNCE at tau 0.5, clip 1.0, the saved bf16 batch and the W&B export."""
+    return convert_args(
+        foreign,
+        out,
         model,
-        "--model-kwargs",
-        json.dumps(KWARGS),
         "--tau",
         "0.5",
         "--grad-clip",
@@ -110,13 +119,12 @@ def convert_args(foreign, out, model="energydiag.models:EnergyModel", *extra):
         str(foreign / "wandb_export.csv"),
         "--metric",
         "energy loss",
-        *extra,
-    ]
+    )
 
 
 def test_convert_then_replay_localises(foreign, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, convert_args(foreign, out))
+    result = runner.invoke(app, their_run_args(foreign, out))
     assert result.exit_code == 0, result.output
     run = Run(out)
     assert run.checkpoint_steps == STEPS and run.batch_steps == [50000]
@@ -130,14 +138,14 @@ def test_convert_then_replay_localises(foreign, tmp_path):
     )
     assert fault.all_masked_samples == [3]
     # nothing is overwritten without asking
-    again = runner.invoke(app, convert_args(foreign, out))
+    again = runner.invoke(app, their_run_args(foreign, out))
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
 def test_guarded_model_raising_is_a_finding(foreign, tmp_path):
     out = tmp_path / "run"
     assert (
-        runner.invoke(app, convert_args(foreign, out, "faulty:GuardedEnergyModel")).exit_code == 0
+        runner.invoke(app, their_run_args(foreign, out, "faulty:GuardedEnergyModel")).exit_code == 0
     )
     fault = replay(Run(out), 50000).fault
     assert fault.step == 50000 and "every key masked" in fault.exception
@@ -205,24 +213,17 @@ def test_unreachable_margin(foreign, tmp_path):
     batch["layer_actions.0"] = batch["a_pos"].flip(0)
     torch.save(batch, tmp_path / "b.pt")
     out = tmp_path / "run"
-    args = [
-        "convert",
-        str(foreign),
-        "--checkpoints",
-        PATTERN,
-        "--out",
-        str(out),
-        "--model",
+    args = convert_args(
+        foreign,
+        out,
         "energydiag.models:EnergyModel",
-        "--model-kwargs",
-        json.dumps(KWARGS),
         "--loss",
         "margin",
         "--margin",
         "1.5",
         "--batch",
         f"10000={tmp_path / 'b.pt'}",
-    ]
+    )
     assert runner.invoke(app, args).exit_code == 0
     report = inspect(out / "checkpoints" / "step-00010000.safetensors")
     (finding,) = [f for f in report.findings if f.code == "head.unreachable_margin"]

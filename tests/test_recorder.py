@@ -116,50 +116,21 @@ def test_metrics_are_json_lines(small_run):
 
 def test_warm_up_before_optimizer_start_step_replays_exactly(tmp_path):
     """The seed team's loop: the energy optimizer only steps from energy_warm_steps on."""
-    from energydiag.losses import inbatch_infonce
-    from energydiag.models import EnergyModel
-    from energydiag.replay import replay
-    from energydiag.step import clip
+    from energydiag.replay import replay, state_before
 
-    warm = 5
-    torch.manual_seed(0)
-    task = Task()
-    kwargs = {
-        "d_context": task.d_context,
-        "d_action": task.d_action,
-        "horizon": task.horizon,
-        "dropout": 0.1,
-    }
-    model = EnergyModel(**kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = batches(task, 1)
-    with Recorder(
+    record_run(
         tmp_path / "r",
-        model=model,
-        optimizer=opt,
-        optimizer_start_step=warm,
-        persist_batches=True,
+        steps=10,
         checkpoint_every=3,
-        model_spec={"target": "energydiag.models:EnergyModel", "kwargs": kwargs},
-        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
-        grad_clip=1.0,
-    ) as rec:
-        for step in range(10):
-            batch = next(data)
-            rec.start_step(step, batch)
-            opt.zero_grad(set_to_none=True)
-            loss, _ = inbatch_infonce(model, batch, tau=0.5)
-            loss.backward()
-            rec.end_step(loss, grad_norm=clip(model, 1.0))
-            if step >= warm:
-                opt.step()
-        rec.save_checkpoint(10)
-    run = Run(tmp_path / "r")
-    assert run.manifest.optimizer.start_step == warm
-    result = replay(run, 3)
-    assert result.fidelity == (0.0, 7)
-    final = run.checkpoint(10).model
-    session = __import__("energydiag.replay", fromlist=["state_before"]).state_before(
-        run, 10, torch.device("cpu")
+        optimizer_start_step=5,
+        model_kwargs={"dropout": 0.1},
     )
+    run = Run(tmp_path / "r")
+    assert run.manifest.optimizer.start_step == 5
+    assert torch.equal(
+        run.checkpoint(3).model["pred.1.bias"], run.checkpoint(0).model["pred.1.bias"]
+    )
+    assert replay(run, 3).fidelity == (0.0, 7)
+    final = run.checkpoint(10).model
+    session = state_before(run, 10, torch.device("cpu"))
     assert all(torch.equal(v, final[k]) for k, v in session.model.state_dict().items())
