@@ -155,43 +155,25 @@ def test_guarded_model_raising_is_a_finding(foreign, tmp_path):
 
 
 def test_wandb_curve_plateau_at_chance_for_the_actual_batch_size(foreign):
-    csv = str(foreign / "wandb_export.csv")
-    result = runner.invoke(
-        app,
-        [
+    def curves(batch_size):
+        args = [
             "curves",
-            csv,
+            str(foreign / "wandb_export.csv"),
             "--metric",
             "energy loss",
             "--batch-size",
-            "8",
+            str(batch_size),
             "--tau",
             "0.5",
             "--energy-span",
             "1",
             "--json",
-        ],
-    )
-    report = json.loads(result.stdout)
-    assert report["metric"] == "VLA Train/Energy Loss" and report["plateau_on"] == "chance"
-    b24 = json.loads(
-        runner.invoke(
-            app,
-            [
-                "curves",
-                csv,
-                "--metric",
-                "energy loss",
-                "--batch-size",
-                "24",
-                "--tau",
-                "0.5",
-                "--energy-span",
-                "1",
-                "--json",
-            ],
-        ).stdout
-    )
+        ]
+        return json.loads(runner.invoke(app, args).stdout)
+
+    b8 = curves(8)
+    assert b8["metric"] == "VLA Train/Energy Loss" and b8["plateau_on"] == "chance"
+    b24 = curves(24)
     assert b24["bounds"]["chance"] == pytest.approx(math.log(24))
     assert b24["bounds"]["floor"] == pytest.approx(math.log(1 + 23 * math.exp(-2)))
     assert b24["plateau_on"] is None  # log 8 is not chance for B = 24
