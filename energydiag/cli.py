@@ -105,8 +105,10 @@ def replay_cmd(
     ] = None,
     json_out: JsonOpt = False,
 ) -> int:
-    """Re-run the logged training steps from a checkpoint; stop at the first non-finite value and
-    localise it (phase, module, op). Exit 1 when a fault is found, 2 on bad input."""
+    """Replay logged steps from a checkpoint and localise the first non-finite value.
+
+    Runs the run's own training step (loss, backward, clipping, optimizer, autocast) over the logged batches, restoring each step's RNG state, and stops at the first NaN/Inf with its phase, module and op. Exit 1 when a fault is found, 2 on bad input.
+    """
     from energydiag.replay import plan, replay
     from energydiag.run import Run
     from energydiag.session import resolve_device
@@ -160,8 +162,10 @@ def inspect_cmd(
     ] = False,
     json_out: JsonOpt = False,
 ) -> int:
-    """Per-tensor statistics of a checkpoint and, given a batch, what the energy model does on it:
-    energy range, logit spread, loss bounds, saturation, per-layer norms. Exit 1 on an error finding."""
+    """Checkpoint statistics and, with a batch, what the energy model does on it.
+
+    Per-tensor NaN/Inf counts and ranges (streamed), then on a batch: energy range, logit spread at tau, the InfoNCE floor and chance, saturation, per-layer activations and gradient norms. Exit 1 on an error finding, 2 on bad input.
+    """
     from energydiag.findings import has_error
     from energydiag.inspect import inspect
     from energydiag.manifest import ModelSpec
@@ -188,9 +192,10 @@ def bisect_cmd(
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> int:
-    """Find the first bad checkpoint in O(log n) evaluations, then replay to the exact first bad
-    step and localise it. Unreadable checkpoints are skipped. Exit 1 when a failure is found.
-    With --checkpoints, RUN is any folder and only the checkpoints' tensors are judged."""
+    """Find the first bad step in O(log n) checkpoint evaluations.
+
+    Binary search over checkpoints, then a replay from the last good one to the exact step, localised. Unreadable checkpoints are skipped. With --checkpoints, RUN is any folder of foreign checkpoints and only their tensors are judged. Exit 1 when a failure is found.
+    """
     from energydiag.bisect import bisect, bisect_timeline
     from energydiag.foreign import discover
     from energydiag.run import Run
@@ -253,8 +258,10 @@ def convert_cmd(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it is not empty.")] = False,
 ) -> int:
-    """Turn a folder of torch.save'd state dicts (plus saved batches and a W&B CSV) into an
-    energydiag run directory, so replay, bisect, inspect, curves and check work on it."""
+    """Turn foreign .pt checkpoints, batches and a W&B CSV into a run directory.
+
+    So that replay, bisect, inspect, curves and check work on a run recorded without energydiag. Converted checkpoints carry no optimizer state.
+    """
     from energydiag.convert import convert
     from energydiag.foreign import discover
     from energydiag.manifest import parse_manifest
@@ -332,8 +339,10 @@ def curves_cmd(
     png: Annotated[Path | None, typer.Option(help="Write a plot (needs the 'plot' extra).")] = None,
     json_out: JsonOpt = False,
 ) -> int:
-    """Find plateaus, exact-constant stretches, spikes, divergence, oscillation and the first
-    non-finite value in a logged metric; place a plateau against the InfoNCE bounds."""
+    """Find plateaus, spikes, divergence and NaN in a logged metric.
+
+    Also exact-constant stretches and oscillation, with step ranges; for InfoNCE, places a plateau against chance (log B) and the floor a bounded head allows. Exit 1 on an error finding.
+    """
     from energydiag import plot
     from energydiag.curves import analyse, infonce_curve_bounds, run_bounds, sparkline
     from energydiag.findings import has_error
@@ -383,8 +392,10 @@ def whatif_cmd(
     ] = None,
     json_out: JsonOpt = False,
 ) -> int:
-    """Replay the same logged batches once per proposed fix (plus the baseline) and rank the fixes
-    by how much they lower the loss, with energy range, logit spread, saturation and gradient."""
+    """Replay the same batches once per proposed fix and rank the fixes.
+
+    Variants change only what they name (tau, margin, head, lr, clip, warm-up); each reports its loss drop, energy span, logit spread, saturation and the gradient reaching the first layer.
+    """
     from energydiag import plot
     from energydiag.run import Run
     from energydiag.session import resolve_device
@@ -420,7 +431,7 @@ def check_cmd(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="TOML thresholds (default: [tool.energydiag.check] in ./pyproject.toml)."
+            help="TOML thresholds (default: \\[tool.energydiag.check] in ./pyproject.toml)."
         ),
     ] = None,
     steps: Annotated[
@@ -440,9 +451,10 @@ def check_cmd(
     ] = False,
     device: DeviceOpt = "cpu",
 ) -> int:
-    """Gate CI on a run: no non-finite values, the loss falls, no long plateau, energy range, logit
-    spread, saturation and gradient norms within bounds, replay fidelity, no regression against a
-    baseline. Exit 0 when all pass, 1 when one fails, 2 on bad input or configuration."""
+    """Gate CI on a run: exit 0 when every check passes, 1 when one fails.
+
+    Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, replay fidelity, and no regression against a baseline. Exit 2 on bad input or configuration.
+    """
 
     from energydiag import render_ci
     from energydiag.check import check
@@ -484,8 +496,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def diagnose_cmd(
     run: RunArg = Path("."), device: DeviceOpt = "cpu", json_out: JsonOpt = False
 ) -> int:
-    """One-shot diagnosis: replay and localise a non-finite loss, or inspect the latest checkpoint
-    for a stalled one. Exit 1 when something is wrong."""
+    """One-shot diagnosis of a run: what went wrong, and where.
+
+    Replays and localises a non-finite loss, or inspects the latest checkpoint of a stalled run. Exit 1 when something is wrong.
+    """
     from energydiag.diagnose import diagnose
     from energydiag.run import Run
     from energydiag.session import resolve_device
@@ -504,7 +518,7 @@ def demo_cmd(
     ] = None,
     json_out: JsonOpt = False,
 ) -> int:
-    """Diagnose the bundled fixture runs (healthy, stalled, nan) and say what went wrong where."""
+    """Diagnose the bundled fixture runs (healthy, stalled, nan)."""
     from energydiag.diagnose import diagnose
     from energydiag.run import Run
 

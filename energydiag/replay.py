@@ -100,6 +100,8 @@ def replay(
     ``every`` > 0 records full statistics (energies, saturation, per-layer gradient norms, update
     ratio) every that many steps; the others only run the cheap check.
     """
+    if to_step is not None and to_step < from_step:
+        raise DiagError(None, f"--to-step {to_step} is before --from-step {from_step}")
     device = device or torch.device("cpu")
     session = open_session(run, from_step, device)
     logged = run.logged()

@@ -62,6 +62,11 @@ class Run:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiagError(self.root, "run directory not found")
+        if not (self.root / MANIFEST).is_file():
+            raise DiagError(
+                self.root.resolve(),
+                f"no {MANIFEST}: not an energydiag run directory (see docs/run-format.md)",
+            )
         self.manifest: Manifest = read_manifest(self.root / MANIFEST)
 
     @cached_property

@@ -162,3 +162,17 @@ def test_divergent_manifest_is_reported(small_run):
     result = replay(Run(small_run), 4)
     assert result.fidelity[0] > 0
     assert [f.code for f in result.findings] == ["replay.diverges"]
+
+
+def test_to_step_before_from_step_and_not_a_run(tmp_path, fixtures_dir):
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["replay", str(fixtures_dir / "nan"), "--from-step", "3", "--to-step", "1"]
+    )
+    assert result.exit_code == 2 and "--to-step 1 is before --from-step 3" in result.stderr
+    result = runner.invoke(app, ["replay", str(tmp_path), "--from-step", "3"])
+    assert result.exit_code == 2 and "not an energydiag run directory" in result.stderr
