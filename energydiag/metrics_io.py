@@ -88,7 +88,8 @@ def _tensorboard(path: Path) -> pd.DataFrame:
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
     series = {
-        tag: pd.Series({e.step: e.value for e in acc.Scalars(tag)}) for tag in acc.Tags()["scalars"]
+        tag: pd.Series({e.step: _marked(e.value) for e in acc.Scalars(tag)}, dtype=object)
+        for tag in acc.Tags()["scalars"]
     }
     if not series:
         raise DiagError(path, "holds no scalar summaries")

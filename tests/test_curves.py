@@ -134,3 +134,17 @@ def test_png_is_written(fixtures_dir, tmp_path):
     out = tmp_path / "curve.png"
     result = runner.invoke(app, ["curves", str(fixtures_dir / "stalled"), "--png", str(out)])
     assert result.exit_code == 1 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(100):
+        writer.add_scalar("train/energy_loss", math.log(8) if step < 80 else math.nan, step)
+    writer.close()
+    frame = load_metrics(tmp_path)
+    report = analyse(frame, choose_metric(frame, None, tmp_path))
+    assert report.first_nonfinite == 80
+    assert (report.plateaus[0].start, report.plateaus[0].end) == (0, 79)
