@@ -27,7 +27,7 @@ from energydiag.manifest import LossSpec, ModelSpec
 from energydiag.models import energy_head_bounds
 from energydiag.plugins import LossFn, build_loss, build_model
 from energydiag.probe import Probe, as_float, summarize
-from energydiag.quantities import energy_stats, layer_grad_norms, layer_of
+from energydiag.quantities import energy_stats, layer_grad_norms, layer_of, scored_energies
 from energydiag.run import Batch, Run, load_batch_file, load_checkpoint_file, load_checkpoint_step
 from energydiag.session import load_checkpoint
 from energydiag.state import MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX, restore_rng
@@ -212,6 +212,7 @@ def _adam_row(param: str, moments: dict[str, torch.Tensor], eps: float) -> dict[
 class BatchReport:
     step: int
     batch_size: int
+    candidates: int
     tau: float | None
     loss: float
     energy: dict[str, float]
@@ -244,12 +245,12 @@ def batch_report(
         loss, diagnostics = forward(model, loss_fn, data, device, autocast_dtype)
     if loss.requires_grad:
         loss.backward()
-    matrix = diagnostics.get("energy_matrix")
-    if matrix is None:
+    matrix, positive_first = scored_energies(diagnostics) or (None, False)
+    if matrix is None:  # a plug-in loss that reports no energies: score the in-batch matrix
         with torch.no_grad():
             matrix = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask"))
-    energy = {k: float(v) for k, v in energy_stats(matrix, tau).items()}
-    b = matrix.shape[0]
+    energy = {k: float(v) for k, v in energy_stats(matrix, tau, positive_first).items()}
+    b = matrix.shape[1]  # candidates per row: B for swap InfoNCE, 1 + M with explicit negatives
     head = energy_head_bounds(model)
     bounds = {}
     if tau is not None:
@@ -264,7 +265,8 @@ def batch_report(
     masked = [] if mask is None else torch.nonzero(mask.all(dim=1)).flatten().tolist()
     report = BatchReport(
         step=batch.step,
-        batch_size=b,
+        batch_size=matrix.shape[0],
+        candidates=b,
         tau=tau,
         loss=float(loss.detach()),
         energy=energy,

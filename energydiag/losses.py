@@ -75,9 +75,8 @@ def inbatch_infonce(
     logits = -e / tau
     labels = torch.arange(e.shape[0], device=e.device)
     loss = F.cross_entropy(logits, labels)
-    return loss, _pos_neg_diagnostics(
-        e.diagonal(), e[~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)], e
-    )
+    off_diagonal = e[~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)]
+    return loss, _pos_neg_diagnostics(e.diagonal(), off_diagonal, energy_matrix=e)
 
 
 def stacked_negatives(batch: Batch) -> torch.Tensor:
@@ -93,9 +92,12 @@ def stacked_negatives(batch: Batch) -> torch.Tensor:
 def infonce_negatives(model: nn.Module, batch: Batch, tau: float = 0.5) -> LossOutput:
     """InfoNCE of each positive against its own M negatives (target index 0)."""
     e_pos, e_neg = _pos_and_negatives(model, batch)
-    logits = -torch.cat([e_pos[:, None], e_neg], dim=1) / tau
+    scored = _candidates(e_pos, e_neg)
+    logits = -scored / tau
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels), _pos_neg_diagnostics(e_pos, e_neg, None)
+    return F.cross_entropy(logits, labels), _pos_neg_diagnostics(
+        e_pos, e_neg, candidate_energies=scored
+    )
 
 
 def margin(model: nn.Module, batch: Batch, margin: float = 0.5) -> LossOutput:
@@ -105,7 +107,7 @@ def margin(model: nn.Module, batch: Batch, margin: float = 0.5) -> LossOutput:
     """
     e_pos, e_neg = _pos_and_negatives(model, batch)
     loss = F.relu(margin + e_pos[:, None] - e_neg).mean()
-    return loss, _pos_neg_diagnostics(e_pos, e_neg, None)
+    return loss, _pos_neg_diagnostics(e_pos, e_neg, candidate_energies=_candidates(e_pos, e_neg))
 
 
 def _pos_and_negatives(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +121,21 @@ def _pos_and_negatives(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     return e_pos, e_neg
 
 
+def _candidates(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
+    """Each row's positive (column 0) and its own negatives: [B, 1 + M]."""
+    return torch.cat([e_pos[:, None], e_neg], dim=1)
+
+
 def _pos_neg_diagnostics(
-    e_pos: torch.Tensor, e_neg: torch.Tensor, matrix: torch.Tensor | None
+    e_pos: torch.Tensor, e_neg: torch.Tensor, **scored: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    diag = {"E_pos": e_pos.detach().mean(), "E_neg": e_neg.detach().mean()}
-    if matrix is not None:
-        diag["energy_matrix"] = matrix.detach()
-    return diag
+    """E_pos and E_neg means, plus the energies the loss scored: ``energy_matrix`` [B, B] with
+    positives on the diagonal, or ``candidate_energies`` [B, 1 + M] with positives in column 0."""
+    return {
+        "E_pos": e_pos.detach().mean(),
+        "E_neg": e_neg.detach().mean(),
+        **{k: v.detach() for k, v in scored.items()},
+    }
 
 
 def _index_suffix(key: str) -> int:

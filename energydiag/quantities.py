@@ -12,12 +12,30 @@ import torch
 from torch import nn
 
 
-def energy_stats(matrix: torch.Tensor, tau: float | None) -> dict[str, torch.Tensor]:
-    """Statistics of a [B, B] in-batch energy matrix (rows: contexts, diagonal: positives)."""
+def scored_energies(diagnostics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool] | None:
+    """The energies a loss scored, and whether positives sit in column 0 (else on the diagonal)."""
+    if "energy_matrix" in diagnostics:
+        return diagnostics["energy_matrix"], False
+    if "candidate_energies" in diagnostics:
+        return diagnostics["candidate_energies"], True
+    return None
+
+
+def energy_stats(
+    matrix: torch.Tensor, tau: float | None, positive_first: bool = False
+) -> dict[str, torch.Tensor]:
+    """Statistics of the energies a loss scored: rows are contexts; the positive is on the
+    diagonal of a [B, B] in-batch matrix, or in column 0 of [B, 1 + M] candidates."""
     e = matrix.detach().float()
     b = e.shape[0]
-    off = ~torch.eye(b, dtype=torch.bool, device=e.device)
-    pos, neg = e.diagonal(), e[off]
+    is_pos = torch.zeros_like(e, dtype=torch.bool)
+    target = (
+        torch.zeros(b, dtype=torch.long, device=e.device)
+        if positive_first
+        else torch.arange(b, device=e.device)
+    )
+    is_pos[torch.arange(b, device=e.device), target] = True
+    pos, neg = e[is_pos], e[~is_pos]
     out = {
         "energy_min": e.min(),
         "energy_max": e.max(),
@@ -28,7 +46,7 @@ def energy_stats(matrix: torch.Tensor, tau: float | None) -> dict[str, torch.Ten
         "neg_mean": neg.mean(),
         "neg_std": neg.std() if neg.numel() > 1 else torch.zeros(()),
         "pos_neg_gap": neg.mean() - pos.mean(),
-        "retrieval_accuracy": (e.argmin(dim=1) == torch.arange(b, device=e.device)).float().mean(),
+        "retrieval_accuracy": (e.argmin(dim=1) == target).float().mean(),
     }
     if tau is not None:
         logits = -e / tau

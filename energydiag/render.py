@@ -176,7 +176,7 @@ def _batch(console: Console, b: dict[str, Any]) -> None:
     e = b["energy"]
     key_values(
         console,
-        f"Energy model on the batch of step {b['step']} (B={b['batch_size']}, tau={fmt(b['tau'])})",
+        f"Energy model on the batch of step {b['step']} (B={b['batch_size']}, {b['candidates']} candidates per row, tau={fmt(b['tau'])})",
         [
             ("loss", b["loss"]),
             (

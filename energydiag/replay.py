@@ -24,6 +24,7 @@ from energydiag.quantities import (
     energy_stats,
     global_norm,
     layer_grad_norms,
+    scored_energies,
     snapshot_params,
     update_ratio,
 )
@@ -161,9 +162,9 @@ def _step_stats(
     session: Session, diagnostics: dict[str, torch.Tensor], before: list[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {"update_ratio": update_ratio(session.model, before)}
-    matrix = diagnostics.get("energy_matrix")
-    if matrix is not None:
-        out |= energy_stats(matrix, session.run.manifest.loss.kwargs.get("tau"))
+    scored = scored_energies(diagnostics)
+    if scored is not None:
+        out |= energy_stats(scored[0], session.run.manifest.loss.kwargs.get("tau"), scored[1])
     out |= {f"grad_norm/{k}": v for k, v in layer_grad_norms(session.model).items()}
     return out
 

@@ -210,6 +210,10 @@ def test_unreachable_margin(foreign, tmp_path):
     report = inspect(out / "checkpoints" / "step-00010000.safetensors")
     (finding,) = [f for f in report.findings if f.code == "head.unreachable_margin"]
     assert finding.evidence["margin"] == 1.5
+    assert (report.batch.batch_size, report.batch.candidates) == (
+        8,
+        2,
+    )  # a positive and one negative
 
 
 class Evil:

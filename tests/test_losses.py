@@ -117,3 +117,20 @@ def test_tuple_forward_and_forward_kwargs():
 
 def make_tuple_energy(b):
     return TupleEnergy(torch.randn(b, b))
+
+
+def test_explicit_negatives_report_candidate_energies():
+    from energydiag.quantities import energy_stats
+
+    b = 3
+    table = torch.tensor([[0.0, 1.0, 3.0]] * b)
+    batch = ids_batch(
+        b, {"layer_actions.0": torch.ones(b, 1, 1), "layer_actions.1": torch.full((b, 1, 1), 2.0)}
+    )
+    batch["a_pos"] = torch.zeros(b, 1, 1)
+    for loss_fn, kwargs in ((infonce_negatives, {"tau": 1.0}), (margin, {"margin": 0.5})):
+        _, diag = loss_fn(TableEnergy(table), batch, **kwargs)
+        assert torch.equal(diag["candidate_energies"], table)
+    stats = energy_stats(table, tau=1.0, positive_first=True)
+    assert stats["pos_mean"].item() == 0.0 and stats["neg_mean"].item() == 2.0
+    assert stats["retrieval_accuracy"].item() == 1.0 and stats["logit_spread"].item() == 3.0
