@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from energydiag import __version__, render
@@ -32,18 +35,37 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda w
 
 
 def exits(fn: Callable[..., int]) -> Callable[..., None]:
-    """Bad input becomes one line on stderr and exit code 2; results exit 0 (clean) or 1."""
+    """Results exit 0 (nothing wrong) or 1 (something wrong). Bad input: one line naming the file
+    and the problem, exit 2. A bug of ours: one line, exit 3; ENERGYDIAG_DEBUG=1 shows the traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             code = fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except DiagError as e:
-            err.print(f"[red]energydiag: error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _fail(f"error: {e}", 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:
+            if os.environ.get("ENERGYDIAG_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            _fail(
+                f"internal error: {type(e).__name__}: {first} (ENERGYDIAG_DEBUG=1 shows the traceback; "
+                "please report it)",
+                3,
+            )
         raise typer.Exit(code)
 
     return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[red]energydiag:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -478,17 +500,9 @@ def check_cmd(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     if not path.is_file():
         raise DiagError(path, "file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiagError(path, f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DiagError(path, "expected a JSON object (a `check --json` report)")
-    return data
+    return _json_object(path.read_text(), path)
 
 
 @app.command("diagnose")
@@ -536,14 +550,17 @@ def demo_cmd(
 
 
 def _json_option(flag: str, text: str) -> dict[str, Any]:
-    import json
+    return _json_object(text, flag)
 
+
+def _json_object(text: str, source: str | Path) -> dict[str, Any]:
+    """A JSON object from an option or a file; anything else is a one-line error naming it."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DiagError(None, f"{flag}: not valid JSON ({e})") from None
+        raise DiagError(source, f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise DiagError(None, f"{flag}: expected a JSON object")
+        raise DiagError(source, "expected a JSON object")
     return value
 
 
