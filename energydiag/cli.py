@@ -194,7 +194,13 @@ def inspect_cmd(
     from energydiag.session import resolve_device
 
     spec = ModelSpec(model, _json_option("--model-kwargs", model_kwargs)) if model else None
-    report = inspect(checkpoint, run, batch, spec, tau, resolve_device(device))
+    with progress_bar(json_out) as bar:
+        task = bar.add_task("inspect", total=None, live="")
+
+        def tick(name: str, total: int) -> None:
+            bar.update(task, advance=1, total=total, live=name)
+
+        report = inspect(checkpoint, run, batch, spec, tau, resolve_device(device), tick)
     _emit(report.to_dict(), json_out, lambda d: render.inspect(out, d, all_tensors))
     return 1 if has_error(report.findings) else 0
 

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,18 @@ def _role(name: str) -> tuple[str, str]:
 
 
 def checkpoint_report(
-    reader: TensorReader, autocast_dtype: str | None = None, eps: float = 1e-8
+    reader: TensorReader,
+    autocast_dtype: str | None = None,
+    eps: float = 1e-8,
+    progress: Callable[[str, int], None] | None = None,
 ) -> CheckpointReport:
     """One pass over the file in name order, so a parameter's two Adam moments arrive together."""
     tensors, adam, moments = [], [], {}
-    for name in sorted(n for n in reader.names if not n.startswith(RNG_PREFIX)):
+    names = sorted(n for n in reader.names if not n.startswith(RNG_PREFIX))
+    for name in names:
         t = reader.get(name)
+        if progress:
+            progress(name, len(names))
         tensors.append(tensor_stats(name, t, autocast_dtype))
         param, _, state_field = name.removeprefix(OPTIM_PREFIX).rpartition(".")
         if name.startswith(OPTIM_PREFIX) and state_field in ("exp_avg", "exp_avg_sq"):
@@ -354,6 +361,7 @@ def inspect(
     model_spec: ModelSpec | None = None,
     tau: float | None = None,
     device: torch.device | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> InspectReport:
     """Inspect a checkpoint; with a model (from the run or ``model_spec``) and a batch, run it."""
     device = device or torch.device("cpu")
@@ -361,7 +369,9 @@ def inspect(
     manifest = run.manifest if run else None
     with open_reader(ckpt_path) as r:
         eps = _adam_eps(r.metadata)
-        ckpt_report = checkpoint_report(r, manifest.autocast_dtype if manifest else None, eps)
+        ckpt_report = checkpoint_report(
+            r, manifest.autocast_dtype if manifest else None, eps, progress
+        )
     batch = _find_batch(run, ckpt_path, batch_path)
     spec = model_spec or (manifest.model if manifest else None)
     batch_rep = None
