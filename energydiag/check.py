@@ -30,6 +30,7 @@ DIRECTION = {
     "energy_span": +1,
     "saturation": -1,
     "plateau_fraction": -1,
+    "plateau_steps": -1,
     "grad_norm_max": -1,
 }
 
@@ -76,8 +77,10 @@ def measure(
             m["loss_start"], m["loss_end"] = ends
             m["loss_drop"] = (ends[0] - ends[1]) / abs(ends[0]) if ends[0] else 0.0
         curve = analyse(run.metrics(), "loss")
-        longest = max((p.length + 1 for p in curve.plateaus), default=0)
-        m["plateau_fraction"] = longest / len(losses)
+        longest = max(curve.plateaus, key=lambda p: p.length, default=None)
+        m["plateau_steps"] = longest.length if longest else 0
+        points = sum(longest.start <= s <= longest.end for s in losses) if longest else 0
+        m["plateau_fraction"] = points / len(losses)
     norms = [v for v in run.logged("grad_norm").values() if math.isfinite(v)]
     if norms:
         m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
@@ -127,6 +130,7 @@ def evaluate(
         _no_nonfinite(m),
         _bound("loss_decreases", m, "loss_drop", low=c.min_loss_drop),
         _bound("no_long_plateau", m, "plateau_fraction", high=c.max_plateau_fraction),
+        _bound("plateau_steps", m, "plateau_steps", high=c.max_plateau_steps),
         _bound("logit_spread", m, "logit_spread", low=c.min_logit_spread),
         _bound("energy_span", m, "energy_span", low=c.min_energy_span),
         _bound("saturation", m, "saturation", high=c.max_saturation),

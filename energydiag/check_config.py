@@ -6,6 +6,7 @@ without one, from [tool.energydiag.check] in ./pyproject.toml when present.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 class CheckConfig:
     min_loss_drop: float = 0.05  # relative drop, first 10% of the log to the last 10%
     max_plateau_fraction: float = 0.25  # longest plateau / logged steps
+    max_plateau_steps: float = math.inf  # longest plateau in training steps (inf: off)
     min_logit_spread: float = 1.0  # max - min of -E/tau over the in-batch matrix
     min_energy_span: float = 0.0  # max - min of E (0 disables)
     max_saturation: float = 0.5  # fraction of sigmoid/tanh/softplus outputs at their limits

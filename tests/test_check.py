@@ -86,6 +86,16 @@ def test_baseline_catches_an_injected_regression(fixtures_dir, tmp_path):
     assert result.exit_code == 1 and "loss_end" in result.stdout
 
 
+def test_plateau_longer_than_w_steps(fixtures_dir):
+    from dataclasses import replace
+
+    report = check(Run(fixtures_dir / "stalled"), replace(CheckConfig(), max_plateau_steps=50))
+    (result,) = [c for c in report.checks if c.name == "plateau_steps"]
+    assert result.status == "failed" and result.evidence["plateau_steps"] == 79
+    healthy = check(Run(fixtures_dir / "healthy"), replace(CheckConfig(), max_plateau_steps=50))
+    assert statuses(healthy)["plateau_steps"] == "passed"
+
+
 def test_thresholds_from_toml_and_pyproject(fixtures_dir, tmp_path):
     config = tmp_path / "energydiag.toml"
     config.write_text("[tool.energydiag.check]\nmin_loss_drop = 0.9\n")
