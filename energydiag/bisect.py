@@ -211,6 +211,8 @@ def _tensors_verdict(step: int, path: Path) -> Evaluation:
 
 def _candidates(run: Run, good: int | None, bad: int | None) -> list[int]:
     steps = run.checkpoint_steps
+    if not steps:
+        raise DiagError(run.root / "checkpoints", "no checkpoints to bisect")
     for flag, value in (("--good", good), ("--bad", bad)):
         if value is not None and value not in steps:
             raise DiagError(run.root / "checkpoints", f"{flag} {value}: no checkpoint at that step")
@@ -218,8 +220,6 @@ def _candidates(run: Run, good: int | None, bad: int | None) -> list[int]:
     hi = steps.index(bad) if bad is not None else len(steps) - 1
     if hi < lo:
         raise DiagError(None, f"--bad {bad} comes before --good {good}")
-    if not steps:
-        raise DiagError(run.root / "checkpoints", "no checkpoints to bisect")
     return steps[lo : hi + 1]
 
 

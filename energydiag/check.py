@@ -91,7 +91,7 @@ def measure(
 
 
 def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
-    with_batch = [s for s in run.checkpoint_steps if s in set(run.batch_steps)]
+    with_batch = run.checkpoints_with_batches
     if not with_batch:
         return {}
     report = inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device)

@@ -54,7 +54,7 @@ def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
         result = replay(run, max(bad - 1, 0), to_step=bad, device=device)
         verdict = "non-finite" if result.fault else "non-finite in the log, but finite on replay"
         return Diagnosis(str(run.root), verdict, start, end, result.fault, result.findings)
-    inspected = [s for s in run.checkpoint_steps if s in set(run.batch_steps)]
+    inspected = run.checkpoints_with_batches
     found = []
     if inspected:
         found = inspect(checkpoint_path(run.root, inspected[-1]), run.root, device=device).findings

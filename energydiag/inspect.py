@@ -23,6 +23,7 @@ from torch import nn
 from energydiag import findings as rules
 from energydiag.foreign import open_reader
 from energydiag.layout import MANIFEST
+from energydiag.localise import all_masked_samples
 from energydiag.losses import energy_matrix, infonce_bounds
 from energydiag.manifest import LossSpec, ModelSpec
 from energydiag.models import energy_head_bounds
@@ -268,8 +269,7 @@ def batch_report(
     position = None
     if reach and reach["chance"] > reach["floor"]:
         position = (float(loss.detach()) - reach["floor"]) / (reach["chance"] - reach["floor"])
-    mask = data.get("pad_mask")
-    masked = [] if mask is None else torch.nonzero(mask.all(dim=1)).flatten().tolist()
+    masked = all_masked_samples(data)
     report = BatchReport(
         step=batch.step,
         batch_size=matrix.shape[0],

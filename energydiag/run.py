@@ -82,6 +82,12 @@ class Run:
         path = self.root / FAILURE
         return json.loads(path.read_text()) if path.is_file() else None
 
+    @property
+    def checkpoints_with_batches(self) -> list[int]:
+        """Checkpoint steps whose own batch was logged: the ones a model can be run on."""
+        logged = set(self.batch_steps)
+        return [s for s in self.checkpoint_steps if s in logged]
+
     def checkpoint_at_or_before(self, step: int) -> int:
         earlier = [s for s in self.checkpoint_steps if s <= step]
         if not earlier:

@@ -97,3 +97,10 @@ def test_bounds_narrow_the_search(long_run):
     result = bisect(Run(long_run), good=70, bad=90)
     assert result.first_bad_step == 77
     assert all(70 < e.step < 90 for e in result.evaluations)
+
+
+def test_a_run_without_checkpoints_is_named(small_run):
+    for path in (small_run / "checkpoints").iterdir():
+        path.unlink()
+    with pytest.raises(DiagError, match="no checkpoints to bisect"):
+        bisect(Run(small_run))
