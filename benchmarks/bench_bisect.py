@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from common import MODEL, TASK
 
-from energydiag.bisect import bisect
-from energydiag.replay import replay
-from energydiag.run import Run
-from energydiag.synthetic import record_run
+from energydiag.analyses.bisection import bisect
+from energydiag.engine.replay import replay
+from energydiag.io.rundir import Run
+from energydiag.reference.synthetic import record_run
 
 
 def main(steps: int, every: int) -> None:

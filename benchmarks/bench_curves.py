@@ -23,8 +23,8 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from common import peak_rss_mib
-from energydiag.curves import analyse
-from energydiag.metrics_io import load_metrics
+from energydiag.analyses.curves import analyse
+from energydiag.io.metrics import load_metrics
 t0 = time.perf_counter()
 frame = load_metrics(Path(sys.argv[1]))
 t1 = time.perf_counter()

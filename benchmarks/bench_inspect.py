@@ -25,8 +25,8 @@ sys.path.insert(0, sys.argv[3])
 from common import peak_rss_mib
 start = time.perf_counter()
 if sys.argv[1] == "inspect":
-    from energydiag.inspect import checkpoint_report
-    from energydiag.tensorfile import reader
+    from energydiag.analyses.inspection import checkpoint_report
+    from energydiag.io.tensorfile import reader
     with reader(Path(sys.argv[2])) as r:
         report = checkpoint_report(r)
     n = len(report.tensors)
@@ -34,7 +34,7 @@ else:
     from safetensors.torch import load_file
     state = load_file(sys.argv[2])  # memory-mapped lazily: data is read when first touched
     if sys.argv[1] == "load_file+stats":
-        from energydiag.inspect import tensor_stats
+        from energydiag.analyses.inspection import tensor_stats
         kept = [tensor_stats(name, t) for name, t in state.items()]
     n = len(state)
 print(json.dumps({"seconds": time.perf_counter() - start, "tensors": n, "peak_rss_mib": peak_rss_mib()}))

@@ -18,10 +18,10 @@ import torch
 from common import MODEL, TASK
 
 from energydiag import Recorder
-from energydiag.losses import inbatch_infonce
-from energydiag.models import EnergyModel
-from energydiag.step import clip
-from energydiag.synthetic import batches
+from energydiag.engine.step import clip
+from energydiag.reference.losses import inbatch_infonce
+from energydiag.reference.models import EnergyModel
+from energydiag.reference.synthetic import batches
 
 
 def main(steps: int, block: int = 10) -> None:
@@ -41,7 +41,7 @@ def main(steps: int, block: int = 10) -> None:
             Path(tmp) / "run",
             model=model,
             optimizer=optimizer,
-            model_spec={"target": "energydiag.models:EnergyModel", "kwargs": kwargs},
+            model_spec={"target": "energydiag.reference.models:EnergyModel", "kwargs": kwargs},
             loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
             grad_clip=1.0,
         )

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from common import interleaved_medians, record, report
 
-from energydiag.localise import localise
-from energydiag.replay import run_step
-from energydiag.run import Run
-from energydiag.session import open_session
-from energydiag.state import restore_rng
-from energydiag.step import train_step
+from energydiag.engine.localise import localise
+from energydiag.engine.quantities import DEFAULT
+from energydiag.engine.replay import run_step
+from energydiag.engine.session import open_session
+from energydiag.io.rundir import Run
 
 
 def main(rounds: int) -> None:
@@ -30,11 +29,16 @@ def main(rounds: int) -> None:
         batch = run.batch(0)
         clip = run.manifest.grad_clip
 
+        model, optimizer = session.model, session.optimizer
+
         def plain() -> None:
-            restore_rng(batch.rng)
-            train_step(
-                session.model, session.optimizer, session.loss_fn, batch.tensors, grad_clip=clip
-            )
+            """What the user's loop does: plain PyTorch, no energydiag."""
+            torch.set_rng_state(batch.rng["rng.cpu"])
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = session.loss_fn(model, batch.tensors)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
 
         def anomaly() -> None:
             with torch.autograd.detect_anomaly(check_nan=True):
@@ -43,7 +47,7 @@ def main(rounds: int) -> None:
         variants = {
             "plain training step": plain,
             "replay, cheap check": lambda: run_step(session, batch),
-            "replay, statistics step (--every)": lambda: run_step(session, batch, stats=True),
+            "replay, statistics step (--every)": lambda: run_step(session, batch, DEFAULT),
             "fully instrumented (deep re-run)": lambda: localise(session, batch),
             "torch detect_anomaly(check_nan)": anomaly,
         }

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from energydiag.synthetic import Task, record_run
+from energydiag.reference.synthetic import Task, record_run
 
 TASK = Task(batch=8, seq=32, d_context=256, horizon=8, d_action=7)
 MODEL = {"d_model": 128, "n_heads": 4, "n_blocks": 2, "head": "softplus", "dropout": 0.1}

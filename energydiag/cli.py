@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,9 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from energydiag import __version__, render
+from energydiag import __version__
 from energydiag.errors import DiagError
-from energydiag.render_json import dumps
+from energydiag.io.atomic import check_writable, write_text_atomic
+from energydiag.io.layout import parse_step
+from energydiag.report import console as render
+from energydiag.report.jsonout import dumps
 
 app = typer.Typer(
     help="Diagnose NaN and flat-lining losses in energy-model training runs.",
@@ -129,14 +133,21 @@ def replay_cmd(
 ) -> int:
     """Replay logged steps from a checkpoint and localise the first non-finite value.
 
-    Runs the run's own training step (loss, backward, clipping, optimizer, autocast) over the logged batches, restoring each step's RNG state, and stops at the first NaN/Inf with its phase, module and op. Exit 1 when a fault is found, 2 on bad input.
+    Runs the run's own training step (built-in or the run's step function) over the logged batches, restoring each step's RNG state and recorded hyperparameters, and stops at the first NaN/Inf with its phase, module, micro-batch and op. Says how faithful the replay is and what it lacked. Exit 1 when a fault or an error finding is found, 2 on bad input.
     """
-    from energydiag.replay import plan, replay
-    from energydiag.run import Run
-    from energydiag.session import resolve_device
-    from energydiag.table import write_table
+    from energydiag.analyses.replaying import replay_report
+    from energydiag.engine.replay import plan
+    from energydiag.engine.session import resolve_device
+    from energydiag.findings import has_error
+    from energydiag.io.rundir import Run
+    from energydiag.report.table import write_table
 
+    if every < 0:
+        raise DiagError(None, f"--every {every}: use 0 (cheap check only) or a positive step count")
+    if metrics_out:
+        check_writable(metrics_out)
     r = Run(run)
+    target = resolve_device(device)
     total = len(plan(r, r.checkpoint_at_or_before(from_step), to_step))
     with progress_bar(json_out) as bar:
         task = bar.add_task("replay", total=total, live="")
@@ -148,17 +159,22 @@ def replay_cmd(
                 live=f"step {row['step']} loss {render.fmt(row['loss'])} |g| {render.fmt(row['grad_norm'])}",
             )
 
-        result = replay(r, from_step, to_step, resolve_device(device), every, tick)
+        report = replay_report(r, from_step, to_step, target, every, tick)
     if metrics_out:
-        write_table(result.table, metrics_out)
-    _emit(result.to_dict(), json_out, lambda d: render.replay(out, d))
-    return 1 if result.fault else 0
+        write_table(report.result.table, metrics_out)
+    _emit(report.to_dict(), json_out, lambda d: render.replay(out, d))
+    return 1 if report.fault or has_error(report.findings) else 0
 
 
 @app.command("inspect")
 @exits
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors checkpoint.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint: .safetensors, or a torch.save'd state dict (.pt, .pth, .bin, .ckpt: read with weights_only=True)."
+        ),
+    ],
     run: Annotated[
         Path | None, typer.Option(help="Run directory (default: the checkpoint's, if any).")
     ] = None,
@@ -178,6 +194,15 @@ def inspect_cmd(
     tau: Annotated[
         float | None, typer.Option(help="InfoNCE temperature (default: the run's).")
     ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="The loss to run: a built-in (inbatch_infonce, infonce_negatives, margin) or 'package.module:fn' (default: the run's, else in-batch InfoNCE at tau 0.5)."
+        ),
+    ] = None,
+    loss_kwargs: Annotated[
+        str, typer.Option("--loss-kwargs", help="JSON kwargs for --loss, e.g. '{\"margin\": 0.5}'.")
+    ] = "{}",
     device: DeviceOpt = "cpu",
     all_tensors: Annotated[
         bool, typer.Option("--all-tensors", help="List every tensor, not only the flagged ones.")
@@ -188,19 +213,24 @@ def inspect_cmd(
 
     Per-tensor NaN/Inf counts and ranges (streamed), then on a batch: energy range, logit spread at tau, the InfoNCE floor and chance, saturation, per-layer activations and gradient norms. Exit 1 on an error finding, 2 on bad input.
     """
+    from energydiag.analyses.inspection import inspect
+    from energydiag.engine.session import resolve_device
     from energydiag.findings import has_error
-    from energydiag.inspect import inspect
-    from energydiag.manifest import ModelSpec
-    from energydiag.session import resolve_device
+    from energydiag.io.manifest import LossSpec, ModelSpec
 
     spec = ModelSpec(model, _json_option("--model-kwargs", model_kwargs)) if model else None
+    kwargs = _json_option("--loss-kwargs", loss_kwargs)
+    chosen = None
+    if loss:
+        chosen = LossSpec(**{("target" if ":" in loss else "name"): loss, "kwargs": kwargs})
+    target = resolve_device(device)
     with progress_bar(json_out) as bar:
         task = bar.add_task("inspect", total=None, live="")
 
         def tick(name: str, total: int) -> None:
             bar.update(task, advance=1, total=total, live=name)
 
-        report = inspect(checkpoint, run, batch, spec, tau, resolve_device(device), tick)
+        report = inspect(checkpoint, run, batch, spec, tau, target, tick, chosen)
     _emit(report.to_dict(), json_out, lambda d: render.inspect(out, d, all_tensors))
     return 1 if has_error(report.findings) else 0
 
@@ -211,6 +241,12 @@ def bisect_cmd(
     run: RunArg = Path("."),
     good: Annotated[int | None, typer.Option(help="A checkpoint step known to be good.")] = None,
     bad: Annotated[int | None, typer.Option(help="A checkpoint step known to be bad.")] = None,
+    predicate: Annotated[
+        str,
+        typer.Option(
+            help="What makes a checkpoint bad: nonfinite (NaN/Inf tensors), exploded (a layer grew ×1e3 since the first good checkpoint), loss (non-finite loss on its own batch), or any (the default)."
+        ),
+    ] = "any",
     checkpoints: Annotated[
         str | None,
         typer.Option(
@@ -222,13 +258,14 @@ def bisect_cmd(
 ) -> int:
     """Find the first bad step in O(log n) checkpoint evaluations.
 
-    Binary search over checkpoints, then a replay from the last good one to the exact step, localised. Unreadable checkpoints are skipped. With --checkpoints, RUN is any folder of foreign checkpoints and only their tensors are judged. Exit 1 when a failure is found.
+    Binary search over checkpoints by --predicate, then a replay from the last good one to the exact step, localised. Unreadable checkpoints are skipped. With --checkpoints, RUN is any folder of foreign checkpoints and only their tensors are judged. Exit 1 when a failure is found.
     """
-    from energydiag.bisect import bisect, bisect_timeline
-    from energydiag.foreign import discover
-    from energydiag.run import Run
-    from energydiag.session import resolve_device
+    from energydiag.analyses.bisection import bisect, bisect_checkpoints
+    from energydiag.engine.session import resolve_device
+    from energydiag.io.rundir import Run
+    from energydiag.io.torchfiles import discover
 
+    target = resolve_device(device)
     with progress_bar(json_out) as bar:
         task = bar.add_task("bisect", total=None, live="")
 
@@ -236,11 +273,58 @@ def bisect_cmd(
             bar.update(task, advance=1, live=f"step {e.step}: {e.status}")
 
         if checkpoints:
-            result = bisect_timeline(discover(run, checkpoints), tick)
+            paths = discover(run, checkpoints)
+            result = bisect_checkpoints(paths, good, bad, tick, predicate)
         else:
-            result = bisect(Run(run), good, bad, resolve_device(device), tick)
+            result = bisect(Run(run), good, bad, target, tick, predicate)
     _emit(result.to_dict(), json_out, lambda d: render.bisect(out, d))
-    return 1 if result.first_bad_checkpoint is not None else 0
+    failed = result.first_bad_checkpoint is not None or result.first_logged_failure is not None
+    return 1 if failed else 0
+
+
+@app.command("timeline")
+@exits
+def timeline_cmd(
+    run: RunArg = Path("."),
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            help="A folder of foreign checkpoints instead of a run: a pattern with a {step} placeholder."
+        ),
+    ] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option(help="Write max|w| per layer over steps (needs the 'plot' extra)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Per-checkpoint weight scale, growth and update ratio: see a run going bad before it is NaN.
+
+    Streams one checkpoint at a time: max|w| and RMS per layer, growth against the first and the previous checkpoint, the update-to-weight ratio between checkpoints, Adam moments and float32 overflow. Exit 1 when the weights exploded.
+    """
+    from energydiag.analyses.timeline import timeline
+    from energydiag.findings import has_error
+    from energydiag.io.rundir import Run
+    from energydiag.io.torchfiles import discover
+    from energydiag.report import plot
+
+    if png:
+        check_writable(png)
+    if checkpoints:
+        paths, dtype = discover(run, checkpoints), None
+    else:
+        r = Run(run)
+        paths, dtype = r.checkpoint_paths(), r.manifest.autocast_dtype
+    with progress_bar(json_out) as bar:
+        task = bar.add_task("timeline", total=len(paths), live="")
+        result = timeline(
+            paths, dtype, lambda step: bar.update(task, advance=1, live=f"step {step}")
+        )
+    data = result.to_dict()
+    if png:
+        plot.timeline(data, png)
+    _emit(data, json_out, lambda d: render.timeline(out, d))
+    return 1 if has_error(result.findings) else 0
 
 
 @app.command("convert")
@@ -290,9 +374,9 @@ def convert_cmd(
 
     So that replay, bisect, inspect, curves and check work on a run recorded without energydiag. Converted checkpoints carry no optimizer state.
     """
-    from energydiag.convert import convert
-    from energydiag.foreign import discover
-    from energydiag.manifest import parse_manifest
+    from energydiag.io.convert import convert
+    from energydiag.io.manifest import parse_manifest
+    from energydiag.io.torchfiles import discover
 
     loss_kwargs = {k: v for k, v in (("tau", tau), ("margin", margin)) if v is not None}
     raw = {
@@ -331,9 +415,10 @@ def convert_cmd(
 
 def _step_file(item: str) -> tuple[int, Path]:
     step, sep, path = item.partition("=")
-    if not sep or not step.strip().isdigit():
+    parsed = parse_step(step.strip())
+    if not sep or parsed is None:
         raise DiagError(None, f"--batch {item!r}: expected STEP=FILE")
-    return int(step), Path(path)
+    return parsed, Path(path)
 
 
 @app.command("curves")
@@ -371,12 +456,12 @@ def curves_cmd(
 
     Also exact-constant stretches and oscillation, with step ranges; for InfoNCE, places a plateau against chance (log B) and the floor a bounded head allows. Exit 1 on an error finding.
     """
-    from energydiag import plot
-    from energydiag.curves import analyse, infonce_curve_bounds, run_bounds, sparkline
+    from energydiag.analyses.curves import analyse, infonce_curve_bounds, run_bounds, sparkline
     from energydiag.findings import has_error
-    from energydiag.layout import MANIFEST
-    from energydiag.metrics_io import choose_metric, load_metrics
-    from energydiag.run import Run
+    from energydiag.io.layout import MANIFEST
+    from energydiag.io.metrics import choose_metric, load_metrics
+    from energydiag.io.rundir import Run
+    from energydiag.report import plot
 
     frame = load_metrics(metrics)
     column = choose_metric(frame, metric, metrics)
@@ -408,11 +493,12 @@ def whatif_cmd(
         ),
     ] = [],  # noqa: B006
     head_path: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--head-path", help="Module path of the energy output transform that head= swaps."
+            "--head-path",
+            help="Module path of the energy output transform that head= swaps (default: the module holding the bounded head, found by what the model does).",
         ),
-    ] = "head_out",
+    ] = None,
     device: DeviceOpt = "cpu",
     png: Annotated[
         Path | None,
@@ -422,18 +508,21 @@ def whatif_cmd(
 ) -> int:
     """Replay the same batches once per proposed fix and rank the fixes.
 
-    Variants change only what they name (tau, margin, head, lr, clip, warm-up); each reports its loss drop, energy span, logit spread, saturation and the gradient reaching the first layer.
+    Variants change only what they name (tau, margin, head, lr, clip, warm-up); each reports its loss drop, energy span, logit spread, saturation and the gradient reaching the first layer. A variant that raises or goes non-finite is reported with its message. Exit 1 when the baseline itself fails.
     """
-    from energydiag import plot
-    from energydiag.run import Run
-    from energydiag.session import resolve_device
-    from energydiag.whatif import parse_variant, whatif
+    from energydiag.analyses.whatif import parse_variant, whatif
+    from energydiag.engine.session import resolve_device
+    from energydiag.io.rundir import Run
+    from energydiag.report import plot
 
     if not tries:
         raise DiagError(
             None, "give at least one --try variant (e.g. --try tau=3 --try head=softplus)"
         )
+    if png:
+        check_writable(png)
     variants = [parse_variant(t) for t in tries]
+    target = resolve_device(device)
     with progress_bar(json_out) as bar:
         task = bar.add_task("what-if", total=steps * (len(variants) + 1), live="")
         report = whatif(
@@ -441,7 +530,7 @@ def whatif_cmd(
             from_step,
             steps,
             variants,
-            resolve_device(device),
+            target,
             head_path,
             lambda label, step: bar.update(task, advance=1, live=f"{label} step {step}"),
         )
@@ -449,7 +538,7 @@ def whatif_cmd(
     if png:
         plot.whatif(data, png)
     _emit(data, json_out, lambda d: render.whatif(out, d))
-    return 0
+    return 0 if report.baseline.finite else 1
 
 
 @app.command("check")
@@ -472,36 +561,40 @@ def check_cmd(
         Path | None, typer.Option(help="Write JUnit XML (one test case per check).")
     ] = None,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the JSON report to this file.")
+        Path | None, typer.Option("--json-out", help="Write the JSON report to this file.")
     ] = None,
     github: Annotated[
         bool, typer.Option("--github", help="Print GitHub Actions error annotations.")
     ] = False,
     device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
 ) -> int:
     """Gate CI on a run: exit 0 when every check passes, 1 when one fails.
 
     Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, replay fidelity, and no regression against a baseline. Exit 2 on bad input or configuration.
     """
 
-    from energydiag import render_ci
-    from energydiag.check import check
-    from energydiag.check_config import load_config
-    from energydiag.run import Run
-    from energydiag.session import resolve_device
+    from energydiag.analyses.gate import check
+    from energydiag.engine.session import resolve_device
+    from energydiag.io.check_config import load_config
+    from energydiag.io.rundir import Run
+    from energydiag.report import ci as render_ci
 
+    for target in (junit, json_file):
+        if target:
+            check_writable(target)
     thresholds = load_config(config)
     stored = _read_json(baseline) if baseline else None
     report = check(Run(run), thresholds, steps, stored, resolve_device(device))
     data = report.to_dict()
     if junit:
-        junit.write_text(render_ci.junit(data))
+        write_text_atomic(junit, render_ci.junit(data))
     if json_file:
-        json_file.write_text(dumps(data) + "\n")
+        write_text_atomic(json_file, dumps(data) + "\n")
     if github:
         for line in render_ci.github(data):
             print(line)
-    render.check(out, data)
+    _emit(data, json_out, lambda d: render.check(out, d))
     return 1 if report.failed else 0
 
 
@@ -520,9 +613,9 @@ def diagnose_cmd(
 
     Replays and localises a non-finite loss, or inspects the latest checkpoint of a stalled run. Exit 1 when something is wrong.
     """
-    from energydiag.diagnose import diagnose
-    from energydiag.run import Run
-    from energydiag.session import resolve_device
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.engine.session import resolve_device
+    from energydiag.io.rundir import Run
 
     result = diagnose(Run(run), resolve_device(device))
     _emit(result.to_dict(), json_out, lambda d: render.diagnosis(out, d))
@@ -539,8 +632,8 @@ def demo_cmd(
     json_out: JsonOpt = False,
 ) -> int:
     """Diagnose the bundled fixture runs (healthy, stalled, nan)."""
-    from energydiag.diagnose import diagnose
-    from energydiag.run import Run
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
 
     folder = fixtures or Path(__file__).resolve().parent.parent / "fixtures"
     runs = (
@@ -578,5 +671,25 @@ def _emit(report: dict[str, Any], as_json: bool, draw: Callable[[dict[str, Any]]
         draw(report)
 
 
+def legacy_check_json(argv: list[str]) -> list[str]:
+    """`check RUN --json FILE` (0.1) still works for one release: it means --json-out FILE."""
+    if "check" not in argv or "--json" not in argv:
+        return argv
+    i = argv.index("--json")
+    follows = argv[i + 1] if i + 1 < len(argv) else ""
+    if follows.endswith(".json") and not follows.startswith("-"):
+        err.print(
+            "[yellow]energydiag:[/yellow] `check --json FILE` is deprecated: use --json-out FILE "
+            "(--json now prints the report)",
+            highlight=False,
+        )
+        return [*argv[:i], "--json-out", *argv[i + 1 :]]
+    return argv
+
+
 def main() -> None:
-    app()
+    try:
+        app(args=legacy_check_json(sys.argv[1:]), prog_name="energydiag")
+    except KeyboardInterrupt:
+        err.print("[red]energydiag:[/red] interrupted", highlight=False)
+        raise SystemExit(130) from None

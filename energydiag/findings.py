@@ -88,14 +88,15 @@ def loss_position(loss: float, bounds: dict[str, float], batch_size: int) -> Fin
 
 
 def bounded_head_floor(
-    bounds: tuple[float, float] | None, tau: float | None, batch_size: int
+    bounds: tuple[float, float] | None,
+    tau: float | None,
+    batch_size: int,
+    b: dict[str, float] | None,
 ) -> Finding | None:
-    if bounds is None or tau is None or math.isinf(bounds[1] - bounds[0]):
+    """``b``: the InfoNCE bounds the head's span allows, computed by the caller."""
+    if bounds is None or tau is None or b is None or math.isinf(bounds[1] - bounds[0]):
         return None
-    from energydiag.losses import infonce_bounds
-
     span = bounds[1] - bounds[0]
-    b = infonce_bounds(batch_size, tau, span)
     return Finding(
         "head.bounded_floor",
         "warning" if b["floor"] > 0.1 * b["chance"] else "info",
@@ -133,16 +134,80 @@ def all_masked_rows(rows: list[int], source: str) -> Finding | None:
     )
 
 
-def fidelity(max_deviation: float | None, compared: int) -> Finding | None:
-    if max_deviation is None or max_deviation == 0.0:
+def fidelity(fid: dict[str, Any], tolerance: float) -> Finding | None:
+    """What a replay's agreement with the log shows, and no more."""
+    lacking = "; ".join(fid["missing"] + fid["environment"])
+    if fid["compared"] == 0:
+        if not fid["nonfinite_on_both"] and not fid["mismatched"]:
+            return None
+        return Finding(
+            "replay.unverified",
+            "warning",
+            "fidelity unknown: no finite logged loss to compare with "
+            f"({fid['nonfinite_on_both']} step(s) non-finite in both, {fid['mismatched']} in one)",
+            "start the replay from an earlier checkpoint so some healthy steps are compared",
+            fid,
+        )
+    if fid["bit_exact"]:
+        return None
+    dev, rel = fid["max_loss_deviation"], fid["max_relative_deviation"]
+    params = fid["max_parameter_deviation"]
+    said = (
+        f"replayed losses differ from the logged ones by up to {dev:.3g} "
+        f"over {fid['compared']} step(s)"
+    )
+    if params is not None:
+        said += f"; parameters by up to {params:.3g} at the next checkpoint"
+    if fid["expected"] == "bit-exact" or fid["mismatched"]:
+        return Finding(
+            "replay.diverges",
+            "warning",
+            said,
+            "nothing the replay knows of differs from the recording: check the manifest (loss "
+            "kwargs, clip, optimizer, step function) and non-deterministic kernels",
+            fid,
+        )
+    close = rel is not None and rel <= tolerance
+    return Finding(
+        "replay.approximate",
+        "info" if close else "warning",
+        f"{said}: bit-for-bit agreement is not expected here ({lacking})",
+        "record with energydiag.Recorder on the machine you replay on for an exact replay"
+        if close
+        else "the missing inputs are large enough to change the trajectory: treat this "
+        "replay as a similar run, not the recorded one",
+        fid,
+    )
+
+
+def unseen_event(step: int | None, fid: dict[str, Any]) -> Finding | None:
+    if step is None:
         return None
     return Finding(
-        "replay.diverges",
-        "warning",
-        f"replayed losses differ from the logged ones by up to {max_deviation:.3g} over {compared} step(s)",
-        "on CPU in float32 a recorded run replays bit for bit: check the manifest (loss kwargs, "
-        "clip, optimizer), non-deterministic kernels, or a run recorded on another device",
-        {"max_deviation": max_deviation, "compared": compared},
+        "replay.unseen_event",
+        "error",
+        f"the log says step {step} went non-finite, but the replay computed it finite: the log "
+        "records an event the replay cannot see",
+        "something changed that the run directory does not hold: an lr or other hyperparameter "
+        "between checkpoints, optimizer state, or the data; record per-step hyperparameters "
+        "(energydiag.Recorder does) and the optimizer state",
+        {"step": step, "missing": fid["missing"], "environment": fid["environment"]},
+    )
+
+
+def schedule_jumps(found: list[dict[str, Any]]) -> Finding | None:
+    if not found:
+        return None
+    worst = max(found, key=lambda j: j["factor"] if math.isfinite(j["factor"]) else math.inf)
+    return Finding(
+        "schedule.jump",
+        "error",
+        f"{worst['key']} jumped ×{worst['factor']:.3g} at step {worst['step']} (group "
+        f"{worst['group']}: {worst['before']:.3g} -> {worst['after']:.3g} since step "
+        f"{worst['previous_step']})",
+        "look at the scheduler: a warm-up dividing by zero steps, a scheduler stepped per "
+        "micro-batch, or a manual param_group edit; cap the lr",
+        {"jumps": found},
     )
 
 
@@ -150,48 +215,146 @@ def fidelity(max_deviation: float | None, compared: int) -> Finding | None:
 
 
 def explain_fault(fault: Any) -> Finding:
-    """A localised fault (energydiag.localise.Fault) as a finding with the remedy for its cause."""
+    """A localised fault (energydiag.engine.localise.Fault) with the remedy for its cause."""
     evidence = {k: v for k, v in fault.to_dict().items() if v not in (None, [], {})}
-    title = f"step {fault.step}, {fault.phase}: {fault.summary}"
-    return Finding(f"nonfinite.{fault.phase}", "error", title, _fault_remedy(fault), evidence)
+    micro = fault.micro_batch
+    where = f" (micro-batch {micro})" if micro and micro > 1 else ""
+    title = f"step {fault.step}, {fault.phase}{where}: {fault.summary}"
+    cause, remedy = root_cause(fault)
+    if cause:
+        title += f" — {cause}"
+    return Finding(f"nonfinite.{fault.phase}", "error", title, remedy, evidence)
 
 
-def _fault_remedy(fault: Any) -> str:
+def root_cause(fault: Any) -> tuple[str | None, str]:
+    """Words for the pattern the evidence shows, most specific first."""
     op = fault.op
-    if fault.all_masked_samples and (fault.exception or (op and op.op.endswith("softmax"))):
+    name, detail = (op.op, op.detail) if op else ("", {})
+    if fault.all_masked_samples and (fault.exception or name.endswith("softmax")):
         return (
-            f"sample(s) {fault.all_masked_samples} have a pad_mask row that masks every key, so "
-            "attention normalises over nothing; drop or repair those samples, or unmask one key "
-            "per row"
+            f"sample(s) {fault.all_masked_samples} have a pad_mask row masking every key",
+            "attention normalises over nothing: drop or repair those samples, or unmask one "
+            "key per row",
         )
+    if fault.masked_by_where and op is not None:
+        return (
+            f"torch.where gradient trap: {name} produced {op.gained} in the branch where() "
+            "discarded, and its gradient is NaN",
+            f"make the input of {name} safe where it is not used (e.g. where(mask, x, 1) inside "
+            "the op) instead of masking its output",
+        )
+    for applies, explain in _CAUSES:
+        if applies(name, detail):
+            return explain(name, detail, fault)
+    return _phase_cause(fault)
+
+
+def _spread_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    return (
+        f"{name} over {d['elements_reduced']} element(s) with correction {d['correction']}: "
+        "zero degrees of freedom",
+        "a std/var of a single value (e.g. E_pos.std() after .mean()) is NaN: take it over the "
+        "batch, or use correction=0",
+    )
+
+
+def _log_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    what = "0" if d.get("zero_inputs") else "a negative value"
+    return (
+        f"{name} of {what} ({d.get('zero_inputs', 0)} zero, {d.get('negative_inputs', 0)} "
+        f"negative input(s), first at index {d.get('first_bad_index')})",
+        "an energy or probability reached 0: clamp_min(eps) before the log, or compute in log "
+        "space",
+    )
+
+
+def _cast_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    return (
+        f"a value of {d['largest_input']:.3g} exceeds {d['to_dtype']}'s largest finite "
+        f"{d['dtype_max']:.6g} when cast in '{fault.module or '<loss>'}'",
+        f"keep this module in float32 under autocast, or rescale its inputs below "
+        f"{d['dtype_max']:.6g}",
+    )
+
+
+def _norm_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    top = next(iter(fault.largest.items()), None)
+    who = f"; the largest contribution is '{top[0]}' (|g| {top[1]:.3g})" if top else ""
+    return (
+        f"the norm's squares overflow float32 (values above {d['square_limit']:.3g}){who}",
+        "the gradients exploded before clipping could help: lower lr, look at that layer, and "
+        "`energydiag timeline` for when its weights grew",
+    )
+
+
+def _sqrt_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    what = "0" if d.get("zero_inputs") else "a negative value"
+    return (
+        f"{name} at {what} (first at index {d.get('first_bad_index')})",
+        "the derivative of sqrt at 0 is infinite: add eps inside the sqrt (sqrt(x + eps))",
+    )
+
+
+def _div_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    return (
+        f"division by zero ({d['zero_denominators']} zero denominator(s))",
+        "add eps to the denominator or guard it",
+    )
+
+
+def _overflow_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    return (
+        f"{name} overflowed: inputs up to {d['largest_input']:.3g} against a dtype maximum "
+        f"of {d['dtype_max']:.3g}",
+        "the values feeding it exploded earlier: `energydiag timeline` shows the layer and "
+        "the step where the weights grew",
+    )
+
+
+def _no_dof(name: str, d: dict[str, Any]) -> bool:
+    return "elements_reduced" in d and d["elements_reduced"] - d["correction"] <= 0
+
+
+def _log_of_nonpositive(name: str, d: dict[str, Any]) -> bool:
+    return name.startswith("aten::log") and bool(d.get("zero_inputs") or d.get("negative_inputs"))
+
+
+def _narrowing_cast(name: str, d: dict[str, Any]) -> bool:
+    return "to_dtype" in d and bool(d.get("dtype_max")) and d["largest_input"] > d["dtype_max"]
+
+
+_CAUSES = [
+    (_no_dof, _spread_cause),
+    (_log_of_nonpositive, _log_cause),
+    (_narrowing_cast, _cast_cause),
+    (lambda name, d: "square_limit" in d, _norm_cause),
+    (lambda name, d: name in ("aten::sqrt", "aten::rsqrt"), _sqrt_cause),
+    (lambda name, d: bool(d.get("zero_denominators")), _div_cause),
+    (lambda name, d: "dtype_max" in d and "to_dtype" not in d, _overflow_cause),
+]
+
+
+def _phase_cause(fault: Any) -> tuple[str | None, str]:
     if fault.exception:
-        return "the model or loss raised: read its message; replay the step with the guard off to see the raw values"
+        return None, (
+            "the model or loss raised: its message is in the evidence, with the op whose "
+            "non-finite output it caught when there was one"
+        )
     if fault.phase == "data":
-        return f"the input '{fault.tensor}' was already non-finite: fix the data pipeline (sample {fault.sample})"
+        return None, (
+            f"the input '{fault.tensor}' was already non-finite: fix the data pipeline "
+            f"(sample {fault.sample})"
+        )
+    if fault.phase == "state":
+        return None, "the checkpoint was already broken: bisect to the first bad checkpoint"
     if fault.phase == "optimizer":
-        return (
-            "finite gradients produced a non-finite update: check lr, eps (Adam divides by "
-            "sqrt(exp_avg_sq) + eps) and parameters that receive zero gradient; lower lr or raise eps"
+        return None, (
+            "the update itself blew the weights up: check the step's lr (a schedule jump?), eps "
+            "(Adam divides by sqrt(exp_avg_sq) + eps) and parameters that receive zero gradient"
         )
-    if fault.phase == "clip":
-        return (
-            "the gradient norm itself overflowed: clip per parameter first, or scale the loss down"
-        )
-    if op is not None:
-        return _OP_REMEDIES.get(
-            op.op, f"guard the input of {op.op} (its input ranges are in the evidence)"
-        )
-    return "re-run the step with `energydiag replay --json` to see every module's output statistics"
-
-
-_OP_REMEDIES = {
-    "aten::_softmax": "a softmax row was entirely -inf (every entry masked): keep one entry per row",
-    "aten::_log_softmax": "a log-softmax row was entirely -inf: keep one entry per row",
-    "aten::log": "log of a value <= 0: add a floor (clamp_min) or work in log space",
-    "aten::sqrt": "sqrt of a negative value (or its gradient at 0): clamp the input or add eps",
-    "aten::div": "division by zero: add eps to the denominator",
-    "aten::exp": "exp overflowed: subtract the max first, or clamp the exponent",
-}
+    if fault.op is not None:
+        return None, f"guard the inputs of {fault.op.op} (their ranges are in the evidence)"
+    return None, "re-run the step with `energydiag replay --json` for every module's statistics"
 
 
 # --- checkpoint contents -----------------------------------------------------------------------
@@ -346,10 +509,19 @@ def curve_plateau(
     )
 
 
-def curve_constant(segments: list, metric: str) -> Finding | None:
+def curve_constant(segments: list, metric: str, loss_like: bool = True) -> Finding | None:
+    """Bit-identical values: alarming in a loss, ordinary in a learning rate or a counter."""
     if not segments:
         return None
     s = max(segments, key=lambda x: x.length)
+    if not loss_like:
+        return Finding(
+            "curve.constant",
+            "info",
+            f"'{metric}' holds exactly {s.level!r} over steps {s.start}–{s.end}",
+            "expected for a schedule or a setting; compare with the loss over the same steps",
+            {"segments": [asdict(x) for x in segments]},
+        )
     return Finding(
         "curve.constant",
         "error",
@@ -405,26 +577,52 @@ def curve_oscillation(segments: list, metric: str) -> Finding | None:
 
 def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
     base = next(r for r in results if r["label"] == "baseline")
-    best = min(results, key=lambda r: r["rank"])
+    finite = [r for r in results if r["finite"] and r["relative_drop"] is not None]
+    best = max(finite, key=lambda r: r["relative_drop"], default=None)
+    if best is None or not base["finite"]:
+        return None
     if best["label"] == "baseline" or best["relative_drop"] <= base["relative_drop"]:
         return Finding(
             "whatif.none_better",
             "info",
-            "no variant beats the baseline over this window",
+            "no finite variant beats the baseline over this window",
             "try a longer window (--steps) or other variants",
-            {"baseline": base},
+            {"baseline": base["label"], "baseline_drop": base["relative_drop"]},
         )
     return Finding(
         "whatif.best",
         "info",
-        f"'{best['label']}' lowers the loss by {best['relative_drop']:.1%} over the window; the baseline "
-        f"moves {base['relative_drop']:.1%}",
+        f"'{best['label']}' lowers the loss by {best['relative_drop']:.1%} over the window; the "
+        f"baseline moves {base['relative_drop']:.1%}",
         f"apply '{best['label']}' to the training configuration and confirm on a longer run",
         {
             "best": best["label"],
             "baseline_drop": base["relative_drop"],
             "best_drop": best["relative_drop"],
         },
+    )
+
+
+def whatif_failures(results: list[dict[str, Any]]) -> Finding | None:
+    """Variants that went non-finite or raised; the baseline doing so is an error."""
+    failed = [r for r in results if not r["finite"]]
+    if not failed:
+        return None
+    base_failed = any(r["label"] == "baseline" for r in failed)
+    said = "; ".join(
+        f"'{r['label']}' {'raised ' + r['exception'] if r['exception'] else 'went non-finite'} "
+        f"at step {r['failed_at']}"
+        for r in failed
+    )
+    return Finding(
+        "whatif.baseline_failed" if base_failed else "whatif.variant_failed",
+        "error" if base_failed else "warning",
+        said,
+        "the baseline itself fails in this window: `energydiag replay` localises it before "
+        "comparing fixes"
+        if base_failed
+        else "a fix that fails is ruled out; its message says why",
+        {"failed": failed},
     )
 
 
@@ -472,4 +670,153 @@ def coarse_inputs(half: dict[str, str], energy: dict[str, float]) -> Finding | N
         "cast the policy's hidden states to float32 before detaching them for the energy model, "
         "or widen the energy range",
         {"inputs": half, "relative_gap": gap / scale, "resolution": resolution},
+    )
+
+
+# --- precursors: finite but exploded -----------------------------------------------------------
+
+
+def checkpoint_exploded(layers: list[dict[str, Any]], limit: float) -> Finding | None:
+    """Layers far beyond any sane initialisation while every value is still finite."""
+    if not layers:
+        return None
+    worst = sorted(layers, key=lambda r: -r["max_abs"])
+    named = ", ".join(f"{r['layer']} (max|w| {r['max_abs']:.3g})" for r in worst[:5])
+    overflow = [r["layer"] for r in layers if r.get("square_overflows_fp32")]
+    tail = (
+        f"; {len(overflow)} of them square beyond float32, so any float32 norm, variance or "
+        "softmax over them overflows"
+        if overflow
+        else ""
+    )
+    return Finding(
+        "checkpoint.exploded",
+        "error",
+        f"{len(layers)} layer(s) hold finite values beyond {limit:g}, ×{worst[0]['max_abs'] / limit:.3g} "
+        f"past a sane scale: {named}{tail}",
+        "the weights blew up before anything went NaN: `energydiag timeline` finds the interval, "
+        "then look at the lr schedule and gradient norms there",
+        {"layers": worst, "limit": limit},
+    )
+
+
+def timeline_exploded(rows: list[dict[str, Any]], limit: float) -> Finding | None:
+    if not rows:
+        return None
+    first = rows[0]
+    return Finding(
+        "timeline.exploded",
+        "error",
+        f"weights grew ×{first['growth_since_first']:.3g} since the first checkpoint by step "
+        f"{first['step']} (layer {first['worst_layer']}: max|w| {first['max_abs']:.3g}); "
+        f"{len(rows)} checkpoint(s) are past ×{limit:g}",
+        f"`energydiag bisect --predicate exploded` narrows it to the step; check the lr and "
+        f"gradient norms just before step {first['step']}",
+        {"first_step": first["step"], "rows": rows},
+    )
+
+
+def grown_since_first(history: dict[str, Any] | None, limit: float) -> Finding | None:
+    if not history or history["growth"] < limit:
+        return None
+    return Finding(
+        "checkpoint.grown",
+        "error",
+        f"layer {history['layer']} grew ×{history['growth']:.3g} since the run's first checkpoint",
+        "`energydiag timeline RUN` shows when; `energydiag bisect --predicate exploded` finds the step",
+        history,
+    )
+
+
+# --- contrastive health ------------------------------------------------------------------------
+
+
+def contrastive_health(
+    energy: dict[str, float], candidates: int, loss: str, margin: float | None
+) -> Finding | None:
+    """Retrieval at or below chance, or positives scored *above* their negatives."""
+    chance = 1.0 / candidates
+    accuracy, gap = energy["retrieval_accuracy"], energy["pos_neg_gap"]
+    if gap >= 0 and accuracy > chance:
+        return None
+    sign = gap < 0
+    remedy = (
+        "low energy means good: a hinge must be relu(margin + E_pos - E_neg); the seed report's "
+        "relu(E_neg - E_pos + margin) pushes positives up"
+        if margin is not None and sign
+        else "check the sign convention (logits = -E / tau) and that positives and negatives are "
+        "not swapped; an untrained head ranks at chance"
+    )
+    said = (
+        f"positives score higher energy than negatives (gap neg - pos = {gap:.3g})"
+        if sign
+        else f"retrieval accuracy {accuracy:.3g} is at or below chance 1/{candidates}"
+    )
+    return Finding(
+        "contrastive.wrong_sign" if sign else "contrastive.at_chance",
+        "error",
+        f"{said} under loss {loss}",
+        remedy,
+        {"retrieval_accuracy": accuracy, "chance": chance, "pos_neg_gap": gap, "margin": margin},
+    )
+
+
+def stuck_between_floor_and_chance(
+    position: float | None, energy: dict[str, float], tau: float | None
+) -> Finding | None:
+    """A loss above its floor whose logits cannot spread enough to go lower."""
+    spread = energy.get("logit_spread_row_mean")
+    if position is None or spread is None or position < 0.1 or spread >= 1.0:
+        return None
+    return Finding(
+        "loss.stuck",
+        "error",
+        f"the loss sits {position:.0%} of the way from its floor to chance with a logit spread of "
+        f"only {spread:.3g} per row at tau {tau:g}: too small a range to learn from",
+        "widen the energy range (softplus or unbounded head) or lower tau",
+        {"position": position, "logit_spread_row_mean": spread, "tau": tau},
+    )
+
+
+def dead_gradients(grad_norms: dict[str, float], step: int) -> Finding | None:
+    dead = [layer for layer, norm in grad_norms.items() if norm == 0.0]
+    if not dead or len(dead) == len(grad_norms):
+        return None
+    return Finding(
+        "gradient.dead",
+        "warning",
+        f"{len(dead)} layer(s) receive exactly zero gradient at step {step}: {', '.join(dead[:5])}",
+        "a dead path: a saturated or collapsed op upstream, a detached tensor, or a ReLU that "
+        "never fires; the saturation table shows which",
+        {"layers": dead, "step": step},
+    )
+
+
+def has_code(findings: list[Finding], code: str) -> bool:
+    return any(f.code == code for f in findings)
+
+
+# --- what could not be checked -----------------------------------------------------------------
+
+
+def cannot_replay(step: int, reason: str) -> Finding:
+    return Finding(
+        "run.cannot_replay",
+        "error",
+        f"the run fails at step {step}, but that step cannot be replayed: {reason}",
+        "keep the batches before a failure: energydiag.Recorder(keep_batches=...) dumps the ring "
+        "on the first non-finite value or exception",
+        {"step": step, "reason": reason},
+    )
+
+
+def no_batches(checkpoints: list[int]) -> Finding:
+    return Finding(
+        "run.no_batches",
+        "warning",
+        "cannot check the steps: no batches logged"
+        + (" at any checkpoint's step" if checkpoints else ""),
+        "record with energydiag.Recorder(persist_batches=True), or `energydiag convert --batch` "
+        "the batches you have; until then only checkpoints and curves are judged",
+        {"checkpoints": len(checkpoints)},
     )

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from energydiag.check import CheckReport, check
-from energydiag.check_config import CheckConfig
-from energydiag.run import Run
+from energydiag.analyses.gate import CheckReport, check
+from energydiag.io.check_config import CheckConfig
+from energydiag.io.rundir import Run
 
 
 def assert_run_healthy(

@@ -16,7 +16,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture
 def small_run(tmp_path: Path) -> Path:
     """A fresh 12-step recorded run with dropout, checkpoints every 4 steps."""
-    from energydiag.synthetic import record_run
+    from energydiag.reference.synthetic import record_run
 
     record_run(
         tmp_path / "run",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from energydiag.losses import energies
-from energydiag.models import EnergyModel
+from energydiag.reference.losses import energies
+from energydiag.reference.models import EnergyModel
 
 
 def sqrt_at_zero_loss(model, batch):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from energydiag.analyses.curves import analyse, infonce_curve_bounds
 from energydiag.cli import app
-from energydiag.curves import analyse, infonce_curve_bounds
 from energydiag.errors import DiagError
-from energydiag.metrics_io import choose_metric, load_metrics
+from energydiag.io.metrics import choose_metric, load_metrics
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from energydiag.run import Run
+from energydiag.io.rundir import Run
 
 
 def content_hash(path):

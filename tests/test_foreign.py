@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from energydiag.bisect import bisect_timeline
+from energydiag.analyses.bisection import bisect_checkpoints
+from energydiag.analyses.inspection import inspect
 from energydiag.cli import app
-from energydiag.foreign import discover, load_tensor_dict
-from energydiag.inspect import inspect
-from energydiag.replay import replay
-from energydiag.run import Run
-from energydiag.synthetic import Task, batches
+from energydiag.engine.replay import replay
+from energydiag.io.rundir import Run
+from energydiag.io.torchfiles import discover, load_tensor_dict
+from energydiag.reference.synthetic import Task, batches
 
 runner = CliRunner()
 TASK = Task()
@@ -34,7 +34,7 @@ FIRST_NAN = 60000
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
     """Their layout: one folder per checkpoint, state dicts saved with torch.save, no optimizer."""
-    from energydiag.models import EnergyModel
+    from energydiag.reference.models import EnergyModel
 
     root = tmp_path_factory.mktemp("foreign")
     torch.manual_seed(0)
@@ -81,14 +81,15 @@ def test_inspect_pt_names_the_planted_tensor(foreign):
 
 
 def test_checkpoint_only_bisect(foreign):
-    result = bisect_timeline(discover(foreign, PATTERN))
+    result = bisect_checkpoints(discover(foreign, PATTERN))
     assert (result.last_good, result.first_bad_checkpoint) == (FIRST_NAN - 10000, FIRST_NAN)
-    assert result.checkpoint_evaluations <= math.ceil(math.log2(len(STEPS))) + 1
+    # the first checkpoint (the growth reference), the last, then halving
+    assert result.checkpoint_evaluations <= math.ceil(math.log2(len(STEPS))) + 2
     cli = runner.invoke(app, ["bisect", str(foreign), "--checkpoints", PATTERN, "--json"])
     assert cli.exit_code == 1 and json.loads(cli.stdout)["first_bad_checkpoint"] == FIRST_NAN
 
 
-def convert_args(foreign, out, model="energydiag.models:EnergyModel", *options):
+def convert_args(foreign, out, model="energydiag.reference.models:EnergyModel", *options):
     """The folder of .pt files into a run directory, with the model; ``options`` say the rest."""
     model_args = ["--model", model, "--model-kwargs", json.dumps(KWARGS)]
     return [
@@ -103,7 +104,7 @@ def convert_args(foreign, out, model="energydiag.models:EnergyModel", *options):
     ]
 
 
-def their_run_args(foreign, out, model="energydiag.models:EnergyModel"):
+def their_run_args(foreign, out, model="energydiag.reference.models:EnergyModel"):
     """Their set-up: InfoNCE at tau 0.5, clip 1.0, the saved bf16 batch and the W&B export."""
     return convert_args(
         foreign,
@@ -198,7 +199,7 @@ def test_unreachable_margin(foreign, tmp_path):
     args = convert_args(
         foreign,
         out,
-        "energydiag.models:EnergyModel",
+        "energydiag.reference.models:EnergyModel",
         "--loss",
         "margin",
         "--margin",

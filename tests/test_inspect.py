@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
+from energydiag.analyses.inspection import inspect
 from energydiag.cli import app
-from energydiag.inspect import inspect
-from energydiag.models import EnergyModel
-from energydiag.probe import Probe
-from energydiag.synthetic import record_run
-from energydiag.tensorfile import read_all, write_atomic
+from energydiag.engine.instrument import Instrument
+from energydiag.engine.observers import SaturationCounter
+from energydiag.io.tensorfile import read_all, write_atomic
+from energydiag.reference.models import EnergyModel
+from energydiag.reference.synthetic import record_run
 
 runner = CliRunner()
 
@@ -80,7 +81,7 @@ def test_batch_numbers_match_an_independent_computation(sigmoid_run):
     assert sat["fraction"] == pytest.approx(fraction, abs=1.5 / (b * b))
 
 
-def test_probe_sees_module_and_functional_sigmoids_and_tanh():
+def test_instrument_sees_module_and_functional_sigmoids_and_tanh():
     class Both(nn.Module):
         def __init__(self):
             super().__init__()
@@ -90,10 +91,10 @@ def test_probe_sees_module_and_functional_sigmoids_and_tanh():
             return self.act(x) + torch.nn.functional.sigmoid(2 * x) + torch.tanh(x)
 
     x = torch.tensor([-10.0, 0.0, 3.6, 8.0])
-    probe = Probe(Both())
-    with probe.attached():
-        probe.model(x)
-    by_key = {(s.module, s.op): s for s in probe.saturation()}
+    counter = SaturationCounter()
+    with Instrument([counter]).attached():
+        Both()(x)
+    by_key = {(s.module, s.op): s for s in counter.rows()}
     assert by_key[("act", "aten::sigmoid")].saturated == 2  # -10 and 8 (sigmoid(3.6) = 0.973)
     assert by_key[("<model>", "aten::sigmoid")].saturated == 3  # 2x: -20, 7.2, 16
     assert by_key[("<model>", "aten::tanh")].saturated == 2  # -10 and 8 (tanh(3.6) = 0.9985)
@@ -187,7 +188,7 @@ def test_truncated_checkpoint_is_one_line_exit_2(fixtures_dir, tmp_path):
 
 
 def test_streamed_reader_matches_safetensors(fixtures_dir):
-    from energydiag.tensorfile import reader
+    from energydiag.io.tensorfile import reader
 
     path = fixtures_dir / "healthy" / "checkpoints" / "step-00000100.safetensors"
     expected = load_file(str(path))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from energydiag.losses import (
+from energydiag.reference.losses import (
     energy_matrix,
     inbatch_infonce,
     infonce_bounds,
@@ -99,8 +99,8 @@ class TupleEnergy(TableEnergy):
 
 
 def test_tuple_forward_and_forward_kwargs():
-    from energydiag.manifest import ModelSpec
-    from energydiag.plugins import build_model
+    from energydiag.engine.plugins import build_model
+    from energydiag.io.manifest import ModelSpec
 
     b = 4
     table = torch.randn(b, b)
@@ -120,7 +120,7 @@ def make_tuple_energy(b):
 
 
 def test_explicit_negatives_report_candidate_energies():
-    from energydiag.quantities import energy_stats
+    from energydiag.engine.quantities import energy_stats
 
     b = 3
     table = torch.tensor([[0.0, 1.0, 3.0]] * b)

@@ -3,13 +3,11 @@ import json
 import pytest
 import torch
 
+from energydiag.engine.recorder import Recorder
+from energydiag.engine.session import open_session
 from energydiag.errors import DiagError
-from energydiag.recorder import Recorder
-from energydiag.run import Run
-from energydiag.session import open_session
-from energydiag.state import restore_rng
-from energydiag.step import train_step
-from energydiag.synthetic import Task, batches, record_run
+from energydiag.io.rundir import Run
+from energydiag.reference.synthetic import Task, batches, record_run
 
 
 def test_recorded_run_loads_back_identically(tmp_path):
@@ -32,15 +30,7 @@ def test_replay_from_checkpoint_reproduces_parameters_bit_for_bit(small_run):
     session = open_session(run, 4, torch.device("cpu"))
     logged = run.logged()
     for step in range(4, 12):
-        batch = run.batch(step)
-        restore_rng(batch.rng)
-        result = train_step(
-            session.model,
-            session.optimizer,
-            session.loss_fn,
-            batch.tensors,
-            grad_clip=run.manifest.grad_clip,
-        )
+        result = session.train(run.batch(step))
         assert result.loss.item() == logged[step]
     final = run.checkpoint(12)
     for name, value in session.model.state_dict().items():
@@ -55,14 +45,10 @@ def test_without_rng_restore_dropout_diverges(small_run):
     """Guards the test above: the RNG state is what makes dropout replay exactly."""
     run = Run(small_run)
     session = open_session(run, 4, torch.device("cpu"))
+    batch = run.batch(4)
+    batch.rng.clear()
     torch.manual_seed(12345)
-    result = train_step(
-        session.model,
-        session.optimizer,
-        session.loss_fn,
-        run.batch(4).tensors,
-        grad_clip=run.manifest.grad_clip,
-    )
+    result = session.train(batch)
     assert result.loss.item() != run.logged()[4]
 
 
@@ -88,11 +74,7 @@ def test_failure_dumps_ring_and_pre_step_state(tmp_path):
     pre = run.checkpoint(9)
     assert all(torch.isfinite(t).all() for t in pre.model.values() if t.is_floating_point())
     session = open_session(run, 9, torch.device("cpu"))
-    batch = run.batch(9)
-    restore_rng(batch.rng)
-    result = train_step(
-        session.model, session.optimizer, session.loss_fn, batch.tensors, grad_clip=1.0
-    )
+    result = session.train(run.batch(9))
     assert torch.isnan(result.loss)
 
 
@@ -116,7 +98,8 @@ def test_metrics_are_json_lines(small_run):
 
 def test_warm_up_before_optimizer_start_step_replays_exactly(tmp_path):
     """The seed team's loop: the energy optimizer only steps from energy_warm_steps on."""
-    from energydiag.replay import replay, state_before
+    from energydiag.analyses.replaying import replay_report
+    from energydiag.engine.replay import state_before
 
     record_run(
         tmp_path / "r",
@@ -130,7 +113,8 @@ def test_warm_up_before_optimizer_start_step_replays_exactly(tmp_path):
     assert torch.equal(
         run.checkpoint(3).model["pred.1.bias"], run.checkpoint(0).model["pred.1.bias"]
     )
-    assert replay(run, 3).fidelity == (0.0, 7)
+    fid = replay_report(run, 3).fidelity
+    assert fid["bit_exact"] and fid["compared"] == 7
     final = run.checkpoint(10).model
     session = state_before(run, 10, torch.device("cpu"))
     assert all(torch.equal(v, final[k]) for k, v in session.model.state_dict().items())

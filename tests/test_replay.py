@@ -4,19 +4,18 @@ import math
 import pytest
 import torch
 
+from energydiag.analyses.replaying import replay_report
+from energydiag.engine.localise import localise
+from energydiag.engine.replay import replay, state_before
 from energydiag.errors import DiagError
-from energydiag.localise import localise
-from energydiag.replay import replay, state_before
-from energydiag.run import Run
-from energydiag.state import restore_rng
-from energydiag.step import train_step
-from energydiag.synthetic import record_run
-from energydiag.tensorfile import read_all, write_atomic
+from energydiag.io.rundir import Run
+from energydiag.io.tensorfile import read_all, write_atomic
+from energydiag.reference.synthetic import record_run
 
 
 def test_nan_fixture_localised_exactly(fixtures_dir):
     expected = json.loads((fixtures_dir / "nan" / "expected.json").read_text())
-    result = replay(Run(fixtures_dir / "nan"), 40)
+    result = replay_report(Run(fixtures_dir / "nan"), 40)
     fault = result.fault
     assert fault.step == expected["first_nonfinite_step"]
     assert fault.phase == expected["phase"]
@@ -25,15 +24,25 @@ def test_nan_fixture_localised_exactly(fixtures_dir):
     assert fault.all_masked_samples == [expected["sample"]]
     assert fault.op.detail["rows_all_neg_inf"] > 0
     assert fault.reproduced is True
-    assert result.fidelity == (0.0, 18)  # steps 40..57, bit for bit, NaN == NaN at 57
+    fid = result.fidelity
+    # steps 40..56 compared; NaN against NaN at 57 is agreement on failure, not exactness
+    assert (fid["compared"], fid["nonfinite_on_both"], fid["mismatched"]) == (17, 1, 0)
+    if fid["expected"] == "bit-exact":  # recorded on a machine like this one
+        assert fid["bit_exact"] and fid["max_loss_deviation"] == 0.0
     assert result.findings[0].code == "nonfinite.forward"
 
 
 def test_healthy_replay_is_bit_exact_and_records_statistics(fixtures_dir):
-    result = replay(Run(fixtures_dir / "healthy"), 100, to_step=119, every=5)
-    assert result.fault is None and result.findings == []
-    assert result.fidelity == (0.0, 20)
-    stats = result.table.dropna(subset=["energy_min"])
+    report = replay_report(Run(fixtures_dir / "healthy"), 100, to_step=119, every=5)
+    fid = report.fidelity
+    assert report.fault is None and fid["compared"] == 20
+    assert [c["step"] for c in fid["parameter_checks"]] == [120]  # reached checkpoint 120
+    if fid["expected"] == "bit-exact":
+        assert fid["bit_exact"] and fid["max_parameter_deviation"] == 0.0 and report.findings == []
+    else:  # another CPU kernel level or thread count: close, and said to be approximate
+        assert fid["max_relative_deviation"] < 1e-4
+        assert [f.code for f in report.findings] == ["replay.approximate"]
+    stats = report.result.table.dropna(subset=["energy_min"])
     assert list(stats["step"]) == [100, 105, 110, 115]
     assert (stats["energy_max"] >= stats["energy_min"]).all()
     assert {"saturation", "update_ratio", "logit_spread", "grad_norm/attn"} <= set(stats.columns)
@@ -72,7 +81,6 @@ def test_forward_overflow_in_named_layer(tmp_path):
     _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", blow_up)
     fault = replay(Run(run_dir), 4).fault
     assert (fault.step, fault.phase, fault.module) == (4, "forward", "ctx_in")
-    assert fault.module_kind == "Linear"
     assert fault.op.gained == "Inf" and fault.op.module == "ctx_in"
     assert all(s.finite for s in fault.op.inputs)
 
@@ -86,16 +94,21 @@ def test_backward_only_nan(tmp_path):
     assert fault.parameters  # every parameter upstream of the energy
 
 
+def _set_recorded_lr(run_dir, step, lr):
+    """Plant a schedule bug in what the Recorder stored: the lr step ``step`` used."""
+
+    def spike(meta):
+        groups = json.loads(meta["hyperparameters"])
+        groups[0]["lr"] = lr
+        meta["hyperparameters"] = json.dumps(groups)
+
+    _edit_checkpoint(run_dir / "batches" / f"step-{step:08d}.safetensors", meta_fn=spike)
+
+
 def test_optimizer_blow_up_from_learning_rate_spike(tmp_path):
     """A warm-up schedule lr = base * step / warmup_steps with warmup_steps = 0 yields lr = inf."""
     run_dir = _run_with(tmp_path)
-
-    def spike(meta):
-        groups = json.loads(meta["param_groups"])
-        groups[0]["lr"] = math.inf
-        meta["param_groups"] = json.dumps(groups)
-
-    _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", meta_fn=spike)
+    _set_recorded_lr(run_dir, 4, math.inf)
     fault = replay(Run(run_dir), 4).fault
     assert (fault.step, fault.phase) == (4, "optimizer")
     assert fault.parameters
@@ -120,13 +133,7 @@ def test_exception_in_user_forward_is_a_fault_not_a_crash(fixtures_dir, tmp_path
 
 def test_exception_in_optimizer_is_a_fault(tmp_path):
     run_dir = _run_with(tmp_path)
-
-    def overflow(meta):
-        groups = json.loads(meta["param_groups"])
-        groups[0]["lr"] = 1e39  # finite in Python, not in float32: Adam raises
-        meta["param_groups"] = json.dumps(groups)
-
-    _edit_checkpoint(run_dir / "checkpoints" / "step-00000004.safetensors", meta_fn=overflow)
+    _set_recorded_lr(run_dir, 4, 1e39)  # finite in Python, not in float32: Adam raises
     fault = replay(Run(run_dir), 4).fault
     assert (fault.step, fault.phase) == (4, "optimizer")
     assert "overflow" in fault.exception
@@ -137,10 +144,7 @@ def test_deep_rerun_does_not_change_what_happened(small_run):
     run = Run(small_run)
     plain = state_before(run, 6, torch.device("cpu"))
     batch = run.batch(6)
-    restore_rng(batch.rng)
-    train_step(
-        plain.model, plain.optimizer, plain.loss_fn, batch.tensors, grad_clip=run.manifest.grad_clip
-    )
+    plain.train(batch)
     probed = state_before(run, 6, torch.device("cpu"))
     assert localise(probed, batch) is None
     for (name, a), b in zip(
@@ -159,8 +163,8 @@ def test_divergent_manifest_is_reported(small_run):
     manifest = json.loads((small_run / "run.json").read_text())
     manifest["loss"]["kwargs"]["tau"] = 0.7
     (small_run / "run.json").write_text(json.dumps(manifest))
-    result = replay(Run(small_run), 4)
-    assert result.fidelity[0] > 0
+    result = replay_report(Run(small_run), 4)
+    assert result.fidelity["max_loss_deviation"] > 0 and result.fidelity["expected"] == "bit-exact"
     assert [f.code for f in result.findings] == ["replay.diverges"]
 
 
@@ -204,5 +208,5 @@ def test_metrics_out_table(fixtures_dir, tmp_path, suffix):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(target) if suffix == ".csv" else pd.read_parquet(target)
     assert list(table["step"]) == list(range(100, 110))
-    assert table["loss"].equals(table["logged_loss"])  # bit-exact replay, to the table
+    assert (table["loss"] - table["logged_loss"]).abs().max() < 1e-4
     assert table["energy_min"].notna().sum() == 2  # statistics at steps 100 and 105

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from energydiag.engine.session import open_session
 from energydiag.errors import DiagError
-from energydiag.run import Run
-from energydiag.session import open_session
+from energydiag.io.rundir import Run
 
 
 def edit_manifest(run_dir, **changes):
@@ -91,7 +91,7 @@ def test_checkpoint_not_matching_model(small_run):
     edit_manifest(
         small_run,
         model={
-            "target": "energydiag.models:EnergyModel",
+            "target": "energydiag.reference.models:EnergyModel",
             "kwargs": {"d_context": 16, "d_action": 3, "horizon": 4, "d_model": 16},
         },
     )

@@ -1,8 +1,8 @@
 import pytest
 
+from energydiag.analyses.whatif import parse_variant, whatif
 from energydiag.errors import DiagError
-from energydiag.run import Run
-from energydiag.whatif import parse_variant, whatif
+from energydiag.io.rundir import Run
 
 
 def test_parse_variants():

@@ -1,0 +1,389 @@
+"""Find the first unhealthy checkpoint in O(log n) evaluations, then replay to the exact step.
+
+"Unhealthy" is a predicate the user can choose: non-finite tensors; exploded weights (a layer's
+max|w| grown ×1e3 past the first good checkpoint, every value still finite); a non-finite loss
+on the checkpoint's own batch; or any of them (the default). The search assumes badness is
+monotone. A run that recovers (a loop that skips non-finite steps) breaks that, and is called
+non-monotone only with evidence: an evaluated checkpoint that is bad, then a later one that is
+healthy by the same predicate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from energydiag import findings as rules
+from energydiag.analyses.checkpoint_stats import EXPLODED_ABS, CheckpointStats, checkpoint_stats
+from energydiag.analyses.replaying import ReplayReport, judge
+from energydiag.analyses.timeline import GROWTH_LIMIT, growth
+from energydiag.engine.plugins import build_loss, build_model
+from energydiag.engine.replay import replay
+from energydiag.engine.session import load_checkpoint
+from energydiag.engine.step import autocast
+from energydiag.errors import DiagError
+from energydiag.io.layout import CHECKPOINTS
+from energydiag.io.rundir import Run, load_checkpoint_file, step_ranges
+from energydiag.io.state import restore_rng
+from energydiag.io.torchfiles import open_reader
+
+GOOD, BAD, UNREADABLE = "good", "bad", "unreadable"
+PREDICATES = ("any", "nonfinite", "exploded", "loss")
+
+
+@dataclass
+class Evaluation:
+    step: int
+    status: str
+    reason: str
+
+
+@dataclass
+class BisectResult:
+    predicate: str = "any"
+    evaluations: list[Evaluation] = field(default_factory=list)
+    last_good: int | None = None
+    first_bad_checkpoint: int | None = None
+    first_bad_step: int | None = None
+    first_logged_failure: int | None = None
+    replay: ReplayReport | None = None
+    unresolved: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    findings: list[rules.Finding] = field(default_factory=list)
+
+    @property
+    def checkpoint_evaluations(self) -> int:
+        return sum(e.status != UNREADABLE for e in self.evaluations)
+
+    def to_dict(self) -> dict[str, Any]:
+        fault = self.replay.fault if self.replay else None
+        return {
+            "predicate": self.predicate,
+            "first_bad_step": self.first_bad_step,
+            "last_good_checkpoint": self.last_good,
+            "first_bad_checkpoint": self.first_bad_checkpoint,
+            "first_logged_failure": self.first_logged_failure,
+            "checkpoint_evaluations": self.checkpoint_evaluations,
+            "step_replays": len(self.replay.result.steps) if self.replay else 0,
+            "evaluations": [e.__dict__ for e in self.evaluations],
+            "skipped": [e.__dict__ for e in self.evaluations if e.status == UNREADABLE],
+            "unresolved": self.unresolved,
+            "warnings": self.warnings,
+            "fault": fault.to_dict() if fault else None,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+class Judge:
+    """Evaluates one checkpoint by the predicate, streaming its tensors."""
+
+    def __init__(
+        self,
+        paths: dict[int, Path],
+        predicate: str,
+        run: Run | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        if predicate not in PREDICATES:
+            raise DiagError(
+                None, f"--predicate {predicate!r}: choose one of {', '.join(PREDICATES)}"
+            )
+        self.paths, self.predicate, self.run = paths, predicate, run
+        self.device = device or torch.device("cpu")
+        self.reference: CheckpointStats | None = None
+        self._model: torch.nn.Module | None = None
+
+    def __call__(self, step: int) -> Evaluation:
+        try:
+            with open_reader(self.paths[step]) as reader:
+                stats = checkpoint_stats(reader)
+            _check_step(self.paths[step], stats.metadata, step)
+        except DiagError as err:
+            return Evaluation(step, UNREADABLE, err.problem)
+        bad = [t.name for t in stats.tensors if t.nonfinite]
+        if bad:
+            return Evaluation(step, BAD, f"{len(bad)} non-finite tensor(s), e.g. {bad[0]}")
+        if self.predicate in ("any", "exploded"):
+            verdict = self._explosion(step, stats)
+            if verdict:
+                return verdict
+        if self.predicate in ("any", "loss") and self._has_batch(step):
+            return self._loss_verdict(step)
+        return Evaluation(step, GOOD, f"all tensors finite, max|w| {_peak(stats):.3g}")
+
+    def _explosion(self, step: int, stats: CheckpointStats) -> Evaluation | None:
+        if self.reference is None:
+            exploded = stats.exploded(EXPLODED_ABS)
+            if exploded:
+                worst = max(exploded, key=lambda r: r["max_abs"])
+                return Evaluation(
+                    step, BAD, f"exploded: {worst['layer']} max|w| {worst['max_abs']:.3g}"
+                )
+            self.reference = stats
+            return None
+        factor, layer = growth(stats.model_layers(), self.reference.model_layers())
+        if factor >= GROWTH_LIMIT:
+            return Evaluation(
+                step, BAD, f"exploded: {layer} grew ×{factor:.3g} since the first good checkpoint"
+            )
+        return None
+
+    def _has_batch(self, step: int) -> bool:
+        return self.run is not None and step in set(self.run.batch_steps)
+
+    def _loss_verdict(self, step: int) -> Evaluation:
+        run = self.run
+        if self._model is None:
+            self._model = build_model(run.manifest.model).to(self.device)
+            self._loss_fn = build_loss(run.manifest.loss)
+        load_checkpoint(load_checkpoint_file(self.paths[step]), self._model, None)
+        batch = run.batch(step)
+        restore_rng(batch.rng)
+        data = {k: v.to(self.device) for k, v in batch.tensors.items()}
+        try:
+            with torch.no_grad(), autocast(self.device, run.manifest.autocast_dtype):
+                loss, _ = self._loss_fn(self._model, data)
+        except Exception as err:
+            text = (str(err).strip().splitlines() or [""])[0]
+            return Evaluation(
+                step, BAD, f"the loss on its batch raised {type(err).__name__}: {text}"
+            )
+        value = float(loss)
+        if not math.isfinite(value):
+            return Evaluation(
+                step, BAD, f"tensors finite, but the loss on its own batch is {value}"
+            )
+        return Evaluation(step, GOOD, f"tensors finite, loss on its own batch {value:.4g}")
+
+
+def _peak(stats: CheckpointStats) -> float:
+    return max((r["max_abs"] for r in stats.model_layers().values()), default=math.nan)
+
+
+def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
+    said = meta.get("step")
+    if said is not None and said != str(step):
+        raise DiagError(path, f"metadata says step {said!r}, its name says {step}")
+
+
+def bisect(
+    run: Run,
+    good: int | None = None,
+    bad: int | None = None,
+    device: torch.device | None = None,
+    progress: Callable[[Evaluation], None] | None = None,
+    predicate: str = "any",
+) -> BisectResult:
+    """Bisect a run directory, then replay from the last good checkpoint to the failing step."""
+    paths = run.checkpoint_paths()
+    if not paths:
+        raise DiagError(run.root / CHECKPOINTS, "no checkpoints to bisect")
+    result = _search_checkpoints(Judge(paths, predicate, run, device), good, bad, progress)
+    result.first_logged_failure = run.first_failure()
+    start, stop = _reconcile_with_log(result, Judge(paths, predicate, run, device))
+    if stop is not None:
+        _locate(result, run, start, stop, device or torch.device("cpu"))
+    _finish(result)
+    return result
+
+
+def bisect_checkpoints(
+    paths: dict[int, Path],
+    good: int | None = None,
+    bad: int | None = None,
+    progress: Callable[[Evaluation], None] | None = None,
+    predicate: str = "any",
+) -> BisectResult:
+    """Checkpoint-only mode for foreign runs: tensors alone, no batches to replay."""
+    if not paths:
+        raise DiagError(None, "no checkpoints to bisect")
+    result = _search_checkpoints(Judge(paths, predicate), good, bad, progress)
+    if result.first_bad_checkpoint is not None:
+        result.unresolved = {
+            "from": result.last_good,
+            "to": result.first_bad_checkpoint,
+            "missing_batches": "all",
+            "advice": "no batches in checkpoint-only mode: record the run with energydiag.Recorder, "
+            "or `energydiag convert --batch STEP=FILE` the batches you have and replay",
+        }
+    _finish(result)
+    return result
+
+
+def _search_checkpoints(
+    judge: Judge, good: int | None, bad: int | None, progress: Callable[[Evaluation], None] | None
+) -> BisectResult:
+    result = BisectResult(judge.predicate)
+
+    def evaluate(step: int) -> Evaluation:
+        e = judge(step)
+        result.evaluations.append(e)
+        if progress:
+            progress(e)
+        return e
+
+    steps = _candidates(sorted(judge.paths), good, bad)
+    result.last_good, result.first_bad_checkpoint = _search(steps, bad is not None, evaluate)
+    if all(e.status == UNREADABLE for e in result.evaluations):
+        raise DiagError(judge.paths[steps[0]].parent, "every checkpoint evaluated is unreadable")
+    _check_monotone(result)
+    return result
+
+
+def _candidates(steps: list[int], good: int | None, bad: int | None) -> list[int]:
+    for flag, value in (("--good", good), ("--bad", bad)):
+        if value is not None and value not in steps:
+            raise DiagError(
+                None, f"{flag} {value}: no checkpoint at that step (have {step_ranges(steps)})"
+            )
+    lo = steps.index(good) if good is not None else 0
+    hi = steps.index(bad) if bad is not None else len(steps) - 1
+    if hi < lo:
+        raise DiagError(None, f"--bad {bad} comes before --good {good}")
+    return steps[lo : hi + 1]
+
+
+def _search(steps: list[int], bad_given: bool, evaluate) -> tuple[int | None, int | None]:
+    """(last good, first bad) checkpoint steps; first bad is None when the end is good.
+
+    The first candidate is always evaluated: it is the reference the explosion predicate
+    measures growth against, and a bad first checkpoint means the run was bad from the start.
+    Unreadable checkpoints are dropped from the list and never counted as bad.
+    """
+    steps = list(steps)
+    while steps and (first := evaluate(steps[0])).status == UNREADABLE:
+        steps.pop(0)
+    if not steps:
+        return None, None
+    if first.status == BAD:
+        return None, steps[0]
+    if not bad_given:
+        while len(steps) > 1 and (last := evaluate(steps[-1])).status == UNREADABLE:
+            steps.pop()
+        if len(steps) == 1 or last.status == GOOD:
+            return steps[-1], None
+    lo, hi = 0, len(steps) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        status = evaluate(steps[mid]).status
+        if status == UNREADABLE:
+            steps.pop(mid)
+            hi -= 1
+        elif status == BAD:
+            hi = mid
+        else:
+            lo = mid
+    return steps[lo], steps[hi]
+
+
+def _check_monotone(result: BisectResult) -> None:
+    seen = sorted((e.step, e.status) for e in result.evaluations if e.status != UNREADABLE)
+    first_bad = next((s for s, status in seen if status == BAD), None)
+    later_good = [
+        s for s, status in seen if status == GOOD and first_bad is not None and s > first_bad
+    ]
+    if later_good:
+        result.warnings.append(
+            f"non-monotone run: checkpoint {first_bad} is bad but later checkpoint {later_good[0]} "
+            "is healthy by the same predicate"
+        )
+
+
+def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None, int | None]:
+    """The interval to replay: the search's, unless the log (loss, gradient norm,
+    failure.json) fails before any bad checkpoint; then from the checkpoint before that step.
+
+    A log failure that no checkpoint shows is called non-monotone only when the checkpoint at or
+    after it is bad by the same predicate and a later one is healthy.
+    """
+    logged, bad = result.first_logged_failure, result.first_bad_checkpoint
+    if logged is None or (bad is not None and logged >= bad):
+        return result.last_good, bad
+    steps = sorted(judge.paths)
+    after = [s for s in steps if s >= logged]
+    if bad is None and after:
+        evidence = judge(after[0])
+        result.evaluations.append(evidence)
+        if evidence.status == BAD:
+            result.first_bad_checkpoint = evidence.step
+            if evidence.step < steps[-1]:
+                result.warnings.append(
+                    f"non-monotone run: the log fails at step {logged} and checkpoint "
+                    f"{evidence.step} is bad, yet the last checkpoint {steps[-1]} is healthy by "
+                    "the same predicate"
+                )
+    if result.first_bad_checkpoint is None or result.first_bad_checkpoint > logged:
+        result.warnings.append(
+            f"the log fails at step {logged}, before any checkpoint this predicate calls bad"
+        )
+    before = [s for s in steps if s <= logged]
+    return (before[-1] if before else None), logged
+
+
+def _locate(
+    result: BisectResult, run: Run, start: int | None, stop: int, device: torch.device
+) -> None:
+    """Replay from ``start`` (a checkpoint) to the exact failing step, or say what is missing."""
+    if start is None:
+        result.unresolved = {
+            "from": None,
+            "to": stop,
+            "missing_batches": None,
+            "advice": "the earliest checkpoint is already bad: record from an earlier step",
+        }
+        return
+    have = set(run.batch_steps)
+    missing = [s for s in range(start, stop + 1) if s not in have]
+    usable_to = (missing[0] - 1) if missing else stop
+    if usable_to >= start:
+        result.replay = judge(run, replay(run, start, to_step=usable_to, device=device))
+        fault = result.replay.fault
+        if fault:
+            result.first_bad_step = fault.step
+            return
+        grew = _grew_at(result.replay.result.steps)
+        if grew is not None:
+            result.first_bad_step = grew
+            return
+    if missing:
+        gap = max(stop - start, 1)
+        result.unresolved = {
+            "from": start,
+            "to": stop,
+            "missing_batches": step_ranges(missing),
+            "advice": f"log the batches for steps {step_ranges(missing)}: e.g. Recorder(keep_batches>={gap}) "
+            f"or persist_batches=True, or checkpoint more often than every {gap} steps",
+        }
+    else:
+        result.unresolved = {
+            "from": start,
+            "to": stop,
+            "missing_batches": None,
+            "advice": f"the replay from checkpoint {start} through step {usable_to} stays healthy, yet "
+            f"checkpoint {stop} is bad: the run directory does not hold what changed (a "
+            "hyperparameter, optimizer state, weights edited outside the step)",
+        }
+
+
+def _grew_at(rows: list[dict[str, Any]]) -> int | None:
+    """The step whose update took the parameter norm past ×GROWTH_LIMIT of where it started."""
+    base = rows[0]["param_norm"] if rows else math.nan
+    for row in rows:
+        if math.isfinite(base) and base > 0 and row["param_norm"] >= GROWTH_LIMIT * base:
+            return row["step"]
+    return None
+
+
+def _finish(result: BisectResult) -> None:
+    result.findings = rules.ranked(
+        [
+            *(result.replay.findings if result.replay else []),
+            rules.unresolved_interval(result.unresolved),
+            rules.non_monotone(result.warnings),
+        ]
+    )

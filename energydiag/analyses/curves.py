@@ -1,0 +1,298 @@
+"""Forensics on a logged metric curve: plateaus, exact-constant stretches, spikes, divergence,
+oscillation and the first non-finite value, each with the step range where it happens.
+
+Everything is vectorised (numpy, pandas rolling windows) so a ten-million-row log takes seconds.
+For InfoNCE losses, the plateau's level is compared with the bounds the configuration allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from energydiag import findings as rules
+from energydiag.analyses.head import find_head
+from energydiag.engine.plugins import build_model
+from energydiag.io.metrics import metric_series
+from energydiag.io.rundir import Run
+from energydiag.reference.losses import infonce_bounds
+
+SPIKE_Z = 8.0
+SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
+MIN_PLATEAU_POINTS = 5  # a plateau covers at least this many logged points ...
+MIN_PLATEAU_SPAN = 0.1  # ... and at least this fraction of the logged steps
+FLAT_REL = 0.01  # a window is flat when its net change is under 1% of the level ...
+QUIET_REL = 0.02  # ... and its noise (MAD) under 2% of the level
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int
+    level: float
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class CurveReport:
+    metric: str
+    points: int
+    window: int
+    first_nonfinite: int | None = None
+    plateaus: list[Segment] = field(default_factory=list)
+    constant: list[Segment] = field(default_factory=list)
+    spikes: list[dict[str, float]] = field(default_factory=list)
+    divergence: Segment | None = None
+    oscillations: list[Segment] = field(default_factory=list)
+    bounds: dict[str, float] | None = None
+    plateau_on: str | None = None
+    findings: list[rules.Finding] = field(default_factory=list)
+    display: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def analyse(
+    frame: pd.DataFrame,
+    metric: str,
+    window: int | None = None,
+    bounds: dict[str, float] | None = None,
+) -> CurveReport:
+    steps, values = metric_series(frame, metric)
+    finite = np.isfinite(values)
+    report = CurveReport(metric, len(values), 0, bounds=bounds)
+    if not finite.all():
+        report.first_nonfinite = int(steps[np.argmin(finite)])
+    steps, values = steps[finite], values[finite]
+    report.display = _display(steps, values, values)
+    if len(values) < MIN_PLATEAU_POINTS:
+        report.findings = rules.ranked([rules.curve_nonfinite(report.first_nonfinite, metric)])
+        return report
+    w = window or int(np.clip(len(values) // 20, 3 if len(values) < 200 else 10, 100_000))
+    report.window = w
+    smooth = _rolling_median(values, max(3 if len(values) < 60 else 5, min(w // 2, 501)))
+    # Noise from first differences (sigma = 1.4826 * median|dx| / sqrt 2): residuals from a rolling
+    # median are exactly zero at the median point and would bias the scale low.
+    jumps = np.abs(np.diff(values, prepend=values[0]))
+    local = _rolling_median(jumps, max(11, min(w, 1001))) * (1.4826 / math.sqrt(2))
+    # A few quiet points must not make ordinary noise look like a spike: floor the local scale at
+    # half the series' typical noise.
+    noise = np.maximum(local, 0.5 * float(np.median(local)))
+    loss_like = "loss" in metric.lower()
+    report.constant = _constant(steps, values, min_len=max(MIN_PLATEAU_POINTS, w // 2))
+    report.plateaus = _plateaus(steps, smooth, noise, w)
+    report.divergence = _divergence(steps, smooth, noise, w, report.first_nonfinite is not None)
+    rise_from = report.divergence.start if report.divergence else None
+    nearby = _rolling_median(values, 7)  # narrow: a wide median lags on slopes near the edges
+    report.spikes = [
+        p
+        for p in _spikes(steps, values, nearby, noise)
+        if rise_from is None or p["step"] < rise_from
+    ]
+    report.oscillations = _oscillations(steps, values, smooth, w) if loss_like else []
+    report.display = _display(steps, values, smooth)
+    if bounds and report.plateaus:
+        last = report.plateaus[-1]
+        inside = values[(steps >= last.start) & (steps <= last.end)]
+        report.plateau_on = _which_bound(last.level, _spread(inside), bounds)
+    report.findings = rules.ranked(
+        [
+            rules.curve_nonfinite(report.first_nonfinite, metric),
+            rules.curve_plateau(report.plateaus, report.plateau_on, bounds, metric),
+            rules.curve_constant(report.constant, metric, loss_like),
+            rules.curve_divergence(report.divergence, metric),
+            rules.curve_spikes(report.spikes, metric),
+            rules.curve_oscillation(report.oscillations, metric),
+        ]
+    )
+    return report
+
+
+def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | None:
+    """Mean of the first and of the last ``fraction`` of the finite values: where a curve went."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    k = max(1, int(len(finite) * fraction))
+    return sum(finite[:k]) / k, sum(finite[-k:]) / k
+
+
+def infonce_curve_bounds(
+    batch_size: int, tau: float, energy_span: float | None
+) -> dict[str, float]:
+    """Chance (log B) always; the floor too when the head's energy span is bounded."""
+    b = infonce_bounds(batch_size, tau, energy_span if energy_span is not None else math.inf)
+    out = {"chance": b["chance"], "batch_size": batch_size, "tau": tau}
+    if energy_span is not None and math.isfinite(energy_span):
+        out |= {"floor": b["floor"], "energy_span": energy_span}
+    return out
+
+
+def _rolling_median(values: np.ndarray, width: int) -> np.ndarray:
+    return pd.Series(values).rolling(width, center=True, min_periods=1).median().to_numpy()
+
+
+def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+    """Index ranges [a, b) where ``mask`` holds, at least ``min_len`` long."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [
+        (int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a >= min_len
+    ]
+
+
+def _segments(spans: list[tuple[int, int]], steps: np.ndarray, values: np.ndarray) -> list[Segment]:
+    return [
+        Segment(int(steps[a]), int(steps[b - 1]), float(np.median(values[a:b]))) for a, b in spans
+    ]
+
+
+def _runs(mask: np.ndarray, steps: np.ndarray, values: np.ndarray, min_len: int) -> list[Segment]:
+    return _segments(_spans(mask, min_len), steps, values)
+
+
+def _constant(steps: np.ndarray, values: np.ndarray, min_len: int) -> list[Segment]:
+    """Stretches of bit-identical values: a run of equal neighbour pairs [a, b) covers points a..b."""
+    same = values[1:] == values[:-1]
+    return _segments([(a, b + 1) for a, b in _spans(same, min_len - 1)], steps, values)
+
+
+def _covered(flags: np.ndarray, width: int, n: int) -> np.ndarray:
+    """Points covered by any window [i, i + width) whose start i is flagged."""
+    count = np.zeros(n + 1, dtype=np.int64)
+    starts = np.flatnonzero(flags)
+    np.add.at(count, starts, 1)
+    np.add.at(count, np.minimum(starts + width, n), -1)
+    return np.cumsum(count)[:n] > 0
+
+
+def _plateaus(steps: np.ndarray, smooth: np.ndarray, noise: np.ndarray, w: int) -> list[Segment]:
+    """Flat, quiet stretches covering enough logged points and enough of the logged steps."""
+    n = len(smooth)
+    if n <= w:
+        w = n - 1
+    level = np.maximum(np.abs(smooth[: n - w]), 1e-12)
+    change = np.abs(smooth[w:] - smooth[: n - w])
+    flat = (change < FLAT_REL * level) & (noise[: n - w] < QUIET_REL * level)
+    found = _runs(_covered(flat, w + 1, n), steps, smooth, min_len=max(w, MIN_PLATEAU_POINTS))
+    span = max(int(steps[-1] - steps[0]), 1)
+    return [s for s in found if s.length >= MIN_PLATEAU_SPAN * span]
+
+
+def _spikes(
+    steps: np.ndarray, values: np.ndarray, reference: np.ndarray, noise: np.ndarray
+) -> list[dict[str, float]]:
+    scale = np.maximum(noise, SPIKE_FLOOR_REL * np.maximum(np.abs(reference), 1e-12))
+    z = (values - reference) / scale
+    idx = np.flatnonzero(np.abs(z) > SPIKE_Z)
+    top = idx[np.argsort(-np.abs(z[idx]))][:20]
+    return [
+        {"step": int(steps[i]), "value": float(values[i]), "z": float(z[i])} for i in sorted(top)
+    ]
+
+
+def _divergence(
+    steps: np.ndarray, smooth: np.ndarray, noise: np.ndarray, w: int, ends_nonfinite: bool
+) -> Segment | None:
+    """A rise above the running minimum that lasts to the end of the log (or to a NaN)."""
+    floor = np.minimum.accumulate(smooth)
+    threshold = np.maximum(0.5 * np.abs(floor), 10 * noise)
+    above = smooth - floor > threshold
+    if not above[-1]:
+        return None
+    start = len(above) - int(np.argmin(above[::-1])) if not above.all() else 0
+    if len(above) - start < min(w, 10) and not ends_nonfinite:
+        return None
+    return Segment(int(steps[start]), int(steps[-1]), float(floor[start]))
+
+
+def _oscillations(
+    steps: np.ndarray, values: np.ndarray, smooth: np.ndarray, w: int
+) -> list[Segment]:
+    """Windows whose detrended values alternate (lag-1 autocorrelation < -0.5) with real amplitude.
+
+    Detrended by an even-width rolling mean, which sits exactly between the two branches of an
+    alternating series (a rolling median jumps from one branch to the other).
+    """
+    width = max(4, (w // 2) // 2 * 2)
+    resid = values - pd.Series(values).rolling(width, center=True, min_periods=1).mean().to_numpy()
+    m = len(resid) // w
+    if m == 0:
+        return []
+    chunks = resid[: m * w].reshape(m, w)
+    levels = np.maximum(np.abs(smooth[: m * w].reshape(m, w).mean(axis=1)), 1e-12)
+    centred = chunks - chunks.mean(axis=1, keepdims=True)
+    denom = (centred**2).sum(axis=1)
+    lag1 = (centred[:, 1:] * centred[:, :-1]).sum(axis=1) / np.where(denom > 0, denom, 1)
+    amplitude = chunks.std(axis=1)
+    hits = (lag1 < -0.5) & (amplitude > 0.02 * levels)
+    merged = _runs(np.repeat(hits, w), steps[: m * w], np.repeat(amplitude, w), min_len=w)
+    return merged
+
+
+def _spread(values: np.ndarray) -> float:
+    """Robust noise of a stretch: 1.4826 × the median absolute deviation."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if len(values) else 0.0
+
+
+def _which_bound(level: float, noise: float, bounds: dict[str, float]) -> str | None:
+    """'chance' or 'floor' when the level is within its own noise of it (and within 0.5%);
+    a level measurably below chance is not at chance."""
+    chance, floor = bounds["chance"], bounds.get("floor", 0.0)
+    tolerance = max(3 * noise, 0.005 * chance)
+    if abs(level - chance) <= tolerance:
+        return "chance"
+    if "floor" in bounds and abs(level - floor) <= tolerance:
+        return "floor"
+    return None
+
+
+def _display(
+    steps: np.ndarray, values: np.ndarray, smooth: np.ndarray, points: int = 2000
+) -> dict[str, list[float]]:
+    """At most ``points`` bins (median of each) for plots and sparklines, whatever the log's length."""
+    bins = np.array_split(np.arange(len(values)), min(points, len(values)))
+    pick = np.array([b[len(b) // 2] for b in bins])
+    return {
+        "step": steps[pick].tolist(),
+        "value": [float(np.median(values[b])) for b in bins],
+        "smooth": smooth[pick].tolist(),
+    }
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One block character per bin: the curve at terminal size."""
+    if not values:
+        return ""
+    medians = np.array(
+        [np.median(b) for b in np.array_split(np.asarray(values), min(width, len(values)))]
+    )
+    lo, hi = medians.min(), medians.max()
+    blocks = "▁▂▃▄▅▆▇█"
+    scaled = np.zeros_like(medians) if hi == lo else (medians - lo) / (hi - lo) * (len(blocks) - 1)
+    return "".join(blocks[int(round(v))] for v in scaled)
+
+
+def run_bounds(run: Run) -> dict[str, float] | None:
+    """InfoNCE bounds from a run: tau from the loss kwargs, B from a logged batch, the head's span."""
+    tau = run.manifest.loss.kwargs.get("tau")
+    if (
+        tau is None
+        or not run.batch_steps
+        or run.manifest.loss.name not in (None, "inbatch_infonce")
+    ):
+        return None
+    batch = run.batch(run.batch_steps[0])
+    try:  # the head's bound does not depend on the weights: a freshly built model shows it
+        head = find_head(build_model(run.manifest.model), batch.tensors)
+    except Exception:  # a model that raises on its own batch: no bound, the rest still holds
+        head = None
+    return infonce_curve_bounds(batch.size, float(tau), None if head is None else head.span)

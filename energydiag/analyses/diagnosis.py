@@ -1,0 +1,92 @@
+"""One-shot diagnosis of a run: the path a person would take, automated.
+
+If the run failed (a non-finite loss or gradient norm in the log, or failure.json, which also
+records exceptions), replay to the failing step and localise it. Otherwise inspect the latest
+checkpoint that has a logged batch (against the run's first checkpoint) and analyse the loss
+curve. The verdict is never "healthy" while any of them reports an error, and a run with nothing
+to replay says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from energydiag import findings as rules
+from energydiag.analyses.curves import analyse, run_bounds, trend
+from energydiag.analyses.inspection import inspect
+from energydiag.analyses.replaying import replay_report
+from energydiag.engine.localise import Fault
+from energydiag.errors import DiagError
+from energydiag.io.layout import checkpoint_path
+from energydiag.io.rundir import Run
+
+MIN_CURVE_POINTS = 5
+
+
+@dataclass
+class Diagnosis:
+    run: str
+    verdict: str
+    loss_start: float | None
+    loss_end: float | None
+    fault: Fault | None
+    findings: list[rules.Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "verdict": self.verdict,
+            "loss_start": self.loss_start,
+            "loss_end": self.loss_end,
+            "fault": self.fault.to_dict() if self.fault else None,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
+    losses = run.logged()
+    start, end = trend(list(losses.values())) or (None, None)
+    failed = run.first_failure()
+    if failed is not None:
+        return _failed(run, failed, start, end, device)
+    found = _curve(run, losses) + _inspected(run, device)
+    verdict = "healthy"
+    if rules.has_code(found, "checkpoint.exploded") or rules.has_code(found, "checkpoint.grown"):
+        verdict = "exploded"
+    elif rules.has_error(found):
+        verdict = "stalled"
+    elif not run.checkpoints_with_batches:
+        verdict = "unchecked"
+    return Diagnosis(str(run.root), verdict, start, end, None, rules.ranked(found))
+
+
+def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
+    try:
+        report = replay_report(run, step, to_step=step, device=device)
+    except DiagError as err:  # batches or checkpoints missing: say what could not be done
+        why = rules.cannot_replay(step, str(err))
+        return Diagnosis(str(run.root), "non-finite (not localised)", start, end, None, [why])
+    fault = report.fault
+    verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"
+    return Diagnosis(str(run.root), verdict, start, end, fault, report.findings)
+
+
+def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:
+    if sum(math.isfinite(v) for v in losses.values()) < MIN_CURVE_POINTS:
+        return []
+    try:
+        bounds = run_bounds(run)
+    except DiagError:
+        bounds = None
+    return analyse(run.metrics(), "loss", bounds=bounds).findings
+
+
+def _inspected(run: Run, device: torch.device | None) -> list[rules.Finding]:
+    with_batch = run.checkpoints_with_batches
+    if not with_batch:
+        return [rules.no_batches(run.checkpoint_steps)]
+    return inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device).findings

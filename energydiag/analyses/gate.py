@@ -1,0 +1,239 @@
+"""A CI gate: measure a run, compare the numbers with thresholds and a stored baseline.
+
+Measurements come from the recorded artefacts (metrics.jsonl; the latest checkpoint that has a
+logged batch, inspected) and, with ``steps``, a fresh replay of that many logged steps. Each check
+is a small function that passes, fails with its evidence, or is skipped when its data is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from energydiag.analyses.curves import analyse, trend
+from energydiag.analyses.inspection import inspect
+from energydiag.analyses.replaying import replay_report
+from energydiag.io.check_config import CheckConfig
+from energydiag.io.layout import checkpoint_path
+from energydiag.io.rundir import Run
+
+PASS, FAIL, SKIP = "passed", "failed", "skipped"
+# For the baseline comparison: +1 when larger is better, -1 when smaller is better.
+DIRECTION = {
+    "loss_end": -1,
+    "loss_drop": +1,
+    "logit_spread": +1,
+    "energy_span": +1,
+    "saturation": -1,
+    "plateau_fraction": -1,
+    "plateau_steps": -1,
+    "grad_norm_max": -1,
+}
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckReport:
+    run: str
+    config: dict[str, float]
+    measurements: dict[str, Any]
+    checks: list[CheckResult]
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "passed": not self.failed,
+            "config": self.config,
+            "measurements": self.measurements,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def measure(
+    run: Run, steps: int | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    losses = run.logged("loss")
+    if losses:
+        m["logged_steps"] = len(losses)
+        m["first_nonfinite_step"] = run.first_failure()
+        ends = trend(list(losses.values()))
+        if ends:
+            m["loss_start"], m["loss_end"] = ends
+            m["loss_drop"] = (ends[0] - ends[1]) / abs(ends[0]) if ends[0] else 0.0
+        curve = analyse(run.metrics(), "loss")
+        # non-finite values are the no_nonfinite check's; this one is about the curve's shape
+        m["curve_errors"] = [
+            f.code for f in curve.findings if f.severity == "error" and f.code != "curve.nonfinite"
+        ]
+        longest = max(curve.plateaus, key=lambda p: p.length, default=None)
+        m["plateau_steps"] = longest.length if longest else 0
+        points = sum(longest.start <= s <= longest.end for s in losses) if longest else 0
+        m["plateau_fraction"] = points / len(losses)
+    norms = [v for v in run.logged("grad_norm").values() if math.isfinite(v)]
+    if norms:
+        m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
+    m |= _inspected(run, device)
+    if steps:
+        m |= _replayed(run, steps, device)
+    return m
+
+
+def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
+    with_batch = run.checkpoints_with_batches
+    if not with_batch:
+        return {}
+    report = inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device)
+    out: dict[str, Any] = {
+        "inspected_step": with_batch[-1],
+        "checkpoint_nonfinite": sum(t.nonfinite for t in report.checkpoint.tensors),
+    }
+    out["exploded_layers"] = len(report.checkpoint.stats.exploded())
+    if report.batch:
+        e = report.batch.energy
+        out["energy_span"] = e["energy_max"] - e["energy_min"]
+        out["logit_spread"] = e.get("logit_spread")
+        out["saturation"] = max((s["fraction"] for s in report.batch.saturation), default=0.0)
+        out["retrieval_over_chance"] = e["retrieval_accuracy"] - 1.0 / report.batch.candidates
+        out["pos_neg_gap"] = e["pos_neg_gap"]
+        out["contrastive_errors"] = [
+            f.code
+            for f in report.batch.findings
+            if f.code.startswith(("contrastive.", "loss.")) and f.severity == "error"
+        ]
+    return out
+
+
+def _replayed(run: Run, steps: int, device: torch.device | None) -> dict[str, Any]:
+    logged = set(run.batch_steps)
+    starts = [s for s in run.checkpoint_steps if all(t in logged for t in range(s, s + steps))]
+    if not starts:
+        return {"replay": f"no checkpoint is followed by {steps} logged batches"}
+    report = replay_report(run, starts[-1], to_step=starts[-1] + steps - 1, device=device)
+    fid = report.fidelity
+    return {
+        "replay_from": starts[-1],
+        # None (skipped, never passed) when no finite pair was compared: NaN = NaN proves nothing
+        "replay_max_deviation": fid["max_loss_deviation"],
+        "replay_compared": fid["compared"],
+        "replay_expected": fid["expected"],
+        "replay_fault_step": report.fault.step if report.fault else None,
+    }
+
+
+def evaluate(
+    measurements: dict[str, Any], config: CheckConfig, baseline: dict[str, Any] | None = None
+) -> list[CheckResult]:
+    m, c = measurements, config
+    results = [
+        _no_nonfinite(m),
+        _bound("loss_decreases", m, "loss_drop", low=c.min_loss_drop),
+        _bound("no_long_plateau", m, "plateau_fraction", high=c.max_plateau_fraction),
+        _bound("plateau_steps", m, "plateau_steps", high=c.max_plateau_steps),
+        _bound("logit_spread", m, "logit_spread", low=c.min_logit_spread),
+        _bound("energy_span", m, "energy_span", low=c.min_energy_span),
+        _bound("saturation", m, "saturation", high=c.max_saturation),
+        _bound("grad_norm_floor", m, "grad_norm_min", low=c.min_grad_norm),
+        _bound("grad_norm_ceiling", m, "grad_norm_max", high=c.max_grad_norm),
+        _bound("replay_fidelity", m, "replay_max_deviation", high=c.max_replay_deviation),
+        _bound("retrieval_above_chance", m, "retrieval_over_chance", low=1e-12),
+        _bound("energy_gap_sign", m, "pos_neg_gap", low=0.0),
+        _bound("not_exploded", m, "exploded_layers", high=0),
+        _no_errors("contrastive_health", m, "contrastive_errors"),
+        _no_errors("curve_health", m, "curve_errors"),
+    ]
+    if baseline is not None:
+        results.append(_baseline(m, baseline, c.baseline_tolerance))
+    return results
+
+
+def check(
+    run: Run,
+    config: CheckConfig,
+    steps: int | None = None,
+    baseline: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> CheckReport:
+    measurements = measure(run, steps, device)
+    return CheckReport(
+        str(run.root), asdict(config), measurements, evaluate(measurements, config, baseline)
+    )
+
+
+def _no_nonfinite(m: dict[str, Any]) -> CheckResult:
+    evidence = _pick(m, "first_nonfinite_step", "checkpoint_nonfinite", "replay_fault_step")
+    if not evidence:
+        return CheckResult(
+            "no_nonfinite", SKIP, "no logged loss, checkpoint or replay to look at", {}
+        )
+    bad = {k: v for k, v in evidence.items() if v}  # a step or a count; None and 0 are clean
+    if not bad:
+        return CheckResult(
+            "no_nonfinite", PASS, "no non-finite loss, checkpoint value or replayed step", evidence
+        )
+    said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items())
+    return CheckResult("no_nonfinite", FAIL, f"non-finite values: {said}", evidence)
+
+
+def _no_errors(name: str, m: dict[str, Any], key: str) -> CheckResult:
+    codes = m.get(key)
+    if codes is None:
+        return CheckResult(name, SKIP, f"no {key.replace('_', ' ')} measured", {})
+    if codes:
+        return CheckResult(name, FAIL, f"error finding(s): {', '.join(codes)}", {key: codes})
+    return CheckResult(name, PASS, "no error findings", {})
+
+
+def _bound(
+    name: str, m: dict[str, Any], key: str, low: float | None = None, high: float | None = None
+) -> CheckResult:
+    value = m.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return CheckResult(name, SKIP, f"no {key} measured", {})
+    evidence = {key: value, "min": low, "max": high}
+    if low is not None and value < low:
+        return CheckResult(
+            name, FAIL, f"{key} {value:.4g} is below the minimum {low:.4g}", evidence
+        )
+    if high is not None and value > high:
+        return CheckResult(
+            name, FAIL, f"{key} {value:.4g} is above the maximum {high:.4g}", evidence
+        )
+    return CheckResult(name, PASS, f"{key} {value:.4g}", evidence)
+
+
+def _baseline(m: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> CheckResult:
+    """Every metric both reports share may be worse than the baseline by at most ``tolerance``."""
+    base = baseline.get("measurements", baseline)
+    regressions = {}
+    for key, sign in DIRECTION.items():
+        now, then = m.get(key), base.get(key)
+        if not isinstance(now, int | float) or not isinstance(then, int | float):
+            continue
+        allowed = tolerance * max(abs(then), 1e-12)
+        if sign * (then - now) > allowed:
+            regressions[key] = {"baseline": then, "now": now, "allowed_change": allowed}
+    if not regressions:
+        return CheckResult(
+            "baseline", PASS, f"no metric regressed by more than {tolerance:.0%}", {}
+        )
+    worst = ", ".join(f"{k} {v['baseline']:.4g} → {v['now']:.4g}" for k, v in regressions.items())
+    return CheckResult("baseline", FAIL, f"regressed against the baseline: {worst}", regressions)
+
+
+def _pick(m: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: m[k] for k in keys if k in m}

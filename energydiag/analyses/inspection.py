@@ -1,0 +1,388 @@
+"""What is in a checkpoint, and what the energy model does on a batch.
+
+Two parts. The checkpoint part streams the file one tensor at a time (analyses.checkpoint_stats)
+and flags non-finite values, exploded-but-finite layers (on their own, and against the run's
+first checkpoint when there is a run), Adam blow-up risk and autocast overflow. The batch part
+runs the run's real forward and backward under the instrument and measures what explains a
+stalled contrastive loss: energy range, logit spread, loss bounds, retrieval, saturation, the
+head's bound (found by what the model does), activations and gradient norms.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from energydiag import findings as rules
+from energydiag.analyses.checkpoint_stats import (
+    ADAM_RATIO_LIMIT,
+    EXPLODED_ABS,
+    CheckpointStats,
+    TensorStats,
+    checkpoint_stats,
+)
+from energydiag.analyses.head import Head, find_head
+from energydiag.analyses.timeline import GROWTH_LIMIT, growth
+from energydiag.engine.activations import ModuleOutputs
+from energydiag.engine.instrument import Instrument
+from energydiag.engine.localise import all_masked_samples
+from energydiag.engine.observers import SaturationCounter
+from energydiag.engine.plugins import LossFn, build_loss, build_model
+from energydiag.engine.quantities import by_layer, energy_stats, scored_energies
+from energydiag.engine.session import load_checkpoint
+from energydiag.engine.step import autocast
+from energydiag.errors import DiagError
+from energydiag.io.layout import MANIFEST, checkpoint_path
+from energydiag.io.manifest import LossSpec, ModelSpec
+from energydiag.io.rundir import (
+    Batch,
+    Run,
+    load_batch_file,
+    load_checkpoint_file,
+    load_checkpoint_step,
+)
+from energydiag.io.state import restore_rng
+from energydiag.io.torchfiles import open_reader
+from energydiag.reference.losses import energy_matrix, infonce_bounds
+
+NORM_OUTLIER = 100.0
+DEFAULT_LOSS = LossSpec(name="inbatch_infonce", kwargs={"tau": 0.5})
+_STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass
+class CheckpointReport:
+    stats: CheckpointStats
+    step: int | None
+    history: dict[str, Any] | None = None
+    findings: list[rules.Finding] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[TensorStats]:
+        return self.stats.tensors
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.stats.to_dict() | {
+            "step": self.step,
+            "history": self.history,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint holds: its metadata, else the last number in its file name."""
+    step = load_checkpoint_step(path) if path.suffix == ".safetensors" else -1
+    if step >= 0:
+        return step
+    found = _STEP_IN_NAME.search(path.name)
+    return int(found.group(1)) if found else None
+
+
+def checkpoint_report(
+    path: Path,
+    autocast_dtype: str | None = None,
+    first: Path | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> CheckpointReport:
+    with open_reader(path) as reader:
+        stats = checkpoint_stats(reader, autocast_dtype, progress)
+    report = CheckpointReport(stats, step_of(path))
+    if first is not None and Path(first).resolve() != Path(path).resolve():
+        with open_reader(first) as reader:
+            reference = checkpoint_stats(reader)
+        factor, layer = growth(stats.model_layers(), reference.model_layers())
+        report.history = {"first": str(first), "growth": factor, "layer": layer}
+    report.findings = rules.ranked(
+        [
+            rules.nonfinite_tensors([asdict(t) for t in stats.tensors if t.nonfinite]),
+            rules.checkpoint_exploded(stats.exploded(EXPLODED_ABS), EXPLODED_ABS),
+            rules.grown_since_first(report.history, GROWTH_LIMIT),
+            rules.norm_outliers(_norm_outliers(stats.tensors)),
+            rules.adam_blowup_risk(stats.adam, ADAM_RATIO_LIMIT),
+            rules.beyond_autocast_range(
+                [asdict(t) for t in stats.tensors if t.beyond_autocast_range], autocast_dtype
+            ),
+        ]
+    )
+    return report
+
+
+def _norm_outliers(tensors: list[TensorStats]) -> list[dict[str, Any]]:
+    """Parameters whose RMS is ≥100× (or ≤1/100 of) the median of same-role parameters."""
+    peers: dict[str, list[TensorStats]] = {}
+    for t in tensors:
+        if t.group == "model" and t.numel > 1 and math.isfinite(t.rms):
+            peers.setdefault(t.name.rsplit(".", 1)[-1], []).append(t)
+    outliers = []
+    for role, items in peers.items():
+        if len(items) < 3:
+            continue
+        median = sorted(t.rms for t in items)[len(items) // 2]
+        for t in items:
+            ratio = t.rms / median if median else math.inf
+            if ratio >= NORM_OUTLIER or 0 < ratio <= 1 / NORM_OUTLIER:
+                outliers.append(
+                    {
+                        "tensor": t.name,
+                        "rms": t.rms,
+                        "peer_median_rms": median,
+                        "ratio": ratio,
+                        "role": role,
+                    }
+                )
+    return outliers
+
+
+# --- the model on a batch ----------------------------------------------------------------------
+
+
+@dataclass
+class BatchReport:
+    step: int
+    batch_size: int
+    candidates: int
+    tau: float | None
+    tau_source: str
+    loss_name: str
+    loss: float
+    energy: dict[str, float]
+    head: dict[str, Any] | None
+    bounds: dict[str, dict[str, float]]
+    loss_position: float | None
+    saturation: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    param_grad_norms: dict[str, float]
+    all_masked_samples: list[int]
+    findings: list[rules.Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batch_report(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loss_spec: LossSpec,
+    batch: Batch,
+    device: torch.device,
+    tau: tuple[float | None, str],
+    autocast_dtype: str | None = None,
+) -> BatchReport:
+    data = {k: v.to(device) for k, v in batch.tensors.items()}
+    head = find_head(model, data)
+    restore_rng(batch.rng)
+    saturation, outputs = SaturationCounter(), ModuleOutputs(model)
+    with outputs.attached(), Instrument([saturation]).attached(), autocast(device, autocast_dtype):
+        loss, diagnostics = loss_fn(model, data)
+    if loss.requires_grad:
+        loss.backward()
+    matrix, positive_first = scored_energies(diagnostics) or (None, False)
+    if matrix is None:  # a plug-in loss that reports no energies: score the in-batch matrix
+        with torch.no_grad():
+            matrix = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask"))
+    energy = {k: float(v) for k, v in energy_stats(matrix, tau[0], positive_first).items()}
+    report = BatchReport(
+        step=batch.step,
+        batch_size=matrix.shape[0],
+        candidates=matrix.shape[1],
+        tau=tau[0],
+        tau_source=tau[1],
+        loss_name=loss_spec.label,
+        loss=float(loss.detach()),
+        energy=energy,
+        head=None
+        if head is None
+        else {"bounds": list(head.bounds), "source": head.source, "module": head.module},
+        bounds=_bounds(matrix.shape[1], tau[0], energy, head),
+        loss_position=None,
+        saturation=[asdict(s) | {"fraction": s.fraction} for s in saturation.rows()],
+        layers=[_layer_row(r) for r in outputs.finish()],
+        param_grad_norms={
+            k: float(v)
+            for k, v in by_layer(
+                [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+            ).items()
+        },
+        all_masked_samples=all_masked_samples(data),
+    )
+    report.findings = _batch_findings(report, batch, head, loss_spec)
+    return report
+
+
+def _bounds(
+    candidates: int, tau: float | None, energy: dict[str, float], head: Head | None
+) -> dict:
+    if tau is None:
+        return {}
+    bounds = {
+        "observed": infonce_bounds(candidates, tau, energy["energy_max"] - energy["energy_min"])
+    }
+    if head is not None and math.isfinite(head.span):
+        bounds["head"] = infonce_bounds(candidates, tau, head.span)
+    return bounds
+
+
+def _batch_findings(report: BatchReport, batch: Batch, head: Head | None, loss: LossSpec) -> list:
+    reach = report.bounds.get("head") or report.bounds.get("observed")
+    infonce = loss.name in ("inbatch_infonce", "infonce_negatives") or "tau" in loss.kwargs
+    if reach and reach["chance"] > reach["floor"]:
+        report.loss_position = (report.loss - reach["floor"]) / (reach["chance"] - reach["floor"])
+    span = head.span if head else None
+    return rules.ranked(
+        [
+            rules.all_masked_rows(report.all_masked_samples, str(batch.path)),
+            rules.saturation(report.saturation),
+            rules.loss_position(report.loss, reach, report.candidates)
+            if reach and infonce
+            else None,
+            rules.narrow_energy_range(report.energy, report.tau),
+            rules.bounded_head_floor(
+                head.bounds if head else None,
+                report.tau,
+                report.candidates,
+                infonce_bounds(report.candidates, report.tau, span)
+                if span and report.tau
+                else None,
+            ),
+            rules.unreachable_margin(loss.kwargs.get("margin"), head.bounds if head else None),
+            rules.contrastive_health(
+                report.energy, report.candidates, loss.label, loss.kwargs.get("margin")
+            ),
+            rules.stuck_between_floor_and_chance(report.loss_position, report.energy, report.tau),
+            rules.coarse_inputs(_half_inputs(batch.tensors), report.energy),
+            rules.dead_gradients(report.param_grad_norms, report.step),
+        ]
+    )
+
+
+def _half_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {
+        k: str(t.dtype).replace("torch.", "")
+        for k, t in tensors.items()
+        if t.dtype in (torch.bfloat16, torch.float16)
+    }
+
+
+def _layer_row(r) -> dict[str, Any]:
+    s = r.output
+    return {
+        "module": r.path,
+        "kind": r.kind,
+        "min": s.min,
+        "max": s.max,
+        "std": s.std,
+        "nonfinite": s.nonfinite,
+        "output_grad_norm": r.grad_norm,
+    }
+
+
+# --- the whole inspection ----------------------------------------------------------------------
+
+
+@dataclass
+class InspectReport:
+    checkpoint: CheckpointReport
+    batch: BatchReport | None
+    findings: list[rules.Finding]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint.to_dict(),
+            "batch": self.batch.to_dict() if self.batch else None,
+            "findings": [f.to_dict() for f in self.findings],
+            "notes": self.notes,
+        }
+
+
+def inspect(
+    ckpt_path: Path,
+    run_dir: Path | None = None,
+    batch_path: Path | None = None,
+    model_spec: ModelSpec | None = None,
+    tau: float | None = None,
+    device: torch.device | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    loss_spec: LossSpec | None = None,
+) -> InspectReport:
+    """Inspect a checkpoint; with a model (from the run or ``model_spec``) and a batch, run it."""
+    device = device or torch.device("cpu")
+    ckpt_path = Path(ckpt_path)
+    run = _find_run(ckpt_path, run_dir)
+    manifest = run.manifest if run else None
+    first = (
+        checkpoint_path(run.root, run.checkpoint_steps[0]) if run and run.checkpoint_steps else None
+    )
+    ckpt = checkpoint_report(
+        ckpt_path, manifest.autocast_dtype if manifest else None, first, progress
+    )
+    spec = model_spec or (manifest.model if manifest else None)
+    batch = _find_batch(run, ckpt.step, batch_path)
+    if batch_path is not None and spec is None:
+        raise DiagError(
+            batch_path, "running the model on a batch needs a model: pass --model or --run"
+        )
+    notes, batch_rep = [], None
+    if batch is None or spec is None:
+        notes.append(
+            "no batch run: give --batch (and --model without a run) for the energy statistics"
+        )
+    elif ckpt.findings and rules.has_code(ckpt.findings, "checkpoint.nonfinite"):
+        notes.append("the model was not run: the checkpoint holds non-finite values")
+    else:
+        loss = loss_spec or (manifest.loss if manifest else DEFAULT_LOSS)
+        chosen = _tau(tau, loss, manifest is not None or loss_spec is not None)
+        notes += [chosen[1]] if chosen[1].startswith("defaulted") else []
+        try:
+            batch_rep = _run_batch(spec, ckpt_path, loss, batch, device, chosen, manifest)
+        except DiagError:
+            raise
+        except Exception as err:  # the user's model or loss raised: a finding, not a crash
+            text = (str(err).strip().splitlines() or [""])[0]
+            raised = rules.model_raised(batch.step, f"{type(err).__name__}: {text}")
+            return InspectReport(ckpt, None, rules.ranked([*ckpt.findings, raised]), notes)
+    found = ckpt.findings + (batch_rep.findings if batch_rep else [])
+    return InspectReport(ckpt, batch_rep, rules.ranked(found), notes)
+
+
+def _tau(given: float | None, loss: LossSpec, configured: bool) -> tuple[float | None, str]:
+    if given is not None:
+        return given, "--tau"
+    if "tau" in loss.kwargs:
+        source = (
+            "the run's loss" if configured else "defaulted: no run or --tau, so tau 0.5 is assumed"
+        )
+        return float(loss.kwargs["tau"]), source
+    return None, "the loss has no tau"
+
+
+def _run_batch(spec, ckpt_path, loss, batch, device, tau, manifest) -> BatchReport:
+    model = build_model(spec).to(device)
+    load_checkpoint(load_checkpoint_file(ckpt_path), model, None)
+    overrides = {} if tau[1] != "--tau" else {"tau": tau[0]}
+    loss_fn = build_loss(loss, **overrides)
+    return batch_report(
+        model, loss_fn, loss, batch, device, tau, manifest.autocast_dtype if manifest else None
+    )
+
+
+def _find_run(ckpt_path: Path, run_dir: Path | None) -> Run | None:
+    if run_dir is not None:
+        return Run(run_dir)
+    guess = ckpt_path.resolve().parent.parent
+    return Run(guess) if (guess / MANIFEST).is_file() else None
+
+
+def _find_batch(run: Run | None, step: int | None, batch_path: Path | None) -> Batch | None:
+    if batch_path is not None:
+        return load_batch_file(batch_path)
+    if run is None or step is None:
+        return None
+    return run.batch(step) if step in run.batch_steps else None

@@ -1,0 +1,227 @@
+"""Counterfactual replays: the same K logged batches from the same checkpoint, once per proposed
+fix, changing only what the fix names. Turns a list of guesses into a ranking.
+
+Variants are strings such as "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "clip=0.5",
+"clip=none", "margin=1", "warmup=10", or several joined by commas ("head=softplus,tau=1").
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from energydiag import findings as rules
+from energydiag.analyses.head import find_head, head_module
+from energydiag.engine.quantities import DEFAULT, layer_of
+from energydiag.engine.replay import plan, run_step
+from energydiag.engine.session import Session, open_session
+from energydiag.errors import DiagError
+from energydiag.io.rundir import Run
+from energydiag.reference.models import HEADS, make_head
+
+LOSS_KNOBS = ("tau", "margin")
+
+
+@dataclass
+class Variant:
+    label: str
+    loss: dict[str, float] = field(default_factory=dict)
+    head: str | None = None
+    lr: float | None = None
+    lr_scale: float = 1.0
+    clip: float | None | str = "unchanged"
+    warmup: int = 0
+
+
+def parse_variant(text: str) -> Variant:
+    """'tau=3,lr*=0.1' -> Variant; a one-line DiagError for anything else."""
+    variant = Variant(text)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, op, value = _split(part)
+        try:
+            _apply_setting(variant, key, op, value)
+        except ValueError:
+            raise DiagError(None, f"--try {text!r}: cannot use {value!r} for {key}") from None
+    return variant
+
+
+def _split(part: str) -> tuple[str, str, str]:
+    for op in ("*=", "="):
+        if op in part:
+            key, value = part.split(op, 1)
+            return key.strip(), op, value.strip()
+    raise DiagError(None, f"--try {part!r}: expected key=value or lr*=factor")
+
+
+def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
+    if key == "lr" and op == "*=":
+        v.lr_scale = float(value)
+    elif op == "*=":
+        raise DiagError(None, f"--try: only lr can be scaled with *= (got {key}*=)")
+    elif key in LOSS_KNOBS:
+        v.loss[key] = float(value)
+    elif key == "lr":
+        v.lr = float(value)
+    elif key == "clip":
+        v.clip = None if value.lower() in ("none", "off", "0") else float(value)
+    elif key == "warmup":
+        v.warmup = int(value)
+    elif key == "head":
+        if value not in HEADS:
+            raise DiagError(None, f"--try head={value}: choose one of {', '.join(HEADS)}")
+        v.head = value
+    else:
+        raise DiagError(
+            None, f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, clip, warmup)"
+        )
+
+
+@dataclass
+class VariantResult:
+    label: str
+    losses: list[float]
+    loss_start: float | None
+    loss_end: float | None
+    relative_drop: float | None  # None when the variant went non-finite or raised
+    energy_span: float | None
+    logit_spread: float | None
+    saturation: float | None
+    input_layer_grad_norm: float | None
+    finite: bool
+    exception: str | None = None
+    failed_at: int | None = None
+    rank: int = 0
+
+
+@dataclass
+class WhatifReport:
+    from_step: int
+    steps: int
+    input_layer: str
+    head_path: str | None
+    results: list[VariantResult]
+    findings: list[rules.Finding] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> VariantResult:
+        return next(r for r in self.results if r.label == "baseline")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def whatif(
+    run: Run,
+    from_step: int,
+    steps: int,
+    variants: list[Variant],
+    device: torch.device | None = None,
+    head_path: str | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> WhatifReport:
+    """Each variant replays the same logged steps from the same checkpoint, fully measured."""
+    device = device or torch.device("cpu")
+    if steps < 1:
+        raise DiagError(None, f"--steps {steps}: replay at least one step")
+    start = run.checkpoint_at_or_before(from_step)
+    window = plan(run, start, start + steps - 1)
+    batches = [run.batch(s) for s in window]
+    swap = _head_to_swap(run, start, device, head_path, batches[0], variants)
+    results = []
+    for variant in [Variant("baseline"), *variants]:
+        session = open_session(run, start, device, **variant.loss)
+        _apply(variant, session, swap)
+        rows = []
+        for i, batch in enumerate(batches):
+            in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
+            rows.append(run_step(session, batch, DEFAULT, update=not in_warmup))
+            if progress:
+                progress(variant.label, batch.step)
+            if not rows[-1]["finite"]:
+                break
+        results.append(_summarise(variant.label, rows, _input_layer(session.model)))
+    _rank(results)
+    report = WhatifReport(start, len(batches), _input_layer(session.model), swap, results)
+    as_dicts = [asdict(r) for r in results]
+    report.findings = rules.ranked(
+        [rules.whatif_failures(as_dicts), rules.whatif_ranking(as_dicts)]
+    )
+    return report
+
+
+def _head_to_swap(run, start, device, override, batch, variants) -> str | None:
+    """The module ``head=`` replaces, checked before anything is replayed."""
+    if not any(v.head for v in variants):
+        return override
+    model = open_session(run, start, device).model
+    if override is None:
+        try:
+            found = find_head(model, {k: v.to(device) for k, v in batch.tensors.items()})
+        except Exception:  # a model that raises on the batch: the user names the head
+            found = None
+        override = head_module(model, found, None)
+        if override is None:
+            raise DiagError(
+                None, "no bounded head module found to swap: name it with --head-path MODULE"
+            )
+    if override not in dict(model.named_modules()):
+        raise DiagError(None, f"--head-path {override!r}: the model has no such module")
+    return override
+
+
+def _apply(v: Variant, session: Session, head_path: str | None) -> None:
+    if v.head and head_path:
+        _swap_module(session.model, head_path, make_head(v.head).to(session.device))
+    for group in session.optimizer.param_groups:
+        group["lr"] = (v.lr if v.lr is not None else group["lr"]) * v.lr_scale
+    if v.clip != "unchanged":
+        session.grad_clip = v.clip
+
+
+def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def _input_layer(model: nn.Module) -> str:
+    """The first parameterised layer: how much gradient reaches the bottom of the network."""
+    return layer_of(next(n for n, _ in model.named_parameters()))
+
+
+def _summarise(label: str, rows: list[dict[str, Any]], input_layer: str) -> VariantResult:
+    finite_rows = [r for r in rows if r["finite"]]
+    losses = [r["loss"] for r in finite_rows]
+    k = max(1, len(losses) // 5)
+    start = statistics.fmean(losses[:k]) if losses else None
+    end = statistics.fmean(losses[-k:]) if losses else None
+    finite = len(finite_rows) == len(rows)
+    last = finite_rows[-1] if finite_rows else {}
+    span = last["energy_max"] - last["energy_min"] if "energy_max" in last else None
+    drop = (start - end) / abs(start) if finite and start else None
+    return VariantResult(
+        label,
+        losses,
+        start,
+        end,
+        drop,
+        span,
+        last.get("logit_spread"),
+        last.get("saturation"),
+        last.get(f"grad_norm/{input_layer}"),
+        finite,
+        rows[-1].get("exception"),
+        None if finite else rows[-1]["step"],
+    )
+
+
+def _rank(results: list[VariantResult]) -> None:
+    """Finite before non-finite, then by relative loss drop (comparable across tau values)."""
+    order = sorted(results, key=lambda r: (not r.finite, -(r.relative_drop or 0.0)))
+    for rank, r in enumerate(order, start=1):
+        r.rank = rank

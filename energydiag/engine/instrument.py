@@ -1,0 +1,157 @@
+"""One instrument for a training step: a dispatch mode that hands every aten op to observers.
+
+Modelled on torch.utils.flop_counter: a single TorchDispatchMode, module attribution from
+torch.utils.module_tracker.ModuleTracker (forward *and* backward), and small observers that each
+look at the ops they care about. View ops are skipped by their own schema (``is_view``): their
+values already existed in their input; so are allocations whose values are undefined.
+
+Each op is labelled with the phase it ran in, which works for any step function:
+forward (outside autograd, before the last backward), backward (inside the autograd engine),
+clip (after the last backward, before optimizer.step: gradient processing), optimizer (inside
+optimizer.step, seen through the optimizer's step hooks). "Last backward" is known only after
+the step, so ops between a backward and the next forward are resolved at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.module_tracker import ModuleTracker
+
+FORWARD, BACKWARD, CLIP, OPTIMIZER = "forward", "backward", "clip", "optimizer"
+_AFTER_BACKWARD = "after-backward"  # resolved to clip or forward once the step is over
+
+
+@dataclass
+class OpCall:
+    """One executed aten op, as observers see it."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    out: Any
+    order: int
+    module: str
+    phase: str
+    micro_batch: int
+    autograd_node: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.func._schema.name
+
+    @property
+    def packet(self) -> Any:
+        return self.func.overloadpacket
+
+
+class Observer(Protocol):
+    def on_op(self, call: OpCall) -> None: ...
+
+
+class PhaseClock:
+    """Which phase the step is in, from the autograd engine and the optimizer's step hooks."""
+
+    def __init__(self) -> None:
+        self.in_optimizer = False
+        self.backward_seen = False
+        self.micro_batch = 0
+
+    def current(self) -> str:
+        if torch._C._current_graph_task_id() != -1:
+            self.backward_seen = True
+            return BACKWARD
+        if self.in_optimizer:
+            return OPTIMIZER
+        return _AFTER_BACKWARD if self.backward_seen else FORWARD
+
+    def new_micro_batch(self) -> None:
+        """A forward starts (the step context calls this): later ops are forward again."""
+        if self.backward_seen or self.micro_batch == 0:
+            self.micro_batch += 1
+        self.backward_seen = False
+
+    @contextlib.contextmanager
+    def watching(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+        if optimizer is None:
+            yield
+            return
+        pre = optimizer.register_step_pre_hook(lambda *_: setattr(self, "in_optimizer", True))
+        post = optimizer.register_step_post_hook(lambda *_: setattr(self, "in_optimizer", False))
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+
+
+class Instrument(TorchDispatchMode):
+    """Runs every op, then hands it to each observer with its module, phase and micro-batch."""
+
+    def __init__(self, observers: list[Observer], clock: PhaseClock | None = None) -> None:
+        super().__init__()
+        self.observers = observers
+        self.clock = clock or PhaseClock()
+        self.tracker = ModuleTracker()
+        self.calls: list[OpCall] = []  # only the ones an observer kept, for phase resolution
+        self.order = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.order += 1
+        if func.is_view or _uninitialised(func) or not self.observers:
+            return out
+        call = OpCall(
+            func,
+            args,
+            kwargs,
+            out,
+            self.order,
+            self.module(),
+            self.clock.current(),
+            self.clock.micro_batch,
+            _autograd_node(),
+        )
+        for observer in self.observers:
+            observer.on_op(call)
+        return out
+
+    def module(self) -> str:
+        """The innermost running module as a state-dict path ('' root becomes '<model>')."""
+        running = [p for p in self.tracker.parents if p != "Global"]
+        if not running:
+            return ""
+        _, _, path = max(running, key=lambda p: p.count(".")).partition(".")
+        return path or "<model>"
+
+    @contextlib.contextmanager
+    def attached(self, optimizer: torch.optim.Optimizer | None = None) -> Iterator[Instrument]:
+        with self.tracker, self.clock.watching(optimizer), self:
+            yield self
+
+
+def _uninitialised(func: Any) -> bool:
+    """Allocations whose values are undefined by contract (aten::empty*, new_empty*, resize_):
+    their memory may hold any bit pattern, NaN included, until something writes it."""
+    name = func._schema.name
+    return "empty" in name or name == "aten::resize_"
+
+
+def _autograd_node() -> str | None:
+    """The backward function running now ('SqrtBackward0'), None in forward."""
+    node = torch._C._current_autograd_node()
+    return None if node is None else type(node).__name__
+
+
+def resolve_phase(phase: str, later_backward: bool) -> str:
+    """An op after a backward is gradient processing (clip) unless another backward follows,
+    in which case it belonged to the next micro-batch's forward."""
+    if phase != _AFTER_BACKWARD:
+        return phase
+    return FORWARD if later_backward else CLIP

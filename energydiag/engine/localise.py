@@ -1,0 +1,245 @@
+"""The deep tier of replay: re-run one failing step under the instrument and say where it broke.
+
+The step runs once, exactly as recorded (any step function), with the ``Origins`` observer
+noting every op where a NaN or Inf began. Afterwards two questions are answered separately:
+where the fault *surfaced* (loss, then gradients, then the gradient norm, then the parameters:
+forward, backward, clip, optimizer) and where it *began* (the first op that produced it, with its
+module from ModuleTracker, its phase and micro-batch). They differ in the torch.where trap: the
+NaN begins in a forward branch that ``where`` discards and surfaces in the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from energydiag.engine.instrument import (
+    BACKWARD,
+    CLIP,
+    FORWARD,
+    OPTIMIZER,
+    Instrument,
+    resolve_phase,
+)
+from energydiag.engine.observers import OpEvent, Origins
+from energydiag.engine.session import Session
+from energydiag.engine.step import StepResult, run_step_fn
+from energydiag.engine.tensorstats import (
+    all_finite,
+    exact_global_norm,
+    global_norm,
+    summarize,
+)
+from energydiag.io.rundir import Batch
+
+PHASES = ("state", "data", FORWARD, BACKWARD, CLIP, OPTIMIZER)
+
+
+@dataclass
+class Fault:
+    step: int
+    phase: str
+    summary: str
+    module: str | None = None
+    op: OpEvent | None = None
+    micro_batch: int | None = None
+    tensor: str | None = None
+    sample: int | None = None
+    parameters: list[str] = field(default_factory=list)
+    largest: dict[str, float] = field(default_factory=dict)
+    optimizer_state: dict[str, dict[str, float]] = field(default_factory=dict)
+    exception: str | None = None
+    masked_by_where: bool = False
+    all_masked_samples: list[int] = field(default_factory=list)
+    reproduced: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def all_masked_samples(batch: dict[str, torch.Tensor]) -> list[int]:
+    mask = batch.get("pad_mask")
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 2:
+        return []
+    return torch.nonzero(mask.all(dim=1)).flatten().tolist()
+
+
+def check_data(step: int, batch: dict[str, torch.Tensor]) -> Fault | None:
+    for key, t in batch.items():
+        if t.is_floating_point() and not all_finite([t]):
+            bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
+            sample = int(torch.nonzero(bad)[0])
+            return Fault(
+                step,
+                "data",
+                f"batch tensor '{key}' is non-finite in sample {sample} ({summarize(t).describe()})",
+                tensor=key,
+                sample=sample,
+            )
+    return None
+
+
+def check_state(step: int, model: nn.Module) -> Fault | None:
+    bad = _nonfinite(model, grads=False)
+    if not bad:
+        return None
+    return Fault(
+        step,
+        "state",
+        f"the parameters were already non-finite before the step: {bad[0]}",
+        parameters=bad,
+    )
+
+
+def localise(session: Session, batch: Batch) -> Fault | None:
+    """Run ``batch`` on the session's current (pre-step) state, instrumented; None if clean."""
+    data = session.prepare(batch)
+    fault = check_state(batch.step, session.model) or check_data(batch.step, data)
+    if fault:
+        return fault
+    origins = Origins()
+    instrument = Instrument([origins])
+    ctx = session.context(batch, clock=instrument.clock)
+    masked = all_masked_samples(data)
+    with instrument.attached(session.optimizer):
+        try:
+            result = run_step_fn(session.step_fn, session.model, session.optimizer, data, ctx)
+        except Exception as err:  # a model that guards itself raises instead of returning NaN
+            return _raised(batch.step, instrument, origins, err, masked)
+    _resolve_phases(origins.events)
+    surfaced = _surfaced(result, session.model)
+    if surfaced is None:
+        return None
+    fault = _located(batch.step, surfaced, origins, session)
+    fault.all_masked_samples = masked
+    return fault
+
+
+def _surfaced(result: StepResult, model: nn.Module) -> str | None:
+    """The first checked quantity that is non-finite, in the order a step produces them."""
+    if not math.isfinite(float(result.loss)):
+        return FORWARD
+    if _nonfinite(model, grads=True):
+        return BACKWARD
+    if not math.isfinite(float(result.grad_norm)):
+        return CLIP
+    params = [p.detach() for p in model.parameters()]
+    if not all_finite(params) or not math.isfinite(float(global_norm(params))):
+        return OPTIMIZER
+    return None
+
+
+def _resolve_phases(events: list[OpEvent]) -> None:
+    backward_orders = [e.order for e in events if e.phase == BACKWARD]
+    for e in events:
+        e.phase = resolve_phase(e.phase, any(o > e.order for o in backward_orders))
+
+
+def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fault:
+    events = origins.meaningful()
+    latent = [e for e in events if e.phase == FORWARD]
+    first = next((e for e in events if e.phase == surfaced), None)
+    if surfaced == BACKWARD and latent and (origins.masked or first is None):
+        first = latent[0]  # the forward NaN that where() hid: its gradient is the NaN
+    where = f" at {first.op} in '{first.module or '<loss>'}'" if first else ""
+    fault = Fault(
+        step,
+        surfaced,
+        f"the {surfaced} phase went non-finite{where}",
+        module=(first.module or None) if first else None,
+        op=first,
+        micro_batch=first.micro_batch if first else None,
+        masked_by_where=bool(origins.masked) and first is not None and first.phase == FORWARD,
+    )
+    if surfaced in (BACKWARD, CLIP):
+        fault.parameters = _nonfinite(session.model, grads=True)
+        fault.largest = _largest(session.model, grads=True)
+    if surfaced == OPTIMIZER:
+        fault.parameters = _nonfinite(session.model, grads=False) or list(
+            _largest(session.model, grads=False)
+        )
+        fault.largest = _largest(session.model, grads=False)
+        fault.optimizer_state = _optimizer_evidence(session, fault.parameters)
+        if first is None:
+            name, peak = next(iter(fault.largest.items()))
+            norm = exact_global_norm([p.detach() for p in session.model.parameters()])
+            fault.summary = (
+                f"the update left every parameter finite, but their norm ({norm:.3g}) overflows "
+                f"float32: largest |w| {peak:.3g} in '{name}'"
+            )
+    elif surfaced == CLIP and first is not None:
+        name, peak = next(iter(fault.largest.items()), ("?", math.nan))
+        fault.summary = (
+            f"every gradient is finite, but their norm overflows in {first.op} "
+            f"(largest |g| {peak:.3g} in '{name}')"
+        )
+    return fault
+
+
+def _raised(
+    step: int, instrument: Instrument, origins: Origins, err: Exception, masked: list[int]
+) -> Fault:
+    """The guard's message, where it raised, and the op whose non-finite output it caught."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    message = f"{type(err).__name__}: {text}"
+    phase = resolve_phase(instrument.clock.current(), False)
+    _resolve_phases(origins.events)
+    caught = next(iter(origins.meaningful()), None)
+    module = instrument.module() or None
+    return Fault(
+        step,
+        phase,
+        f"the {phase} phase raised {message}"
+        + (
+            f"; the first non-finite value came from {caught.op} in '{caught.module}'"
+            if caught
+            else ""
+        ),
+        module=caught.module if caught else module,
+        op=caught,
+        micro_batch=caught.micro_batch if caught else None,
+        exception=message,
+        all_masked_samples=masked,
+    )
+
+
+def _nonfinite(model: nn.Module, grads: bool) -> list[str]:
+    named = [(n, p.grad if grads else p.detach()) for n, p in model.named_parameters()]
+    named = [(n, t) for n, t in named if t is not None]
+    if all_finite([t for _, t in named]):
+        return []
+    return [n for n, t in named if not torch.isfinite(t).all()]
+
+
+def _largest(model: nn.Module, grads: bool, top: int = 3) -> dict[str, float]:
+    """The parameters (or gradients) with the largest finite |value|: who drives a norm up."""
+    peaks = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        if t is not None and t.numel():
+            peaks[name] = summarize(t).max_abs
+    ranked = sorted(peaks.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else 0.0)
+    return dict(ranked[:top])
+
+
+def _optimizer_evidence(session: Session, names: list[str]) -> dict[str, dict[str, float]]:
+    params = dict(session.model.named_parameters())
+    evidence = {}
+    for name in names[:3]:
+        p = params[name]
+        group = next(g for g in session.optimizer.param_groups if any(q is p for q in g["params"]))
+        entry = {
+            "grad_abs_max": summarize(p.grad).max_abs if p.grad is not None else math.nan,
+            "lr": float(group.get("lr", math.nan)),
+            "eps": float(group.get("eps", math.nan)),
+        }
+        for key, value in session.optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                s = summarize(value)
+                entry[f"{key}_min"], entry[f"{key}_abs_max"] = s.min, s.max_abs
+        evidence[name] = entry
+    return evidence

@@ -1,0 +1,99 @@
+"""Turning the manifest's import strings into a model, a loss and an optimizer."""
+
+from __future__ import annotations
+
+import functools
+import pkgutil
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from energydiag.errors import DiagError
+from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec
+from energydiag.io.state import plain_key
+
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], LossOutput]
+
+# Built-in losses by import string: the engine never imports the reference package itself.
+BUILTIN_LOSSES = {
+    name: f"energydiag.reference.losses:{name}"
+    for name in ("inbatch_infonce", "infonce_negatives", "margin")
+}
+IMPORT_STRING = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def resolve(target: str, what: str) -> Any:
+    """``package.module:attr`` imported; the module's package must be importable (installed, or
+    on PYTHONPATH)."""
+    if not IMPORT_STRING.match(target):
+        raise DiagError(None, f"{what} {target!r} is not an import string 'package.module:name'")
+    try:
+        return pkgutil.resolve_name(target)
+    except (ImportError, AttributeError, ValueError) as err:
+        hint = (
+            " (is its package installed, or on PYTHONPATH?)" if isinstance(err, ImportError) else ""
+        )
+        raise DiagError(None, f"cannot import {what} {target!r}: {err}{hint}") from None
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    factory = resolve(spec.target, "model factory")
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as err:
+        raise DiagError(None, f"model factory {spec.target!r} rejected its kwargs: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise DiagError(None, f"model factory {spec.target!r} returned {type(model).__name__}")
+    if spec.forward_kwargs:
+        # Bound on the instance, so hooks, state_dict keys and checkpoints stay exactly as they were.
+        model.forward = functools.partial(model.forward, **spec.forward_kwargs)
+    return model
+
+
+def build_loss(spec: LossSpec, **overrides: Any) -> LossFn:
+    """The loss with its manifest kwargs bound; ``overrides`` win (what-if replays use them)."""
+    if spec.name is not None:
+        if spec.name not in BUILTIN_LOSSES:
+            known = ", ".join(BUILTIN_LOSSES)
+            raise DiagError(None, f"unknown built-in loss {spec.name!r} ({known})")
+        fn = resolve(BUILTIN_LOSSES[spec.name], "loss")
+    else:
+        fn = resolve(spec.target, "loss")
+    return functools.partial(_as_loss_output, fn, {**spec.kwargs, **overrides})
+
+
+def _as_loss_output(fn: Callable[..., Any], kwargs: dict[str, Any], model, batch) -> LossOutput:
+    out = fn(model, batch, **kwargs)
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def build_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, spec.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise DiagError(None, f"unknown optimizer {spec.name!r} (expected a torch.optim class)")
+    try:
+        return cls(model.parameters(), **spec.kwargs)
+    except (TypeError, ValueError) as err:
+        raise DiagError(None, f"optimizer {spec.name} rejected its kwargs: {err}") from None
+
+
+def check_model_spec(spec: ModelSpec, live: nn.Module) -> None:
+    """Build the spec's model on the meta device and compare its state-dict keys and shapes with
+    the live model, so a spec that cannot rebuild the model fails at recording, not at replay."""
+    with torch.device("meta"):
+        built = build_model(spec)
+    ours = {plain_key(k): tuple(v.shape) for k, v in built.state_dict().items()}
+    theirs = {plain_key(k): tuple(v.shape) for k, v in live.state_dict().items()}
+    differ = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+    if differ:
+        key = differ[0]
+        raise DiagError(
+            None,
+            f"model_spec {spec.target!r} does not build the model being trained: {key!r} is "
+            f"{ours.get(key, 'absent')} in the spec's model and {theirs.get(key, 'absent')} in "
+            f"the live one ({len(differ)} key(s) differ)",
+        )

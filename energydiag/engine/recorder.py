@@ -1,0 +1,223 @@
+"""The flight recorder: a few lines in a training loop that make its failures replayable.
+
+    with Recorder("runs/exp1", model=model, optimizer=opt, model_spec=..., loss=...) as rec:
+        for step, batch in enumerate(loader):
+            rec.start_step(step, batch)         # RNG state + batch into the ring; checkpoint every N
+            loss = ...; loss.backward(); gnorm = clip_grad_norm_(...)
+            rec.end_step(loss, grad_norm=gnorm)  # before optimizer.step(): a failure dumps pre-step state
+            opt.step(); sched.step()
+
+Per step it costs one RNG-state copy, one clone of the batch, a read of the optimizer's scalar
+hyperparameters (so any schedule replays) and a single host sync. Memory is bounded by
+``keep_batches``. A non-finite loss or gradient norm, an exception leaving the ``with`` block, or
+an explicit ``dump()`` writes the ring and the pre-step state to disk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from energydiag.engine import environment
+from energydiag.engine.plugins import check_model_spec
+from energydiag.errors import DiagError
+from energydiag.io.atomic import write_text_atomic
+from energydiag.io.layout import FAILURE, MANIFEST, METRICS, batch_path, checkpoint_path
+from energydiag.io.manifest import Manifest, parse_manifest
+from energydiag.io.state import HYPERPARAMETERS, capture_rng, hyperparameters, pack_state
+from energydiag.io.tensorfile import write_atomic
+
+
+class Recorder:
+    """Writes an energydiag/1 run directory from inside a user's training loop.
+
+    Checkpoint ``step-N`` holds the state *before* batch N is consumed, so replay from N starts
+    with batch N. ``optimizer_start_step`` records a warm-up: steps before it compute and log the
+    loss but the loop does not call ``optimizer.step()``. ``end_step`` must run before
+    ``optimizer.step()``: when the loss or gradient norm is non-finite, the model and optimizer
+    are then still in their pre-step state, and that state is what gets dumped next to the ring.
+    ``step`` names the loop's own step function ('pkg.mod:fn') when it is not the built-in one.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_spec: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        grad_clip: float | None = None,
+        autocast_dtype: str | None = None,
+        seed: int | None = None,
+        optimizer_start_step: int = 0,
+        step: str | None = None,
+        checkpoint_every: int = 100,
+        keep_batches: int = 16,
+        persist_batches: bool = False,
+        overwrite: bool = False,
+        check_spec: bool = True,
+    ) -> None:
+        self.root = Path(run_dir)
+        if (self.root / MANIFEST).exists() and not overwrite:
+            raise DiagError(self.root, "already holds a run; pass overwrite=True to replace it")
+        if checkpoint_every < 1 or keep_batches < 1:
+            raise ValueError("checkpoint_every and keep_batches must be at least 1")
+        self.model, self.optimizer = model, optimizer
+        self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
+        device = next(model.parameters()).device
+        self.manifest = _manifest(
+            model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
+        )
+        self.manifest.environment.update(environment.capture(device))
+        if check_spec:
+            check_model_spec(self.manifest.model, model)
+        self.ring: deque[tuple[int, dict[str, torch.Tensor], dict[str, str]]] = deque(
+            maxlen=keep_batches
+        )
+        self.failures: list[dict[str, Any]] = []
+        self._step: int | None = None
+        self._ended = False
+        self._failing = False
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.root / MANIFEST, self.manifest.to_json())
+        self._metrics = (self.root / METRICS).open("w")
+
+    @property
+    def failed_at(self) -> int | None:
+        return self.failures[0]["step"] if self.failures else None
+
+    def start_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> None:
+        self._step, self._ended = step, False
+        if step % self.checkpoint_every == 0:
+            self.save_checkpoint(step)
+        record = {k: v.detach().clone() for k, v in batch.items()} | capture_rng()
+        self.ring.append((step, record, {"kind": "batch", "step": str(step)}))
+
+    def end_step(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, **scalars: Any
+    ) -> bool:
+        """Log the step and its hyperparameters; on a non-finite loss or grad norm, dump.
+
+        Returns True when the step is healthy.
+        """
+        if self._step is None:
+            raise RuntimeError("end_step() called without start_step()")
+        self._ended = True
+        self.ring[-1][2][HYPERPARAMETERS] = json.dumps(hyperparameters(self.optimizer))
+        if self.persist_batches:
+            self._write_batch(*self.ring[-1])
+        names = ["loss"] + ([] if grad_norm is None else ["grad_norm"]) + list(scalars)
+        values = [loss] + ([] if grad_norm is None else [grad_norm]) + list(scalars.values())
+        row = dict(zip(names, _to_floats(values), strict=True))
+        self._metrics.write(json.dumps({"step": self._step, **row}) + "\n")
+        healthy = math.isfinite(row["loss"]) and math.isfinite(row.get("grad_norm", 0.0))
+        if not healthy and not self._failing:  # a new failure, not the same one continuing
+            self._dump("non-finite loss or gradient norm", pre_step=True, **row)
+        self._failing = not healthy
+        return healthy
+
+    def dump(self, reason: str, **evidence: Any) -> None:
+        """Write the ring of recent batches, the pre-step state when it is intact, failure.json.
+
+        Call it from your own error handling; the ``with`` block calls it on an exception.
+        Recording goes on afterwards: a run that recovers and fails again is dumped again, and
+        failure.json lists the later failures under "later".
+        """
+        # Before end_step, forward and backward have run but no update: the state is pre-step.
+        # After it, optimizer.step() may have half-run, so only the last regular checkpoint holds.
+        self._dump(reason, pre_step=not self._ended, **evidence)
+
+    def _dump(self, reason: str, pre_step: bool, **evidence: Any) -> None:
+        if self._step is None:
+            return
+        self._metrics.flush()
+        for ring_step, record, meta in self.ring:
+            if not batch_path(self.root, ring_step).exists():
+                self._write_batch(ring_step, record, meta)
+        if pre_step:
+            self.save_checkpoint(self._step)
+        entry = {
+            "step": self._step,
+            "reason": reason,
+            **evidence,
+            "batches_from": self.ring[0][0],
+            "checkpoint": self._step if pre_step else None,
+        }
+        self.failures.append(entry)
+        report = {**self.failures[0], "later": self.failures[1:]}
+        write_text_atomic(self.root / FAILURE, json.dumps(report, indent=2) + "\n")
+
+    def save_checkpoint(self, step: int) -> Path:
+        tensors, meta = pack_state(self.model, self.optimizer)
+        path = checkpoint_path(self.root, step)
+        write_atomic(path, tensors, {"kind": "checkpoint", "step": str(step), **meta})
+        return path
+
+    def close(self) -> None:
+        self._metrics.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb) -> None:
+        try:
+            if isinstance(exc, Exception):
+                text = (str(exc).strip().splitlines() or [""])[0]
+                self.dump("exception", exception=f"{type(exc).__name__}: {text}")
+        finally:
+            self.close()
+
+    def _write_batch(self, step: int, record: Mapping[str, torch.Tensor], meta: dict) -> None:
+        write_atomic(batch_path(self.root, step), record, meta)
+
+
+def _to_floats(values: list[Any]) -> list[float]:
+    """All of a step's scalars with one host sync: stack the tensors, then a single tolist()."""
+    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    synced = iter(
+        torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else []
+    )
+    return [next(synced) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+def _manifest(
+    model_spec: Mapping[str, Any],
+    loss: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None,
+    autocast_dtype: str | None,
+    seed: int | None,
+    optimizer_start_step: int,
+    step: str | None,
+) -> Manifest:
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    opt_kwargs = {
+        k: v
+        for k, v in optimizer.defaults.items()
+        if k in accepted and isinstance(v, int | float | bool | tuple)
+    }
+    raw = {
+        "format": "energydiag/1",
+        "model": dict(model_spec),
+        "loss": dict(loss),
+        "optimizer": {
+            "name": type(optimizer).__name__,
+            "kwargs": opt_kwargs,
+            "start_step": optimizer_start_step,
+        },
+        "grad_clip": grad_clip,
+        "autocast_dtype": autocast_dtype,
+        "seed": seed,
+    }
+    if step is not None:
+        raw["step"] = step
+    return parse_manifest(json.loads(json.dumps(raw)), "Recorder arguments")

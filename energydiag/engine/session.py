@@ -1,0 +1,136 @@
+"""A model, optimizer, loss and step function built from a run's manifest and one checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from energydiag.engine.instrument import PhaseClock
+from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
+from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
+from energydiag.errors import DiagError
+from energydiag.io.rundir import Batch, Checkpoint, Run
+from energydiag.io.state import apply_hyperparameters, optimizer_state_dict, restore_rng
+
+
+@dataclass
+class Session:
+    run: Run
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    device: torch.device
+    step: int
+    grad_clip: float | None = None
+    autocast_dtype: str | None = None
+    step_fn: StepFn = default_step
+    optimizer_state: bool = True  # False when the checkpoint held none (a converted run)
+
+    def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.tensors.items()}
+
+    def context(
+        self,
+        batch: Batch,
+        update: bool | None = None,
+        clock: PhaseClock | None = None,
+        observe: Callable[[], AbstractContextManager] | None = None,
+    ) -> StepContext:
+        """The step context for ``batch``: warm-up from the manifest unless ``update`` says."""
+        if update is None:
+            update = batch.step >= self.run.manifest.optimizer.start_step
+        return StepContext(
+            batch.step,
+            self.loss_fn,
+            self.device,
+            self.grad_clip,
+            self.autocast_dtype,
+            update,
+            clock or PhaseClock(),
+            observe=observe,
+        )
+
+    def prepare(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Put the optimizer's recorded hyperparameters and the step's RNG state in place."""
+        recorded = batch.hyperparameters
+        if recorded is not None:
+            try:
+                apply_hyperparameters(self.optimizer, recorded)
+            except (ValueError, TypeError) as err:
+                raise DiagError(batch.path, f"recorded hyperparameters do not fit: {err}") from None
+        restore_rng(batch.rng)
+        return self.batch_on_device(batch)
+
+    def train(
+        self,
+        batch: Batch,
+        observe: Callable[[], AbstractContextManager] | None = None,
+        update: bool | None = None,
+    ) -> StepResult:
+        """The run's own training step on ``batch``, exactly as it was recorded."""
+        data = self.prepare(batch)
+        ctx = self.context(batch, update, observe=observe)
+        return run_step_fn(self.step_fn, self.model, self.optimizer, data, ctx)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise DiagError(None, f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiagError(None, f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def open_session(run: Run, step: int, device: torch.device, **loss_overrides: object) -> Session:
+    """Build everything from the manifest and load the checkpoint at or before ``step``."""
+    start = run.checkpoint_at_or_before(step)
+    manifest = run.manifest
+    model = build_model(manifest.model).to(device)
+    optimizer = build_optimizer(manifest.optimizer, model)
+    ckpt = run.checkpoint(start)
+    load_checkpoint(ckpt, model, optimizer)
+    loss_fn = build_loss(manifest.loss, **loss_overrides)
+    step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
+    return Session(
+        run,
+        model,
+        optimizer,
+        loss_fn,
+        device,
+        start,
+        manifest.grad_clip,
+        manifest.autocast_dtype,
+        step_fn,
+        bool(ckpt.optim),
+    )
+
+
+def load_checkpoint(
+    ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.model))
+    unexpected = sorted(set(ckpt.model) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        n = len(missing) + len(unexpected)
+        raise DiagError(ckpt.path, f"does not match the model: {what} ({n} key(s) differ)")
+    for key, value in ckpt.model.items():
+        if value.shape != expected[key].shape:
+            raise DiagError(
+                ckpt.path,
+                f"shape mismatch for {key!r}: file {list(value.shape)}, model {list(expected[key].shape)}",
+            )
+    model.load_state_dict(ckpt.model)
+    if optimizer is None or not ckpt.optim:
+        return
+    try:
+        optimizer.load_state_dict(optimizer_state_dict(ckpt.optim, ckpt.meta, model, optimizer))
+    except (KeyError, ValueError) as err:
+        raise DiagError(ckpt.path, f"optimizer state does not match the model ({err})") from None

@@ -1,0 +1,41 @@
+"""Writing files so that a failure never leaves half of one, and refusing targets early.
+
+Standard library only: the CLI checks its output paths before loading torch or running a
+replay, so a typo in --metrics-out is reported in a second, not after the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from energydiag.errors import DiagError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary sibling, then rename over the target."""
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: Path) -> None:
+    """A one-line error now, instead of a traceback after the work, for an unusable target."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise DiagError(path, "is a directory; give a file name")
+    if not parent.is_dir():
+        raise DiagError(path, f"cannot write: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DiagError(path, f"cannot write: folder {parent} is not writable")

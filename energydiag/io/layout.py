@@ -1,0 +1,50 @@
+"""Names and places inside a run directory (format "energydiag/1").
+
+Kept apart from the loader so that the Recorder (which writes) and the run loader (which reads)
+agree on every path by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FORMAT = "energydiag/1"
+MANIFEST = "run.json"
+METRICS = "metrics.jsonl"
+FAILURE = "failure.json"
+CHECKPOINTS = "checkpoints"
+BATCHES = "batches"
+
+_STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
+
+
+_DIGITS = re.compile(r"[0-9]{1,8}")
+
+
+def parse_step(text: object) -> int | None:
+    """A step number written as text ('120'), or None: ASCII digits only ('²' is a digit to
+    str.isdigit but not to int), at most 8 of them, as in the file names."""
+    return int(text) if isinstance(text, str) and _DIGITS.fullmatch(text) else None
+
+
+def step_file(step: int) -> str:
+    if step < 0 or step > 99_999_999:
+        raise ValueError(f"step {step} is outside 0..99999999")
+    return f"step-{step:08d}.safetensors"
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / CHECKPOINTS / step_file(step)
+
+
+def batch_path(root: Path, step: int) -> Path:
+    return Path(root) / BATCHES / step_file(step)
+
+
+def steps_in(folder: Path) -> list[int]:
+    """Steps of the ``step-NNNNNNNN.safetensors`` files in a folder, ascending."""
+    if not folder.is_dir():
+        return []
+    found = (_STEP_FILE.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)

@@ -1,0 +1,150 @@
+"""run.json: what a run trained, with what loss, optimizer, clipping and precision.
+
+Parsing is strict: a typo in a manifest would otherwise silently replay a different training
+step, which is worse than no answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from energydiag.errors import DiagError
+from energydiag.io.layout import FORMAT
+
+AUTOCAST_DTYPES = (None, "bfloat16", "float16")
+_KEYS = {
+    "format",
+    "model",
+    "loss",
+    "optimizer",
+    "grad_clip",
+    "autocast_dtype",
+    "seed",
+    "notes",
+    "environment",
+    "step",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``target(**kwargs)`` builds the model; ``forward_kwargs`` go to every forward call."""
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A built-in loss by ``name`` or a plug-in by ``target`` (exactly one of them)."""
+
+    name: str | None = None
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.target or "?"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """``start_step``: the first step whose update is applied (a warm-up before it skips them)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelSpec
+    loss: LossSpec
+    optimizer: OptimizerSpec
+    grad_clip: float | None = None
+    autocast_dtype: str | None = None
+    seed: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    step: str | None = None
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def parse_manifest(raw: Any, source: Path | str) -> Manifest:
+    def need(cond: bool, problem: str) -> None:
+        if not cond:
+            raise DiagError(source, problem)
+
+    need(isinstance(raw, dict), "must hold a JSON object")
+    need(raw.get("format") == FORMAT, f"unknown format version {raw.get('format')!r}")
+    unknown = sorted(set(raw) - _KEYS)
+    need(not unknown, f"unknown key(s) {', '.join(unknown)}")
+    for key in ("model", "loss", "optimizer"):
+        need(isinstance(raw.get(key), dict), f"missing or malformed key '{key}'")
+    model, loss, opt = raw["model"], raw["loss"], raw["optimizer"]
+    need(
+        isinstance(model.get("target"), str) and ":" in model["target"],
+        "model.target must be an import string 'package.module:factory'",
+    )
+    need(
+        (loss.get("name") is None) != (loss.get("target") is None),
+        "loss needs exactly one of 'name' (built-in) or 'target' (import string)",
+    )
+    need(isinstance(opt.get("name"), str), "optimizer.name must be a torch.optim class name")
+    need(
+        isinstance(opt.get("start_step", 0), int) and opt.get("start_step", 0) >= 0,
+        "optimizer.start_step must be a non-negative integer",
+    )
+    clip = raw.get("grad_clip")
+    need(
+        clip is None or (isinstance(clip, int | float) and clip > 0),
+        "grad_clip must be a positive number or null",
+    )
+    need(
+        raw.get("autocast_dtype") in AUTOCAST_DTYPES,
+        f"autocast_dtype must be one of {AUTOCAST_DTYPES}",
+    )
+    for part, name in ((model, "model"), (loss, "loss"), (opt, "optimizer")):
+        need(isinstance(part.get("kwargs", {}), dict), f"{name}.kwargs must be an object")
+    need(
+        isinstance(model.get("forward_kwargs", {}), dict), "model.forward_kwargs must be an object"
+    )
+    step = raw.get("step")
+    need(
+        step is None or (isinstance(step, str) and ":" in step),
+        "step must be an import string 'package.module:train_step' or null",
+    )
+    for key in ("notes", "environment"):
+        need(isinstance(raw.get(key, {}), dict), f"{key} must be an object")
+    return Manifest(
+        model=ModelSpec(
+            model["target"], dict(model.get("kwargs", {})), dict(model.get("forward_kwargs", {}))
+        ),
+        loss=LossSpec(loss.get("name"), loss.get("target"), dict(loss.get("kwargs", {}))),
+        optimizer=OptimizerSpec(
+            opt["name"], dict(opt.get("kwargs", {})), int(opt.get("start_step", 0))
+        ),
+        grad_clip=None if clip is None else float(clip),
+        autocast_dtype=raw.get("autocast_dtype"),
+        seed=raw.get("seed"),
+        notes=dict(raw.get("notes", {})),
+        environment=dict(raw.get("environment", {})),
+        step=step,
+    )
+
+
+def read_manifest(path: Path) -> Manifest:
+    if not path.is_file():
+        raise DiagError(path, "file not found (is this an energydiag run directory?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DiagError(path, f"not valid JSON ({err})") from None
+    return parse_manifest(raw, path)

@@ -1,0 +1,277 @@
+"""Loading an energydiag/1 run directory, validating as it goes.
+
+Analyses never open files themselves; they ask a ``Run``. Every problem surfaces as a DiagError
+naming the offending file, never as a KeyError three frames deep in a replay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from energydiag.errors import DiagError
+from energydiag.io.layout import (
+    BATCHES,
+    CHECKPOINTS,
+    FAILURE,
+    MANIFEST,
+    METRICS,
+    batch_path,
+    checkpoint_path,
+    parse_step,
+    steps_in,
+)
+from energydiag.io.manifest import Manifest, read_manifest
+from energydiag.io.metrics import load_metrics, metric_series
+from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, split_state
+from energydiag.io.tensorfile import check_format, read_all, read_metadata
+from energydiag.io.torchfiles import is_pickle, load_tensor_dict
+
+REQUIRED_BATCH_KEYS = ("h", "a_pos")
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+
+@dataclass
+class Batch:
+    step: int
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.tensors["h"].shape[0]
+
+    @property
+    def hyperparameters(self) -> list[dict[str, Any]] | None:
+        """Each param group's lr, betas, eps... as they were when this step updated."""
+        return parse_groups(self.path, self.meta, HYPERPARAMETERS)
+
+
+def parse_groups(path: Path, meta: dict[str, str], key: str) -> list[dict[str, Any]] | None:
+    """A JSON list of param-group objects stored in file metadata, checked; None when absent."""
+    text = meta.get(key)
+    if text is None:
+        return None
+    try:
+        groups = json.loads(text)
+    except json.JSONDecodeError:
+        raise DiagError(path, f"metadata '{key}' is not valid JSON") from None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        raise DiagError(path, f"metadata '{key}' must be a list of objects")
+    return groups
+
+
+class Run:
+    """A run directory: manifest, checkpoints, batches and metrics."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DiagError(self.root, "run directory not found")
+        if not (self.root / MANIFEST).is_file():
+            raise DiagError(
+                self.root.resolve(),
+                f"no {MANIFEST}: not an energydiag run directory (see docs/run-format.md)",
+            )
+        self.manifest: Manifest = read_manifest(self.root / MANIFEST)
+
+    @cached_property
+    def checkpoint_steps(self) -> list[int]:
+        return steps_in(self.root / CHECKPOINTS)
+
+    @cached_property
+    def batch_steps(self) -> list[int]:
+        return steps_in(self.root / BATCHES)
+
+    @property
+    def failure(self) -> dict | None:
+        path = self.root / FAILURE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(self._inside(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DiagError(path, f"not valid JSON ({err})") from None
+
+    @property
+    def checkpoints_with_batches(self) -> list[int]:
+        """Checkpoint steps whose own batch was logged: the ones a model can be run on."""
+        logged = set(self.batch_steps)
+        return [s for s in self.checkpoint_steps if s in logged]
+
+    def checkpoint_at_or_before(self, step: int) -> int:
+        earlier = [s for s in self.checkpoint_steps if s <= step]
+        if not earlier:
+            have = step_ranges(self.checkpoint_steps) or "none"
+            raise DiagError(
+                self.root / CHECKPOINTS, f"no checkpoint at or before step {step} (have: {have})"
+            )
+        return earlier[-1]
+
+    def checkpoint_paths(self) -> dict[int, Path]:
+        """step -> file of every checkpoint, each checked to stay inside the run directory."""
+        return {s: self._inside(checkpoint_path(self.root, s)) for s in self.checkpoint_steps}
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        path = self._inside(checkpoint_path(self.root, step))
+        ckpt = load_checkpoint_file(path)
+        check_format(path, ckpt.meta, "checkpoint")
+        _check_step(path, ckpt.meta, step)
+        return ckpt
+
+    def batch(self, step: int) -> Batch:
+        path = self._inside(batch_path(self.root, step))
+        check_format(path, read_metadata(path), "batch")
+        batch = load_batch_file(path)
+        if batch.step != step:
+            raise DiagError(path, f"metadata says step {batch.step}, file name says {step}")
+        return batch
+
+    def hyperparameters(self, step: int) -> list[dict[str, Any]] | None:
+        """The recorded hyperparameters of step ``step`` (batch metadata only, no tensors);
+        a checkpoint's param groups when that is all there is."""
+        if step in set(self.batch_steps):
+            path = self._inside(batch_path(self.root, step))
+            return parse_groups(path, read_metadata(path), HYPERPARAMETERS)
+        if step in set(self.checkpoint_steps):
+            path = self._inside(checkpoint_path(self.root, step))
+            return parse_groups(path, read_metadata(path), "param_groups")
+        return None
+
+    def require_batches(self, start: int, stop: int) -> list[int]:
+        """Steps start..stop (inclusive), all of which must be logged."""
+        have = set(self.batch_steps)
+        missing = [s for s in range(start, stop + 1) if s not in have]
+        if missing:
+            raise DiagError(
+                self.root / BATCHES, f"missing batches for steps {step_ranges(missing)}"
+            )
+        return list(range(start, stop + 1))
+
+    def metrics(self) -> pd.DataFrame:
+        path = self.root / METRICS
+        return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
+
+    def logged(self, metric: str = "loss") -> dict[int, float]:
+        """step -> value where ``metric`` was logged (non-finite values included)."""
+        frame = self.metrics()
+        if metric not in frame:
+            return {}
+        steps, values = metric_series(frame, metric)
+        return dict(zip(steps.tolist(), values.tolist(), strict=True))
+
+    def first_failure(self) -> int | None:
+        """The first step the run itself saw fail: a non-finite logged loss or gradient norm,
+        or the step failure.json names (which also covers exceptions)."""
+        firsts = (first_nonfinite(self.logged(metric)) for metric in ("loss", "grad_norm"))
+        candidates = [step for step in firsts if step is not None]
+        failure = self.failure
+        if isinstance(failure, dict) and isinstance(failure.get("step"), int):
+            candidates.append(failure["step"])
+        return min(candidates, default=None)
+
+    def _inside(self, path: Path) -> Path:
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise DiagError(path, "resolves to a path outside the run directory")
+        return path
+
+
+def load_checkpoint_file(path: Path) -> Checkpoint:
+    """Any checkpoint: ours (model.* / optim.* prefixes), a bare safetensors state dict, or a
+    torch.save'd .pt/.pth state dict (weights only)."""
+    if is_pickle(path):
+        return Checkpoint(-1, path, load_tensor_dict(path), {}, {})
+    tensors, meta = read_all(path)
+    model, optim = split_state(tensors)
+    if not model and not optim:
+        model = tensors
+    if not model:
+        raise DiagError(path, "holds no model tensors")
+    step = parse_step(meta.get("step"))
+    step = -1 if step is None else step
+    return Checkpoint(step, path, model, optim, meta)
+
+
+def load_checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at, from its metadata (-1 when it does not say)."""
+    if is_pickle(path):
+        return -1
+    step = read_metadata(path).get("step", "")
+    parsed = parse_step(step)
+    return -1 if parsed is None else parsed
+
+
+def load_batch_file(path: Path, step: int | None = None) -> Batch:
+    tensors, meta = (load_tensor_dict(path), {}) if is_pickle(path) else read_all(path)
+    rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
+    data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
+    validate_batch(path, data)
+    found = parse_step(meta.get("step"))
+    found = -1 if found is None else found
+    return Batch(found if step is None else step, path, data, rng, meta)
+
+
+def validate_batch(path: Path, batch: dict[str, torch.Tensor]) -> None:
+    """Check the shapes a step's tensors must agree on: h [B,S,D], a_pos [B,H,Da], ..."""
+    for key in REQUIRED_BATCH_KEYS:
+        if key not in batch:
+            raise DiagError(path, f"missing tensor '{key}'")
+    h, a = batch["h"], batch["a_pos"]
+    if h.dim() != 3 or a.dim() != 3:
+        raise DiagError(
+            path, f"h must be [B,S,D] and a_pos [B,H,Da], got {list(h.shape)} and {list(a.shape)}"
+        )
+    if h.shape[0] != a.shape[0]:
+        raise DiagError(path, f"batch sizes differ: h has {h.shape[0]}, a_pos has {a.shape[0]}")
+    mask = batch.get("pad_mask")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(h.shape[:2])):
+        raise DiagError(
+            path,
+            f"pad_mask must be bool [B,S]={list(h.shape[:2])}, got {mask.dtype} {list(mask.shape)}",
+        )
+    for key, t in batch.items():
+        if key.startswith("layer_actions.") and t.shape != a.shape:
+            raise DiagError(path, f"'{key}' has shape {list(t.shape)}, a_pos has {list(a.shape)}")
+    neg = batch.get("a_neg")
+    if neg is not None and (
+        neg.dim() != 4 or neg.shape[0] != a.shape[0] or neg.shape[2:] != a.shape[1:]
+    ):
+        raise DiagError(path, f"a_neg must be [B,M,H,Da] matching a_pos, got {list(neg.shape)}")
+
+
+def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
+    if meta.get("step") != str(step):
+        raise DiagError(path, f"metadata says step {meta.get('step')!r}, file name says {step}")
+
+
+def first_nonfinite(series: dict[int, float]) -> int | None:
+    """The first step whose logged value is NaN or infinite."""
+    return next((s for s in sorted(series) if not math.isfinite(series[s])), None)
+
+
+def step_ranges(steps: list[int]) -> str:
+    """[3,4,5,9] -> '3-5, 9': compact enough for a one-line error."""
+    out, run_start = [], None
+    for i, s in enumerate(steps):
+        run_start = s if run_start is None else run_start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(str(s) if s == run_start else f"{run_start}-{s}")
+            run_start = None
+    return ", ".join(out)

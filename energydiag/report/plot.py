@@ -1,0 +1,110 @@
+"""PNG rendering (optional: pip install 'energydiag[plot]'). Draws what analyses computed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from energydiag.errors import DiagError
+
+
+def _pyplot(path: Path):
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DiagError(path, "writing PNG plots needs: pip install 'energydiag[plot]'")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve(report: dict[str, Any], path: Path) -> None:
+    plt = _pyplot(path)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    d = report["display"]
+    ax.plot(d["step"], d["value"], lw=0.8, alpha=0.5, label=report["metric"])
+    ax.plot(d["step"], d["smooth"], lw=1.6, label="rolling median")
+    for seg, colour, name in (
+        [(p, "tab:orange", "plateau") for p in report["plateaus"]]
+        + [(c, "tab:red", "constant") for c in report["constant"]]
+        + [(o, "tab:purple", "oscillation") for o in report["oscillations"]]
+    ):
+        ax.axvspan(seg["start"], seg["end"], color=colour, alpha=0.15, label=name)
+    if report["divergence"]:
+        ax.axvspan(
+            report["divergence"]["start"],
+            report["divergence"]["end"],
+            color="tab:red",
+            alpha=0.2,
+            label="divergence",
+        )
+    for s in report["spikes"]:
+        ax.plot(s["step"], s["value"], "rx")
+    bounds = report["bounds"] or {}
+    for key, style in (("chance", "--"), ("floor", ":")):
+        if key in bounds:
+            ax.axhline(bounds[key], color="k", ls=style, lw=1, label=f"{key} {bounds[key]:.3f}")
+    if report["first_nonfinite"] is not None:
+        ax.axvline(report["first_nonfinite"], color="red", lw=1.5, label="first non-finite")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def whatif(report: dict[str, Any], path: Path) -> None:
+    plt = _pyplot(path)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    start = report["from_step"]
+    for r in sorted(report["results"], key=lambda x: x["rank"]):
+        ax.plot(
+            range(start, start + len(r["losses"])),
+            r["losses"],
+            lw=2 if r["label"] == "baseline" else 1.2,
+            label=f"{r['rank']}. {r['label']}",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def timeline(report: dict[str, Any], path: Path) -> None:
+    """max|w| of every layer over the checkpoints, log scale: an explosion is a cliff."""
+    plt = _pyplot(path)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    steps = [r["step"] for r in report["rows"]]
+    ranked = sorted(
+        report["layers"].items(), key=lambda kv: -max(v for v in kv[1] if v is not None)
+    )
+    for i, (layer, sizes) in enumerate(ranked):
+        points = [(s, v) for s, v in zip(steps, sizes, strict=True) if v is not None and v > 0]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                lw=1.8 if i < 5 else 0.8,
+                alpha=1.0 if i < 5 else 0.4,
+                label=layer if i < 5 else None,
+            )
+    exploded = [r["step"] for r in report["rows"] if r["exploded"]]
+    if exploded:
+        ax.axvline(
+            exploded[0], color="red", lw=1.2, ls="--", label=f"exploded from step {exploded[0]}"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |w| per layer")
+    ax.set_title("Weights over checkpoints (five largest layers labelled)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

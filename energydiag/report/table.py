@@ -1,0 +1,33 @@
+"""Writing per-step tables: CSV always, Parquet when pyarrow is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from energydiag.errors import DiagError
+from energydiag.io.atomic import check_writable
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """Into a temporary sibling, renamed on success: an interrupted write leaves nothing."""
+    check_writable(path)
+    if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise DiagError(
+            path, "writing Parquet needs pyarrow (pip install 'energydiag[parquet]'); use .csv"
+        )
+    if path.suffix not in (".csv", ".parquet"):
+        raise DiagError(path, "unknown table format: use .csv or .parquet")
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
