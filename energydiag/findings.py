@@ -732,14 +732,17 @@ def grown_since_first(history: dict[str, Any] | None, limit: float) -> Finding |
 
 
 def contrastive_health(
-    energy: dict[str, float], candidates: int, loss: str, margin: float | None
+    energy: dict[str, float], batch_size: int, candidates: int, loss: str, margin: float | None
 ) -> Finding | None:
-    """Retrieval at or below chance, or positives scored *above* their negatives."""
+    """Retrieval at or below chance, or positives scored *above* their negatives: by more than
+    two standard errors of the paired per-row gap, or at all while retrieval is at or below
+    chance (two signals agreeing). An untrained head's noise is no verdict."""
     chance = 1.0 / candidates
     accuracy, gap = energy["retrieval_accuracy"], energy["pos_neg_gap"]
-    if gap >= 0 and accuracy > chance:
+    error = energy["pos_neg_gap_row_std"] / math.sqrt(batch_size)
+    sign = gap < -2 * error or (gap < 0 and accuracy <= chance)
+    if not sign and accuracy > chance:
         return None
-    sign = gap < 0
     remedy = (
         "low energy means good: a hinge must be relu(margin + E_pos - E_neg); the seed report's "
         "relu(E_neg - E_pos + margin) pushes positives up"
@@ -757,7 +760,13 @@ def contrastive_health(
         "error",
         f"{said} under loss {loss}",
         remedy,
-        {"retrieval_accuracy": accuracy, "chance": chance, "pos_neg_gap": gap, "margin": margin},
+        {
+            "retrieval_accuracy": accuracy,
+            "chance": chance,
+            "pos_neg_gap": gap,
+            "gap_standard_error": error,
+            "margin": margin,
+        },
     )
 
 

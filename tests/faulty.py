@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from energydiag.reference.losses import energies
+from energydiag.reference.losses import energies, inbatch_infonce
 from energydiag.reference.models import EnergyModel
 
 
@@ -22,3 +22,84 @@ class GuardedEnergyModel(EnergyModel):
         if pad_mask is not None and bool(pad_mask.all(dim=1).any()):
             raise RuntimeError("pad_mask has a row with every key masked")
         return super().forward(h, a, pad_mask)
+
+
+def std_of_one_loss(model, batch, tau=0.5):
+    """The seed report's bug: E_pos.std() after a mean is a std over one element (NaN)."""
+    loss, diagnostics = inbatch_infonce(model, batch, tau=tau)
+    e_pos = energies(model, batch["h"], batch["a_pos"], batch.get("pad_mask"))
+    return loss + 0.1 * e_pos.mean().std(), diagnostics
+
+
+def where_trap_loss(model, batch, tau=0.5):
+    """A log guarded by where(): the discarded branch's NaN still poisons the gradient."""
+    loss, diagnostics = inbatch_infonce(model, batch, tau=tau)
+    e = energies(model, batch["h"], batch["a_pos"], batch.get("pad_mask"))
+    shifted = e - e.detach().median()
+    penalty = torch.where(shifted > 0, torch.log(shifted), torch.zeros_like(shifted))
+    return loss + 0.01 * penalty.mean(), diagnostics
+
+
+def scaled_loss(model, batch, tau=0.5):
+    """InfoNCE times the batch's own 'scale': a data bug that makes every gradient huge."""
+    loss, diagnostics = inbatch_infonce(model, batch, tau=tau)
+    return loss * batch["scale"], diagnostics
+
+
+def backwards_margin(model, batch, margin=0.5):
+    """The seed report's hinge, relu(E_neg - E_pos + m): it pushes positives *up*."""
+    e_pos = energies(model, batch["h"], batch["a_pos"], batch.get("pad_mask"))
+    e_neg = energies(model, batch["h"], -batch["a_pos"], batch.get("pad_mask"))
+    scored = torch.stack([e_pos, e_neg], dim=1)
+    loss = torch.relu(e_neg - e_pos + margin).mean()
+    return loss, {"candidate_energies": scored.detach()}
+
+
+class ZeroGradNorm(torch.nn.Module):
+    """sqrt(x²) at x = 0: finite forward, infinite derivative, NaN gradient behind it."""
+
+    def forward(self, x):
+        centred = x - x.detach()
+        return x + torch.sqrt(centred * centred)
+
+
+class BackwardNaNModel(EnergyModel):
+    """The NaN appears in backward, inside the submodule 'fragile'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fragile = ZeroGradNorm()
+
+    def forward(self, h, a, pad_mask=None):
+        return self.fragile(super().forward(h, a, pad_mask))
+
+
+class GatedEnergy(torch.nn.Module):
+    """A bounded head under another name: E = 0.1 + 2 * sigmoid(raw), in (0.1, 2.1)."""
+
+    def forward(self, raw):
+        return 0.1 + 2.0 * torch.sigmoid(raw)
+
+
+class RenamedHeadModel(EnergyModel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.head_out
+        self.energy_gate = GatedEnergy()
+
+    def forward(self, h, a, pad_mask=None):
+        context = self.ctx_enc(self.ctx_in(h.float()))
+        query = self.act_enc(self.act_in(a.float()))
+        attended, _ = self.attn(query, context, context, key_padding_mask=pad_mask)
+        raw = self.pred(query + attended).squeeze(-1).mean(dim=-1, keepdim=True)
+        return self.energy_gate(raw)
+
+
+class NonFiniteGuardModel(EnergyModel):
+    """Raises when its own energies are non-finite, as the seed team's model did."""
+
+    def forward(self, h, a, pad_mask=None):
+        e = super().forward(h, a, pad_mask)
+        if not torch.isfinite(e).all():
+            raise RuntimeError("energy model produced non-finite energies")
+        return e

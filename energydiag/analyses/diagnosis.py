@@ -65,10 +65,19 @@ def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
 
 
 def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
-    try:
-        report = replay_report(run, step, to_step=step, device=device)
-    except DiagError as err:  # batches or checkpoints missing: say what could not be done
-        why = rules.cannot_replay(step, str(err))
+    """Replay through the failing step from the checkpoint before it when its batches are
+    there: the step that broke the weights may come before the one whose loss is NaN, and the
+    failure dump at ``step`` already holds its result."""
+    earlier = [s for s in run.checkpoint_steps if s < step][-1:]
+    problem = None
+    for origin in [*earlier, step]:
+        try:
+            report = replay_report(run, origin, to_step=step, device=device)
+            break
+        except DiagError as err:  # batches or checkpoints missing: try the nearer start
+            problem = problem or str(err)
+    else:
+        why = rules.cannot_replay(step, problem or "no checkpoint at or before it")
         return Diagnosis(str(run.root), "non-finite (not localised)", start, end, None, [why])
     fault = report.fault
     verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"

@@ -253,7 +253,11 @@ def _batch_findings(report: BatchReport, batch: Batch, head: Head | None, loss: 
             ),
             rules.unreachable_margin(loss.kwargs.get("margin"), head.bounds if head else None),
             rules.contrastive_health(
-                report.energy, report.candidates, loss.label, loss.kwargs.get("margin")
+                report.energy,
+                report.batch_size,
+                report.candidates,
+                loss.label,
+                loss.kwargs.get("margin"),
             ),
             rules.stuck_between_floor_and_chance(report.loss_position, report.energy, report.tau),
             rules.coarse_inputs(_half_inputs(batch.tensors), report.energy),

@@ -140,6 +140,8 @@ def energy_stats(
     is_pos[torch.arange(b, device=e.device), target] = True
     pos, neg = e[is_pos], e[~is_pos]
     zero = e.new_zeros(())
+    # Paired per row: each context's mean negative minus its own positive.
+    row_gap = (e.sum(dim=1) - pos) / max(e.shape[1] - 1, 1) - pos
     out = {
         "energy_min": e.min(),
         "energy_max": e.max(),
@@ -150,6 +152,7 @@ def energy_stats(
         "neg_mean": neg.mean() if neg.numel() else zero,
         "neg_std": neg.std() if neg.numel() > 1 else zero,
         "pos_neg_gap": (neg.mean() - pos.mean()) if neg.numel() else zero,
+        "pos_neg_gap_row_std": row_gap.std() if b > 1 else zero,
         "retrieval_accuracy": (e.argmin(dim=1) == target).double().mean(),
         "candidates": torch.tensor(float(e.shape[1]), dtype=torch.float64),
     }
