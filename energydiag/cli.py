@@ -28,7 +28,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
+
+
+def _width() -> int | None:
+    """A terminal sets its own width; piped output gets $COLUMNS or 120, not Rich's 80."""
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120") or 120)
+
+
+out = Console(width=_width())
 err = Console(stderr=True)
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory (energydiag/1 format).")]

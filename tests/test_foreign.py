@@ -15,6 +15,7 @@ from energydiag.cli import app
 from energydiag.engine.replay import replay
 from energydiag.io.rundir import Run
 from energydiag.io.torchfiles import discover, load_tensor_dict
+from energydiag.reference.models import EnergyModel
 from energydiag.reference.synthetic import Task, batches
 
 runner = CliRunner()
@@ -236,3 +237,33 @@ def test_pickle_with_arbitrary_objects_is_refused_unexecuted(tmp_path):
         assert result.exit_code == 2 and "refused" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_trainer_checkpoint_by_content_with_optimizer_state(tmp_path):
+    model = EnergyModel(**KWARGS)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 6, 16), torch.randn(2, 4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "run--300_chkpt" / "energy--300.ckpt"  # not a .pt suffix
+    path.parent.mkdir()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"last_epoch": 3},
+        },
+        path,
+    )
+    report = inspect(path)
+    assert report.checkpoint.step == 300  # from the file name, not "step -1"
+    groups = {t.group for t in report.checkpoint.tensors}
+    assert groups == {"model", "optimizer"}
+    assert report.checkpoint.stats.adam  # both Adam moments of each parameter were paired
+
+
+def test_self_referencing_checkpoint_is_one_line(tmp_path):
+    state = {"w": torch.ones(2)}
+    state["state_dict"] = state
+    torch.save(state, tmp_path / "loop.pt")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "loop.pt")])
+    assert result.exit_code == 2 and "contains itself" in result.stderr

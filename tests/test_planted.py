@@ -243,3 +243,19 @@ def test_a_sigmoid_head_under_another_name_has_bounds(tmp_path):
     assert report.head["bounds"] == pytest.approx([0.1, 2.1])
     assert report.head["module"] == "energy_gate"
     assert report.bounds["head"]["floor"] == pytest.approx(math.log1p(7 * math.exp(-2.0 / 0.5)))
+
+
+def test_timeline_command_table_json_and_png(exploded, tmp_path):
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    runner = CliRunner()
+    png = tmp_path / "timeline.png"
+    shown = runner.invoke(app, ["timeline", str(exploded), "--png", str(png)], terminal_width=160)
+    assert shown.exit_code == 1  # the weights exploded
+    assert "Checkpoints over time" in shown.stdout and "ctx_in" in shown.stdout
+    assert "weights grew" in shown.stdout
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(runner.invoke(app, ["timeline", str(exploded), "--json"]).stdout)
+    assert [r["step"] for r in data["rows"] if r["exploded"]][0] == 12

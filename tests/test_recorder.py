@@ -118,3 +118,36 @@ def test_warm_up_before_optimizer_start_step_replays_exactly(tmp_path):
     final = run.checkpoint(10).model
     session = state_before(run, 10, torch.device("cpu"))
     assert all(torch.equal(v, final[k]) for k, v in session.model.state_dict().items())
+
+
+def test_model_spec_that_cannot_rebuild_the_model_fails_at_recording(tmp_path):
+    from energydiag.reference.models import EnergyModel
+
+    model = EnergyModel(d_context=16, d_action=3, horizon=4)
+    with pytest.raises(DiagError, match="does not build the model being trained"):
+        Recorder(
+            tmp_path / "r",
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            model_spec={
+                "target": "energydiag.reference.models:EnergyModel",
+                "kwargs": {"d_context": 32, "d_action": 3, "horizon": 4},
+            },
+            loss={"name": "inbatch_infonce"},
+        )
+
+
+def test_environment_and_hyperparameters_are_recorded(small_run):
+    run = Run(small_run)
+    env = run.manifest.environment
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    assert run.batch(3).hyperparameters[0]["lr"] == pytest.approx(3e-3)
+
+
+def test_replay_from_a_step_without_batches_names_the_nearest(small_run):
+    from energydiag.engine.replay import replay
+
+    for step in range(0, 8):
+        (small_run / "batches" / f"step-{step:08d}.safetensors").unlink()
+    with pytest.raises(DiagError, match="nearest step you can replay from is 8"):
+        replay(Run(small_run), 5)

@@ -49,7 +49,7 @@ from energydiag.io.rundir import (
     load_checkpoint_step,
 )
 from energydiag.io.state import restore_rng
-from energydiag.io.torchfiles import open_reader
+from energydiag.io.torchfiles import is_pickle, open_reader
 from energydiag.reference.losses import energy_matrix, infonce_bounds
 
 NORM_OUTLIER = 100.0
@@ -78,7 +78,7 @@ class CheckpointReport:
 
 def step_of(path: Path) -> int | None:
     """The step a checkpoint holds: its metadata, else the last number in its file name."""
-    step = load_checkpoint_step(path) if path.suffix == ".safetensors" else -1
+    step = -1 if is_pickle(path) else load_checkpoint_step(path)
     if step >= 0:
         return step
     found = _STEP_IN_NAME.search(path.name)

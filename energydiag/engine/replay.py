@@ -54,8 +54,12 @@ def plan(run: Run, start: int, to_step: int | None) -> list[int]:
     """
     logged = run.batch_steps
     if start not in set(logged):
+        usable = run.checkpoints_with_batches
+        nearest = min(usable, key=lambda s: abs(s - start), default=None)
+        hint = f"; the nearest step you can replay from is {nearest}" if nearest is not None else ""
         raise DiagError(
-            run.root / "batches", f"no batch logged for step {start} (the checkpoint's step)"
+            run.root / "batches",
+            f"no batch logged for step {start} (the checkpoint's step){hint}",
         )
     if to_step is None:
         to_step = start

@@ -19,32 +19,78 @@ import torch
 from energydiag.errors import DiagError
 from energydiag.io.state import plain_key
 
-PT_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
+MAX_WRAPPING = 8  # {'state_dict': {'model': ...}} is common; a dict containing itself is not
 
 
 def is_pickle(path: Path) -> bool:
-    return Path(path).suffix in PT_SUFFIXES
+    """A torch.save file, by content rather than suffix (.pt, .pth, .bin, .ckpt alike): a zip
+    archive (torch >= 1.6) or a raw pickle (legacy). Safetensors files start with a length."""
+    if not Path(path).is_file():
+        return False
+    with Path(path).open("rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A .pt/.pth state dict, unwrapped ({'state_dict': ...}, 'module.', '_orig_mod.')."""
+    """The model state dict of a torch.save'd file, unwrapped: {'state_dict': ...},
+    {'model': ..., 'optimizer': ..., 'scheduler': ...}, 'module.' and '_orig_mod.' prefixes."""
+    model, _ = load_checkpoint_dicts(path)
+    return model
+
+
+def load_checkpoint_dicts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model tensors, optimizer state tensors named 'param<i>.<field>') of a torch.save'd file."""
     path = Path(path)
     if not path.is_file():
         raise DiagError(path, "file not found")
-    obj = _weights_only_load(path)
-    while (
-        isinstance(obj, dict)
-        and len(obj) >= 1
-        and any(isinstance(obj.get(k), dict) for k in WRAPPER_KEYS)
-    ):
-        obj = next(obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict))
+    outer = _weights_only_load(path)
+    obj = _unwrap(path, outer)
     if not isinstance(obj, dict):
         raise DiagError(path, f"holds a {type(obj).__name__}, not a state dict")
-    tensors = {plain_key(str(k)): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {plain_key(str(k)): v for k, v in obj.items() if _usable(path, k, v)}
     if not tensors:
         raise DiagError(path, "holds no tensors")
-    return tensors
+    return tensors, _optimizer_tensors(path, outer)
+
+
+def _unwrap(path: Path, obj: object) -> object:
+    seen: set[int] = set()
+    while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in WRAPPER_KEYS):
+        if id(obj) in seen or len(seen) >= MAX_WRAPPING:
+            raise DiagError(path, "its state dict contains itself (or is nested too deeply)")
+        seen.add(id(obj))
+        obj = next(obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict))
+    return obj
+
+
+def _usable(path: Path, key: object, value: object) -> bool:
+    """Dense tensors only; the kinds a state dict should not hold are refused by name."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.is_meta or value.layout != torch.strided:
+        kind = "meta" if value.is_meta else str(value.layout).replace("torch.", "")
+        raise DiagError(path, f"tensor '{key}' is a {kind} tensor: only dense tensors are read")
+    if value.dtype.is_floating_point and value.element_size() == 1:
+        raise DiagError(path, f"tensor '{key}' has dtype {value.dtype}, which is not supported")
+    return True
+
+
+def _optimizer_tensors(path: Path, outer: object) -> dict[str, torch.Tensor]:
+    """A trainer checkpoint's optimizer state, flattened by parameter index."""
+    if not isinstance(outer, dict):
+        return {}
+    state = next((outer[k] for k in OPTIMIZER_KEYS if isinstance(outer.get(k), dict)), {})
+    per_param = state.get("state", {}) if isinstance(state, dict) else {}
+    return {
+        f"param{index}.{field}": value
+        for index, fields in per_param.items()
+        if isinstance(fields, dict)
+        for field, value in fields.items()
+        if _usable(path, field, value) and value.dim() > 0
+    }
 
 
 def _weights_only_load(path: Path) -> object:
@@ -86,11 +132,13 @@ def _refused(path: Path, err: Exception) -> DiagError:
 
 
 class PickleReader:
-    """The TensorReader interface over a .pt state dict (memory-mapped when torch can)."""
+    """The TensorReader interface over a torch.save'd checkpoint (memory-mapped when torch can);
+    optimizer state, when the file holds it, appears as 'optim.param<i>.<field>'."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tensors = load_tensor_dict(path)
+        model, optim = load_checkpoint_dicts(path)
+        self._tensors = model | {f"optim.{k}": v for k, v in optim.items()}
         self.metadata: dict[str, str] = {}
         self.names = list(self._tensors)
 
@@ -100,7 +148,7 @@ class PickleReader:
 
 @contextmanager
 def open_reader(path: Path) -> Iterator[object]:
-    """A reader for .safetensors (streamed) or .pt/.pth (weights-only pickle)."""
+    """A reader for safetensors (streamed) or torch.save files (weights-only), by content."""
     from energydiag.io.tensorfile import reader
 
     if is_pickle(path):

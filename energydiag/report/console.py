@@ -53,7 +53,7 @@ def frame(
     table = Table(title=title, title_justify="left")
     for c in columns:
         left = c in ("tensor", "layer", "module", "op", "variant", "name", "reason")
-        table.add_column(c, justify="left" if left else "right", no_wrap=c == "variant")
+        table.add_column(c, justify="left" if left else "right", no_wrap=not left)
     for row in rows:
         table.add_row(*(escape(fmt(v, digits)) for v in row))
     console.print(table)
@@ -238,11 +238,11 @@ def timeline(console: Console, t: dict[str, Any]) -> None:
         "step": "step",
         "max|w|": "max_abs",
         "rms": "rms",
-        "growth ×first": "growth_since_first",
-        "×previous": "growth_since_previous",
-        "update ratio": "update_ratio",
-        "worst layer": "worst_layer",
-        "non-finite": "nonfinite",
+        "×first": "growth_since_first",
+        "×prev": "growth_since_previous",
+        "|Δw|/|w|": "update_ratio",
+        "layer": "worst_layer",
+        "NaN/Inf": "nonfinite",
         "exploded": "exploded",
     }
     rows = (
