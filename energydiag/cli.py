@@ -136,6 +136,13 @@ def replay_cmd(
             "--metrics-out", help="Write the per-step table (.csv, or .parquet with pyarrow)."
         ),
     ] = None,
+    ladder: Annotated[
+        bool,
+        typer.Option(
+            "--ladder",
+            help="On a fault, re-run the failing step in float32 and float64 too: a precision fault disappears, a fault in the maths does not.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Replay logged steps from a checkpoint and localise the first non-finite value.
@@ -166,7 +173,7 @@ def replay_cmd(
                 live=f"step {row['step']} loss {render.fmt(row['loss'])} |g| {render.fmt(row['grad_norm'])}",
             )
 
-        report = replay_report(r, from_step, to_step, target, every, tick)
+        report = replay_report(r, from_step, to_step, target, every, tick, ladder)
     if metrics_out:
         write_table(report.result.table, metrics_out)
     _emit(report.to_dict(), json_out, lambda d: render.replay(out, d))

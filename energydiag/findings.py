@@ -829,3 +829,46 @@ def no_batches(checkpoints: list[int]) -> Finding:
         "the batches you have; until then only checkpoints and curves are judged",
         {"checkpoints": len(checkpoints)},
     )
+
+
+def precision_verdict(ladder: dict[str, Any]) -> Finding | None:
+    verdict, rungs = ladder["verdict"], ladder["rungs"]
+    said = ", ".join(f"{r['precision']}: {r['status']}" for r in rungs)
+    if verdict == "precision":
+        clean = next(r["precision"] for r in rungs if r["status"] == "finite")
+        return Finding(
+            "precision.fault",
+            "error",
+            f"step {ladder['step']} is a precision fault: it disappears in {clean} ({said})",
+            "keep the failing module in float32 under autocast (or use bfloat16, whose range is "
+            "float32's), and check that eps values are above the dtype's resolution",
+            ladder,
+        )
+    if verdict == "maths":
+        return Finding(
+            "precision.maths",
+            "error",
+            f"step {ladder['step']} fails in every precision ({said}): the fault is in the maths",
+            "no dtype fixes it: guard the op the fault names (its root cause is above)",
+            ladder,
+        )
+    return None
+
+
+def skipped_steps(rows: list[dict[str, Any]]) -> Finding | None:
+    """Steps a GradScaler skipped: expected now and then; a scale that keeps falling is not."""
+    if not rows:
+        return None
+    last = rows[-1]["scale"]
+    collapsing = last < 1.0
+    return Finding(
+        "amp.skipped_steps",
+        "error" if collapsing else "info",
+        f"the GradScaler skipped {len(rows)} step(s) with overflowing gradients "
+        f"({', '.join(str(r['step']) for r in rows[:8])}); the scale before the last was {last:g}",
+        "the scale is collapsing: the gradients overflow float16 at any scale, so look for the "
+        "layer whose values exceed float16 (`energydiag replay --ladder`)"
+        if collapsing
+        else "skipped steps are how a GradScaler finds its scale; nothing to fix unless they persist",
+        {"steps": rows},
+    )

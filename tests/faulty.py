@@ -103,3 +103,38 @@ class NonFiniteGuardModel(EnergyModel):
         if not torch.isfinite(e).all():
             raise RuntimeError("energy model produced non-finite energies")
         return e
+
+
+MICRO_BATCHES = 4
+
+
+def two_losses(model, micro, tau=0.5):
+    """The seed team's pair: swap InfoNCE plus a (correctly signed) margin on rolled actions."""
+    nce, _ = inbatch_infonce(model, micro, tau=tau)
+    e_pos = energies(model, micro["h"], micro["a_pos"], micro.get("pad_mask"))
+    e_neg = energies(model, micro["h"], micro["a_pos"].roll(1, dims=0), micro.get("pad_mask"))
+    return nce + 0.1 * torch.relu(0.5 + e_pos - e_neg).mean()
+
+
+def split(batch, parts=MICRO_BATCHES):
+    size = batch["h"].shape[0] // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def accumulating_step(model, optimizer, batch, ctx):
+    """A user's own step: two losses over 4 micro-batches, accumulated, then clip and step."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in split(batch):
+        loss = two_losses(model, micro) / MICRO_BATCHES
+        loss.backward()
+        total = total + loss.detach()
+    ctx.clip(model)
+    if ctx.update:
+        optimizer.step()
+    return total
+
+
+def compiled_energy_model(**kwargs):
+    """A factory that compiles, as users do; the eager backend needs no C++ toolchain."""
+    return torch.compile(EnergyModel(**kwargs), backend="eager")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
+from energydiag.analyses.ladder import Ladder, precision_ladder
 from energydiag.analyses.schedule import history, jumps
 from energydiag.engine.replay import Progress, ReplayResult, replay, replay_columns
 from energydiag.io.rundir import Run
@@ -28,6 +29,7 @@ class ReplayReport:
     fidelity: dict[str, Any]
     schedule_jumps: list[dict[str, Any]]
     findings: list[rules.Finding] = field(default_factory=list)
+    ladder: Ladder | None = None
 
     @property
     def fault(self):
@@ -42,6 +44,10 @@ class ReplayReport:
             "fault": self.result.fault.to_dict() if self.result.fault else None,
             "fidelity": self.fidelity,
             "schedule_jumps": self.schedule_jumps,
+            "precision_ladder": self.ladder.to_dict() if self.ladder else None,
+            "skipped_steps": [
+                {"step": r["step"], "scale": r["scale"]} for r in steps if r.get("skipped")
+            ],
             "findings": [f.to_dict() for f in self.findings],
             "columns": replay_columns(),
             "steps": steps,
@@ -90,9 +96,15 @@ def replay_report(
     device: torch.device | None = None,
     every: int = 0,
     progress: Progress | None = None,
+    ladder: bool = False,
 ) -> ReplayReport:
+    """Replay and judge it; with ``ladder``, climb the precision ladder on the failing step."""
     result = replay(run, from_step, to_step, device, every, progress)
-    return judge(run, result)
+    report = judge(run, result)
+    if ladder and result.fault and result.fault.reproduced:
+        report.ladder = precision_ladder(run, result.fault.step, device)
+        report.findings = rules.ranked([*report.findings, *report.ladder.findings])
+    return report
 
 
 def judge(run: Run, result: ReplayResult) -> ReplayReport:
@@ -107,6 +119,7 @@ def judge(run: Run, result: ReplayResult) -> ReplayReport:
             rules.schedule_jumps(found),
             rules.unseen_event(unseen_event(result), fid),
             rules.fidelity(fid, APPROXIMATE_TOLERANCE),
+            rules.skipped_steps([r for r in result.steps if r.get("skipped")]),
         ]
     )
     return report

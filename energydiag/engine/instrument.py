@@ -55,26 +55,31 @@ class Observer(Protocol):
 
 
 class PhaseClock:
-    """Which phase the step is in, from the autograd engine and the optimizer's step hooks."""
+    """Which phase the step is in, from the autograd engine and the optimizer's step hooks.
+
+    Micro-batches are counted without the step function's help: each finished backward pass
+    ends one, so gradient accumulation over K micro-batches shows as micro-batches 1..K.
+    """
 
     def __init__(self) -> None:
         self.in_optimizer = False
-        self.backward_seen = False
-        self.micro_batch = 0
+        self.in_backward = False
+        self.backwards = 0
+
+    @property
+    def micro_batch(self) -> int:
+        return self.backwards + 1
 
     def current(self) -> str:
         if torch._C._current_graph_task_id() != -1:
-            self.backward_seen = True
+            self.in_backward = True
             return BACKWARD
+        if self.in_backward:  # the first op after a backward pass: that micro-batch is done
+            self.in_backward = False
+            self.backwards += 1
         if self.in_optimizer:
             return OPTIMIZER
-        return _AFTER_BACKWARD if self.backward_seen else FORWARD
-
-    def new_micro_batch(self) -> None:
-        """A forward starts (the step context calls this): later ops are forward again."""
-        if self.backward_seen or self.micro_batch == 0:
-            self.micro_batch += 1
-        self.backward_seen = False
+        return _AFTER_BACKWARD if self.backwards else FORWARD
 
     @contextlib.contextmanager
     def watching(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
@@ -107,6 +112,7 @@ class Instrument(TorchDispatchMode):
         self.order += 1
         if func.is_view or _uninitialised(func) or not self.observers:
             return out
+        phase = self.clock.current()
         call = OpCall(
             func,
             args,
@@ -114,7 +120,7 @@ class Instrument(TorchDispatchMode):
             out,
             self.order,
             self.module(),
-            self.clock.current(),
+            phase,
             self.clock.micro_batch,
             _autograd_node(),
         )
@@ -149,9 +155,9 @@ def _autograd_node() -> str | None:
     return None if node is None else type(node).__name__
 
 
-def resolve_phase(phase: str, later_backward: bool) -> str:
-    """An op after a backward is gradient processing (clip) unless another backward follows,
-    in which case it belonged to the next micro-batch's forward."""
+def resolve_phase(phase: str, micro_batch: int, backwards: int) -> str:
+    """An op after a backward is gradient processing (clip) unless another backward pass
+    followed it (``backwards`` counts them all), in which case it was that micro-batch's forward."""
     if phase != _AFTER_BACKWARD:
         return phase
-    return FORWARD if later_backward else CLIP
+    return FORWARD if micro_batch <= backwards else CLIP

@@ -110,7 +110,7 @@ def localise(session: Session, batch: Batch) -> Fault | None:
             result = run_step_fn(session.step_fn, session.model, session.optimizer, data, ctx)
         except Exception as err:  # a model that guards itself raises instead of returning NaN
             return _raised(batch.step, instrument, origins, err, masked)
-    _resolve_phases(origins.events)
+    _resolve_phases(origins.events, instrument.clock.backwards)
     surfaced = _surfaced(result, session.model)
     if surfaced is None:
         return None
@@ -133,10 +133,9 @@ def _surfaced(result: StepResult, model: nn.Module) -> str | None:
     return None
 
 
-def _resolve_phases(events: list[OpEvent]) -> None:
-    backward_orders = [e.order for e in events if e.phase == BACKWARD]
+def _resolve_phases(events: list[OpEvent], backwards: int) -> None:
     for e in events:
-        e.phase = resolve_phase(e.phase, any(o > e.order for o in backward_orders))
+        e.phase = resolve_phase(e.phase, e.micro_batch, backwards)
 
 
 def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fault:
@@ -186,8 +185,9 @@ def _raised(
     """The guard's message, where it raised, and the op whose non-finite output it caught."""
     text = (str(err).strip().splitlines() or [""])[0]
     message = f"{type(err).__name__}: {text}"
-    phase = resolve_phase(instrument.clock.current(), False)
-    _resolve_phases(origins.events)
+    clock = instrument.clock
+    phase = resolve_phase(clock.current(), clock.micro_batch, clock.backwards)
+    _resolve_phases(origins.events, clock.backwards)
     caught = next(iter(origins.meaningful()), None)
     module = instrument.module() or None
     return Fault(

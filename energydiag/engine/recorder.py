@@ -20,6 +20,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from energydiag.errors import DiagError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import FAILURE, MANIFEST, METRICS, batch_path, checkpoint_path
 from energydiag.io.manifest import Manifest, parse_manifest
-from energydiag.io.state import HYPERPARAMETERS, capture_rng, hyperparameters, pack_state
+from energydiag.io.state import (
+    HYPERPARAMETERS,
+    SCALER_STATE,
+    capture_rng,
+    hyperparameters,
+    pack_state,
+    scaler_settings,
+)
 from energydiag.io.tensorfile import write_atomic
 
 
@@ -45,6 +53,8 @@ class Recorder:
     ``optimizer.step()``: when the loss or gradient norm is non-finite, the model and optimizer
     are then still in their pre-step state, and that state is what gets dumped next to the ring.
     ``step`` names the loop's own step function ('pkg.mod:fn') when it is not the built-in one.
+    ``scaler``: the loop's GradScaler; its state is recorded per step, and a non-finite gradient
+    norm (which it skips) is then not a failure, while a non-finite loss still is.
     """
 
     def __init__(
@@ -65,19 +75,22 @@ class Recorder:
         persist_batches: bool = False,
         overwrite: bool = False,
         check_spec: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.root = Path(run_dir)
         if (self.root / MANIFEST).exists() and not overwrite:
             raise DiagError(self.root, "already holds a run; pass overwrite=True to replace it")
         if checkpoint_every < 1 or keep_batches < 1:
             raise ValueError("checkpoint_every and keep_batches must be at least 1")
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
         device = next(model.parameters()).device
         self.manifest = _manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
         self.manifest.environment.update(environment.capture(device))
+        if scaler is not None:
+            self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
         if check_spec:
             check_model_spec(self.manifest.model, model)
         self.ring: deque[tuple[int, dict[str, torch.Tensor], dict[str, str]]] = deque(
@@ -100,7 +113,10 @@ class Recorder:
         if step % self.checkpoint_every == 0:
             self.save_checkpoint(step)
         record = {k: v.detach().clone() for k, v in batch.items()} | capture_rng()
-        self.ring.append((step, record, {"kind": "batch", "step": str(step)}))
+        meta = {"kind": "batch", "step": str(step)}
+        if self.scaler is not None:
+            meta[SCALER_STATE] = json.dumps(self.scaler.state_dict())
+        self.ring.append((step, record, meta))
 
     def end_step(
         self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, **scalars: Any
@@ -119,7 +135,9 @@ class Recorder:
         values = [loss] + ([] if grad_norm is None else [grad_norm]) + list(scalars.values())
         row = dict(zip(names, _to_floats(values), strict=True))
         self._metrics.write(json.dumps({"step": self._step, **row}) + "\n")
-        healthy = math.isfinite(row["loss"]) and math.isfinite(row.get("grad_norm", 0.0))
+        # With a GradScaler, an overflowing gradient is what the scaler exists to skip.
+        norm_ok = self.scaler is not None or math.isfinite(row.get("grad_norm", 0.0))
+        healthy = math.isfinite(row["loss"]) and norm_ok
         if not healthy and not self._failing:  # a new failure, not the same one continuing
             self._dump("non-finite loss or gradient norm", pre_step=True, **row)
         self._failing = not healthy

@@ -152,6 +152,7 @@ def run_step(
         q.before(session.model)
     observers = [o for o in (q.observer() for q in measured) if o is not None]
     observe = (lambda: Instrument(observers).attached()) if observers else None
+    scale = session.scaler.get_scale() if session.scaler else None
     try:
         result = session.train(batch, observe=observe, update=update)
     except Exception as err:  # the user's step raised: a fault to localise, not a crash
@@ -168,10 +169,20 @@ def run_step(
         scalars |= q.compute(session.model, result, session.run.manifest.loss.kwargs.get("tau"))
     row = {"step": batch.step, **_synced(scalars, result.loss.device)}
     row["finite"] = all(math.isfinite(row[k]) for k in CHEAP)
+    if scale is not None:
+        _note_scaler(row, scale, session.scaler.get_scale())
     if not math.isfinite(row["param_norm"]):  # finite weights may overflow a float32 norm
         row["param_norm_overflows_fp32"] = True
         row["param_norm"] = exact_global_norm(params)
     return row
+
+
+def _note_scaler(row: dict[str, Any], before: float, after: float) -> None:
+    """A GradScaler that lowered its scale skipped the step: overflowing gradients are then
+    expected, not a failure. The loss and the parameters must still be finite."""
+    row["scale"], row["skipped"] = before, after < before
+    if row["skipped"]:
+        row["finite"] = math.isfinite(row["loss"]) and math.isfinite(row["param_norm"])
 
 
 def _synced(scalars: dict[str, Any], device: torch.device) -> dict[str, float]:

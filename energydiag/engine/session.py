@@ -29,9 +29,25 @@ class Session:
     autocast_dtype: str | None = None
     step_fn: StepFn = default_step
     optimizer_state: bool = True  # False when the checkpoint held none (a converted run)
+    scaler: torch.amp.GradScaler | None = None
+    compute_dtype: torch.dtype | None = None  # float inputs cast to this (the precision ladder)
 
     def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.tensors.items()}
+        dtype = self.compute_dtype
+        return {
+            k: v.to(self.device, dtype) if dtype and v.is_floating_point() else v.to(self.device)
+            for k, v in batch.tensors.items()
+        }
+
+    def set_precision(self, dtype: torch.dtype) -> None:
+        """Run everything the session controls in ``dtype``: parameters, optimizer state, float
+        inputs; no autocast and no loss scaling. Casts inside the user's own code still apply."""
+        self.model.to(dtype)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                    state[key] = value.to(dtype)
+        self.autocast_dtype, self.scaler, self.compute_dtype = None, None, dtype
 
     def context(
         self,
@@ -52,6 +68,7 @@ class Session:
             update,
             clock or PhaseClock(),
             observe=observe,
+            scaler=self.scaler,
         )
 
     def prepare(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -63,6 +80,9 @@ class Session:
             except (ValueError, TypeError) as err:
                 raise DiagError(batch.path, f"recorded hyperparameters do not fit: {err}") from None
         restore_rng(batch.rng)
+        state = batch.scaler_state
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)
         return self.batch_on_device(batch)
 
     def train(
@@ -107,8 +127,15 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         manifest.grad_clip,
         manifest.autocast_dtype,
         step_fn,
-        bool(ckpt.optim),
+        bool(ckpt.optim) or "param_groups" in ckpt.meta,  # an empty state is still a state
+        _scaler(manifest.scaler, device),
     )
+
+
+def _scaler(settings: dict[str, float] | None, device: torch.device) -> torch.amp.GradScaler | None:
+    if settings is None:
+        return None
+    return torch.amp.GradScaler(device.type, **settings)
 
 
 def load_checkpoint(

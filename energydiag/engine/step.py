@@ -1,7 +1,8 @@
 """The training-step contract that replay executes: ``step(model, optimizer, batch, ctx) -> loss``.
 
 The built-in ``default_step`` is zero_grad -> forward (under autocast) -> backward -> clip ->
-optimizer.step, the sequence the Recorder documents. A run whose loop does more (two losses,
+optimizer.step, the sequence the Recorder documents (with a GradScaler: scale, backward,
+unscale_, clip, scaler.step, scaler.update). A run whose loop does more (two losses,
 gradient accumulation, a GradScaler, skip-if-non-finite) names its own function in run.json
 (``"step": "pkg.mod:train_step"``) and replay calls it, cheap tier and deep tier alike. The
 function uses ``ctx.forward`` for each (micro-)batch and ``ctx.clip`` for clipping, so replay can
@@ -39,12 +40,12 @@ class StepContext:
     grad_norm: torch.Tensor | None = None
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
     observe: Callable[[], contextlib.AbstractContextManager] | None = None
+    scaler: torch.amp.GradScaler | None = None
 
     def forward(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The run's loss on one (micro-)batch, under the run's autocast."""
-        self.clock.new_micro_batch()
         observing = self.observe() if self.observe else contextlib.nullcontext()
         with observing, autocast(self.device, self.autocast_dtype):
             loss, diagnostics = self.loss_fn(model, dict(batch))
@@ -75,10 +76,18 @@ def default_step(
 ) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss, _ = ctx.forward(model, batch)
-    loss.backward()
+    if ctx.scaler is None:
+        loss.backward()
+        ctx.clip(model)
+        if ctx.update:
+            optimizer.step()
+        return loss
+    ctx.scaler.scale(loss).backward()
+    ctx.scaler.unscale_(optimizer)
     ctx.clip(model)
     if ctx.update:
-        optimizer.step()
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
     return loss
 
 

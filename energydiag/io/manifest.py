@@ -26,7 +26,9 @@ _KEYS = {
     "notes",
     "environment",
     "step",
+    "scaler",
 }
+SCALER_KEYS = {"init_scale", "growth_factor", "backoff_factor", "growth_interval"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Manifest:
     notes: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     step: str | None = None
+    scaler: dict[str, float] | None = None  # GradScaler settings when the run used one
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -121,6 +124,16 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
         step is None or (isinstance(step, str) and ":" in step),
         "step must be an import string 'package.module:train_step' or null",
     )
+    scaler = raw.get("scaler")
+    need(
+        scaler is None
+        or (
+            isinstance(scaler, dict)
+            and set(scaler) <= SCALER_KEYS
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scaler.values())
+        ),
+        f"scaler must be null or an object with numbers for {', '.join(sorted(SCALER_KEYS))}",
+    )
     for key in ("notes", "environment"):
         need(isinstance(raw.get(key, {}), dict), f"{key} must be an object")
     return Manifest(
@@ -137,6 +150,7 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
         notes=dict(raw.get("notes", {})),
         environment=dict(raw.get("environment", {})),
         step=step,
+        scaler=None if scaler is None else dict(scaler),
     )
 
 

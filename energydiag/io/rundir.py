@@ -30,7 +30,7 @@ from energydiag.io.layout import (
 )
 from energydiag.io.manifest import Manifest, read_manifest
 from energydiag.io.metrics import load_metrics, metric_series
-from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, split_state
+from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
 from energydiag.io.torchfiles import is_pickle, load_tensor_dict
 
@@ -62,6 +62,20 @@ class Batch:
     def hyperparameters(self) -> list[dict[str, Any]] | None:
         """Each param group's lr, betas, eps... as they were when this step updated."""
         return parse_groups(self.path, self.meta, HYPERPARAMETERS)
+
+    @property
+    def scaler_state(self) -> dict[str, float] | None:
+        """The GradScaler's state (scale, growth tracker) as this step began."""
+        text = self.meta.get(SCALER_STATE)
+        if text is None:
+            return None
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError:
+            raise DiagError(self.path, f"metadata '{SCALER_STATE}' is not valid JSON") from None
+        if not isinstance(state, dict) or not isinstance(state.get("scale"), int | float):
+            raise DiagError(self.path, f"metadata '{SCALER_STATE}' must hold a numeric 'scale'")
+        return state
 
 
 def parse_groups(path: Path, meta: dict[str, str], key: str) -> list[dict[str, Any]] | None:

@@ -151,3 +151,15 @@ def apply_hyperparameters(
                 current.fill_(value)
             else:
                 group[key] = tuple(value) if isinstance(value, list) else value
+
+
+SCALER_STATE = "scaler"
+
+
+def scaler_settings(scaler: object) -> dict[str, float]:
+    """A GradScaler's construction settings, for the manifest."""
+    state = scaler.state_dict()
+    return {
+        "init_scale": state["scale"],
+        **{k: state[k] for k in ("growth_factor", "backoff_factor", "growth_interval")},
+    }
