@@ -74,9 +74,12 @@ def fidelity(result: ReplayResult) -> dict[str, Any]:
         "parameter_checks": result.parameter_checks,
         "max_parameter_deviation": param_dev,
         "bit_exact": exact,
-        "expected": "approximate" if (result.missing or result.environment) else "bit-exact",
+        "expected": "approximate"
+        if (result.missing or result.environment or result.nondeterministic)
+        else "bit-exact",
         "missing": result.missing,
-        "environment": result.environment,
+        "environment": result.environment
+        + [f"no deterministic kernel: {op}" for op in result.nondeterministic],
     }
 
 

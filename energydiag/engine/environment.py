@@ -8,13 +8,15 @@ promises bit-for-bit agreement that the machine cannot give.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-# Keys whose difference changes floating-point results (kernels, reduction order).
-NUMERIC_KEYS = ("torch", "cpu_capability", "device", "deterministic")
+# Keys whose difference changes floating-point results (kernels, reduction order). Replay asks
+# for deterministic kernels itself and names the ops that have none, so that flag is not here.
+NUMERIC_KEYS = ("torch", "cpu_capability", "device")
 
 
 def capture(device: torch.device | None = None) -> dict[str, Any]:
@@ -39,6 +41,25 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
         for k in keys
         if k in recorded and recorded[k] != current.get(k)
     ]
+
+
+@contextlib.contextmanager
+def deterministic(found: list[str]) -> Iterator[None]:
+    """Ask torch for deterministic kernels while replaying; the ops that have none are
+    appended to ``found`` (torch warns about them instead of failing)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            text = str(w.message)
+            if "deterministic" in text and text not in found:
+                found.append(text.splitlines()[0])
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 @contextlib.contextmanager

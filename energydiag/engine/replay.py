@@ -40,6 +40,7 @@ class ReplayResult:
     fault: Fault | None = None
     missing: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
+    nondeterministic: list[str] = field(default_factory=list)
     parameter_checks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -102,10 +103,10 @@ def replay(
         raise DiagError(None, f"--to-step {to_step} is before --from-step {from_step}")
     device = device or torch.device("cpu")
     recorded = run.manifest.environment
-    with environment.recorded_threads(recorded):
+    result = ReplayResult(run.checkpoint_at_or_before(from_step), [])
+    with environment.recorded_threads(recorded), environment.deterministic(result.nondeterministic):
         session = open_session(run, from_step, device)
         logged = run.logged()
-        result = ReplayResult(session.step, [])
         result.environment = environment.differences(recorded, environment.capture(device))
         checkpoints = set(run.checkpoint_steps)
         for step in plan(run, session.step, to_step):
