@@ -2,18 +2,13 @@
 
 The package is layered, and imports only go downward:
 errors -> io -> engine -> reference -> findings -> analyses -> report -> cli.
-``Recorder`` is imported lazily so that ``energydiag --help`` does not load torch.
+``Recorder`` and ``__version__`` resolve lazily, so that ``energydiag --help`` loads neither torch
+nor the package metadata.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
-
-try:
-    __version__ = version("energydiag")
-except PackageNotFoundError:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from energydiag.engine.recorder import Recorder
@@ -26,4 +21,11 @@ def __getattr__(name: str) -> Any:
         from energydiag.engine.recorder import Recorder
 
         return Recorder
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("energydiag")
+        except PackageNotFoundError:  # a source tree on sys.path without an install
+            return "0+unknown"
     raise AttributeError(f"module 'energydiag' has no attribute {name!r}")

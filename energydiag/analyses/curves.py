@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,9 @@ import pandas as pd
 from energydiag import findings as rules
 from energydiag.analyses.head import find_head
 from energydiag.engine.plugins import build_model
-from energydiag.io.metrics import metric_series
+from energydiag.errors import DiagError
+from energydiag.io.layout import MANIFEST
+from energydiag.io.metrics import choose_metric, load_metrics, metric_series
 from energydiag.io.rundir import Run
 from energydiag.reference.losses import infonce_bounds
 
@@ -268,19 +271,6 @@ def _display(
     }
 
 
-def sparkline(values: list[float], width: int = 60) -> str:
-    """One block character per bin: the curve at terminal size."""
-    if not values:
-        return ""
-    medians = np.array(
-        [np.median(b) for b in np.array_split(np.asarray(values), min(width, len(values)))]
-    )
-    lo, hi = medians.min(), medians.max()
-    blocks = "▁▂▃▄▅▆▇█"
-    scaled = np.zeros_like(medians) if hi == lo else (medians - lo) / (hi - lo) * (len(blocks) - 1)
-    return "".join(blocks[int(round(v))] for v in scaled)
-
-
 def run_bounds(run: Run) -> dict[str, float] | None:
     """InfoNCE bounds from a run: tau from the loss kwargs, B from a logged batch, the head's span."""
     tau = run.manifest.loss.kwargs.get("tau")
@@ -296,3 +286,24 @@ def run_bounds(run: Run) -> dict[str, float] | None:
     except Exception:  # a model that raises on its own batch: no bound, the rest still holds
         head = None
     return infonce_curve_bounds(batch.size, float(tau), None if head is None else head.span)
+
+
+def curve_report(
+    source: Path,
+    metric: str | None = None,
+    window: int | None = None,
+    batch_size: int | None = None,
+    tau: float | None = None,
+    energy_span: float | None = None,
+) -> CurveReport:
+    """Analyse one metric of a log; InfoNCE bounds from the options, else from the run."""
+    source = Path(source)
+    frame = load_metrics(source)
+    column = choose_metric(frame, metric, source)
+    if tau is not None and tau <= 0:
+        raise DiagError(None, f"--tau {tau}: the temperature must be positive")
+    if batch_size and tau:
+        bounds = infonce_curve_bounds(batch_size, tau, energy_span)
+    else:
+        bounds = run_bounds(Run(source)) if (source / MANIFEST).is_file() else None
+    return analyse(frame, column, window, bounds)

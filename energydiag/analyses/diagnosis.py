@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,11 @@ from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
-from energydiag.io.layout import checkpoint_path
+from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.rundir import Run
 
 MIN_CURVE_POINTS = 5
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 @dataclass
@@ -99,3 +101,16 @@ def _inspected(run: Run, device: torch.device | None) -> list[rules.Finding]:
     if not with_batch:
         return [rules.no_batches(run.checkpoint_steps)]
     return inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device).findings
+
+
+def diagnose_folder(folder: Path | None = None) -> list[Diagnosis]:
+    """Every run directory directly inside ``folder`` (default: the bundled fixtures)."""
+    folder = Path(folder) if folder is not None else FIXTURES
+    runs = (
+        sorted(p for p in folder.glob("*") if (p / MANIFEST).is_file()) if folder.is_dir() else []
+    )
+    if not runs:
+        raise DiagError(
+            folder, "no run directories here; pass --fixtures DIR (see fixtures/make_fixtures.py)"
+        )
+    return [diagnose(Run(p)) for p in runs]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import pkgutil
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from energydiag.errors import DiagError
-from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec
+from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec, import_string
 from energydiag.io.state import plain_key
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -23,13 +22,12 @@ BUILTIN_LOSSES = {
     name: f"energydiag.reference.losses:{name}"
     for name in ("inbatch_infonce", "infonce_negatives", "margin")
 }
-IMPORT_STRING = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 def resolve(target: str, what: str) -> Any:
     """``package.module:attr`` imported; the module's package must be importable (installed, or
     on PYTHONPATH)."""
-    if not IMPORT_STRING.match(target):
+    if not import_string(target):
         raise DiagError(None, f"{what} {target!r} is not an import string 'package.module:name'")
     try:
         return pkgutil.resolve_name(target)

@@ -29,7 +29,7 @@ from energydiag.engine.tensorstats import exact_global_norm, global_norm
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Batch, Run
 
-Progress = Callable[[dict[str, Any]], None]
+Progress = Callable[[dict[str, Any], int], None]  # (step row, steps planned)
 CHEAP = ("loss", "grad_norm", "param_norm")
 
 
@@ -109,7 +109,8 @@ def replay(
         logged = run.logged()
         result.environment = environment.differences(recorded, environment.capture(device))
         checkpoints = set(run.checkpoint_steps)
-        for step in plan(run, session.step, to_step):
+        steps = plan(run, session.step, to_step)
+        for step in steps:
             batch = run.batch(step)
             _note_missing(result, session, batch)
             measure = quantities if every > 0 and step % every == 0 else ()
@@ -117,7 +118,7 @@ def replay(
             row["logged_loss"] = logged.get(step)
             result.steps.append(row)
             if progress:
-                progress(row)
+                progress(row, len(steps))
             if not row["finite"]:
                 result.fault = locate(run, step, device)
                 break

@@ -15,7 +15,7 @@ from pathlib import Path
 from energydiag.errors import DiagError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import MANIFEST, METRICS, batch_path, checkpoint_path
-from energydiag.io.manifest import Manifest
+from energydiag.io.manifest import Manifest, parse_manifest
 from energydiag.io.metrics import choose_metric, load_metrics, metric_series
 from energydiag.io.rundir import Run, load_batch_file
 from energydiag.io.state import MODEL_PREFIX
@@ -95,3 +95,33 @@ def _write_metrics(target: Path, source: Path, metric: str | None) -> None:
         for step, value in zip(steps, values, strict=True)
     )
     write_text_atomic(target, "\n".join(lines) + "\n")
+
+
+def converted_manifest(
+    source: Path,
+    model: str,
+    model_kwargs: dict,
+    forward_kwargs: dict,
+    loss: str,
+    loss_kwargs: dict,
+    optimizer: str,
+    lr: float,
+    grad_clip: float | None,
+    autocast: str | None,
+) -> Manifest:
+    """The manifest a converted run gets: what the user told us, plus the fact that the
+    optimizer state is absent (replays start it fresh, and say so)."""
+    raw = {
+        "format": "energydiag/1",
+        "model": {"target": model, "kwargs": model_kwargs, "forward_kwargs": forward_kwargs},
+        "loss": {("target" if ":" in loss else "name"): loss, "kwargs": loss_kwargs},
+        "optimizer": {"name": optimizer, "kwargs": {"lr": lr}},
+        "grad_clip": grad_clip,
+        "autocast_dtype": autocast,
+        "seed": None,
+        "notes": {
+            "converted_from": str(source),
+            "optimizer_state": "absent: replays start it fresh",
+        },
+    }
+    return parse_manifest(raw, "convert options")

@@ -7,6 +7,9 @@ step, which is worse than no answer.
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,61 +84,76 @@ class Manifest:
 
 
 def parse_manifest(raw: Any, source: Path | str) -> Manifest:
-    def need(cond: bool, problem: str) -> None:
-        if not cond:
+    """A checked Manifest, or a one-line DiagError naming ``source`` and the first problem."""
+    if not isinstance(raw, dict):
+        raise DiagError(source, "must hold a JSON object")
+    for ok, problem in _checks(raw):  # lazily: later checks rely on the earlier ones
+        if not ok:
             raise DiagError(source, problem)
+    return _build(raw)
 
-    need(isinstance(raw, dict), "must hold a JSON object")
-    need(raw.get("format") == FORMAT, f"unknown format version {raw.get('format')!r}")
-    unknown = sorted(set(raw) - _KEYS)
-    need(not unknown, f"unknown key(s) {', '.join(unknown)}")
+
+def _checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
+    yield raw.get("format") == FORMAT, f"unknown format version {raw.get('format')!r}"
+    unknown = sorted(map(str, set(raw) - _KEYS))
+    yield not unknown, f"unknown key(s) {', '.join(unknown)}"
     for key in ("model", "loss", "optimizer"):
-        need(isinstance(raw.get(key), dict), f"missing or malformed key '{key}'")
+        yield isinstance(raw.get(key), dict), f"missing or malformed key '{key}'"
     model, loss, opt = raw["model"], raw["loss"], raw["optimizer"]
-    need(
-        isinstance(model.get("target"), str) and ":" in model["target"],
-        "model.target must be an import string 'package.module:factory'",
+    yield (
+        import_string(model.get("target")),
+        ("model.target must be an import string 'package.module:factory'"),
     )
-    need(
+    yield (
         (loss.get("name") is None) != (loss.get("target") is None),
-        "loss needs exactly one of 'name' (built-in) or 'target' (import string)",
+        ("loss needs exactly one of 'name' (built-in) or 'target' (import string)"),
     )
-    need(isinstance(opt.get("name"), str), "optimizer.name must be a torch.optim class name")
-    need(
-        isinstance(opt.get("start_step", 0), int) and opt.get("start_step", 0) >= 0,
-        "optimizer.start_step must be a non-negative integer",
+    yield loss.get("name") is None or isinstance(loss["name"], str), "loss.name must be a string"
+    yield (
+        loss.get("target") is None or import_string(loss["target"]),
+        ("loss.target must be an import string 'package.module:fn'"),
     )
+    yield isinstance(opt.get("name"), str), "optimizer.name must be a torch.optim class name"
+    start = opt.get("start_step", 0)
+    yield _integer(start) and start >= 0, "optimizer.start_step must be a non-negative integer"
     clip = raw.get("grad_clip")
-    need(
-        clip is None or (isinstance(clip, int | float) and clip > 0),
+    yield (
+        clip is None or (_number(clip) and clip > 0),
         "grad_clip must be a positive number or null",
     )
-    need(
+    yield (
         raw.get("autocast_dtype") in AUTOCAST_DTYPES,
-        f"autocast_dtype must be one of {AUTOCAST_DTYPES}",
+        (f"autocast_dtype must be one of {AUTOCAST_DTYPES}"),
     )
+    yield raw.get("seed") is None or _integer(raw["seed"]), "seed must be an integer or null"
     for part, name in ((model, "model"), (loss, "loss"), (opt, "optimizer")):
-        need(isinstance(part.get("kwargs", {}), dict), f"{name}.kwargs must be an object")
-    need(
-        isinstance(model.get("forward_kwargs", {}), dict), "model.forward_kwargs must be an object"
+        yield isinstance(part.get("kwargs", {}), dict), f"{name}.kwargs must be an object"
+    yield (
+        isinstance(model.get("forward_kwargs", {}), dict),
+        "model.forward_kwargs must be an object",
     )
     step = raw.get("step")
-    need(
-        step is None or (isinstance(step, str) and ":" in step),
-        "step must be an import string 'package.module:train_step' or null",
+    yield (
+        step is None or import_string(step),
+        ("step must be an import string 'package.module:train_step' or null"),
     )
     scaler = raw.get("scaler")
-    need(
+    yield (
         scaler is None
         or (
             isinstance(scaler, dict)
             and set(scaler) <= SCALER_KEYS
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scaler.values())
+            and all(_number(v) for v in scaler.values())
         ),
         f"scaler must be null or an object with numbers for {', '.join(sorted(SCALER_KEYS))}",
     )
     for key in ("notes", "environment"):
-        need(isinstance(raw.get(key, {}), dict), f"{key} must be an object")
+        yield isinstance(raw.get(key, {}), dict), f"{key} must be an object"
+
+
+def _build(raw: dict[str, Any]) -> Manifest:
+    model, loss, opt = raw["model"], raw["loss"], raw["optimizer"]
+    clip, scaler = raw.get("grad_clip"), raw.get("scaler")
     return Manifest(
         model=ModelSpec(
             model["target"], dict(model.get("kwargs", {})), dict(model.get("forward_kwargs", {}))
@@ -149,9 +167,25 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
         seed=raw.get("seed"),
         notes=dict(raw.get("notes", {})),
         environment=dict(raw.get("environment", {})),
-        step=step,
+        step=raw.get("step"),
         scaler=None if scaler is None else dict(scaler),
     )
+
+
+_IMPORT = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def import_string(value: object) -> bool:
+    """'package.module:name' and nothing else: no '..', no paths, no empty halves."""
+    return isinstance(value, str) and len(value) < 500 and bool(_IMPORT.match(value))
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+
+
+def _number(value: object) -> bool:
+    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def read_manifest(path: Path) -> Manifest:

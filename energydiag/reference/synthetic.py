@@ -32,6 +32,10 @@ class Task:
     horizon: int = 4
     d_action: int = 3
 
+    def model_shapes(self) -> dict[str, int]:
+        """The EnergyModel arguments that must match this task's tensors."""
+        return {"d_context": self.d_context, "d_action": self.d_action, "horizon": self.horizon}
+
 
 def batches(task: Task, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches in which the expert action is a fixed function of the unmasked context.
@@ -70,29 +74,22 @@ def record_run(
     fault: Fault | None = None,
     optimizer_start_step: int = 0,
     skip_nonfinite_updates: bool = False,
-    schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
     overwrite: bool = False,
 ) -> Recorder:
     """Train the reference model on the synthetic task, recording everything.
 
     ``optimizer_start_step``: a warm-up that computes the loss but does not update before it.
     ``skip_nonfinite_updates``: a loop that skips the update when the step is non-finite, so the
-    run can recover from a bad batch. ``schedule(optimizer)`` builds an lr scheduler stepped after
-    every optimizer step. The loop is plain PyTorch: the Recorder is its only energydiag call.
+    run can recover from a bad batch. The loop is plain PyTorch: the Recorder is its only
+    energydiag call.
     """
     torch.manual_seed(seed)
-    kwargs = {
-        "d_context": task.d_context,
-        "d_action": task.d_action,
-        "horizon": task.horizon,
-        **(model_kwargs or {}),
-    }
+    kwargs = task.model_shapes() | (model_kwargs or {})
     model = EnergyModel(**kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     loss = loss or {"name": "inbatch_infonce", "kwargs": {"tau": 1.0}}
     fn = getattr(losses, loss["name"]) if "name" in loss else pkgutil.resolve_name(loss["target"])
     loss_fn = functools.partial(fn, **loss.get("kwargs", {}))
-    scheduler = schedule(optimizer) if schedule else None
     data = batches(task, seed + 1)
     with Recorder(
         run_dir,
@@ -113,20 +110,23 @@ def record_run(
             if fault is not None:
                 fault(step, batch)
             rec.start_step(step, batch)
-            optimizer.zero_grad(set_to_none=True)
-            out = loss_fn(model, batch)
-            value, diagnostics = out if isinstance(out, tuple) else (out, {})
-            value.backward()
-            grads = [p for p in model.parameters() if p.grad is not None]
-            if grad_clip is None:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
-            scalars = {k: v for k, v in diagnostics.items() if v.dim() == 0}
+            value, grad_norm, scalars = _backward(model, optimizer, loss_fn, batch, grad_clip)
             healthy = rec.end_step(value, grad_norm=grad_norm, **scalars)
             if step >= optimizer_start_step and (healthy or not skip_nonfinite_updates):
                 optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
         rec.save_checkpoint(steps)
     return rec
+
+
+def _backward(model, optimizer, loss_fn, batch, grad_clip):
+    """zero_grad, loss, backward, clip: plain PyTorch, as a user's loop writes it."""
+    optimizer.zero_grad(set_to_none=True)
+    out = loss_fn(model, batch)
+    value, diagnostics = out if isinstance(out, tuple) else (out, {})
+    value.backward()
+    grads = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
+    return value, grad_norm, {k: v for k, v in diagnostics.items() if v.dim() == 0}

@@ -1,0 +1,174 @@
+"""The Typer app and what every command shares: exit codes, one-line errors, progress, JSON.
+
+Commands live in the modules beside this one, grouped by what they take: a run directory
+(runs), a file (files), a proposed fix or a CI gate (gates). They parse and render; the work is
+in energydiag.analyses. Only this module and the renderer load at start-up, so `--help` and
+`--version` never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from energydiag.errors import DiagError
+from energydiag.io.layout import parse_step
+from energydiag.report.jsonout import dumps
+
+app = typer.Typer(
+    help="Diagnose NaN and flat-lining losses in energy-model training runs.",
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _width() -> int | None:
+    """A terminal sets its own width; piped output gets $COLUMNS or 120, not Rich's 80."""
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120") or 120)
+
+
+out = Console(width=_width())
+err = Console(stderr=True)
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory (energydiag/1 format).")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+
+
+def exits(fn: Callable[..., int]) -> Callable[..., None]:
+    """Results exit 0 (nothing wrong) or 1 (something wrong). Bad input: one line naming the file
+    and the problem, exit 2. A bug of ours: one line, exit 3; ENERGYDIAG_DEBUG=1 shows the traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DiagError as e:
+            _fail(f"error: {e}", 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:
+            if os.environ.get("ENERGYDIAG_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            _fail(
+                f"internal error: {type(e).__name__}: {first} (ENERGYDIAG_DEBUG=1 shows the traceback; "
+                "please report it)",
+                3,
+            )
+        raise typer.Exit(code)
+
+    return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[red]energydiag:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import energydiag
+
+        out.print(f"energydiag {energydiag.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Diagnose NaN and flat-lining losses in energy-model training runs."""
+
+
+def progress_bar(disabled: bool) -> Any:
+    """A transient bar on stderr, hidden for --json and when stderr is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[live]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=disabled or not err.is_terminal,
+        transient=True,
+    )
+
+
+def step_file(item: str) -> tuple[int, Path]:
+    step, sep, path = item.partition("=")
+    parsed = parse_step(step.strip())
+    if not sep or parsed is None:
+        raise DiagError(None, f"--batch {item!r}: expected STEP=FILE")
+    return parsed, Path(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DiagError(path, "file not found")
+    return json_object(path.read_text(), path)
+
+
+def json_object(text: str, source: str | Path) -> dict[str, Any]:
+    """A JSON object from an option or a file; anything else is a one-line error naming it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DiagError(source, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DiagError(source, "expected a JSON object")
+    return value
+
+
+def emit(report: dict[str, Any], as_json: bool, draw: Callable[[dict[str, Any]], None]) -> None:
+    """One place that chooses JSON (strict, on stdout) or rich tables."""
+    if as_json:
+        print(dumps(report))
+    else:
+        draw(report)
+
+
+def legacy_check_json(argv: list[str]) -> list[str]:
+    """`check RUN --json FILE` (0.1) still works for one release: it means --json-out FILE."""
+    if "check" not in argv or "--json" not in argv:
+        return argv
+    i = argv.index("--json")
+    follows = argv[i + 1] if i + 1 < len(argv) else ""
+    if follows.endswith(".json") and not follows.startswith("-"):
+        err.print(
+            "[yellow]energydiag:[/yellow] `check --json FILE` is deprecated: use --json-out FILE "
+            "(--json now prints the report)",
+            highlight=False,
+        )
+        return [*argv[:i], "--json-out", *argv[i + 1 :]]
+    return argv
+
+
+def main() -> None:
+    try:
+        app(args=legacy_check_json(sys.argv[1:]), prog_name="energydiag")
+    except KeyboardInterrupt:
+        err.print("[red]energydiag:[/red] interrupted", highlight=False)
+        raise SystemExit(130) from None

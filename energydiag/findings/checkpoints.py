@@ -1,0 +1,155 @@
+"""Rules about checkpoints: non-finite values, outliers, Adam blow-up risk, autocast range,
+exploded-but-finite weights, and the bisect search over them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from energydiag.findings.base import Finding
+
+
+def nonfinite_tensors(tensors: list[dict[str, Any]]) -> Finding | None:
+    if not tensors:
+        return None
+    named = ", ".join(
+        f"{t['name']} ({t['nan']} NaN, {t['posinf']} +Inf, {t['neginf']} -Inf)" for t in tensors[:5]
+    )
+    more = f" and {len(tensors) - 5} more" if len(tensors) > 5 else ""
+    return Finding(
+        "checkpoint.nonfinite",
+        "error",
+        f"{len(tensors)} tensor(s) hold non-finite values: {named}{more}",
+        "the run was already broken when this was saved: bisect to the first bad checkpoint "
+        "(`energydiag bisect`) and replay from the last good one",
+        {
+            "tensors": [
+                {k: t[k] for k in ("name", "nan", "posinf", "neginf", "first_nonfinite")}
+                for t in tensors
+            ]
+        },
+    )
+
+
+def norm_outliers(outliers: list[dict[str, Any]]) -> Finding | None:
+    if not outliers:
+        return None
+    worst = max(
+        outliers, key=lambda o: abs(math.log(o["ratio"])) if 0 < o["ratio"] < math.inf else math.inf
+    )
+    return Finding(
+        "checkpoint.norm_outlier",
+        "warning",
+        f"{worst['tensor']} has RMS {worst['rms']:.3g}, {worst['ratio']:.3g}× the median of its "
+        f"{worst['role']} peers ({worst['peer_median_rms']:.3g})",
+        "an exploding (or dead) layer: check its learning rate, initialisation and the gradients it "
+        "receives (`energydiag inspect --batch`)",
+        {"outliers": outliers},
+    )
+
+
+def adam_blowup_risk(rows: list[dict[str, Any]], limit: float) -> Finding | None:
+    risky = [r for r in rows if r["elements_over_limit"]]
+    if not risky:
+        return None
+    worst = max(risky, key=lambda r: r["max_ratio"])
+    return Finding(
+        "optimizer.adam_blowup_risk",
+        "warning",
+        f"Adam's |exp_avg| / (sqrt(exp_avg_sq) + eps) reaches {worst['max_ratio']:.3g} in "
+        f"{worst['parameter']} (healthy: ≲ 10): second moments near zero next to large first moments",
+        "the next update will be huge: raise eps, lower lr, or reset this parameter's optimizer state",
+        {"parameters": risky},
+    )
+
+
+def beyond_autocast_range(tensors: list[dict[str, Any]], dtype: str | None) -> Finding | None:
+    if not tensors:
+        return None
+    return Finding(
+        "checkpoint.beyond_autocast_range",
+        "error",
+        f"{len(tensors)} tensor(s) hold values beyond the finite range of {dtype}, which this run "
+        f"autocasts to: {', '.join(t['name'] for t in tensors[:5])}",
+        f"these overflow to Inf the moment they are cast to {dtype}: keep them in float32 or rescale",
+        {"tensors": [{"name": t["name"], "count": t["beyond_autocast_range"]} for t in tensors]},
+    )
+
+
+def checkpoint_exploded(layers: list[dict[str, Any]], limit: float) -> Finding | None:
+    """Layers far beyond any sane initialisation while every value is still finite."""
+    if not layers:
+        return None
+    worst = sorted(layers, key=lambda r: -r["max_abs"])
+    named = ", ".join(f"{r['layer']} (max|w| {r['max_abs']:.3g})" for r in worst[:5])
+    overflow = [r["layer"] for r in layers if r.get("square_overflows_fp32")]
+    tail = (
+        f"; {len(overflow)} of them square beyond float32, so any float32 norm, variance or "
+        "softmax over them overflows"
+        if overflow
+        else ""
+    )
+    return Finding(
+        "checkpoint.exploded",
+        "error",
+        f"{len(layers)} layer(s) hold finite values beyond {limit:g}, ×{worst[0]['max_abs'] / limit:.3g} "
+        f"past a sane scale: {named}{tail}",
+        "the weights blew up before anything went NaN: `energydiag timeline` finds the interval, "
+        "then look at the lr schedule and gradient norms there",
+        {"layers": worst, "limit": limit},
+    )
+
+
+def grown_since_first(history: dict[str, Any] | None, limit: float) -> Finding | None:
+    if not history or history["growth"] < limit:
+        return None
+    return Finding(
+        "checkpoint.grown",
+        "error",
+        f"layer {history['layer']} grew ×{history['growth']:.3g} since the run's first checkpoint",
+        "`energydiag timeline RUN` shows when; `energydiag bisect --predicate exploded` finds the step",
+        history,
+    )
+
+
+def timeline_exploded(rows: list[dict[str, Any]], limit: float) -> Finding | None:
+    if not rows:
+        return None
+    first = rows[0]
+    return Finding(
+        "timeline.exploded",
+        "error",
+        f"weights grew ×{first['growth_since_first']:.3g} since the first checkpoint by step "
+        f"{first['step']} (layer {first['worst_layer']}: max|w| {first['max_abs']:.3g}); "
+        f"{len(rows)} checkpoint(s) are past ×{limit:g}",
+        f"`energydiag bisect --predicate exploded` narrows it to the step; check the lr and "
+        f"gradient norms just before step {first['step']}",
+        {"first_step": first["step"], "rows": rows},
+    )
+
+
+def unresolved_interval(unresolved: dict[str, Any] | None) -> Finding | None:
+    if not unresolved:
+        return None
+    span = f"between checkpoints {unresolved['from']} and {unresolved['to']}"
+    return Finding(
+        "bisect.unresolved",
+        "warning",
+        f"the first bad step lies {span}, but batches {unresolved['missing_batches']} were not logged",
+        unresolved["advice"],
+        unresolved,
+    )
+
+
+def non_monotone(warnings: list[str]) -> Finding | None:
+    if not warnings:
+        return None
+    return Finding(
+        "bisect.non_monotone",
+        "warning",
+        warnings[0],
+        "the run recovered from a non-finite step (a skipped update?): the earliest failure is "
+        "reported; look at every step the loop skipped",
+        {"warnings": warnings},
+    )

@@ -1,0 +1,220 @@
+"""Rules about the energy model on a batch: energy range, temperature, loss bounds, saturation,
+retrieval and the sign of the positive-negative gap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from energydiag.findings.base import Finding
+
+
+def narrow_energy_range(stats: dict[str, float], tau: float | None) -> Finding | None:
+    span = stats["energy_max"] - stats["energy_min"]
+    if tau is None or span / tau >= 1.0:
+        return None
+    return Finding(
+        "energy.narrow_range",
+        "error" if span / tau < 0.1 else "warning",
+        f"energies span only {span:.3g} at tau {tau:g}: logits differ by at most {span / tau:.3g}",
+        "widen the energy range (softplus or unbounded head, or a wider scaled sigmoid) or lower "
+        "tau; raising tau, often proposed, divides the spread further",
+        {"energy_span": span, "tau": tau, "logit_spread": span / tau},
+    )
+
+
+def loss_position(loss: float, bounds: dict[str, float], batch_size: int) -> Finding | None:
+    """Where a loss sits between the floor the head allows and chance (log B)."""
+    floor, chance = bounds["floor"], bounds["chance"]
+    if not math.isfinite(loss) or chance - floor <= 0:
+        return None
+    position = (loss - floor) / (chance - floor)
+    evidence = {
+        "loss": loss,
+        "floor": floor,
+        "chance": chance,
+        "position": position,
+        "batch_size": batch_size,
+    }
+    if abs(loss - chance) < 0.02 * chance:
+        return Finding(
+            "loss.at_chance",
+            "error",
+            f"loss {loss:.4f} sits at chance log({batch_size}) = {chance:.4f}: the model does not "
+            "tell its positive from the in-batch negatives",
+            "look for a saturated or constant energy head (no gradient reaches the body), a dead "
+            "graph, or contexts that carry no information about the action",
+            evidence,
+        )
+    if position < 0.1:
+        return Finding(
+            "loss.at_floor",
+            "warning",
+            f"loss {loss:.4f} is within 10% of the floor {floor:.4f} that the energy bound and tau "
+            "allow: it cannot go lower however well the model ranks",
+            "the plateau is the bound, not a training failure: widen the energy range or lower tau",
+            evidence,
+        )
+    return None
+
+
+def bounded_head_floor(
+    bounds: tuple[float, float] | None,
+    tau: float | None,
+    batch_size: int,
+    b: dict[str, float] | None,
+) -> Finding | None:
+    """``b``: the InfoNCE bounds the head's span allows, computed by the caller."""
+    if bounds is None or tau is None or b is None or math.isinf(bounds[1] - bounds[0]):
+        return None
+    span = bounds[1] - bounds[0]
+    return Finding(
+        "head.bounded_floor",
+        "warning" if b["floor"] > 0.1 * b["chance"] else "info",
+        f"the energy head is bounded to a span of {span:.3g}: at tau {tau:g} and B {batch_size} the "
+        f"InfoNCE loss cannot fall below {b['floor']:.4f} (chance is {b['chance']:.4f})",
+        "use a softplus/unbounded head or a wider scaled sigmoid; raising tau raises this floor",
+        {"head_span": span, "tau": tau, "batch_size": batch_size, **b},
+    )
+
+
+def saturation(fractions: list[dict[str, Any]], threshold: float = 0.5) -> Finding | None:
+    worst = max(fractions, key=lambda s: s["fraction"], default=None)
+    if worst is None or worst["fraction"] < threshold:
+        return None
+    return Finding(
+        "activation.saturated",
+        "error" if worst["fraction"] > 0.9 else "warning",
+        f"{worst['fraction']:.0%} of {worst['op']} outputs in '{worst['module']}' are within 1e-3 "
+        "of their limits: the local gradient there has all but vanished",
+        "remove the squashing output (softplus/identity head), re-centre its input (bias, "
+        "normalisation) or lower the learning rate that drove it there",
+        {"saturation": fractions},
+    )
+
+
+def all_masked_rows(rows: list[int], source: str) -> Finding | None:
+    if not rows:
+        return None
+    return Finding(
+        "data.all_masked_row",
+        "error",
+        f"pad_mask in {source} masks every key for sample(s) {rows}: attention over them is NaN",
+        "drop such samples in the data pipeline, or keep at least one key unmasked per row",
+        {"samples": rows},
+    )
+
+
+def contrastive_health(
+    energy: dict[str, float], batch_size: int, candidates: int, loss: str, margin: float | None
+) -> Finding | None:
+    """Retrieval at or below chance, or positives scored *above* their negatives: by more than
+    two standard errors of the paired per-row gap, or at all while retrieval is at or below
+    chance (two signals agreeing). An untrained head's noise is no verdict."""
+    chance = 1.0 / candidates
+    accuracy, gap = energy["retrieval_accuracy"], energy["pos_neg_gap"]
+    error = energy["pos_neg_gap_row_std"] / math.sqrt(batch_size)
+    sign = gap < -2 * error or (gap < 0 and accuracy <= chance)
+    if not sign and accuracy > chance:
+        return None
+    remedy = (
+        "low energy means good: a hinge must be relu(margin + E_pos - E_neg); the seed report's "
+        "relu(E_neg - E_pos + margin) pushes positives up"
+        if margin is not None and sign
+        else "check the sign convention (logits = -E / tau) and that positives and negatives are "
+        "not swapped; an untrained head ranks at chance"
+    )
+    said = (
+        f"positives score higher energy than negatives (gap neg - pos = {gap:.3g})"
+        if sign
+        else f"retrieval accuracy {accuracy:.3g} is at or below chance 1/{candidates}"
+    )
+    return Finding(
+        "contrastive.wrong_sign" if sign else "contrastive.at_chance",
+        "error",
+        f"{said} under loss {loss}",
+        remedy,
+        {
+            "retrieval_accuracy": accuracy,
+            "chance": chance,
+            "pos_neg_gap": gap,
+            "gap_standard_error": error,
+            "margin": margin,
+        },
+    )
+
+
+def stuck_between_floor_and_chance(
+    position: float | None, energy: dict[str, float], tau: float | None
+) -> Finding | None:
+    """A loss above its floor whose logits cannot spread enough to go lower."""
+    spread = energy.get("logit_spread_row_mean")
+    if position is None or spread is None or position < 0.1 or spread >= 1.0:
+        return None
+    return Finding(
+        "loss.stuck",
+        "error",
+        f"the loss sits {position:.0%} of the way from its floor to chance with a logit spread of "
+        f"only {spread:.3g} per row at tau {tau:g}: too small a range to learn from",
+        "widen the energy range (softplus or unbounded head) or lower tau",
+        {"position": position, "logit_spread_row_mean": spread, "tau": tau},
+    )
+
+
+def dead_gradients(grad_norms: dict[str, float], step: int) -> Finding | None:
+    dead = [layer for layer, norm in grad_norms.items() if norm == 0.0]
+    if not dead or len(dead) == len(grad_norms):
+        return None
+    return Finding(
+        "gradient.dead",
+        "warning",
+        f"{len(dead)} layer(s) receive exactly zero gradient at step {step}: {', '.join(dead[:5])}",
+        "a dead path: a saturated or collapsed op upstream, a detached tensor, or a ReLU that "
+        "never fires; the saturation table shows which",
+        {"layers": dead, "step": step},
+    )
+
+
+def unreachable_margin(margin: float | None, bounds: tuple[float, float] | None) -> Finding | None:
+    if margin is None or bounds is None or margin < bounds[1] - bounds[0]:
+        return None
+    span = bounds[1] - bounds[0]
+    return Finding(
+        "head.unreachable_margin",
+        "error",
+        f"the hinge margin {margin:g} is at least the whole energy range the head allows "
+        f"({bounds[0]:.3g}..{bounds[1]:.3g}, span {span:.3g}): no pair can satisfy it",
+        "use a margin well below the span, or a wider/unbounded energy head",
+        {"margin": margin, "head_bounds": list(bounds)},
+    )
+
+
+def coarse_inputs(half: dict[str, str], energy: dict[str, float]) -> Finding | None:
+    """bfloat16 keeps 8 significant bits: relative steps of 2^-8 (about 0.4%)."""
+    if not half:
+        return None
+    gap, scale = abs(energy["pos_neg_gap"]), max(abs(energy["energy_mean"]), 1e-12)
+    resolution = 2.0**-8 if "bfloat16" in half.values() else 2.0**-11
+    if gap / scale >= resolution:
+        return None
+    return Finding(
+        "data.coarse_inputs",
+        "warning",
+        f"inputs {', '.join(f'{k} ({v})' for k, v in half.items())} resolve relative differences of "
+        f"~{resolution:.2g}, coarser than the relative energy gap {gap / scale:.2g} the loss must learn",
+        "cast the policy's hidden states to float32 before detaching them for the energy model, "
+        "or widen the energy range",
+        {"inputs": half, "relative_gap": gap / scale, "resolution": resolution},
+    )
+
+
+def model_raised(step: int, message: str) -> Finding:
+    return Finding(
+        "model.raised",
+        "error",
+        f"the model or loss raised on the batch of step {step}: {message}",
+        "the model guards itself (non-finite tensor, all-masked row): `energydiag replay` on the "
+        "step localises what tripped the guard",
+        {"step": step, "exception": message},
+    )

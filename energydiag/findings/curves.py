@@ -1,0 +1,172 @@
+"""Rules about logged metric curves and what-if rankings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from energydiag.findings.base import Finding
+
+
+def curve_nonfinite(step: int | None, metric: str) -> Finding | None:
+    if step is None:
+        return None
+    return Finding(
+        "curve.nonfinite",
+        "error",
+        f"'{metric}' is first non-finite at step {step}",
+        f"bisect or replay from the checkpoint before step {step}: "
+        f"`energydiag replay RUN --from-step {step}`",
+        {"step": step},
+    )
+
+
+def curve_plateau(
+    plateaus: list, on: str | None, bounds: dict[str, float] | None, metric: str
+) -> Finding | None:
+    if not plateaus:
+        return None
+    p = plateaus[-1]
+    evidence = {"plateaus": [asdict(s) for s in plateaus], "bounds": bounds, "sits_on": on}
+    where = f"steps {p.start}–{p.end} at {p.level:.4g}"
+    if on == "chance":
+        return Finding(
+            "curve.plateau_at_chance",
+            "error",
+            f"'{metric}' is flat over {where}: chance level log({bounds['batch_size']}) = "
+            f"{bounds['chance']:.4g}, the model does not discriminate at all",
+            "no useful gradient reaches the model: inspect a checkpoint from the plateau for a "
+            "saturated head or collapsed energies (`energydiag inspect`)",
+            evidence,
+        )
+    if on == "floor":
+        return Finding(
+            "curve.plateau_at_floor",
+            "warning",
+            f"'{metric}' is flat over {where}: the floor {bounds['floor']:.4g} that an energy "
+            f"span of {bounds['energy_span']:.3g} allows at tau {bounds['tau']:g}",
+            "the bound, not the optimiser, stops it: widen the energy range or lower tau",
+            evidence,
+        )
+    return Finding(
+        "curve.plateau",
+        "warning",
+        f"'{metric}' is flat over {where}",
+        "compare with the bounds (`--batch-size`, `--tau`, `--energy-span`) and inspect a "
+        "checkpoint from the plateau",
+        evidence,
+    )
+
+
+def curve_constant(segments: list, metric: str, loss_like: bool = True) -> Finding | None:
+    """Bit-identical values: alarming in a loss, ordinary in a learning rate or a counter."""
+    if not segments:
+        return None
+    s = max(segments, key=lambda x: x.length)
+    if not loss_like:
+        return Finding(
+            "curve.constant",
+            "info",
+            f"'{metric}' holds exactly {s.level!r} over steps {s.start}–{s.end}",
+            "expected for a schedule or a setting; compare with the loss over the same steps",
+            {"segments": [asdict(x) for x in segments]},
+        )
+    return Finding(
+        "curve.constant",
+        "error",
+        f"'{metric}' repeats exactly {s.level!r} over steps {s.start}–{s.end}",
+        "a bit-identical value means nothing changes: a detached graph, a frozen parameter "
+        "group, a skipped optimizer step, or a logger that re-logs a stale value",
+        {"segments": [asdict(x) for x in segments]},
+    )
+
+
+def curve_divergence(segment: Any, metric: str) -> Finding | None:
+    if segment is None:
+        return None
+    return Finding(
+        "curve.divergence",
+        "error",
+        f"'{metric}' diverges from step {segment.start} (its minimum was {segment.level:.4g})",
+        "lower the learning rate, tighten clipping, or replay from just before "
+        f"step {segment.start} to see which update starts the rise",
+        asdict(segment),
+    )
+
+
+def curve_spikes(spikes: list[dict[str, float]], metric: str) -> Finding | None:
+    if not spikes:
+        return None
+    worst = max(spikes, key=lambda s: abs(s["z"]))
+    return Finding(
+        "curve.spikes",
+        "warning",
+        f"{len(spikes)} spike(s) in '{metric}', the largest at step {worst['step']} "
+        f"(robust z {worst['z']:.1f})",
+        "replay the spiking steps (`--from-step`) and look at their batches",
+        {"spikes": spikes},
+    )
+
+
+def curve_oscillation(segments: list, metric: str) -> Finding | None:
+    if not segments:
+        return None
+    return Finding(
+        "curve.oscillation",
+        "warning",
+        f"'{metric}' oscillates step to step over {len(segments)} window(s), first at steps "
+        f"{segments[0].start}–{segments[0].end}",
+        "an oscillating loss usually means too large a step: lower lr or raise Adam's beta2",
+        {"segments": [asdict(x) for x in segments]},
+    )
+
+
+def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
+    base = next(r for r in results if r["label"] == "baseline")
+    finite = [r for r in results if r["finite"] and r["relative_drop"] is not None]
+    best = max(finite, key=lambda r: r["relative_drop"], default=None)
+    if best is None or not base["finite"]:
+        return None
+    if best["label"] == "baseline" or best["relative_drop"] <= base["relative_drop"]:
+        return Finding(
+            "whatif.none_better",
+            "info",
+            "no finite variant beats the baseline over this window",
+            "try a longer window (--steps) or other variants",
+            {"baseline": base["label"], "baseline_drop": base["relative_drop"]},
+        )
+    return Finding(
+        "whatif.best",
+        "info",
+        f"'{best['label']}' lowers the loss by {best['relative_drop']:.1%} over the window; the "
+        f"baseline moves {base['relative_drop']:.1%}",
+        f"apply '{best['label']}' to the training configuration and confirm on a longer run",
+        {
+            "best": best["label"],
+            "baseline_drop": base["relative_drop"],
+            "best_drop": best["relative_drop"],
+        },
+    )
+
+
+def whatif_failures(results: list[dict[str, Any]]) -> Finding | None:
+    """Variants that went non-finite or raised; the baseline doing so is an error."""
+    failed = [r for r in results if not r["finite"]]
+    if not failed:
+        return None
+    base_failed = any(r["label"] == "baseline" for r in failed)
+    said = "; ".join(
+        f"'{r['label']}' {'raised ' + r['exception'] if r['exception'] else 'went non-finite'} "
+        f"at step {r['failed_at']}"
+        for r in failed
+    )
+    return Finding(
+        "whatif.baseline_failed" if base_failed else "whatif.variant_failed",
+        "error" if base_failed else "warning",
+        said,
+        "the baseline itself fails in this window: `energydiag replay` localises it before "
+        "comparing fixes"
+        if base_failed
+        else "a fix that fails is ruled out; its message says why",
+        {"failed": failed},
+    )

@@ -1,0 +1,7 @@
+"""One namespace for the terminal views the CLI calls: ``render.replay(console, report)``."""
+
+from energydiag.report.file_views import curves, inspect
+from energydiag.report.gate_views import check, whatif
+from energydiag.report.run_views import bisect, diagnosis, replay, timeline
+
+__all__ = ["bisect", "check", "curves", "diagnosis", "inspect", "replay", "timeline", "whatif"]
