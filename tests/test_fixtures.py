@@ -65,3 +65,38 @@ def test_fixtures_regenerate(fixtures_dir, tmp_path):
         assert old.keys() == new.keys()
         for step, value in old.items():
             assert value == pytest.approx(new[step], rel=1e-3, nan_ok=True), (name, step)
+
+
+def test_stalled_fixture_answers(fixtures_dir):
+    from energydiag.analyses.curves import curve_report
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.analyses.inspection import inspect
+
+    expected = json.loads((fixtures_dir / "stalled" / "expected.json").read_text())
+    run = Run(fixtures_dir / "stalled")
+    batch = inspect(fixtures_dir / "stalled" / "checkpoints" / "step-00000060.safetensors").batch
+    assert (batch.batch_size, batch.tau) == (expected["batch_size"], expected["tau"])
+    assert expected["head"] in batch.head["source"]
+    assert batch.bounds["head"]["floor"] == pytest.approx(expected["floor"])
+    assert batch.bounds["head"]["chance"] == pytest.approx(expected["chance"])
+    assert curve_report(run.root).plateau_on == expected["plateau_level"]
+    assert diagnose(run).verdict == expected["diagnosis"]
+
+
+def test_nan_fixture_answers(fixtures_dir):
+    from energydiag.analyses.diagnosis import diagnose
+
+    expected = json.loads((fixtures_dir / "nan" / "expected.json").read_text())
+    fault = diagnose(Run(fixtures_dir / "nan")).fault
+    assert fault.step == expected["first_nonfinite_step"]
+    assert (fault.phase, fault.module) == (expected["phase"], expected["module"])
+    assert fault.op.op == expected["op"]
+    assert fault.all_masked_samples == [expected["sample"]]
+
+
+def test_healthy_fixture_answers(fixtures_dir):
+    from energydiag.analyses.diagnosis import diagnose
+
+    result = diagnose(Run(fixtures_dir / "healthy"))
+    assert result.verdict == "healthy" and result.findings == []
+    assert result.loss_end < result.loss_start  # expected: loss_falls

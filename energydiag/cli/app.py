@@ -25,6 +25,7 @@ from energydiag.io.layout import parse_step
 from energydiag.report.jsonout import dumps
 
 app = typer.Typer(
+    name="energydiag",
     help="Diagnose NaN and flat-lining losses in energy-model training runs.",
     rich_markup_mode=None,
     no_args_is_help=True,
