@@ -49,7 +49,7 @@ def main(steps: int, every: int) -> None:
     print(f"run: {steps} steps, {len(run.checkpoint_steps)} checkpoints, first bad step {bad_step}")
     print(
         f"  bisect         {found.checkpoint_evaluations:4d} checkpoint evaluations + "
-        f"{len(found.replay.steps):3d} step replays   {t_bisect:7.2f} s"
+        f"{len(found.replay.result.steps):3d} step replays   {t_bisect:7.2f} s"
     )
     print(
         f"  linear replay  {len(linear.steps):4d} step replays from step 0            {t_linear:7.2f} s"

@@ -18,7 +18,6 @@ import torch
 from common import MODEL, TASK
 
 from energydiag import Recorder
-from energydiag.engine.step import clip
 from energydiag.reference.losses import inbatch_infonce
 from energydiag.reference.models import EnergyModel
 from energydiag.reference.synthetic import batches
@@ -27,12 +26,7 @@ from energydiag.reference.synthetic import batches
 def main(steps: int, block: int = 10) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    kwargs = {
-        "d_context": TASK.d_context,
-        "d_action": TASK.d_action,
-        "horizon": TASK.horizon,
-        **MODEL,
-    }
+    kwargs = TASK.model_shapes() | MODEL
     model = EnergyModel(**kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data = batches(TASK, 1)
@@ -54,7 +48,7 @@ def main(steps: int, block: int = 10) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss, _ = inbatch_infonce(model, batch, tau=0.5)
             loss.backward()
-            norm = clip(model, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             if recorded:
                 rec.end_step(loss, grad_norm=norm)
             else:
@@ -67,7 +61,9 @@ def main(steps: int, block: int = 10) -> None:
             recorded = (step // block) % 2 == 1
             times[recorded].append(one_step(step, recorded))
         ring_bytes = sum(
-            t.numel() * t.element_size() for _, rec_batch in rec.ring for t in rec_batch.values()
+            t.numel() * t.element_size()
+            for _, rec_batch, _meta in rec.ring
+            for t in rec_batch.values()
         )
         batch_bytes = sum(t.numel() * t.element_size() for t in next(data).values())
         rec.close()

@@ -26,13 +26,12 @@ def test_finite_tensors_have_finite_statistics(values):
     stats = tensor_stats("model.layer.weight", t)
     for value in (s.min, s.max, s.mean, s.std, s.l2, s.rms, s.max_abs, stats.l2, stats.std):
         assert math.isfinite(value)
-    assert exact_global_norm([t, t]) == pytest.approx(math.sqrt(2) * s.l2, rel=1e-9)
+    assert exact_global_norm([t, t]) == pytest.approx(math.sqrt(2) * s.l2, rel=1e-6)
     exact = values.astype(np.float64)
-    # float64 sums cancel like any finite arithmetic: accurate relative to the largest value
-    assert s.mean == pytest.approx(exact.mean(), abs=1e-12 * s.max_abs)
-    assert s.l2 == pytest.approx(
-        float(np.sqrt(np.sum((exact / FP32_MAX) ** 2)) * FP32_MAX), rel=1e-9
-    )
+    # accurate relative to the largest value (float32 sums are cascaded; they still cancel)
+    assert s.mean == pytest.approx(exact.mean(), abs=1e-6 * s.max_abs)
+    # float64 squares of float32 values cannot overflow: numpy's norm is the reference
+    assert s.l2 == pytest.approx(float(np.linalg.norm(exact)), rel=1e-5, abs=1e-6 * s.max_abs)
 
 
 @settings(max_examples=100, deadline=None)
@@ -40,7 +39,7 @@ def test_finite_tensors_have_finite_statistics(values):
 def test_std_matches_float64_reference(values):
     s = summarize(torch.from_numpy(values), chunk=17)  # many chunks: Chan's merge at work
     expected = values.astype(np.float64).std(ddof=1)
-    assert s.std == pytest.approx(expected, rel=1e-6, abs=1e-9 * max(s.max_abs, 1.0))
+    assert s.std == pytest.approx(expected, rel=1e-5, abs=1e-6 * max(s.max_abs, 1e-30))
 
 
 def test_counts_and_all_nan():

@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from energydiag.engine import environment
@@ -28,6 +27,9 @@ from energydiag.engine.session import Session, open_session
 from energydiag.engine.tensorstats import exact_global_norm, global_norm
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Batch, Run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Progress = Callable[[dict[str, Any], int], None]  # (step row, steps planned)
 CHEAP = ("loss", "grad_norm", "param_norm")
@@ -45,6 +47,8 @@ class ReplayResult:
 
     @property
     def table(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.DataFrame(self.steps)
 
 

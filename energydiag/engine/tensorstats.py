@@ -2,9 +2,9 @@
 
 A float32 L2 norm of a finite tensor whose values are near 1e20 is already +Inf, and so is its
 variance: exactly the exploded-but-finite weights that precede most real NaNs. Here each chunk
-is summarised in float64 (a float32 value squared is at most 1.2e77, far inside float64) and
-chunks are merged with Chan's parallel formula, so memory stays at one chunk and no finite
-tensor reports an infinite statistic. Whether the *square* overflows float32 is kept as a fact:
+is summarised with float32 reductions, scaled into [-1, 1] first when its values are large
+enough for a square to overflow, and chunks are merged with Chan's parallel formula in double precision, so
+memory stays at one chunk and no finite tensor reports an infinite statistic. Whether the *square* overflows float32 is kept as a fact:
 it says the next norm, variance or softmax computed in float32 will overflow.
 """
 
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_leaves
 
-CHUNK = 1 << 20
+CHUNK = 1 << 22
 FP32_MAX = torch.finfo(torch.float32).max
 FP32_SQUARE_LIMIT = math.sqrt(FP32_MAX)  # ~1.8e19: beyond it x*x is +Inf in float32
+SCALE_ABOVE = 1e15  # a chunk whose peak is above this (or below its inverse) is rescaled
 
 
 @dataclass
@@ -68,64 +69,91 @@ class TensorSummary:
 
 
 class _Moments:
-    """Running count, mean, M2 (sum of squared deviations), sum of squares, extrema, zeros."""
+    """Running count, mean, M2 (sum of squared deviations), sum of squares, extrema and zeros,
+    merged per chunk with Chan's formula in Python floats (double precision, no overflow)."""
 
     def __init__(self) -> None:
         self.n, self.mean, self.m2, self.sq = 0, 0.0, 0.0, 0.0
         self.lo, self.hi, self.zeros = math.inf, -math.inf, 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Merge one float64 chunk of finite values."""
+    def add(self, x: torch.Tensor, lo: float, hi: float) -> None:
+        """Merge one chunk of finite values whose extrema are already known.
+
+        Float32 reductions (cascaded sums on CPU) keep this as fast as a plain max or norm; a
+        chunk whose squares could overflow (or underflow) float32 is scaled near [-1, 1] first.
+        """
         n = x.numel()
         if n == 0:
             return
-        lo, hi = torch.aminmax(x)
-        mean = x.mean()
-        centred = x - mean
-        m2, sq, zeros = (centred * centred).sum(), (x * x).sum(), (x == 0).sum()
-        lo, hi, mean, m2, sq, zeros = torch.stack([lo, hi, mean, m2, sq, zeros.double()]).tolist()
+        peak = max(abs(lo), abs(hi))
+        outside = peak > SCALE_ABOVE or 0.0 < peak < 1.0 / SCALE_ABOVE
+        scale = 2.0 ** math.floor(math.log2(peak)) if outside else 1.0  # a power of two: exact
+        y = x / scale if scale != 1.0 else x
+        mean = float(y.sum()) / n
+        m2 = float(torch.linalg.vector_norm(y - mean)) ** 2 * scale * scale
+        sq = float(torch.linalg.vector_norm(y)) ** 2 * scale * scale
+        mean *= scale
         total = self.n + n
         delta = mean - self.mean
         self.mean += delta * n / total
         self.m2 += m2 + delta * delta * self.n * n / total
-        self.n, self.sq, self.zeros = total, self.sq + sq, self.zeros + int(zeros)
+        self.n, self.sq = total, self.sq + sq
+        self.zeros += n - int(torch.count_nonzero(x))
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
 
 def summarize(t: torch.Tensor, chunk: int = CHUNK) -> TensorSummary:
-    """Exact counts and float64 statistics of a tensor, one chunk at a time."""
+    """Exact counts and double-precision statistics of a tensor, one chunk at a time.
+
+    Per chunk: extrema (which also reveal any NaN or Inf), var_mean, and a zero count; only a
+    chunk holding non-finite values pays for counting and filtering them.
+    """
     out = TensorSummary(list(t.shape))
     if not t.is_floating_point() or t.numel() == 0:
         return out
+    if t.dtype == torch.float64:
+        huge = _float64_scale(t)
+        if huge != 1.0:
+            return _rescaled(summarize(t / huge, chunk), huge)
     flat = t.detach().reshape(-1)
-    scale = _scale_of(flat) if t.dtype == torch.float64 else 1.0
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
     moments = _Moments()
     for start in range(0, flat.numel(), chunk):
-        x = flat[start : start + chunk].double()
-        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+        x = flat[start : start + chunk].to(wide)
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             out.nan += int(x.isnan().sum())
             out.posinf += int((x == math.inf).sum())
             out.neginf += int((x == -math.inf).sum())
             x = x[torch.isfinite(x)]
-        moments.add(x / scale if scale != 1.0 else x)
-    _finish(out, moments, scale)
+            if x.numel() == 0:
+                continue
+            lo, hi = float(x.min()), float(x.max())
+        moments.add(x, lo, hi)
+    _finish(out, moments)
     return out
 
 
-def _scale_of(flat: torch.Tensor) -> float:
-    """float64 values can overflow even float64 when squared: divide by a power of two first."""
-    finite = flat[torch.isfinite(flat)]
+def _float64_scale(t: torch.Tensor) -> float:
+    """float64 values beyond 1e150 overflow even double precision when squared."""
+    finite = t[torch.isfinite(t)]
     peak = float(finite.abs().max()) if finite.numel() else 0.0
     return 2.0 ** math.floor(math.log2(peak)) if peak > 1e150 else 1.0
 
 
-def _finish(out: TensorSummary, m: _Moments, scale: float) -> None:
+def _rescaled(s: TensorSummary, scale: float) -> TensorSummary:
+    s.min, s.max, s.mean, s.std, s.l2 = (v * scale for v in (s.min, s.max, s.mean, s.std, s.l2))
+    return s
+
+
+def _finish(out: TensorSummary, m: _Moments) -> None:
     out.finite_count, out.zeros = m.n, m.zeros
     if m.n == 0:
         return
-    out.min, out.max, out.mean = m.lo * scale, m.hi * scale, m.mean * scale
-    out.std = math.sqrt(max(m.m2, 0.0) / (m.n - 1)) * scale if m.n > 1 else 0.0
-    out.l2 = math.sqrt(m.sq) * scale
+    out.min, out.max, out.mean = m.lo, m.hi, m.mean
+    out.std = math.sqrt(max(m.m2, 0.0) / (m.n - 1)) if m.n > 1 else 0.0
+    out.l2 = math.sqrt(m.sq)
 
 
 def float_tensors(obj: object) -> list[torch.Tensor]:

@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from energydiag.errors import DiagError
@@ -29,10 +28,12 @@ from energydiag.io.layout import (
     steps_in,
 )
 from energydiag.io.manifest import Manifest, read_manifest
-from energydiag.io.metrics import load_metrics, metric_series
 from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
 from energydiag.io.torchfiles import is_pickle, load_tensor_dict
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUIRED_BATCH_KEYS = ("h", "a_pos")
 
@@ -180,11 +181,18 @@ class Run:
         return list(range(start, stop + 1))
 
     def metrics(self) -> pd.DataFrame:
+        """The logged metrics (pandas is loaded here, not when a checkpoint is inspected)."""
+        import pandas as pd
+
+        from energydiag.io.metrics import load_metrics
+
         path = self.root / METRICS
         return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
     def logged(self, metric: str = "loss") -> dict[int, float]:
         """step -> value where ``metric`` was logged (non-finite values included)."""
+        from energydiag.io.metrics import metric_series
+
         frame = self.metrics()
         if metric not in frame:
             return {}
