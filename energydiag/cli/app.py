@@ -8,11 +8,12 @@ in energydiag.analyses. Only this module and the renderer load at start-up, so `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,11 +103,18 @@ def _root(
     """Diagnose NaN and flat-lining losses in energy-model training runs."""
 
 
-def progress_bar(disabled: bool) -> Any:
-    """A transient bar on stderr, hidden for --json and when stderr is not a terminal."""
+Tick = Callable[..., None]
+
+
+@contextlib.contextmanager
+def progress(name: str, disabled: bool, total: int | None = None) -> Iterator[Tick]:
+    """A transient bar on stderr, hidden for --json and when stderr is not a terminal.
+
+    Yields ``tick(live="", total=None)``: one unit done, with a line of live detail.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -116,6 +124,13 @@ def progress_bar(disabled: bool) -> Any:
         disable=disabled or not err.is_terminal,
         transient=True,
     )
+    with bar:
+        task = bar.add_task(name, total=total, live="")
+
+        def tick(live: str = "", total: int | None = None) -> None:
+            bar.update(task, advance=1, live=live, **({} if total is None else {"total": total}))
+
+        yield tick
 
 
 def step_file(item: str) -> tuple[int, Path]:

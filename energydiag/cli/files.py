@@ -15,7 +15,7 @@ from energydiag.cli.app import (
     exits,
     json_object,
     out,
-    progress_bar,
+    progress,
     step_file,
 )
 from energydiag.errors import DiagError
@@ -136,12 +136,7 @@ def inspect_cmd(
     if loss:
         chosen = LossSpec(**{("target" if ":" in loss else "name"): loss, "kwargs": kwargs})
     target = resolve_device(device)
-    with progress_bar(json_out) as bar:
-        task = bar.add_task("inspect", total=None, live="")
-
-        def tick(name: str, total: int) -> None:
-            bar.update(task, advance=1, total=total, live=name)
-
+    with progress("inspect", json_out) as tick:
         report = inspect(checkpoint, run, batch, spec, tau, target, tick, chosen)
     emit(report.to_dict(), json_out, lambda d: render.inspect(out, d, all_tensors))
     return 1 if has_error(report.findings) else 0

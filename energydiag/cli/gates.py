@@ -15,7 +15,7 @@ from energydiag.cli.app import (
     emit,
     exits,
     out,
-    progress_bar,
+    progress,
     read_json,
 )
 from energydiag.errors import DiagError
@@ -92,8 +92,7 @@ def whatif_cmd(
         check_writable(png)
     variants = [parse_variant(t) for t in tries]
     target = resolve_device(device)
-    with progress_bar(json_out) as bar:
-        task = bar.add_task("what-if", total=steps * (len(variants) + 1), live="")
+    with progress("what-if", json_out, steps * (len(variants) + 1)) as tick:
         report = whatif(
             Run(run),
             from_step,
@@ -101,7 +100,7 @@ def whatif_cmd(
             variants,
             target,
             head_path,
-            lambda label, step: bar.update(task, advance=1, live=f"{label} step {step}"),
+            lambda label, step: tick(f"{label} step {step}"),
         )
     data = report.to_dict()
     if png:

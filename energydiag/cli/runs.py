@@ -15,7 +15,7 @@ from energydiag.cli.app import (
     emit,
     exits,
     out,
-    progress_bar,
+    progress,
 )
 from energydiag.errors import DiagError
 from energydiag.io.atomic import check_writable
@@ -102,14 +102,12 @@ def replay_cmd(
         check_writable(metrics_out)
     r = Run(run)
     target = resolve_device(device)
-    with progress_bar(json_out) as bar:
-        task = bar.add_task("replay", total=None, live="")
+    with progress("replay", json_out) as tick:
 
-        def tick(row: dict[str, Any], planned: int) -> None:
-            live = f"step {row['step']} loss {fmt(row['loss'])} |g| {fmt(row['grad_norm'])}"
-            bar.update(task, advance=1, total=planned, live=live)
+        def step_done(row: dict[str, Any], planned: int) -> None:
+            tick(f"step {row['step']} loss {fmt(row['loss'])} |g| {fmt(row['grad_norm'])}", planned)
 
-        report = replay_report(r, from_step, to_step, target, every, tick, ladder)
+        report = replay_report(r, from_step, to_step, target, every, step_done, ladder)
     if metrics_out:
         write_table(report.result.table, metrics_out)
     emit(report.to_dict(), json_out, lambda d: render.replay(out, d))
@@ -137,17 +135,16 @@ def bisect_cmd(
     from energydiag.io.torchfiles import discover
 
     target = resolve_device(device)
-    with progress_bar(json_out) as bar:
-        task = bar.add_task("bisect", total=None, live="")
+    with progress("bisect", json_out) as tick:
 
-        def tick(e: Any) -> None:
-            bar.update(task, advance=1, live=f"step {e.step}: {e.status}")
+        def evaluated(e: Any) -> None:
+            tick(f"step {e.step}: {e.status}")
 
         if checkpoints:
             paths = discover(run, checkpoints)
-            result = bisect_checkpoints(paths, good, bad, tick, predicate)
+            result = bisect_checkpoints(paths, good, bad, evaluated, predicate)
         else:
-            result = bisect(Run(run), good, bad, target, tick, predicate)
+            result = bisect(Run(run), good, bad, target, evaluated, predicate)
     emit(result.to_dict(), json_out, lambda d: render.bisect(out, d))
     failed = result.first_bad_checkpoint is not None or result.first_logged_failure is not None
     return 1 if failed else 0
@@ -178,11 +175,8 @@ def timeline_cmd(
     else:
         r = Run(run)
         paths, dtype = r.checkpoint_paths(), r.manifest.autocast_dtype
-    with progress_bar(json_out) as bar:
-        task = bar.add_task("timeline", total=len(paths), live="")
-        result = timeline(
-            paths, dtype, lambda step: bar.update(task, advance=1, live=f"step {step}")
-        )
+    with progress("timeline", json_out, len(paths)) as tick:
+        result = timeline(paths, dtype, lambda step: tick(f"step {step}"))
     data = result.to_dict()
     if png:
         plot.timeline(data, png)

@@ -46,12 +46,10 @@ class Quantity:
 class EnergyStats(Quantity):
     """The energies the loss scored: range, positives vs negatives, retrieval, logit spread."""
 
-    columns_ = {
-        "energy_min": ("E min", ".4g"),
-        "energy_max": ("E max", ".4g"),
-        "pos_neg_gap": ("gap", ".3g"),
-        "retrieval_accuracy": ("retrieval", ".2f"),
-        "logit_spread": ("logit spread", ".3g"),
+    columns_ = {  # shown in tables; every statistic is in the JSON and --metrics-out
+        "energy_min": ("E min", ".3g"),
+        "energy_max": ("E max", ".3g"),
+        "logit_spread": ("logits", ".3g"),
     }
 
     def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
@@ -62,7 +60,7 @@ class EnergyStats(Quantity):
 class SaturationFraction(Quantity):
     """The largest fraction of a squashing op's outputs within 1e-3 of its limits."""
 
-    columns_ = {"saturation": ("saturated", ".1%")}
+    columns_ = {"saturation": ("sat.", ".1%")}
 
     def observer(self) -> Observer:
         self.counter = SaturationCounter()
@@ -76,7 +74,7 @@ class SaturationFraction(Quantity):
 class UpdateRatio(Quantity):
     """||Δθ|| / ||θ||: ~1e-3 is typical, ≫1e-2 is a blow-up in waiting."""
 
-    columns_ = {"update_ratio": ("update ratio", ".3g")}
+    columns_ = {"update_ratio": ("Δθ/θ", ".3g")}
 
     def before(self, model: nn.Module) -> None:
         self.snapshot = [p.detach().clone() for p in model.parameters()]
@@ -100,9 +98,9 @@ class LayerGradNorms(Quantity):
 
 DEFAULT: tuple[type[Quantity], ...] = (EnergyStats, SaturationFraction, UpdateRatio, LayerGradNorms)
 CHEAP_COLUMNS = {
-    "loss": ("loss", ".5g"),
-    "logged_loss": ("logged", ".5g"),
-    "grad_norm": ("|g|", ".4g"),
+    "loss": ("loss", ".4g"),
+    "logged_loss": ("logged", ".4g"),
+    "grad_norm": ("|g|", ".3g"),
     "param_norm": ("|θ|", ".4g"),
 }
 

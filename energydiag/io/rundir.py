@@ -67,28 +67,31 @@ class Batch:
     @property
     def scaler_state(self) -> dict[str, float] | None:
         """The GradScaler's state (scale, growth tracker) as this step began."""
-        text = self.meta.get(SCALER_STATE)
-        if text is None:
-            return None
-        try:
-            state = json.loads(text)
-        except json.JSONDecodeError:
-            raise DiagError(self.path, f"metadata '{SCALER_STATE}' is not valid JSON") from None
-        if not isinstance(state, dict) or not isinstance(state.get("scale"), int | float):
+        state = json_metadata(self.path, self.meta, SCALER_STATE)
+        if state is not None and not (
+            isinstance(state, dict) and isinstance(state.get("scale"), int | float)
+        ):
             raise DiagError(self.path, f"metadata '{SCALER_STATE}' must hold a numeric 'scale'")
         return state
 
 
-def parse_groups(path: Path, meta: dict[str, str], key: str) -> list[dict[str, Any]] | None:
-    """A JSON list of param-group objects stored in file metadata, checked; None when absent."""
+def json_metadata(path: Path, meta: dict[str, str], key: str) -> Any:
+    """A JSON value stored under ``key`` in a file's string metadata; None when absent."""
     text = meta.get(key)
     if text is None:
         return None
     try:
-        groups = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
         raise DiagError(path, f"metadata '{key}' is not valid JSON") from None
-    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+
+
+def parse_groups(path: Path, meta: dict[str, str], key: str) -> list[dict[str, Any]] | None:
+    """A JSON list of param-group objects stored in file metadata, checked; None when absent."""
+    groups = json_metadata(path, meta, key)
+    if groups is not None and not (
+        isinstance(groups, list) and all(isinstance(g, dict) for g in groups)
+    ):
         raise DiagError(path, f"metadata '{key}' must be a list of objects")
     return groups
 

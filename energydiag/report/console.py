@@ -54,7 +54,9 @@ def frame(
     table = Table(title=title, title_justify="left")
     for c in columns:
         left = c in ("tensor", "layer", "module", "op", "variant", "name", "reason")
-        table.add_column(c, justify="left" if left else "right", no_wrap=not left)
+        table.add_column(
+            c, justify="left" if left else "right", no_wrap=not left, min_width=min(len(c), 8)
+        )
     for row in rows:
         table.add_row(*(escape(fmt(v, digits)) for v in row))
     console.print(table)

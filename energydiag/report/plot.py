@@ -52,9 +52,7 @@ def curve(report: dict[str, Any], path: Path) -> None:
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def whatif(report: dict[str, Any], path: Path) -> None:
@@ -71,9 +69,7 @@ def whatif(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def timeline(report: dict[str, Any], path: Path) -> None:
@@ -105,6 +101,10 @@ def timeline(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("max |w| per layer")
     ax.set_title("Weights over checkpoints (five largest layers labelled)")
     ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
