@@ -26,7 +26,7 @@ from energydiag.engine.plugins import build_loss, build_model
 from energydiag.engine.replay import replay
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, blame
 from energydiag.io.layout import CHECKPOINTS
 from energydiag.io.rundir import Run, load_checkpoint_file, step_ranges
 from energydiag.io.state import restore_rng
@@ -139,8 +139,9 @@ class Judge:
     def _loss_verdict(self, step: int) -> Evaluation:
         run = self.run
         if self._model is None:
-            self._model = build_model(run.manifest.model).to(self.device)
-            self._loss_fn = build_loss(run.manifest.loss)
+            with blame(run.manifest_path):
+                self._model = build_model(run.manifest.model).to(self.device)
+                self._loss_fn = build_loss(run.manifest.loss)
         load_checkpoint(load_checkpoint_file(self.paths[step]), self._model, None)
         batch = run.batch(step)
         restore_rng(batch.rng)

@@ -38,7 +38,7 @@ from energydiag.engine.plugins import LossFn, build_loss, build_model
 from energydiag.engine.quantities import by_layer, energy_stats, scored_energies
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, blame
 from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.manifest import LossSpec, ModelSpec
 from energydiag.io.rundir import (
@@ -368,10 +368,11 @@ def _tau(given: float | None, loss: LossSpec, configured: bool) -> tuple[float |
 
 
 def _run_batch(spec, ckpt_path, loss, batch, device, tau, manifest) -> BatchReport:
-    model = build_model(spec).to(device)
-    load_checkpoint(load_checkpoint_file(ckpt_path), model, None)
     overrides = {} if tau[1] != "--tau" else {"tau": tau[0]}
-    loss_fn = build_loss(loss, **overrides)
+    with blame("the model and loss options" if manifest is None else ckpt_path):
+        model = build_model(spec).to(device)
+        loss_fn = build_loss(loss, **overrides)
+    load_checkpoint(load_checkpoint_file(ckpt_path), model, None)
     return batch_report(
         model, loss_fn, loss, batch, device, tau, manifest.autocast_dtype if manifest else None
     )

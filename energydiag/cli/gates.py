@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from energydiag.cli.app import (
+from energydiag.cli.base import (
     DeviceOpt,
     JsonOpt,
     RunArg,

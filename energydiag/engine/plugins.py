@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec, import_string
 from energydiag.io.state import plain_key
 
@@ -42,8 +42,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     factory = resolve(spec.target, "model factory")
     try:
         model = factory(**spec.kwargs)
-    except TypeError as err:
-        raise DiagError(None, f"model factory {spec.target!r} rejected its kwargs: {err}") from None
+    except Exception as err:  # the user's factory: any failure is about the kwargs it was given
+        raise DiagError(
+            None, f"model factory {spec.target!r} failed on model.kwargs: {first_line(err)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise DiagError(None, f"model factory {spec.target!r} returned {type(model).__name__}")
     if spec.forward_kwargs:
@@ -75,8 +77,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimi
         raise DiagError(None, f"unknown optimizer {spec.name!r} (expected a torch.optim class)")
     try:
         return cls(model.parameters(), **spec.kwargs)
-    except (TypeError, ValueError) as err:
-        raise DiagError(None, f"optimizer {spec.name} rejected its kwargs: {err}") from None
+    except Exception as err:  # torch.optim validates its kwargs with several exception types
+        raise DiagError(
+            None, f"optimizer {spec.name} rejected optimizer.kwargs: {first_line(err)}"
+        ) from None
 
 
 def check_model_spec(spec: ModelSpec, live: nn.Module) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from energydiag.engine.instrument import PhaseClock
 from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run
 from energydiag.io.state import apply_hyperparameters, optimizer_state_dict, restore_rng
 
@@ -111,12 +111,13 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
     """Build everything from the manifest and load the checkpoint at or before ``step``."""
     start = run.checkpoint_at_or_before(step)
     manifest = run.manifest
-    model = build_model(manifest.model).to(device)
-    optimizer = build_optimizer(manifest.optimizer, model)
+    with blame(run.manifest_path):
+        model = build_model(manifest.model).to(device)
+        optimizer = build_optimizer(manifest.optimizer, model)
+        loss_fn = build_loss(manifest.loss, **loss_overrides)
+        step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
     ckpt = run.checkpoint(start)
     load_checkpoint(ckpt, model, optimizer)
-    loss_fn = build_loss(manifest.loss, **loss_overrides)
-    step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
     return Session(
         run,
         model,

@@ -193,6 +193,8 @@ def read_manifest(path: Path) -> Manifest:
         raise DiagError(path, "file not found (is this an energydiag run directory?)")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DiagError(path, f"not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSON, UTF-8, 4300-digit integers, nesting
+        raise DiagError(path, f"not valid JSON ({str(err).splitlines()[0][:120]})") from None
+    except OSError as err:
+        raise DiagError(path, f"cannot be read ({err.strerror or err})") from None
     return parse_manifest(raw, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.layout import METRICS
 
 STEP_COLUMNS = ("step", "Step", "_step", "global_step", "trainer/global_step")
@@ -40,12 +40,16 @@ def load_metrics(path: Path) -> pd.DataFrame:
 
 
 def _jsonl(path: Path) -> pd.DataFrame:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DiagError(path, f"not UTF-8 text (byte {err.start})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                rows.append({k: _marked(v) for k, v in json.loads(line).items()})
-            except (json.JSONDecodeError, AttributeError):
+                rows.append({str(k): _marked(v) for k, v in json.loads(line).items()})
+            except (ValueError, RecursionError, AttributeError):
                 raise DiagError(path, f"line {n} is not a JSON object") from None
     return pd.DataFrame(rows)
 
@@ -61,7 +65,7 @@ def _csv(path: Path) -> pd.DataFrame:
     try:
         # Empty cells (metric not logged at that step) become NaN; a logged "NaN" stays text.
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as err:
         raise DiagError(path, f"not a readable CSV ({str(err).splitlines()[0]})") from None
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
 
@@ -71,10 +75,15 @@ def _with_step(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if column is None:
         raise DiagError(path, f"no step column (looked for {', '.join(STEP_COLUMNS)})")
     frame = frame.rename(columns={column: "step"})
-    frame = frame[pd.to_numeric(frame["step"], errors="coerce").notna()]
+    steps = pd.to_numeric(frame["step"].astype(str).str.strip(), errors="coerce")
+    frame = frame[steps.notna()]
+    steps = steps[steps.notna()].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(steps) | (steps != np.floor(steps)) | (steps < 0) | (steps >= 2.0**62)
+    if bad.any():
+        raise DiagError(path, f"step {steps[bad][0]!r} is not a whole number of steps")
     if frame.empty:
         raise DiagError(path, "holds no rows with a step")
-    frame = frame.assign(step=frame["step"].astype("int64")).sort_values("step", kind="stable")
+    frame = frame.assign(step=steps.astype(np.int64)).sort_values("step", kind="stable")
     return frame.reset_index(drop=True)
 
 
@@ -85,12 +94,19 @@ def _tensorboard(path: Path) -> pd.DataFrame:
         )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    acc.Reload()
-    series = {
-        tag: pd.Series({e.step: _marked(e.value) for e in acc.Scalars(tag)}, dtype=object)
-        for tag in acc.Tags()["scalars"]
-    }
+    if not path.is_file():
+        raise DiagError(path, "is not a TensorBoard event file")
+    try:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        series = {
+            tag: pd.Series({e.step: _marked(e.value) for e in acc.Scalars(tag)}, dtype=object)
+            for tag in acc.Tags()["scalars"]
+        }
+    except Exception as err:  # TensorBoard raises its own data-loss and protobuf errors
+        raise DiagError(
+            path, f"not a readable TensorBoard event file ({first_line(err)})"
+        ) from None
     if not series:
         raise DiagError(path, "holds no scalar summaries")
     return pd.DataFrame(series).rename_axis("step").reset_index()

@@ -108,7 +108,8 @@ class Run:
                 self.root.resolve(),
                 f"no {MANIFEST}: not an energydiag run directory (see docs/run-format.md)",
             )
-        self.manifest: Manifest = read_manifest(self.root / MANIFEST)
+        self.manifest_path = self._inside(self.root / MANIFEST)
+        self.manifest: Manifest = read_manifest(self.manifest_path)
 
     @cached_property
     def checkpoint_steps(self) -> list[int]:
@@ -189,7 +190,7 @@ class Run:
 
         from energydiag.io.metrics import load_metrics
 
-        path = self.root / METRICS
+        path = self._inside(self.root / METRICS)
         return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
     def logged(self, metric: str = "loss") -> dict[int, float]:
@@ -213,7 +214,12 @@ class Run:
         return min(candidates, default=None)
 
     def _inside(self, path: Path) -> Path:
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        """Every file of a run must resolve inside it (the run-format document's rule)."""
+        try:
+            inside = path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError) as err:  # a symlink loop
+            raise DiagError(path, f"cannot be resolved ({err})") from None
+        if not inside:
             raise DiagError(path, "resolves to a path outside the run directory")
         return path
 
@@ -248,6 +254,7 @@ def load_batch_file(path: Path, step: int | None = None) -> Batch:
     rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
     data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
     validate_batch(path, data)
+    validate_rng(path, rng)
     found = parse_step(meta.get("step"))
     found = -1 if found is None else found
     return Batch(found if step is None else step, path, data, rng, meta)
@@ -279,6 +286,23 @@ def validate_batch(path: Path, batch: dict[str, torch.Tensor]) -> None:
         neg.dim() != 4 or neg.shape[0] != a.shape[0] or neg.shape[2:] != a.shape[1:]
     ):
         raise DiagError(path, f"a_neg must be [B,M,H,Da] matching a_pos, got {list(neg.shape)}")
+
+
+def validate_rng(path: Path, rng: dict[str, torch.Tensor]) -> None:
+    """Generator states are opaque bytes of a fixed size: anything else would crash the replay."""
+    cpu = rng.get(RNG_PREFIX + "cpu")
+    expected = torch.get_rng_state()
+    if cpu is not None and (cpu.dtype != torch.uint8 or cpu.shape != expected.shape):
+        raise DiagError(
+            path,
+            f"'{RNG_PREFIX}cpu' must be uint8 {list(expected.shape)} (torch.get_rng_state()), "
+            f"got {str(cpu.dtype).replace('torch.', '')} {list(cpu.shape)}",
+        )
+    for key, state in rng.items():
+        if key.startswith(RNG_PREFIX + "cuda.") and (
+            state.dtype != torch.uint8 or state.dim() != 1
+        ):
+            raise DiagError(path, f"'{key}' must be a 1-D uint8 generator state")
 
 
 def _check_step(path: Path, meta: dict[str, str], step: int) -> None:

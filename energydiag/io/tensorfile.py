@@ -48,8 +48,16 @@ def open_tensors(path: Path) -> Iterator[object]:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises several private error types
-        raise DiagError(path, f"not a readable safetensors file ({_first_line(err)})") from None
+        raise DiagError(path, _header_problem(_first_line(err))) from None
     yield handle
+
+
+def _header_problem(message: str) -> str:
+    """safetensors' words, with the common case said plainly."""
+    detail = message.removeprefix("Error while deserializing header: ")
+    if "not fully covered" in detail or "incomplete" in detail.lower():
+        return f"truncated: the data ends before its header says ({detail})"
+    return f"not a readable safetensors file ({detail})"
 
 
 _DTYPES = {
@@ -85,7 +93,7 @@ class TensorReader:
             )
         try:
             header = json.loads(file.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSON, UTF-8, huge integers, deep nesting
             raise DiagError(path, "not a readable safetensors file (corrupt header)") from None
         self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
         self._base, self._entries = 8 + length, header
@@ -113,8 +121,11 @@ class TensorReader:
 
 @contextlib.contextmanager
 def reader(path: Path) -> Iterator[TensorReader]:
-    if not path.is_file():
-        raise DiagError(path, "file not found")
+    """The streaming reader, over a file whose header safetensors itself has validated first
+    (offsets contiguous and inside the file, byte sizes matching shapes and dtypes, bounded
+    nesting): nothing in a header is trusted before that, and no tensor data is read by it."""
+    with open_tensors(path):
+        pass
     with path.open("rb") as file:
         yield TensorReader(path, file)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.state import plain_key
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -75,6 +75,13 @@ def _usable(path: Path, key: object, value: object) -> bool:
         raise DiagError(path, f"tensor '{key}' is a {kind} tensor: only dense tensors are read")
     if value.dtype.is_floating_point and value.element_size() == 1:
         raise DiagError(path, f"tensor '{key}' has dtype {value.dtype}, which is not supported")
+    claimed = value.numel() * value.element_size()
+    if claimed > 2 * value.untyped_storage().nbytes() + 64:  # a stride-0 view of a small storage
+        raise DiagError(
+            path,
+            f"tensor '{key}' claims {claimed} bytes over a {value.untyped_storage().nbytes()}-byte "
+            "storage: refusing to materialise an expanded view",
+        )
     return True
 
 
@@ -109,19 +116,20 @@ def _load(path: Path) -> object:
             ) from None
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
-    except (EOFError, ValueError, OSError) as err:
-        raise DiagError(path, f"not a readable torch checkpoint ({err})") from None
+    except Exception as err:  # torch.load's other failures: zip, storage and format errors
+        raise DiagError(path, f"not a readable torch checkpoint ({first_line(err)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise DiagError(
-            path, f"not a readable torch checkpoint ({str(err).splitlines()[0]})"
-        ) from None
+    except Exception as err:
+        raise DiagError(path, f"not a readable torch checkpoint ({first_line(err)})") from None
 
 
 def _refused(path: Path, err: Exception) -> DiagError:
+    """weights_only's refusal of an object it will not build, or a file that is no pickle."""
+    if "Weights only load failed" not in str(err):
+        return DiagError(path, f"not a readable torch checkpoint ({first_line(err)})")
     what = re.search(r"GLOBAL ([\w.]+)", str(err))
     found = f" (it references {what.group(1)})" if what else ""
     return DiagError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.exceptions
 from rich.console import Console
 from rich.markup import escape
 
@@ -182,9 +183,23 @@ def legacy_check_json(argv: list[str]) -> list[str]:
     return argv
 
 
-def main() -> None:
+def run(argv: list[str]) -> int:
+    """Run the command line on ``argv``; every way it ends becomes an exit code and at most one
+    line on stderr (a usage error included, which click would print as a boxed block)."""
+    import energydiag.cli.commands  # noqa: F401  (registers the commands on the app)
+
+    argv = argv or ["--help"]  # no arguments: the help itself, not an error about it
     try:
-        app(args=legacy_check_json(sys.argv[1:]), prog_name="energydiag")
-    except KeyboardInterrupt:
+        code = app(args=legacy_check_json(argv), prog_name="energydiag", standalone_mode=False)
+    except typer.exceptions.TyperException as e:  # click's usage errors: one line, exit 2
+        message = (e.format_message() if hasattr(e, "format_message") else str(e)).splitlines()
+        err.print(
+            f"[red]energydiag:[/red] error: {escape(' '.join(message))} (see --help)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return getattr(e, "exit_code", 2) or 2
+    except typer.Abort:
         err.print("[red]energydiag:[/red] interrupted", highlight=False)
-        raise SystemExit(130) from None
+        return 130
+    return code if isinstance(code, int) else 0
