@@ -69,6 +69,15 @@ def analyse(
     window: int | None = None,
     bounds: dict[str, float] | None = None,
 ) -> CurveReport:
+    """The whole curve report; values near ±1e308 overflow intermediate differences, which then
+    simply flag nothing, so numpy's overflow warnings are not shown."""
+    with np.errstate(all="ignore"):
+        return _analyse(frame, metric, window, bounds)
+
+
+def _analyse(
+    frame: pd.DataFrame, metric: str, window: int | None, bounds: dict[str, float] | None
+) -> CurveReport:
     steps, values = metric_series(frame, metric)
     finite = np.isfinite(values)
     report = CurveReport(metric, len(values), 0, bounds=bounds)

@@ -172,6 +172,12 @@ def discover(root: Path, pattern: str) -> dict[int, Path]:
         raise DiagError(
             None, f"--checkpoints {pattern!r}: the pattern needs exactly one {{step}} placeholder"
         )
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise DiagError(None, f"--checkpoints {pattern!r}: give a pattern relative to the folder")
+    if "*{step}" in pattern or "{step}*" in pattern:
+        raise DiagError(
+            None, f"--checkpoints {pattern!r}: a wildcard next to {{step}} makes the step ambiguous"
+        )
     regex = re.compile(
         "^"
         + re.escape(pattern).replace(re.escape("{step}"), r"(\d+)").replace(r"\*", "[^/]*")

@@ -75,11 +75,11 @@ def sparkline(values: list[float], width: int = 60) -> str:
     bins = min(width, len(values))
     edges = [round(i * len(values) / bins) for i in range(bins + 1)]
     medians = [statistics.median(values[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
-    lo, hi = min(medians), max(medians)
+    lo, hi = min(medians) / 2, max(medians) / 2  # halved: hi - lo cannot overflow at ±1e308
     blocks = "▁▂▃▄▅▆▇█"
     if hi == lo:
         return blocks[0] * len(medians)
-    return "".join(blocks[round((m - lo) / (hi - lo) * (len(blocks) - 1))] for m in medians)
+    return "".join(blocks[round((m / 2 - lo) / (hi - lo) * (len(blocks) - 1))] for m in medians)
 
 
 def summary(s: dict[str, Any]) -> str:
