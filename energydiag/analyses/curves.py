@@ -20,10 +20,13 @@ from energydiag.analyses.head import find_head
 from energydiag.engine.plugins import build_model
 from energydiag.errors import DiagError
 from energydiag.io.layout import MANIFEST
+from energydiag.io.manifest import ModelSpec
 from energydiag.io.metrics import choose_metric, load_metrics, metric_series
-from energydiag.io.rundir import Run
+from energydiag.io.rundir import Batch, Run
 from energydiag.reference.losses import infonce_bounds
+from energydiag.reference.models import head_span
 
+REFERENCE_MODEL = "energydiag.reference.models:EnergyModel"
 SPIKE_Z = 8.0
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
 MIN_PLATEAU_POINTS = 5  # a plateau covers at least this many logged points ...
@@ -290,11 +293,19 @@ def run_bounds(run: Run) -> dict[str, float] | None:
     ):
         return None
     batch = run.batch(run.batch_steps[0])
-    try:  # the head's bound does not depend on the weights: a freshly built model shows it
-        head = find_head(build_model(run.manifest.model), batch.tensors)
+    return infonce_curve_bounds(batch.size, float(tau), _head_span(run.manifest.model, batch))
+
+
+def _head_span(spec: ModelSpec, batch: Batch) -> float | None:
+    """The reference model's span comes from its kwargs (no code runs); any other model is built
+    once, and its head found by what it does: the bound does not depend on the weights."""
+    if spec.target == REFERENCE_MODEL:
+        return head_span(spec.kwargs.get("head", "sigmoid"), spec.kwargs.get("head_kwargs"))
+    try:
+        head = find_head(build_model(spec), batch.tensors)
     except Exception:  # a model that raises on its own batch: no bound, the rest still holds
-        head = None
-    return infonce_curve_bounds(batch.size, float(tau), None if head is None else head.span)
+        return None
+    return None if head is None else head.span
 
 
 def curve_report(

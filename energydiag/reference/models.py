@@ -146,3 +146,14 @@ class EnergyModel(nn.Module):
         attended, _ = self.attn(query, context, context, key_padding_mask=pad_mask)
         raw_steps = self.pred(query + attended).squeeze(-1)
         return self.head_out(raw_steps.mean(dim=-1, keepdim=True))
+
+
+def head_span(head: str, head_kwargs: dict[str, float] | None = None) -> float | None:
+    """The energy span a reference head allows, from its configuration alone (no model built):
+    1 for the sigmoid, hi - lo for the scaled sigmoid, None for the unbounded heads."""
+    kwargs = head_kwargs or {}
+    if head == "sigmoid":
+        return 1.0
+    if head == "scaled_sigmoid":
+        return float(kwargs.get("hi", 10.0)) - float(kwargs.get("lo", 0.1))
+    return None

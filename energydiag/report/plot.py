@@ -105,6 +105,12 @@ def timeline(report: dict[str, Any], path: Path) -> None:
 
 
 def _save(plt, fig, path: Path) -> None:
+    """Into a temporary sibling, renamed on success: an interrupted plot leaves nothing."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.partial.png")
+    try:
+        fig.savefig(partial, dpi=110)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
