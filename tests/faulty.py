@@ -138,3 +138,10 @@ def accumulating_step(model, optimizer, batch, ctx):
 def compiled_energy_model(**kwargs):
     """A factory that compiles, as users do; the eager backend needs no C++ toolchain."""
     return torch.compile(EnergyModel(**kwargs), backend="eager")
+
+
+def log_energy_loss(model, batch, tau=0.5):
+    """-log E of the positives: an energy that reaches exactly 0 makes it infinite."""
+    loss, diagnostics = inbatch_infonce(model, batch, tau=tau)
+    e_pos = energies(model, batch["h"], batch["a_pos"], batch.get("pad_mask"))
+    return loss - 0.01 * torch.log(e_pos).mean(), diagnostics

@@ -259,3 +259,43 @@ def test_timeline_command_table_json_and_png(exploded, tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(runner.invoke(app, ["timeline", str(exploded), "--json"]).stdout)
     assert [r["step"] for r in data["rows"] if r["exploded"]][0] == 12
+
+
+def test_log_of_an_energy_that_reached_zero(tmp_path):
+    """relu head without eps: a negative raw score gives an energy of exactly 0."""
+    root = tmp_path / "run"
+    head = {"head": "relu_scaled", "head_kwargs": {"scale": 1.0, "eps": 0.0}}
+    train(
+        root,
+        steps=3,
+        model_kwargs=head,
+        loss={"target": "faulty:log_energy_loss", "kwargs": {"tau": 0.5}},
+    )
+    report = replay_report(Run(root), 0)
+    fault = report.fault
+    assert fault.phase == "forward" and fault.op.op == "aten::log"
+    assert fault.op.detail["zero_inputs"] > 0
+    assert "aten::log of 0" in report.findings[0].title
+
+
+def test_adam_with_zero_eps_blows_up_in_the_optimizer(tmp_path):
+    """A parameter that never receives gradient: Adam divides 0 by sqrt(0) + eps = 0."""
+
+    def zero_eps(optimizer):
+        for group in optimizer.param_groups:
+            group["eps"] = 0.0
+
+    def dead_feature(step, model, batch):
+        batch["h"][..., 0] = (
+            0.0  # a context feature that is always zero: its weights get no gradient
+        )
+
+    root = tmp_path / "run"
+    train(root, steps=3, scheduler=zero_eps, plant=dead_feature)
+    report = replay_report(Run(root), 0)
+    fault = report.fault
+    assert fault.phase == "optimizer" and fault.reproduced and fault.micro_batch is None
+    assert fault.op.op in ("aten::addcdiv_", "aten::_foreach_addcdiv_")
+    assert any(state["eps"] == 0.0 for state in fault.optimizer_state.values())
+    title = report.findings[0].title
+    assert "updating 'ctx_in.weight'" in title and "Adam divides by sqrt(exp_avg_sq) + eps" in title

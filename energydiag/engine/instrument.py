@@ -40,6 +40,9 @@ class OpCall:
     phase: str
     micro_batch: int
     autograd_node: str | None = None
+    # For ops that write into their inputs (x.add_(y), the optimizer's _foreach_addcdiv_): the
+    # written inputs are already changed when observers look, so their state before is kept here.
+    written_were_finite: bool | None = None
 
     @property
     def name(self) -> str:
@@ -108,9 +111,13 @@ class Instrument(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        skip = func.is_view or _uninitialised(func) or not self.observers
+        before = (
+            None if skip or not func._schema.is_mutable else _written_finite(func, args, kwargs)
+        )
         out = func(*args, **kwargs)
         self.order += 1
-        if func.is_view or _uninitialised(func) or not self.observers:
+        if skip:
             return out
         phase = self.clock.current()
         call = OpCall(
@@ -123,6 +130,7 @@ class Instrument(TorchDispatchMode):
             phase,
             self.clock.micro_batch,
             _autograd_node(),
+            before,
         )
         for observer in self.observers:
             observer.on_op(call)
@@ -140,6 +148,19 @@ class Instrument(TorchDispatchMode):
     def attached(self, optimizer: torch.optim.Optimizer | None = None) -> Iterator[Instrument]:
         with self.tracker, self.clock.watching(optimizer), self:
             yield self
+
+
+def _written_finite(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the float tensors an in-place op is about to write are finite now."""
+    from energydiag.engine.tensorstats import all_finite, float_tensors
+
+    schema = func._schema.arguments
+    written = [
+        (args[i] if i < len(args) else kwargs.get(a.name))
+        for i, a in enumerate(schema)
+        if a.alias_info is not None and a.alias_info.is_write
+    ]
+    return all_finite(float_tensors(written))
 
 
 def _uninitialised(func: Any) -> bool:

@@ -144,14 +144,14 @@ def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fa
     first = next((e for e in events if e.phase == surfaced), None)
     if surfaced == BACKWARD and latent and (origins.masked or first is None):
         first = latent[0]  # the forward NaN that where() hid: its gradient is the NaN
-    where = f" at {first.op} in '{first.module or '<loss>'}'" if first else ""
+    per_micro_batch = first is not None and first.phase in (FORWARD, BACKWARD)
     fault = Fault(
         step,
         surfaced,
-        f"the {surfaced} phase went non-finite{where}",
-        module=(first.module or None) if first else None,
+        f"the {surfaced} phase went non-finite{_where(first, session.model, surfaced)}",
+        module=(first.module or None) if per_micro_batch else None,
         op=first,
-        micro_batch=first.micro_batch if first else None,
+        micro_batch=first.micro_batch if per_micro_batch else None,
         masked_by_where=bool(origins.masked) and first is not None and first.phase == FORWARD,
     )
     if surfaced in (BACKWARD, CLIP):
@@ -163,13 +163,15 @@ def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fa
         )
         fault.largest = _largest(session.model, grads=False)
         fault.optimizer_state = _optimizer_evidence(session, fault.parameters)
-        if first is None:
+        if first is None and not _nonfinite(session.model, grads=False):
             name, peak = next(iter(fault.largest.items()))
             norm = exact_global_norm([p.detach() for p in session.model.parameters()])
             fault.summary = (
                 f"the update left every parameter finite, but their norm ({norm:.3g}) overflows "
                 f"float32: largest |w| {peak:.3g} in '{name}'"
             )
+        elif first is None:
+            fault.summary = f"the optimizer update made '{fault.parameters[0]}' non-finite"
     elif surfaced == CLIP and first is not None:
         name, peak = next(iter(fault.largest.items()), ("?", math.nan))
         fault.summary = (
@@ -177,6 +179,16 @@ def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fa
             f"(largest |g| {peak:.3g} in '{name}')"
         )
     return fault
+
+
+def _where(first: OpEvent | None, model: nn.Module, surfaced: str) -> str:
+    """' at aten::op in 'module'' in forward and backward; the parameter it wrote otherwise."""
+    if first is None:
+        return ""
+    if first.phase in (FORWARD, BACKWARD):
+        return f" at {first.op} in '{first.module or '<loss>'}'"
+    broken = _nonfinite(model, grads=surfaced != OPTIMIZER)
+    return f" at {first.op}" + (f" updating '{broken[0]}'" if broken else "")
 
 
 def _raised(

@@ -24,6 +24,8 @@ SATURATION_EPS = 1e-3
 aten = torch.ops.aten
 
 Explain = Callable[[OpCall], dict[str, Any]]
+# In-place variants are registered only where the operand explained is read, not written: by the
+# time an observer looks, a written operand already holds the result.
 EXPLAIN: dict[Any, Explain] = {}
 
 
@@ -72,13 +74,17 @@ class Origins:
             self._note_origin(call, outs)
 
     def _note_origin(self, call: OpCall, outs: list[torch.Tensor]) -> None:
-        out = summarize(outs[0])
+        out = summarize(_first_nonfinite(outs))
         ins = [summarize(t) for t in float_tensors((call.args, call.kwargs))]
-        if out.nan and not any(s.nan for s in ins):
+        if call.written_were_finite is not None:  # in place: judge the inputs as they were
+            gained = _gained_in_place(call, out, ins)
+        elif out.nan and not any(s.nan for s in ins):
             gained = "NaN"
         elif (out.posinf or out.neginf) and all(s.finite for s in ins):
             gained = "Inf"
         else:
+            gained = None
+        if gained is None:
             return
         explain = EXPLAIN.get(call.packet)
         detail = explain(call) if explain else {}
@@ -95,6 +101,27 @@ class Origins:
     def meaningful(self) -> list[OpEvent]:
         """Events that are faults: an intentional -inf fill (an attention mask) is not."""
         return [e for e in self.events if not e.intentional]
+
+
+def _first_nonfinite(outs: list[torch.Tensor]) -> torch.Tensor:
+    """The output worth describing: for a foreach op, the first tensor that is non-finite."""
+    return next((t for t in outs if not all_finite([t])), outs[0])
+
+
+def _gained_in_place(call: OpCall, out: TensorSummary, ins: list[TensorSummary]) -> str | None:
+    """An in-place op whose written inputs were finite and now are not; the other inputs (read
+    only) are judged as they are, since the op did not change them."""
+    if not call.written_were_finite:
+        return None
+    written = {id(t) for t in float_tensors(call.args[:1])}
+    read = [
+        s
+        for t, s in zip(float_tensors((call.args, call.kwargs)), ins, strict=False)
+        if id(t) not in written
+    ]
+    if not all(s.finite for s in read):
+        return None
+    return "NaN" if out.nan else "Inf"
 
 
 def _event(call: OpCall, gained, ins, out, intentional, detail) -> OpEvent:
@@ -149,10 +176,19 @@ def _sqrt(call: OpCall) -> dict[str, Any]:
     }
 
 
-@explains(aten.div)
+@explains(aten.div, aten.div_)
 def _div(call: OpCall) -> dict[str, Any]:
     den = torch.as_tensor(call.args[1])
     return {"zero_denominators": int((den == 0).sum()), "first_bad_index": _first_index(den == 0)}
+
+
+@explains(aten.addcdiv, aten.addcdiv_, aten._foreach_addcdiv, aten._foreach_addcdiv_)
+def _addcdiv(call: OpCall) -> dict[str, Any]:
+    """x + v * a / b: Adam's update, whose denominator is sqrt(exp_avg_sq) + eps."""
+    dens = call.args[2] if len(call.args) > 2 else call.kwargs.get("tensor2")
+    dens = dens if isinstance(dens, list | tuple) else [dens]
+    zeros = sum(int((d == 0).sum()) for d in dens if isinstance(d, torch.Tensor))
+    return {"zero_denominators": zeros}
 
 
 @explains(aten.std, aten.var, aten.std_mean, aten.var_mean)

@@ -89,10 +89,15 @@ def _sqrt_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
 
 
 def _div_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
-    return (
-        f"division by zero ({d['zero_denominators']} zero denominator(s))",
-        "add eps to the denominator or guard it",
-    )
+    said = f"division by zero ({d['zero_denominators']} zero denominator(s))"
+    if fault.phase == "optimizer":
+        eps = {s.get("eps") for s in fault.optimizer_state.values()}
+        return (
+            f"{said} in the update: Adam divides by sqrt(exp_avg_sq) + eps, with eps {eps}",
+            "a parameter whose gradient is exactly zero gets 0/0 when eps is 0: keep eps >= 1e-8 "
+            "(and find the input feature or path that feeds it nothing)",
+        )
+    return said, "add eps to the denominator or guard it"
 
 
 def _overflow_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
