@@ -40,6 +40,7 @@ def test_noisy_descent_has_no_plateau_or_spike():
     y = 3 * np.exp(-np.arange(2000) / 400) + 0.5 + rng.normal(0, 0.02, 2000)
     report = analyse(series(y), "loss")
     assert report.plateaus == [] and report.spikes == [] and report.divergence is None
+    assert report.unstable is None
 
 
 def test_exactly_constant_stretch_and_first_nonfinite(tmp_path):
@@ -148,3 +149,29 @@ def test_tensorboard_events(tmp_path):
     report = analyse(frame, choose_metric(frame, None, tmp_path))
     assert report.first_nonfinite == 80
     assert (report.plateaus[0].start, report.plateaus[0].end) == (0, 79)
+
+
+def test_a_loss_that_turns_erratic_after_an_lr_event():
+    """A W&B export, one point every 10 steps: flat near chance, then finite but erratic."""
+    values = [
+        2.0815,
+        2.0811,
+        2.0807,
+        2.0805,
+        2.0778,
+        2.0794,
+        2.45,
+        2.12,
+        2.73,
+        2.26,
+        2.03,
+        2.61,
+        2.08,
+    ]
+    frame = pd.DataFrame({"step": np.arange(0, 130, 10), "loss": values})
+    report = analyse(frame, "loss")
+    assert report.unstable.start == 50 and report.unstable.level > 100
+    assert "curve.unstable" in [f.code for f in report.findings]
+    one_spike = [2.08] * 10 + [2.6, 2.08, 2.08]
+    quiet = analyse(pd.DataFrame({"step": np.arange(13), "loss": one_spike}), "loss")
+    assert quiet.unstable is None  # one late spike is not a regime change

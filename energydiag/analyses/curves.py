@@ -57,6 +57,7 @@ class CurveReport:
     spikes: list[dict[str, float]] = field(default_factory=list)
     divergence: Segment | None = None
     oscillations: list[Segment] = field(default_factory=list)
+    unstable: Segment | None = None
     bounds: dict[str, float] | None = None
     plateau_on: str | None = None
     findings: list[rules.Finding] = field(default_factory=list)
@@ -113,6 +114,7 @@ def _analyse(
         if rise_from is None or p["step"] < rise_from
     ]
     report.oscillations = _oscillations(steps, values, smooth, w) if loss_like else []
+    report.unstable = _unstable(steps, values)
     report.display = _display(steps, values, smooth)
     if bounds and report.plateaus:
         last = report.plateaus[-1]
@@ -126,6 +128,7 @@ def _analyse(
             rules.curve_divergence(report.divergence, metric),
             rules.curve_spikes(report.spikes, metric),
             rules.curve_oscillation(report.oscillations, metric),
+            rules.curve_unstable(report.unstable, metric),
         ]
     )
     return report
@@ -256,6 +259,29 @@ def _oscillations(
 def _spread(values: np.ndarray) -> float:
     """Robust noise of a stretch: 1.4826 × the median absolute deviation."""
     return float(1.4826 * np.median(np.abs(values - np.median(values)))) if len(values) else 0.0
+
+
+def _unstable(steps: np.ndarray, values: np.ndarray, factor: float = 10.0) -> Segment | None:
+    """The point after which step-to-step changes are ``factor`` times larger than before it:
+    the signature of an lr or gradient event that leaves the loss finite but erratic.
+
+    The split is found in O(n) with running means, then confirmed with medians so that one late
+    spike does not count; ``level`` is the typical change after the split.
+    """
+    jumps = np.abs(np.diff(values))
+    n = len(jumps)
+    if n < 8:  # three changes before the split and five after it, at least
+        return None
+    sums = np.concatenate([[0.0], np.cumsum(jumps)])
+    split = np.arange(3, n - 4)  # five after: one spike (two big changes) cannot carry a median
+    floor = 1e-3 * max(float(np.median(np.abs(values))), 1e-12)  # flat is not "10x quieter"
+    before = np.maximum(sums[split] / split, floor)
+    after = (sums[n] - sums[split]) / (n - split)
+    k = int(split[np.argmax(after / before)])
+    calm, rough = max(float(np.median(jumps[:k])), floor), float(np.median(jumps[k:]))
+    if rough < factor * calm:
+        return None
+    return Segment(int(steps[k]), int(steps[-1]), rough / calm)
 
 
 def _which_bound(level: float, noise: float, bounds: dict[str, float]) -> str | None:

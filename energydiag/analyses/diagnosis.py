@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
+from energydiag.analyses.bisection import bisect_checkpoints
 from energydiag.analyses.curves import analyse, run_bounds, trend
-from energydiag.analyses.inspection import inspect
+from energydiag.analyses.inspection import checkpoint_report, inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
@@ -26,6 +27,7 @@ from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.rundir import Run
 
 MIN_CURVE_POINTS = 5
+WEIGHT_FAILURES = ("checkpoint.nonfinite", "checkpoint.exploded", "checkpoint.grown")
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
@@ -55,10 +57,12 @@ def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
     failed = run.first_failure()
     if failed is not None:
         return _failed(run, failed, start, end, device)
-    found = _curve(run, losses) + _inspected(run, device)
+    found = _curve(run, losses) + _weights(run) + _inspected(run, device)
     verdict = "healthy"
-    if rules.has_code(found, "checkpoint.exploded") or rules.has_code(found, "checkpoint.grown"):
+    if any(rules.has_code(found, code) for code in WEIGHT_FAILURES[1:]):
         verdict = "exploded"
+    elif rules.has_code(found, WEIGHT_FAILURES[0]):
+        verdict = "non-finite"
     elif rules.has_error(found):
         verdict = "stalled"
     elif not run.checkpoints_with_batches:
@@ -94,6 +98,22 @@ def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:
     except DiagError:
         bounds = None
     return analyse(run.metrics(), "loss", bounds=bounds).findings
+
+
+def _weights(run: Run) -> list[rules.Finding]:
+    """The latest checkpoint against the first (two streamed reads); when the weights exploded
+    or broke, a checkpoint-only bisect names the interval (O(log n) more)."""
+    paths = run.checkpoint_paths()
+    steps = sorted(paths)
+    if len(steps) < 2:
+        return []
+    latest = checkpoint_report(paths[steps[-1]], run.manifest.autocast_dtype, paths[steps[0]])
+    broken = [f for f in latest.findings if f.code in WEIGHT_FAILURES]
+    if not broken:
+        return []
+    search = bisect_checkpoints(paths, predicate="any")
+    interval = rules.weights_broke_between(search.last_good, search.first_bad_checkpoint)
+    return rules.ranked([interval, *broken])
 
 
 def _inspected(run: Run, device: torch.device | None) -> list[rules.Finding]:

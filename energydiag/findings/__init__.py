@@ -15,6 +15,7 @@ from energydiag.findings.checkpoints import (
     norm_outliers,
     timeline_exploded,
     unresolved_interval,
+    weights_broke_between,
 )
 from energydiag.findings.contrastive import (
     all_masked_rows,
@@ -36,6 +37,7 @@ from energydiag.findings.curves import (
     curve_oscillation,
     curve_plateau,
     curve_spikes,
+    curve_unstable,
     whatif_failures,
     whatif_ranking,
 )
@@ -54,6 +56,8 @@ from energydiag.findings.replay import (
 )
 
 __all__ = [
+    "curve_unstable",
+    "weights_broke_between",
     "SEVERITIES",
     "Finding",
     "has_code",

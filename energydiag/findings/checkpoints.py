@@ -133,10 +133,17 @@ def unresolved_interval(unresolved: dict[str, Any] | None) -> Finding | None:
     if not unresolved:
         return None
     span = f"between checkpoints {unresolved['from']} and {unresolved['to']}"
+    missing = unresolved["missing_batches"]
+    if missing == "all":
+        why = "there are no batches to replay it (checkpoints only)"
+    elif missing:
+        why = f"batches {missing} were not logged"
+    else:
+        why = "the replay cannot reach it"
     return Finding(
         "bisect.unresolved",
         "warning",
-        f"the first bad step lies {span}, but batches {unresolved['missing_batches']} were not logged",
+        f"the first bad step lies {span}, but {why}",
         unresolved["advice"],
         unresolved,
     )
@@ -152,4 +159,20 @@ def non_monotone(warnings: list[str]) -> Finding | None:
         "the run recovered from a non-finite step (a skipped update?): the earliest failure is "
         "reported; look at every step the loop skipped",
         {"warnings": warnings},
+    )
+
+
+def weights_broke_between(last_good: int | None, first_bad: int | None) -> Finding | None:
+    if first_bad is None:
+        return None
+    after = (
+        f"after checkpoint {last_good}" if last_good is not None else "from the first checkpoint"
+    )
+    return Finding(
+        "run.weights_broke",
+        "error",
+        f"the weights exploded or went non-finite {after}, by checkpoint {first_bad}",
+        f"`energydiag timeline` shows which layer; replay from checkpoint {last_good} with the "
+        "batches of that interval (or record them with the Recorder) to find the step",
+        {"last_good": last_good, "first_bad": first_bad},
     )

@@ -150,8 +150,8 @@ def stuck_between_floor_and_chance(
 ) -> Finding | None:
     """A loss above its floor whose logits cannot spread enough to go lower."""
     spread = energy.get("logit_spread_row_mean")
-    if position is None or spread is None or position < 0.1 or spread >= 1.0:
-        return None
+    if position is None or spread is None or not 0.1 <= position < 0.95 or spread >= 1.0:
+        return None  # at chance (>= 0.95) is loss.at_chance's finding, not this one
     return Finding(
         "loss.stuck",
         "error",

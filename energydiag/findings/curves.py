@@ -121,6 +121,20 @@ def curve_oscillation(segments: list, metric: str) -> Finding | None:
     )
 
 
+def curve_unstable(segment: Any, metric: str) -> Finding | None:
+    if segment is None:
+        return None
+    return Finding(
+        "curve.unstable",
+        "warning",
+        f"'{metric}' turns erratic after step {segment.start}: its step-to-step changes are "
+        f"×{segment.level:.3g} what they were before",
+        f"an lr or gradient event near step {segment.start} often does this while everything "
+        "stays finite: `energydiag timeline` shows whether the weights jumped there",
+        asdict(segment),
+    )
+
+
 def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
     base = next(r for r in results if r["label"] == "baseline")
     finite = [r for r in results if r["finite"] and r["relative_drop"] is not None]

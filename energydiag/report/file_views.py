@@ -126,6 +126,10 @@ def curves(console: Console, r: dict[str, Any]) -> None:
     rows += [("constant", c["start"], c["end"], c["level"]) for c in r["constant"]]
     rows += [("oscillation", o["start"], o["end"], o["level"]) for o in r["oscillations"]]
     rows += [("spike", s["step"], s["step"], s["value"]) for s in r["spikes"]]
+    if r["unstable"]:
+        rows.append(
+            ("erratic (×)", r["unstable"]["start"], r["unstable"]["end"], r["unstable"]["level"])
+        )
     if r["divergence"]:
         rows.append(
             (
