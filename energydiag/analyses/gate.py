@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from energydiag.analyses.curves import analyse, trend
-from energydiag.analyses.inspection import inspect
+from energydiag.analyses.inspection import checkpoint_report, inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.io.check_config import CheckConfig
 from energydiag.io.layout import checkpoint_path
@@ -31,6 +31,7 @@ DIRECTION = {
     "plateau_fraction": -1,
     "plateau_steps": -1,
     "grad_norm_max": -1,
+    "growth_since_first": -1,
 }
 
 
@@ -87,7 +88,7 @@ def measure(
     norms = [v for v in run.logged("grad_norm").values() if math.isfinite(v)]
     if norms:
         m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
-    m |= _inspected(run, device)
+    m |= _weights(run) | _inspected(run, device)
     if steps:
         m |= _replayed(run, steps, device)
     return m
@@ -98,11 +99,7 @@ def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
     if not with_batch:
         return {}
     report = inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device)
-    out: dict[str, Any] = {
-        "inspected_step": with_batch[-1],
-        "checkpoint_nonfinite": sum(t.nonfinite for t in report.checkpoint.tensors),
-    }
-    out["exploded_layers"] = len(report.checkpoint.stats.exploded())
+    out: dict[str, Any] = {"inspected_step": with_batch[-1]}
     if report.batch:
         e = report.batch.energy
         out["energy_span"] = e["energy_max"] - e["energy_min"]
@@ -116,6 +113,22 @@ def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
             if f.code.startswith(("contrastive.", "loss.")) and f.severity == "error"
         ]
     return out
+
+
+def _weights(run: Run) -> dict[str, Any]:
+    """The latest checkpoint, whatever batches were logged, against the first."""
+    paths = run.checkpoint_paths()
+    if not paths:
+        return {}
+    steps = sorted(paths)
+    latest = checkpoint_report(paths[steps[-1]], run.manifest.autocast_dtype, paths[steps[0]])
+    history = latest.history or {}
+    return {
+        "weights_step": steps[-1],
+        "checkpoint_nonfinite": sum(t.nonfinite for t in latest.tensors),
+        "exploded_layers": len(latest.stats.exploded()),
+        "growth_since_first": history.get("growth", 1.0),
+    }
 
 
 def _replayed(run: Run, steps: int, device: torch.device | None) -> dict[str, Any]:
@@ -153,6 +166,7 @@ def evaluate(
         _bound("retrieval_above_chance", m, "retrieval_over_chance", low=1e-12),
         _bound("energy_gap_sign", m, "pos_neg_gap", low=0.0),
         _bound("not_exploded", m, "exploded_layers", high=0),
+        _bound("weight_growth", m, "growth_since_first", high=c.max_weight_growth),
         _no_errors("contrastive_health", m, "contrastive_errors"),
         _no_errors("curve_health", m, "curve_errors"),
     ]

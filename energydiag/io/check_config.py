@@ -30,6 +30,7 @@ class CheckConfig:
     min_grad_norm: float = 1e-8  # logged global gradient norm, smallest allowed
     max_grad_norm: float = 1e3  # ... and largest allowed
     max_replay_deviation: float = 1e-4  # |replayed - logged loss| with --steps
+    max_weight_growth: float = 1e3  # a layer's max|w|, latest checkpoint over the first
     baseline_tolerance: float = 0.1  # relative regression allowed against --baseline
 
 

@@ -128,7 +128,12 @@ def fidelity_text(fid: dict[str, Any]) -> str:
     if fid["bit_exact"]:
         checks = len(fid["parameter_checks"])
         extra = f" and parameters at {checks} checkpoint(s)" if checks else ""
-        return f"bit-exact over {fid['compared']} finite logged step(s){extra}"
+        caveat = (
+            " so far: what it lacks can still diverge later"
+            if fid["expected"] != "bit-exact"
+            else ""
+        )
+        return f"bit-exact over {fid['compared']} finite logged step(s){extra}{caveat}"
     text = f"max |Δloss| {fmt(fid['max_loss_deviation'])} over {fid['compared']} step(s)"
     if fid["max_parameter_deviation"] is not None:
         text += f", max |Δθ| {fmt(fid['max_parameter_deviation'])}"
