@@ -28,7 +28,7 @@ sys.path.insert(0, sys.argv[3])
 from common import peak_rss_mib
 import torch
 from safetensors.torch import load_file
-from energydiag.analyses.inspection import checkpoint_report
+from energydiag.analyses.checkpoint_report import checkpoint_report
 start = time.perf_counter()  # the work only: both sides have imported the same libraries
 if sys.argv[1] == "inspect":
     report = checkpoint_report(Path(sys.argv[2]))

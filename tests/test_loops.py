@@ -182,3 +182,46 @@ def test_compiled_model_replays(tmp_path):
     run = Run(root)
     assert any(k.startswith("_orig_mod.") for k in run.checkpoint(0).model)
     assert replay_report(run, 0).fidelity["compared"] == 6
+
+
+def test_compiled_model_fault_is_localised_eagerly_and_says_so(tmp_path):
+    def mask_all(step, model, batch):
+        if step == 3:
+            batch["pad_mask"][1] = True
+
+    root = tmp_path / "run"
+    train(root, steps=5, model="faulty:compiled_energy_model", plant=mask_all, checkpoint_every=2)
+    fault = replay_report(Run(root), 2).fault
+    assert (fault.step, fault.phase, fault.module) == (3, "forward", "attn")
+    assert any("ran it eagerly" in note for note in fault.notes)
+
+
+def test_half_precision_findings(tmp_path):
+    """Parameters in float16 with Adam's default eps, and an energy gap finer than bfloat16."""
+    from energydiag.analyses.inspection import inspect
+
+    torch.manual_seed(0)
+    model = EnergyModel(**SMALL).half()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    rec = Recorder(
+        tmp_path / "run",
+        model=model,
+        optimizer=optimizer,
+        model_spec={"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL},
+        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
+        check_spec=False,
+    )
+    for p in model.parameters():  # any gradient will do: the optimizer state is what is inspected
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    path = rec.save_checkpoint(1)
+    rec.close()
+    codes = [f.code for f in inspect(path).findings]
+    assert "optimizer.eps_vanishes" in codes
+    from energydiag.findings import gap_below_autocast_resolution
+
+    tiny_gap = {"energy_max": 1.0, "energy_min": 0.99, "pos_neg_gap": 1e-3}
+    assert (
+        gap_below_autocast_resolution("bfloat16", tiny_gap).code == "precision.gap_below_resolution"
+    )
+    assert gap_below_autocast_resolution("float16", tiny_gap) is None  # 2^-11 resolves 1e-3

@@ -26,7 +26,7 @@ from energydiag.engine.plugins import build_loss, build_model
 from energydiag.engine.replay import replay
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, blame
+from energydiag.errors import DiagError, blame, first_line
 from energydiag.io.layout import CHECKPOINTS
 from energydiag.io.rundir import Run, load_checkpoint_file, step_ranges
 from energydiag.io.state import restore_rng
@@ -145,15 +145,12 @@ class Judge:
         load_checkpoint(load_checkpoint_file(self.paths[step]), self._model, None)
         batch = run.batch(step)
         restore_rng(batch.rng)
-        data = {k: v.to(self.device) for k, v in batch.tensors.items()}
+        data = batch.on(self.device)
         try:
             with torch.no_grad(), autocast(self.device, run.manifest.autocast_dtype):
                 loss, _ = self._loss_fn(self._model, data)
         except Exception as err:
-            text = (str(err).strip().splitlines() or [""])[0]
-            return Evaluation(
-                step, BAD, f"the loss on its batch raised {type(err).__name__}: {text}"
-            )
+            return Evaluation(step, BAD, f"the loss on its batch raised {first_line(err)}")
         value = float(loss)
         if not math.isfinite(value):
             return Evaluation(

@@ -18,8 +18,9 @@ import torch
 
 from energydiag import findings as rules
 from energydiag.analyses.bisection import bisect_checkpoints
+from energydiag.analyses.checkpoint_report import checkpoint_report
 from energydiag.analyses.curves import analyse, run_bounds, trend
-from energydiag.analyses.inspection import checkpoint_report, inspect
+from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from energydiag.analyses.checkpoint_report import checkpoint_report
 from energydiag.analyses.curves import analyse, trend
-from energydiag.analyses.inspection import checkpoint_report, inspect
+from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.io.check_config import CheckConfig
 from energydiag.io.layout import checkpoint_path

@@ -21,15 +21,8 @@ import torch
 from torch import nn
 
 from energydiag import findings as rules
-from energydiag.analyses.checkpoint_stats import (
-    ADAM_RATIO_LIMIT,
-    EXPLODED_ABS,
-    CheckpointStats,
-    TensorStats,
-    checkpoint_stats,
-)
+from energydiag.analyses.checkpoint_report import CheckpointReport, checkpoint_report
 from energydiag.analyses.head import Head, find_head
-from energydiag.analyses.timeline import GROWTH_LIMIT, growth
 from energydiag.engine.activations import ModuleOutputs
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import all_masked_samples
@@ -38,7 +31,7 @@ from energydiag.engine.plugins import LossFn, build_loss, build_model
 from energydiag.engine.quantities import by_layer, energy_stats, scored_energies
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, blame
+from energydiag.errors import DiagError, blame, first_line
 from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.manifest import LossSpec, ModelSpec
 from energydiag.io.rundir import (
@@ -46,98 +39,13 @@ from energydiag.io.rundir import (
     Run,
     load_batch_file,
     load_checkpoint_file,
-    load_checkpoint_step,
 )
 from energydiag.io.state import restore_rng
-from energydiag.io.torchfiles import is_pickle, open_reader
 from energydiag.reference.losses import energy_matrix, infonce_bounds
 
 NORM_OUTLIER = 100.0
 DEFAULT_LOSS = LossSpec(name="inbatch_infonce", kwargs={"tau": 0.5})
 _STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
-
-
-@dataclass
-class CheckpointReport:
-    stats: CheckpointStats
-    step: int | None
-    history: dict[str, Any] | None = None
-    findings: list[rules.Finding] = field(default_factory=list)
-
-    @property
-    def tensors(self) -> list[TensorStats]:
-        return self.stats.tensors
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.stats.to_dict() | {
-            "step": self.step,
-            "history": self.history,
-            "findings": [f.to_dict() for f in self.findings],
-        }
-
-
-def step_of(path: Path) -> int | None:
-    """The step a checkpoint holds: its metadata, else the last number in its file name."""
-    step = -1 if is_pickle(path) else load_checkpoint_step(path)
-    if step >= 0:
-        return step
-    found = _STEP_IN_NAME.search(path.name)
-    return int(found.group(1)) if found else None
-
-
-def checkpoint_report(
-    path: Path,
-    autocast_dtype: str | None = None,
-    first: Path | None = None,
-    progress: Callable[[str, int], None] | None = None,
-) -> CheckpointReport:
-    with open_reader(path) as reader:
-        stats = checkpoint_stats(reader, autocast_dtype, progress)
-    report = CheckpointReport(stats, step_of(path))
-    if first is not None and Path(first).resolve() != Path(path).resolve():
-        with open_reader(first) as reader:
-            reference = checkpoint_stats(reader)
-        factor, layer = growth(stats.model_layers(), reference.model_layers())
-        report.history = {"first": str(first), "growth": factor, "layer": layer}
-    report.findings = rules.ranked(
-        [
-            rules.nonfinite_tensors([asdict(t) for t in stats.tensors if t.nonfinite]),
-            rules.checkpoint_exploded(stats.exploded(EXPLODED_ABS), EXPLODED_ABS),
-            rules.grown_since_first(report.history, GROWTH_LIMIT),
-            rules.norm_outliers(_norm_outliers(stats.tensors)),
-            rules.adam_blowup_risk(stats.adam, ADAM_RATIO_LIMIT),
-            rules.beyond_autocast_range(
-                [asdict(t) for t in stats.tensors if t.beyond_autocast_range], autocast_dtype
-            ),
-        ]
-    )
-    return report
-
-
-def _norm_outliers(tensors: list[TensorStats]) -> list[dict[str, Any]]:
-    """Parameters whose RMS is ≥100× (or ≤1/100 of) the median of same-role parameters."""
-    peers: dict[str, list[TensorStats]] = {}
-    for t in tensors:
-        if t.group == "model" and t.numel > 1 and math.isfinite(t.rms):
-            peers.setdefault(t.name.rsplit(".", 1)[-1], []).append(t)
-    outliers = []
-    for role, items in peers.items():
-        if len(items) < 3:
-            continue
-        median = sorted(t.rms for t in items)[len(items) // 2]
-        for t in items:
-            ratio = t.rms / median if median else math.inf
-            if ratio >= NORM_OUTLIER or 0 < ratio <= 1 / NORM_OUTLIER:
-                outliers.append(
-                    {
-                        "tensor": t.name,
-                        "rms": t.rms,
-                        "peer_median_rms": median,
-                        "ratio": ratio,
-                        "role": role,
-                    }
-                )
-    return outliers
 
 
 # --- the model on a batch ----------------------------------------------------------------------
@@ -175,7 +83,7 @@ def batch_report(
     tau: tuple[float | None, str],
     autocast_dtype: str | None = None,
 ) -> BatchReport:
-    data = {k: v.to(device) for k, v in batch.tensors.items()}
+    data = batch.on(device)
     head = find_head(model, data)
     restore_rng(batch.rng)
     saturation, outputs = SaturationCounter(), ModuleOutputs(model)
@@ -212,7 +120,7 @@ def batch_report(
         },
         all_masked_samples=all_masked_samples(data),
     )
-    report.findings = _batch_findings(report, batch, head, loss_spec)
+    report.findings = _batch_findings(report, batch, head, loss_spec, autocast_dtype)
     return report
 
 
@@ -229,7 +137,9 @@ def _bounds(
     return bounds
 
 
-def _batch_findings(report: BatchReport, batch: Batch, head: Head | None, loss: LossSpec) -> list:
+def _batch_findings(
+    report: BatchReport, batch: Batch, head: Head | None, loss: LossSpec, autocast_dtype: str | None
+) -> list:
     reach = report.bounds.get("head") or report.bounds.get("observed")
     infonce = loss.name in ("inbatch_infonce", "infonce_negatives") or "tau" in loss.kwargs
     if reach and reach["chance"] > reach["floor"]:
@@ -261,6 +171,7 @@ def _batch_findings(report: BatchReport, batch: Batch, head: Head | None, loss: 
             ),
             rules.stuck_between_floor_and_chance(report.loss_position, report.energy, report.tau),
             rules.coarse_inputs(_half_inputs(batch.tensors), report.energy),
+            rules.gap_below_autocast_resolution(autocast_dtype, report.energy),
             rules.dead_gradients(report.param_grad_norms, report.step),
         ]
     )
@@ -349,8 +260,7 @@ def inspect(
         except DiagError:
             raise
         except Exception as err:  # the user's model or loss raised: a finding, not a crash
-            text = (str(err).strip().splitlines() or [""])[0]
-            raised = rules.model_raised(batch.step, f"{type(err).__name__}: {text}")
+            raised = rules.model_raised(batch.step, first_line(err))
             return InspectReport(ckpt, None, rules.ranked([*ckpt.findings, raised]), notes)
     found = ckpt.findings + (batch_rep.findings if batch_rep else [])
     return InspectReport(ckpt, batch_rep, rules.ranked(found), notes)

@@ -161,7 +161,7 @@ def _head_to_swap(run, start, device, override, batch, variants) -> str | None:
     model = open_session(run, start, device).model
     if override is None:
         try:
-            found = find_head(model, {k: v.to(device) for k, v in batch.tensors.items()})
+            found = find_head(model, batch.on(device))
         except Exception:  # a model that raises on the batch: the user names the head
             found = None
         override = head_module(model, found, None)

@@ -22,7 +22,7 @@ import typer.exceptions
 from rich.console import Console
 from rich.markup import escape
 
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.layout import parse_step
 from energydiag.report.jsonout import dumps
 
@@ -68,9 +68,8 @@ def exits(fn: Callable[..., int]) -> Callable[..., None]:
         except Exception as e:
             if os.environ.get("ENERGYDIAG_DEBUG"):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
             _fail(
-                f"internal error: {type(e).__name__}: {first} (ENERGYDIAG_DEBUG=1 shows the traceback; "
+                f"internal error: {first_line(e)} (ENERGYDIAG_DEBUG=1 shows the traceback; "
                 "please report it)",
                 3,
             )

@@ -34,6 +34,7 @@ from energydiag.engine.tensorstats import (
     global_norm,
     summarize,
 )
+from energydiag.errors import first_line
 from energydiag.io.rundir import Batch
 
 PHASES = ("state", "data", FORWARD, BACKWARD, CLIP, OPTIMIZER)
@@ -56,6 +57,7 @@ class Fault:
     masked_by_where: bool = False
     all_masked_samples: list[int] = field(default_factory=list)
     reproduced: bool | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,17 +107,25 @@ def localise(session: Session, batch: Batch) -> Fault | None:
     instrument = Instrument([origins])
     ctx = session.context(batch, clock=instrument.clock)
     masked = all_masked_samples(data)
+    # A torch.compile'd model is observed op by op through the module it wraps (same parameters).
+    model = getattr(session.model, "_orig_mod", session.model)
     with instrument.attached(session.optimizer):
         try:
-            result = run_step_fn(session.step_fn, session.model, session.optimizer, data, ctx)
+            result = run_step_fn(session.step_fn, model, session.optimizer, data, ctx)
         except Exception as err:  # a model that guards itself raises instead of returning NaN
-            return _raised(batch.step, instrument, origins, err, masked)
+            return _compiled_note(_raised(batch.step, instrument, origins, err, masked), session)
     _resolve_phases(origins.events, instrument.clock.backwards)
     surfaced = _surfaced(result, session.model)
     if surfaced is None:
         return None
     fault = _located(batch.step, surfaced, origins, session)
     fault.all_masked_samples = masked
+    return _compiled_note(fault, session)
+
+
+def _compiled_note(fault: Fault, session: Session) -> Fault:
+    if hasattr(session.model, "_orig_mod"):
+        fault.notes.append("the model is torch.compile'd: the deep tier ran it eagerly, op by op")
     return fault
 
 
@@ -195,8 +205,7 @@ def _raised(
     step: int, instrument: Instrument, origins: Origins, err: Exception, masked: list[int]
 ) -> Fault:
     """The guard's message, where it raised, and the op whose non-finite output it caught."""
-    text = (str(err).strip().splitlines() or [""])[0]
-    message = f"{type(err).__name__}: {text}"
+    message = first_line(err)
     clock = instrument.clock
     phase = resolve_phase(clock.current(), clock.micro_batch, clock.backwards)
     _resolve_phases(origins.events, clock.backwards)

@@ -29,7 +29,7 @@ from torch import nn
 
 from energydiag.engine import environment
 from energydiag.engine.plugins import check_model_spec
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import FAILURE, MANIFEST, METRICS, batch_path, checkpoint_path
 from energydiag.io.manifest import Manifest, parse_manifest
@@ -189,8 +189,7 @@ class Recorder:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb) -> None:
         try:
             if isinstance(exc, Exception):
-                text = (str(exc).strip().splitlines() or [""])[0]
-                self.dump("exception", exception=f"{type(exc).__name__}: {text}")
+                self.dump("exception", exception=first_line(exc))
         finally:
             self.close()
 

@@ -25,7 +25,7 @@ from energydiag.engine.localise import Fault, localise
 from energydiag.engine.quantities import DEFAULT, Quantity, columns
 from energydiag.engine.session import Session, open_session
 from energydiag.engine.tensorstats import exact_global_norm, global_norm
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, first_line
 from energydiag.io.rundir import Batch, Run
 
 if TYPE_CHECKING:
@@ -162,8 +162,7 @@ def run_step(
     try:
         result = session.train(batch, observe=observe, update=update)
     except Exception as err:  # the user's step raised: a fault to localise, not a crash
-        text = (str(err).strip().splitlines() or [""])[0]
-        row = {"step": batch.step, "finite": False, "exception": f"{type(err).__name__}: {text}"}
+        row = {"step": batch.step, "finite": False, "exception": first_line(err)}
         return row | dict.fromkeys(CHEAP, math.nan)
     params = [p.detach() for p in session.model.parameters()]
     scalars: dict[str, Any] = {

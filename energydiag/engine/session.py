@@ -33,11 +33,7 @@ class Session:
     compute_dtype: torch.dtype | None = None  # float inputs cast to this (the precision ladder)
 
     def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
-        dtype = self.compute_dtype
-        return {
-            k: v.to(self.device, dtype) if dtype and v.is_floating_point() else v.to(self.device)
-            for k, v in batch.tensors.items()
-        }
+        return batch.on(self.device, self.compute_dtype)
 
     def set_precision(self, dtype: torch.dtype) -> None:
         """Run everything the session controls in ``dtype``: parameters, optimizer state, float

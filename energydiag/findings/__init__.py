@@ -9,6 +9,7 @@ from energydiag.findings.checkpoints import (
     adam_blowup_risk,
     beyond_autocast_range,
     checkpoint_exploded,
+    eps_vanishes,
     grown_since_first,
     non_monotone,
     nonfinite_tensors,
@@ -23,6 +24,7 @@ from energydiag.findings.contrastive import (
     coarse_inputs,
     contrastive_health,
     dead_gradients,
+    gap_below_autocast_resolution,
     loss_position,
     model_raised,
     narrow_energy_range,
@@ -56,6 +58,8 @@ from energydiag.findings.replay import (
 )
 
 __all__ = [
+    "eps_vanishes",
+    "gap_below_autocast_resolution",
     "curve_unstable",
     "weights_broke_between",
     "SEVERITIES",

@@ -176,3 +176,18 @@ def weights_broke_between(last_good: int | None, first_bad: int | None) -> Findi
         "batches of that interval (or record them with the Recorder) to find the step",
         {"last_good": last_good, "first_bad": first_bad},
     )
+
+
+def eps_vanishes(eps: float | None, lost: list[str]) -> Finding | None:
+    """Adam's eps, stored in a half-precision parameter dtype (``lost``: where it is 0), lets a
+    parameter with exactly zero gradient divide 0 by 0."""
+    if not lost:
+        return None
+    return Finding(
+        "optimizer.eps_vanishes",
+        "warning",
+        f"the optimizer's eps {eps:g} is 0 in {', '.join(lost)}, the dtype of some parameters",
+        "keep the optimizer state in float32 (master weights), or use an eps the dtype can hold "
+        "(float16: >= 6e-8)",
+        {"eps": eps, "dtypes": lost},
+    )

@@ -209,6 +209,28 @@ def coarse_inputs(half: dict[str, str], energy: dict[str, float]) -> Finding | N
     )
 
 
+def gap_below_autocast_resolution(dtype: str | None, energy: dict[str, float]) -> Finding | None:
+    """Under autocast the energies are computed in ``dtype``: at magnitude |E| it resolves
+    steps of |E| * 2^-mantissa, and a positive-negative gap below that is rounding noise."""
+    bits = {"bfloat16": 8, "float16": 11}.get(dtype or "")
+    if bits is None:
+        return None
+    magnitude = max(abs(energy["energy_max"]), abs(energy["energy_min"]), 1e-30)
+    resolution = magnitude * 2.0**-bits
+    gap = abs(energy["pos_neg_gap"])
+    if gap >= resolution:
+        return None
+    return Finding(
+        "precision.gap_below_resolution",
+        "warning",
+        f"the energy gap {gap:.3g} is below what {dtype} resolves at |E| ~ {magnitude:.3g} "
+        f"(steps of {resolution:.3g}): under autocast the loss sees rounding, not the gap",
+        "compute the energy head in float32 (autocast(enabled=False) around it), or rescale the "
+        "energies so the gap is a larger fraction of their magnitude",
+        {"dtype": dtype, "gap": gap, "magnitude": magnitude, "resolution": resolution},
+    )
+
+
 def model_raised(step: int, message: str) -> Finding:
     return Finding(
         "model.raised",

@@ -66,7 +66,7 @@ def _csv(path: Path) -> pd.DataFrame:
         # Empty cells (metric not logged at that step) become NaN; a logged "NaN" stays text.
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as err:
-        raise DiagError(path, f"not a readable CSV ({str(err).splitlines()[0]})") from None
+        raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
 
 

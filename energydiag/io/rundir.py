@@ -59,6 +59,13 @@ class Batch:
     def size(self) -> int:
         return self.tensors["h"].shape[0]
 
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors on ``device``; float ones cast to ``dtype`` when given."""
+        return {
+            k: v.to(device, dtype) if dtype and v.is_floating_point() else v.to(device)
+            for k, v in self.tensors.items()
+        }
+
     @property
     def hyperparameters(self) -> list[dict[str, Any]] | None:
         """Each param group's lr, betas, eps... as they were when this step updated."""

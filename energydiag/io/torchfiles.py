@@ -111,9 +111,7 @@ def _load(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
-            raise DiagError(
-                path, f"not a readable torch checkpoint ({str(err).splitlines()[0]})"
-            ) from None
+            raise DiagError(path, f"not a readable torch checkpoint ({first_line(err)})") from None
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
     except Exception as err:  # torch.load's other failures: zip, storage and format errors

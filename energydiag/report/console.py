@@ -112,6 +112,7 @@ def fault_panel(console: Console, fault: dict[str, Any]) -> None:
         rows.append(("parameters", ", ".join(fault["parameters"][:5])))
     if fault["largest"]:
         rows.append(("largest", ", ".join(f"{k} {fmt(v)}" for k, v in fault["largest"].items())))
+    rows += [("note", note) for note in fault["notes"]]
     console.print(
         Panel.fit(
             "\n".join(f"[bold]{k}[/bold]: {escape(fmt(v))}" for k, v in rows if v is not None),
