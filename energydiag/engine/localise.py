@@ -162,7 +162,8 @@ def _located(step: int, surfaced: str, origins: Origins, session: Session) -> Fa
         module=(first.module or None) if per_micro_batch else None,
         op=first,
         micro_batch=first.micro_batch if per_micro_batch else None,
-        masked_by_where=bool(origins.masked) and first is not None and first.phase == FORWARD,
+        # the trap: a forward NaN that where() discarded, surfacing only in the gradients
+        masked_by_where=surfaced == BACKWARD and bool(origins.masked) and first in latent,
     )
     if surfaced in (BACKWARD, CLIP):
         fault.parameters = _nonfinite(session.model, grads=True)
