@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from energydiag.analyses.bisection import bisect
 from energydiag.errors import DiagError
@@ -54,6 +55,28 @@ def test_corrupt_checkpoints_are_skipped_not_bad(long_run, tmp_path):
 
 
 def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
+    """An lr of inf at step 27 breaks the weights in the optimizer; the loss is NaN from 28, so
+    the failure dump at 28 already holds NaN weights and the ring (25..28) cannot reach back to
+    checkpoint 20: the interval is named, with what to log."""
+    from handloop import train
+
+    def spike(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: math.inf if s == 27 else 1.0)
+
+    root = tmp_path / "run"
+    train(
+        root, steps=40, checkpoint_every=10, keep_batches=4, persist_batches=False, scheduler=spike
+    )
+    result = bisect(Run(root))
+    assert (result.last_good, result.first_bad_checkpoint) == (20, 28)
+    assert result.first_bad_step is None
+    assert result.unresolved["missing_batches"] == "20-24"
+    assert "keep_batches>=8" in result.unresolved["advice"]
+    assert [f.code for f in result.findings] == ["bisect.unresolved"]
+
+
+def test_a_failure_dump_localises_the_step_without_the_interval(tmp_path):
+    """Batches 20..23 were never kept, but the dump at 27 holds the pre-step state of step 27."""
     root = tmp_path / "run"
     record_run(
         root,
@@ -65,12 +88,8 @@ def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
         keep_batches=4,
     )
     result = bisect(Run(root))
-    # the ring held 24..27 and the failure dump wrote checkpoint 27; checkpoint 20 is the last good
-    assert (result.last_good, result.first_bad_checkpoint) == (20, 27)
-    assert result.first_bad_step is None
-    assert result.unresolved["missing_batches"] == "20-23"
-    assert "keep_batches>=7" in result.unresolved["advice"]
-    assert [f.code for f in result.findings] == ["bisect.unresolved"]
+    assert (result.last_good, result.first_bad_checkpoint, result.first_bad_step) == (20, 27, 27)
+    assert result.replay.fault.module == "attn" and result.outside is None
 
 
 def test_non_monotone_run_reports_earliest_failure_and_warns(tmp_path):

@@ -77,8 +77,9 @@ def test_bisect_names_the_explosion_interval_from_checkpoints_alone(exploded):
 def test_bisect_from_the_run_directory_says_the_replay_cannot_see_the_edit(exploded):
     result = bisect(Run(exploded), predicate="exploded")
     assert (result.last_good, result.first_bad_checkpoint) == (10, 12)
-    assert result.first_bad_step is None
-    assert "does not hold what changed" in result.unresolved["advice"]
+    # the replay from 10 cannot see the edit; the bad checkpoint's own step localises it
+    assert result.first_bad_step == 12 and result.outside == (10, 12)
+    assert "bisect.changed_outside_steps" in [f.code for f in result.findings]
 
 
 def test_flat_at_chance_log_of_eleven_points():
@@ -299,3 +300,40 @@ def test_adam_with_zero_eps_blows_up_in_the_optimizer(tmp_path):
     assert any(state["eps"] == 0.0 for state in fault.optimizer_state.values())
     title = report.findings[0].title
     assert "updating 'ctx_in.weight'" in title and "Adam divides by sqrt(exp_avg_sq) + eps" in title
+
+
+def _mask_at(step_to_plant):
+    def plant(step, model, batch):
+        if step == step_to_plant:
+            batch["pad_mask"][2] = True
+
+    return plant
+
+
+def _weight_at(step_to_plant, value):
+    def plant(step, model, batch):
+        if step == step_to_plant:
+            with torch.no_grad():
+                model.act_in.weight[0, 0] = value
+
+    return plant
+
+
+AGREEMENT = {
+    "masked row": dict(steps=9, plant=_mask_at(6)),
+    "fp16 cast": dict(
+        steps=8, autocast=torch.float16, plant=_weight_at(6, 1e5), checkpoint_every=3
+    ),
+    "backward NaN": dict(steps=3, model="faulty:BackwardNaNModel"),
+    "std of one": dict(steps=3, loss={"target": "faulty:std_of_one_loss", "kwargs": {"tau": 0.5}}),
+    "where trap": dict(steps=3, loss={"target": "faulty:where_trap_loss", "kwargs": {"tau": 0.5}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGREEMENT))
+def test_diagnose_replay_and_bisect_agree(tmp_path, case):
+    root = tmp_path / "run"
+    train(root, **AGREEMENT[case])
+    run = Run(root)
+    replayed = replay_report(run, run.first_failure()).fault.step  # `replay --from-step S`
+    assert diagnose(run).fault.step == replayed == bisect(run).first_bad_step, case

@@ -19,28 +19,13 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
-from energydiag.analyses.checkpoint_stats import EXPLODED_ABS, CheckpointStats, checkpoint_stats
-from energydiag.analyses.replaying import ReplayReport, judge
-from energydiag.analyses.timeline import GROWTH_LIMIT, growth
-from energydiag.engine.plugins import build_loss, build_model
+from energydiag.analyses.judge import BAD, GOOD, UNREADABLE, Evaluation, Judge
+from energydiag.analyses.replaying import ReplayReport, judge_replay
+from energydiag.analyses.timeline import GROWTH_LIMIT
 from energydiag.engine.replay import replay
-from energydiag.engine.session import load_checkpoint
-from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, blame, first_line
+from energydiag.errors import DiagError
 from energydiag.io.layout import CHECKPOINTS
-from energydiag.io.rundir import Run, load_checkpoint_file, step_ranges
-from energydiag.io.state import restore_rng
-from energydiag.io.torchfiles import open_reader
-
-GOOD, BAD, UNREADABLE = "good", "bad", "unreadable"
-PREDICATES = ("any", "nonfinite", "exploded", "loss")
-
-
-@dataclass
-class Evaluation:
-    step: int
-    status: str
-    reason: str
+from energydiag.io.rundir import Run, step_ranges
 
 
 @dataclass
@@ -53,6 +38,7 @@ class BisectResult:
     first_logged_failure: int | None = None
     replay: ReplayReport | None = None
     unresolved: dict[str, Any] | None = None
+    outside: tuple[int, int] | None = None  # (healthy replay from, bad checkpoint it missed)
     warnings: list[str] = field(default_factory=list)
     findings: list[rules.Finding] = field(default_factory=list)
 
@@ -73,100 +59,11 @@ class BisectResult:
             "evaluations": [e.__dict__ for e in self.evaluations],
             "skipped": [e.__dict__ for e in self.evaluations if e.status == UNREADABLE],
             "unresolved": self.unresolved,
+            "changed_outside_steps": self.outside,
             "warnings": self.warnings,
             "fault": fault.to_dict() if fault else None,
             "findings": [f.to_dict() for f in self.findings],
         }
-
-
-class Judge:
-    """Evaluates one checkpoint by the predicate, streaming its tensors."""
-
-    def __init__(
-        self,
-        paths: dict[int, Path],
-        predicate: str,
-        run: Run | None = None,
-        device: torch.device | None = None,
-    ) -> None:
-        if predicate not in PREDICATES:
-            raise DiagError(
-                None, f"--predicate {predicate!r}: choose one of {', '.join(PREDICATES)}"
-            )
-        self.paths, self.predicate, self.run = paths, predicate, run
-        self.device = device or torch.device("cpu")
-        self.reference: CheckpointStats | None = None
-        self._model: torch.nn.Module | None = None
-
-    def __call__(self, step: int) -> Evaluation:
-        try:
-            with open_reader(self.paths[step]) as reader:
-                stats = checkpoint_stats(reader)
-            _check_step(self.paths[step], stats.metadata, step)
-        except DiagError as err:
-            return Evaluation(step, UNREADABLE, err.problem)
-        bad = [t.name for t in stats.tensors if t.nonfinite]
-        if bad:
-            return Evaluation(step, BAD, f"{len(bad)} non-finite tensor(s), e.g. {bad[0]}")
-        if self.predicate in ("any", "exploded"):
-            verdict = self._explosion(step, stats)
-            if verdict:
-                return verdict
-        if self.predicate in ("any", "loss") and self._has_batch(step):
-            return self._loss_verdict(step)
-        return Evaluation(step, GOOD, f"all tensors finite, max|w| {_peak(stats):.3g}")
-
-    def _explosion(self, step: int, stats: CheckpointStats) -> Evaluation | None:
-        if self.reference is None:
-            exploded = stats.exploded(EXPLODED_ABS)
-            if exploded:
-                worst = max(exploded, key=lambda r: r["max_abs"])
-                return Evaluation(
-                    step, BAD, f"exploded: {worst['layer']} max|w| {worst['max_abs']:.3g}"
-                )
-            self.reference = stats
-            return None
-        factor, layer = growth(stats.model_layers(), self.reference.model_layers())
-        if factor >= GROWTH_LIMIT:
-            return Evaluation(
-                step, BAD, f"exploded: {layer} grew ×{factor:.3g} since the first good checkpoint"
-            )
-        return None
-
-    def _has_batch(self, step: int) -> bool:
-        return self.run is not None and step in set(self.run.batch_steps)
-
-    def _loss_verdict(self, step: int) -> Evaluation:
-        run = self.run
-        if self._model is None:
-            with blame(run.manifest_path):
-                self._model = build_model(run.manifest.model).to(self.device)
-                self._loss_fn = build_loss(run.manifest.loss)
-        load_checkpoint(load_checkpoint_file(self.paths[step]), self._model, None)
-        batch = run.batch(step)
-        restore_rng(batch.rng)
-        data = batch.on(self.device)
-        try:
-            with torch.no_grad(), autocast(self.device, run.manifest.autocast_dtype):
-                loss, _ = self._loss_fn(self._model, data)
-        except Exception as err:
-            return Evaluation(step, BAD, f"the loss on its batch raised {first_line(err)}")
-        value = float(loss)
-        if not math.isfinite(value):
-            return Evaluation(
-                step, BAD, f"tensors finite, but the loss on its own batch is {value}"
-            )
-        return Evaluation(step, GOOD, f"tensors finite, loss on its own batch {value:.4g}")
-
-
-def _peak(stats: CheckpointStats) -> float:
-    return max((r["max_abs"] for r in stats.model_layers().values()), default=math.nan)
-
-
-def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
-    said = meta.get("step")
-    if said is not None and said != str(step):
-        raise DiagError(path, f"metadata says step {said!r}, its name says {step}")
 
 
 def bisect(
@@ -326,46 +223,59 @@ def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None,
 def _locate(
     result: BisectResult, run: Run, start: int | None, stop: int, device: torch.device
 ) -> None:
-    """Replay from ``start`` (a checkpoint) to the exact failing step, or say what is missing."""
-    if start is None:
-        result.unresolved = {
-            "from": None,
-            "to": stop,
-            "missing_batches": None,
-            "advice": "the earliest checkpoint is already bad: record from an earlier step",
-        }
+    """Replay from ``start`` (a checkpoint) to the failing step. When that cannot reach or see the
+    failure, replay the bad checkpoint's own step: its state holds whatever changed, even a
+    change outside the recorded steps. Otherwise say what is missing."""
+    unresolved = _replay_interval(result, run, start, stop, device) if start is not None else None
+    if start is not None and unresolved is None:
         return
+    own = max((s for s in run.checkpoint_steps if s <= stop), default=None)
+    if own is not None and own != start and own in set(run.batch_steps):
+        report = judge_replay(run, replay(run, own, to_step=own, device=device))
+        if report.fault and report.fault.phase != "state":  # a broken checkpoint proves nothing
+            result.replay, result.first_bad_step = report, report.fault.step
+            if unresolved is not None and unresolved["missing_batches"] is None:
+                result.outside = (start, own)  # the interval replayed healthy: an outside change
+            return
+    result.unresolved = unresolved or {
+        "from": None,
+        "to": stop,
+        "missing_batches": None,
+        "advice": "the earliest checkpoint is already bad: record from an earlier step",
+    }
+
+
+def _replay_interval(
+    result: BisectResult, run: Run, start: int, stop: int, device: torch.device
+) -> dict[str, Any] | None:
+    """None when the replay located the step; else the unresolved interval and its advice."""
     have = set(run.batch_steps)
     missing = [s for s in range(start, stop + 1) if s not in have]
     usable_to = (missing[0] - 1) if missing else stop
     if usable_to >= start:
-        result.replay = judge(run, replay(run, start, to_step=usable_to, device=device))
+        result.replay = judge_replay(run, replay(run, start, to_step=usable_to, device=device))
         fault = result.replay.fault
-        if fault:
-            result.first_bad_step = fault.step
-            return
         grew = _grew_at(result.replay.result.steps)
-        if grew is not None:
-            result.first_bad_step = grew
-            return
+        if fault or grew is not None:
+            result.first_bad_step = fault.step if fault else grew
+            return None
     if missing:
         gap = max(stop - start, 1)
-        result.unresolved = {
+        return {
             "from": start,
             "to": stop,
             "missing_batches": step_ranges(missing),
             "advice": f"log the batches for steps {step_ranges(missing)}: e.g. Recorder(keep_batches>={gap}) "
             f"or persist_batches=True, or checkpoint more often than every {gap} steps",
         }
-    else:
-        result.unresolved = {
-            "from": start,
-            "to": stop,
-            "missing_batches": None,
-            "advice": f"the replay from checkpoint {start} through step {usable_to} stays healthy, yet "
-            f"checkpoint {stop} is bad: the run directory does not hold what changed (a "
-            "hyperparameter, optimizer state, weights edited outside the step)",
-        }
+    return {
+        "from": start,
+        "to": stop,
+        "missing_batches": None,
+        "advice": f"the replay from checkpoint {start} through step {usable_to} stays healthy, yet "
+        f"checkpoint {stop} is bad: the run directory does not hold what changed (a "
+        "hyperparameter, optimizer state, weights edited outside the step)",
+    }
 
 
 def _grew_at(rows: list[dict[str, Any]]) -> int | None:
@@ -382,6 +292,7 @@ def _finish(result: BisectResult) -> None:
         [
             *(result.replay.findings if result.replay else []),
             rules.unresolved_interval(result.unresolved),
+            rules.changed_outside_steps(result.outside),
             rules.non_monotone(result.warnings),
         ]
     )

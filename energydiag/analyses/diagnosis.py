@@ -72,23 +72,29 @@ def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
 
 
 def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
-    """Replay through the failing step from the checkpoint before it when its batches are
-    there: the step that broke the weights may come before the one whose loss is NaN, and the
-    failure dump at ``step`` already holds its result."""
-    earlier = [s for s in run.checkpoint_steps if s < step][-1:]
-    problem = None
-    for origin in [*earlier, step]:
+    """Replay through the failing step from the checkpoint before it, when its batches are there:
+    the step that broke the weights may come before the one whose loss is NaN. If that replay
+    stays healthy (the state changed outside the recorded steps), replay from the checkpoint at
+    or before the failure itself, and keep what the first replay showed."""
+    origins = sorted({s for s in run.checkpoint_steps if s < step}, reverse=True)[:1]
+    origins += [step] if not origins or run.checkpoint_at_or_before(step) != origins[0] else []
+    reports, problem = [], None
+    for origin in origins:
         try:
-            report = replay_report(run, origin, to_step=step, device=device)
-            break
+            reports.append(replay_report(run, origin, to_step=step, device=device))
         except DiagError as err:  # batches or checkpoints missing: try the nearer start
             problem = problem or str(err)
-    else:
+            continue
+        if reports[-1].fault:
+            break
+    if not reports:
         why = rules.cannot_replay(step, problem or "no checkpoint at or before it")
         return Diagnosis(str(run.root), "non-finite (not localised)", start, end, None, [why])
-    fault = report.fault
-    verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"
-    return Diagnosis(str(run.root), verdict, start, end, fault, report.findings)
+    report, earlier = reports[-1], reports[:-1]
+    unseen = [f for r in earlier for f in r.findings if f.code == "replay.unseen_event"]
+    verdict = "non-finite" if report.fault else "non-finite in the log, but finite on replay"
+    found = rules.ranked([*report.findings, *unseen])
+    return Diagnosis(str(run.root), verdict, start, end, report.fault, found)
 
 
 def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:

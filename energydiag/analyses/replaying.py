@@ -103,14 +103,14 @@ def replay_report(
 ) -> ReplayReport:
     """Replay and judge it; with ``ladder``, climb the precision ladder on the failing step."""
     result = replay(run, from_step, to_step, device, every, progress)
-    report = judge(run, result)
+    report = judge_replay(run, result)
     if ladder and result.fault and result.fault.reproduced:
         report.ladder = precision_ladder(run, result.fault.step, device)
         report.findings = rules.ranked([*report.findings, *report.ladder.findings])
     return report
 
 
-def judge(run: Run, result: ReplayResult) -> ReplayReport:
+def judge_replay(run: Run, result: ReplayResult) -> ReplayReport:
     """Verdicts on a finished replay."""
     fid = fidelity(result)
     last = result.steps[-1]["step"] if result.steps else result.checkpoint_step

@@ -8,6 +8,7 @@ from energydiag.findings.base import SEVERITIES, Finding, has_code, has_error, r
 from energydiag.findings.checkpoints import (
     adam_blowup_risk,
     beyond_autocast_range,
+    changed_outside_steps,
     checkpoint_exploded,
     eps_vanishes,
     grown_since_first,
@@ -58,6 +59,7 @@ from energydiag.findings.replay import (
 )
 
 __all__ = [
+    "changed_outside_steps",
     "eps_vanishes",
     "gap_below_autocast_resolution",
     "curve_unstable",

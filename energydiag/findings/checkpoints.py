@@ -191,3 +191,20 @@ def eps_vanishes(eps: float | None, lost: list[str]) -> Finding | None:
         "(float16: >= 6e-8)",
         {"eps": eps, "dtypes": lost},
     )
+
+
+def changed_outside_steps(outside: tuple[int, int] | None) -> Finding | None:
+    """A replay from a good checkpoint stays healthy, while a later checkpoint is bad."""
+    if outside is None:
+        return None
+    start, bad = outside
+    return Finding(
+        "bisect.changed_outside_steps",
+        "warning",
+        f"replaying from checkpoint {start} stays healthy, yet checkpoint {bad} is not: what broke "
+        "it happened outside the recorded steps; the fault is localised from checkpoint "
+        f"{bad} itself",
+        "look for what changes the state between steps: weights or hyperparameters edited by "
+        "hand, a second optimizer, a loaded checkpoint, state the run directory does not hold",
+        {"healthy_from": start, "bad_checkpoint": bad},
+    )
