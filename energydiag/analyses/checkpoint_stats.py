@@ -177,8 +177,3 @@ def adam_eps(meta: dict[str, str]) -> float:
         return float(groups[0].get("eps", 1e-8)) if groups else 1e-8
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError, IndexError):
         return 1e-8
-
-
-def square_overflow_layers(stats: CheckpointStats) -> list[str]:
-    """Layers whose values are beyond sqrt(float32 max): their float32 norms overflow."""
-    return [r["layer"] for r in stats.model_layers().values() if r["square_overflows_fp32"]]
