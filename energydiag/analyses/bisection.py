@@ -78,9 +78,10 @@ def bisect(
     paths = run.checkpoint_paths()
     if not paths:
         raise DiagError(run.root / CHECKPOINTS, "no checkpoints to bisect")
-    result = _search_checkpoints(Judge(paths, predicate, run, device), good, bad, progress)
+    judge = Judge(paths, predicate, run, device)  # one judge: the growth reference is shared
+    result = _search_checkpoints(judge, good, bad, progress)
     result.first_logged_failure = run.first_failure()
-    start, stop = _reconcile_with_log(result, Judge(paths, predicate, run, device))
+    start, stop = _reconcile_with_log(result, judge)
     if stop is not None:
         _locate(result, run, start, stop, device or torch.device("cpu"))
     _finish(result)

@@ -18,7 +18,7 @@ import torch
 
 from energydiag import findings as rules
 from energydiag.analyses.bisection import bisect_checkpoints
-from energydiag.analyses.checkpoint_report import checkpoint_report
+from energydiag.analyses.checkpoint_report import latest_against_first
 from energydiag.analyses.curves import analyse, run_bounds, trend
 from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
@@ -110,15 +110,11 @@ def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:
 def _weights(run: Run) -> list[rules.Finding]:
     """The latest checkpoint against the first (two streamed reads); when the weights exploded
     or broke, a checkpoint-only bisect names the interval (O(log n) more)."""
-    paths = run.checkpoint_paths()
-    steps = sorted(paths)
-    if len(steps) < 2:
-        return []
-    latest = checkpoint_report(paths[steps[-1]], run.manifest.autocast_dtype, paths[steps[0]])
-    broken = [f for f in latest.findings if f.code in WEIGHT_FAILURES]
+    latest = latest_against_first(run)
+    broken = [f for f in latest.findings if f.code in WEIGHT_FAILURES] if latest else []
     if not broken:
         return []
-    search = bisect_checkpoints(paths, predicate="any")
+    search = bisect_checkpoints(run.checkpoint_paths(), predicate="any")
     interval = rules.weights_broke_between(search.last_good, search.first_bad_checkpoint)
     return rules.ranked([interval, *broken])
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from energydiag.analyses.checkpoint_report import checkpoint_report
+from energydiag.analyses.checkpoint_report import latest_against_first
 from energydiag.analyses.curves import analyse, trend
 from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
@@ -117,15 +117,12 @@ def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
 
 
 def _weights(run: Run) -> dict[str, Any]:
-    """The latest checkpoint, whatever batches were logged, against the first."""
-    paths = run.checkpoint_paths()
-    if not paths:
+    latest = latest_against_first(run)
+    if latest is None:
         return {}
-    steps = sorted(paths)
-    latest = checkpoint_report(paths[steps[-1]], run.manifest.autocast_dtype, paths[steps[0]])
     history = latest.history or {}
     return {
-        "weights_step": steps[-1],
+        "weights_step": latest.step,
         "checkpoint_nonfinite": sum(t.nonfinite for t in latest.tensors),
         "exploded_layers": len(latest.stats.exploded()),
         "growth_since_first": history.get("growth", 1.0),

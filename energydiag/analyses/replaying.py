@@ -114,7 +114,9 @@ def judge_replay(run: Run, result: ReplayResult) -> ReplayReport:
     """Verdicts on a finished replay."""
     fid = fidelity(result)
     last = result.steps[-1]["step"] if result.steps else result.checkpoint_step
-    found = [j.to_dict() for j in jumps(history(run, result.checkpoint_step, last + 1))]
+    # The schedule the replay applied; checkpoints' param groups when batches recorded none.
+    schedule = result.hyperparameters or history(run, result.checkpoint_step, last + 1)
+    found = [j.to_dict() for j in jumps(schedule)]
     report = ReplayReport(result, fid, found)
     report.findings = rules.ranked(
         [

@@ -43,6 +43,7 @@ class ReplayResult:
     missing: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
     nondeterministic: list[str] = field(default_factory=list)
+    hyperparameters: dict[int, list] = field(default_factory=dict)  # as applied, step by step
     parameter_checks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -117,6 +118,8 @@ def replay(
         for step in steps:
             batch = run.batch(step)
             _note_missing(result, session, batch)
+            if batch.hyperparameters is not None:
+                result.hyperparameters[step] = batch.hyperparameters
             measure = quantities if every > 0 and step % every == 0 else ()
             row = run_step(session, batch, measure)
             row["logged_loss"] = logged.get(step)

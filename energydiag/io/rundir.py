@@ -66,7 +66,7 @@ class Batch:
             for k, v in self.tensors.items()
         }
 
-    @property
+    @cached_property
     def hyperparameters(self) -> list[dict[str, Any]] | None:
         """Each param group's lr, betas, eps... as they were when this step updated."""
         return parse_groups(self.path, self.meta, HYPERPARAMETERS)
