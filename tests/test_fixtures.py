@@ -1,6 +1,5 @@
 import hashlib
 import json
-import sys
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from safetensors import safe_open
 
 from energydiag.engine.environment import capture, differences
 from energydiag.io.rundir import Run
+from energydiag.reference.fixtures import RECIPES, write_fixtures
 
 
 def content_hash(path):
@@ -46,13 +46,8 @@ def test_fixtures_are_small(fixtures_dir):
 def test_fixtures_regenerate(fixtures_dir, tmp_path):
     """Byte for byte where this machine computes like the recording one (same torch, CPU kernel
     level, threads); elsewhere the same files, answers and losses to float rounding."""
-    sys.path.insert(0, str(fixtures_dir))
-    try:
-        import make_fixtures
-    finally:
-        sys.path.pop(0)
-    make_fixtures.main(tmp_path)
-    for name in make_fixtures.FIXTURES:
+    write_fixtures(tmp_path)
+    for name in RECIPES:
         recorded, fresh = Run(fixtures_dir / name), Run(tmp_path / name)
         if not differences(recorded.manifest.environment, capture()):
             assert digest(tmp_path / name) == digest(fixtures_dir / name), name

@@ -29,7 +29,6 @@ from energydiag.io.rundir import Run
 
 MIN_CURVE_POINTS = 5
 WEIGHT_FAILURES = ("checkpoint.nonfinite", "checkpoint.exploded", "checkpoint.grown")
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 @dataclass
@@ -126,9 +125,9 @@ def _inspected(run: Run, device: torch.device | None) -> list[rules.Finding]:
     return inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device).findings
 
 
-def diagnose_folder(folder: Path | None = None) -> list[Diagnosis]:
-    """Every run directory directly inside ``folder`` (default: the bundled fixtures)."""
-    folder = Path(folder) if folder is not None else FIXTURES
+def diagnose_folder(folder: Path) -> list[Diagnosis]:
+    """Every run directory directly inside ``folder``."""
+    folder = Path(folder)
     runs = (
         sorted(p for p in folder.glob("*") if (p / MANIFEST).is_file()) if folder.is_dir() else []
     )

@@ -13,6 +13,7 @@ from energydiag.cli.base import (
     RunArg,
     app,
     emit,
+    err,
     exits,
     out,
     progress,
@@ -70,7 +71,10 @@ PngOpt = Annotated[
 ]
 FixturesOpt = Annotated[
     Path | None,
-    typer.Option(help="Folder of fixture runs (default: the checkout's fixtures/)."),
+    typer.Option(
+        help="Folder of run directories (default: the checkout's fixtures/; an installed package "
+        "records them into its cache on first use, about ten seconds)."
+    ),
 ]
 
 
@@ -209,8 +213,14 @@ def demo_cmd(
     json_out: JsonOpt = False,
 ) -> int:
     """Diagnose the bundled fixture runs (healthy, stalled, nan)."""
+    from energydiag import __version__
     from energydiag.analyses.diagnosis import diagnose_folder
+    from energydiag.reference.fixtures import demo_runs
 
-    results = [d.to_dict() for d in diagnose_folder(fixtures)]
+    def announce(folder: Path) -> None:
+        err.print(f"recording the demo runs into {folder} (first use only, about ten seconds)")
+
+    folder = fixtures if fixtures is not None else demo_runs(__version__, announce)
+    results = [d.to_dict() for d in diagnose_folder(folder)]
     emit({"runs": results}, json_out, lambda d: [render.diagnosis(out, r) for r in d["runs"]])
     return 0
