@@ -10,7 +10,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "energydiag"
 # Lower layers first; a module may import its own layer and the ones before it.
-LAYERS = ["errors", "io", "engine", "reference", "findings", "analyses", "report", "testing", "cli"]
+LAYERS = [
+    "errors",
+    "io",
+    "engine",
+    "integrations",
+    "reference",
+    "findings",
+    "analyses",
+    "report",
+    "testing",
+    "cli",
+]
 
 
 def layer_of(module: str) -> str:

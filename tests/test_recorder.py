@@ -151,3 +151,35 @@ def test_replay_from_a_step_without_batches_names_the_nearest(small_run):
         (small_run / "batches" / f"step-{step:08d}.safetensors").unlink()
     with pytest.raises(DiagError, match="nearest step you can replay from is 8"):
         replay(Run(small_run), 5)
+
+
+def test_tied_weights_record_and_replay(tmp_path):
+    """safetensors refuses two names on one storage; a tied model must still record."""
+    from trainer_models import TiedLM, next_token_loss
+
+    from energydiag.analyses.replaying import replay_report
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    spec = {"target": "trainer_models:TiedLM", "kwargs": {}}
+    with Recorder(
+        tmp_path / "run",
+        model=model,
+        optimizer=optimizer,
+        model_spec=spec,
+        loss={"target": "trainer_models:next_token_loss"},
+        checkpoint_every=3,
+        persist_batches=True,
+    ) as rec:
+        for step in range(6):
+            batch = {"ids": torch.randint(0, 20, (4, 6))}
+            rec.start_step(step, batch)
+            optimizer.zero_grad()
+            loss = next_token_loss(model, batch)
+            loss.backward()
+            rec.end_step(loss)
+            optimizer.step()
+    ckpt = Run(tmp_path / "run").checkpoint(3)
+    assert torch.equal(ckpt.model["emb.weight"], ckpt.model["head.weight"])
+    assert replay_report(Run(tmp_path / "run"), 0).fidelity["bit_exact"]

@@ -37,6 +37,7 @@ from energydiag.io.manifest import LossSpec, ModelSpec
 from energydiag.io.rundir import (
     Batch,
     Run,
+    is_energy_batch,
     load_batch_file,
     load_checkpoint_file,
 )
@@ -249,6 +250,8 @@ def inspect(
         notes.append(
             "no batch run: give --batch (and --model without a run) for the energy statistics"
         )
+    elif not is_energy_batch(batch.tensors):
+        notes.append("no batch run: the batch has no 'h' or 'a_pos' (not an energy-model batch)")
     elif ckpt.findings and rules.has_code(ckpt.findings, "checkpoint.nonfinite"):
         notes.append("the model was not run: the checkpoint holds non-finite values")
     else:

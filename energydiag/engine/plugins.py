@@ -71,12 +71,24 @@ def _as_loss_output(fn: Callable[..., Any], kwargs: dict[str, Any], model, batch
     return out if isinstance(out, tuple) else (out, {})
 
 
-def build_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    spec: OptimizerSpec, model: nn.Module, groups: list[list[str]] | None = None
+) -> torch.optim.Optimizer:
+    """The run's optimizer over the model; ``groups`` (parameter names per param group, as the
+    checkpoint recorded them) rebuild a grouped optimizer (decay/no-decay, per-module lr) with
+    its groups and parameter order, which torch needs to load the saved state."""
     cls = getattr(torch.optim, spec.name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise DiagError(None, f"unknown optimizer {spec.name!r} (expected a torch.optim class)")
+    params: Any = model.parameters()
+    if groups is not None:
+        named = {plain_key(n): p for n, p in model.named_parameters()}
+        unknown = next((n for g in groups for n in g if plain_key(n) not in named), None)
+        if unknown is not None:
+            raise DiagError(None, f"the checkpoint's optimizer holds {unknown!r}: not in the model")
+        params = [{"params": [named[plain_key(n)] for n in g]} for g in groups]
     try:
-        return cls(model.parameters(), **spec.kwargs)
+        return cls(params, **spec.kwargs)
     except Exception as err:  # torch.optim validates its kwargs with several exception types
         raise DiagError(
             None, f"optimizer {spec.name} rejected optimizer.kwargs: {first_line(err)}"

@@ -123,7 +123,9 @@ class Recorder:
     ) -> bool:
         """Log the step and its hyperparameters; on a non-finite loss or grad norm, dump.
 
-        Returns True when the step is healthy.
+        Any scalar whose name ends in ``grad_norm`` (``clipped_grad_norm`` from a trainer that
+        only shows gradients after clipping) counts as a gradient norm. Returns True when the
+        step is healthy.
         """
         if self._step is None:
             raise RuntimeError("end_step() called without start_step()")
@@ -136,7 +138,8 @@ class Recorder:
         row = dict(zip(names, _to_floats(values), strict=True))
         self._metrics.write(json.dumps({"step": self._step, **row}) + "\n")
         # With a GradScaler, an overflowing gradient is what the scaler exists to skip.
-        norm_ok = self.scaler is not None or math.isfinite(row.get("grad_norm", 0.0))
+        norms = [v for k, v in row.items() if k.endswith("grad_norm")]
+        norm_ok = self.scaler is not None or all(math.isfinite(v) for v in norms)
         healthy = math.isfinite(row["loss"]) and norm_ok
         if not healthy and not self._failing:  # a new failure, not the same one continuing
             self._dump("non-finite loss or gradient norm", pre_step=True, **row)

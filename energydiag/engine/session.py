@@ -13,7 +13,7 @@ from energydiag.engine.instrument import PhaseClock
 from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
 from energydiag.errors import DiagError, blame
-from energydiag.io.rundir import Batch, Checkpoint, Run
+from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
 from energydiag.io.state import apply_hyperparameters, optimizer_state_dict, restore_rng
 
 
@@ -107,12 +107,12 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
     """Build everything from the manifest and load the checkpoint at or before ``step``."""
     start = run.checkpoint_at_or_before(step)
     manifest = run.manifest
+    ckpt = run.checkpoint(start)
     with blame(run.manifest_path):
         model = build_model(manifest.model).to(device)
-        optimizer = build_optimizer(manifest.optimizer, model)
+        optimizer = build_optimizer(manifest.optimizer, model, recorded_groups(ckpt))
         loss_fn = build_loss(manifest.loss, **loss_overrides)
         step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
-    ckpt = run.checkpoint(start)
     load_checkpoint(ckpt, model, optimizer)
     return Session(
         run,
@@ -127,6 +127,17 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         bool(ckpt.optim) or "param_groups" in ckpt.meta,  # an empty state is still a state
         _scaler(manifest.scaler, device),
     )
+
+
+def recorded_groups(ckpt: Checkpoint) -> list[list[str]] | None:
+    """Parameter names per param group as recorded: the optimizer may hold several groups, or
+    only some of the model's parameters (a frozen backbone)."""
+    groups = parse_groups(ckpt.path, ckpt.meta, "param_groups")
+    if groups is None:
+        return None
+    if not all(isinstance(g.get("params"), list) for g in groups):
+        raise DiagError(ckpt.path, "metadata 'param_groups' must list each group's 'params'")
+    return [[str(n) for n in g["params"]] for g in groups]
 
 
 def _scaler(settings: dict[str, float] | None, device: torch.device) -> torch.amp.GradScaler | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -267,8 +268,18 @@ def load_batch_file(path: Path, step: int | None = None) -> Batch:
     return Batch(found if step is None else step, path, data, rng, meta)
 
 
+def is_energy_batch(batch: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the batch uses the energy-model layout (h, a_pos, pad_mask...)."""
+    return any(key in batch for key in (*REQUIRED_BATCH_KEYS, "pad_mask"))
+
+
 def validate_batch(path: Path, batch: dict[str, torch.Tensor]) -> None:
-    """Check the shapes a step's tensors must agree on: h [B,S,D], a_pos [B,H,Da], ..."""
+    """Check the shapes an energy-model batch's tensors must agree on: h [B,S,D], a_pos [B,H,Da],
+    ... A batch from a trainer callback holds whatever the user's model takes: any tensors."""
+    if not batch:
+        raise DiagError(path, "holds no batch tensors")
+    if not is_energy_batch(batch):
+        return
     for key in REQUIRED_BATCH_KEYS:
         if key not in batch:
             raise DiagError(path, f"missing tensor '{key}'")

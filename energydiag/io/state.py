@@ -40,10 +40,24 @@ def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]
     return names
 
 
+def unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with every tensor that shares memory with an earlier one copied: tied weights
+    (an LM head tied to its embedding) are one storage under two names, which safetensors
+    refuses to write; each name then loads on its own and, values equal, ties stay intact."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if ptr in seen else value
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
 def pack_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    tensors = {MODEL_PREFIX + k: v for k, v in unshared(model.state_dict()).items()}
     meta: dict[str, str] = {}
     if optimizer is None:
         return tensors, meta

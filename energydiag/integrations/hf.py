@@ -1,0 +1,142 @@
+"""Record a Hugging Face ``Trainer`` run from its callbacks.
+
+    from energydiag.integrations.hf import EnergydiagCallback
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[EnergydiagCallback("runs/exp1")])
+
+The Trainer shows callbacks neither the batch nor the loss, so the callback reads both off the
+model: a forward pre-hook takes the first forward of each step (its keyword tensors, and the RNG
+state that forward starts from) and a forward hook takes the loss it returns. The Trainer clips
+before ``on_pre_optimizer_step``, the last hook before the update, so when it clips the norm the
+callback sees is the clipped one and is logged as ``clipped_grad_norm`` (a non-finite value is
+still a failure: clipping by a non-finite norm leaves non-finite gradients).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from energydiag.engine.plugins import resolve
+from energydiag.engine.recorder import Recorder
+from energydiag.errors import DiagError
+from energydiag.integrations.batches import gradient_norm, import_target, tensors_only
+
+
+class EnergydiagCallback(TrainerCallback):
+    """A flight recorder for ``transformers.Trainer``; keyword options are the Recorder's
+    (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``...).
+
+    ``model_spec`` defaults to a ``PreTrainedModel``'s class and config. Supported: one
+    process, no gradient accumulation, fp32 or bf16 autocast; anything else is refused when
+    training begins. An exception is not seen by Trainer callbacks: call ``callback.dump()`` from
+    your own ``except`` to write the ring.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, *, model_spec: Mapping[str, Any] | None = None, **options: Any
+    ) -> None:
+        self.run_dir, self.model_spec, self.options = Path(run_dir), model_spec, options
+        self.recorder: Recorder | None = None
+        self._step: int | None = None  # set at step begin, taken by the step's first forward
+        self._loss: torch.Tensor | None = None
+        self._awaiting_loss = False
+        self._hooks: list[Any] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        _check_supported(args)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.recorder = Recorder(
+            self.run_dir,
+            model=model,
+            optimizer=optimizer,
+            model_spec=self.model_spec or default_spec(model),
+            loss={"target": "energydiag.integrations.hf:model_loss"},
+            grad_clip=clip,
+            autocast_dtype="bfloat16" if args.bf16 else None,
+            seed=args.seed,
+            **self.options,
+        )
+        self._hooks = [
+            model.register_forward_pre_hook(self._take_inputs, with_kwargs=True),
+            model.register_forward_hook(self._take_loss),
+        ]
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._step, self._loss = state.global_step, None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        if self.recorder is None or self._loss is None:
+            return
+        name = "clipped_grad_norm" if self.recorder.manifest.grad_clip else "grad_norm"
+        self.recorder.end_step(self._loss, **{name: gradient_norm(model)})
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def dump(self, reason: str = "exception", **evidence: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.dump(reason, **evidence)
+
+    def _take_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._step is None or self.recorder is None:
+            return
+        if args:
+            raise DiagError(None, "EnergydiagCallback records keyword inputs (model(**batch)) only")
+        self.recorder.start_step(self._step, tensors_only(kwargs))
+        self._step, self._awaiting_loss = None, True
+
+    def _take_loss(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._awaiting_loss:
+            self._loss, self._awaiting_loss = loss_of(output).detach(), False
+
+
+def _check_supported(args: Any) -> None:
+    refusals = {
+        f"gradient_accumulation_steps={args.gradient_accumulation_steps}": (
+            args.gradient_accumulation_steps != 1
+        ),
+        f"world_size={args.world_size}": args.world_size != 1,
+        "fp16": bool(args.fp16),
+    }
+    refused = [what for what, bad in refusals.items() if bad]
+    if refused:
+        raise DiagError(None, f"EnergydiagCallback cannot record a run with {', '.join(refused)}")
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss as the Trainer takes it: ``output["loss"]`` from a mapping, else ``output[0]``."""
+    loss = output.get("loss") if isinstance(output, Mapping) else output[0]
+    if not isinstance(loss, torch.Tensor):
+        raise DiagError(None, "the model returned no loss: give it labels in the batch")
+    return loss
+
+
+def default_spec(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise DiagError(
+            None, f"{type(model).__name__} has no HF config: pass model_spec to EnergydiagCallback"
+        )
+    kwargs = {"model": import_target(model), "config": json.loads(config.to_json_string())}
+    return {"target": "energydiag.integrations.hf:from_config", "kwargs": kwargs}
+
+
+def from_config(model: str, config: dict[str, Any]) -> nn.Module:
+    """Rebuild a ``PreTrainedModel`` from its class and config (weights come from checkpoints)."""
+    cls = resolve(model, "model class")
+    return cls(cls.config_class.from_dict(config))
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The loss replay uses: the model on the recorded keyword inputs, as the Trainer calls it."""
+    return loss_of(model(**batch))

@@ -1,0 +1,99 @@
+"""Small models trained by Lightning and the Hugging Face Trainer in the integration tests.
+
+Each standardises its input per sample before a dropout MLP: a sample whose features are all
+equal has std 0, so (x - mean) / std is 0/0 in module 'norm' — the fault the tests plant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FEATURES = 6
+
+
+class Standardise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+
+
+class Regressor(nn.Module):
+    def __init__(self, hidden: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = Standardise()
+        self.body = nn.Sequential(
+            nn.Linear(FEATURES, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        pred = self.body(self.norm(x)).squeeze(-1)
+        out = {"pred": pred}
+        if labels is not None:
+            out["loss"] = nn.functional.mse_loss(pred, labels)
+        return out
+
+
+def regression_data(n: int = 96, constant_row: int | None = None, seed: int = 3):
+    """Features and targets; ``constant_row`` gets identical features (std 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g)
+    y = x @ torch.linspace(-1, 1, FEATURES) + 0.1 * torch.randn(n, generator=g)
+    if constant_row is not None:
+        x[constant_row] = 0.5
+    return x, y
+
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the lightning extra is not installed: its tests skip
+    pl = None
+
+if pl is not None:
+
+    class LitRegressor(pl.LightningModule):
+        def __init__(self, hidden: int = 16, dropout: float = 0.1, lr: float = 1e-2) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = Regressor(hidden, dropout)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = self.net(x, labels=y)["loss"]
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class RegressionSet(torch.utils.data.Dataset):
+    """Dict samples, as the Hugging Face Trainer's default collator expects."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer is its embedding (one Parameter, two names)."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(batch["ids"][:, :-1])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch["ids"][:, 1:].flatten())
