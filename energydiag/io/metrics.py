@@ -1,15 +1,15 @@
 """Reading metric logs into one shape: a DataFrame with an integer 'step' column and scalars.
 
 Accepts metrics.jsonl (ours), CSV (including a Weights & Biases panel export, whose columns look
-like 'VLA Train/Energy Loss' with '__MIN'/'__MAX' companions), a run directory, and TensorBoard
-event files when the optional 'tensorboard' extra is installed.
+like 'VLA Train/Energy Loss' with '__MIN'/'__MAX' companions), JSON or parquet history exports,
+a run directory, a local W&B run (with the 'wandb' extra) and TensorBoard event files (with the
+'tensorboard' extra).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,9 @@ import pandas as pd
 
 from energydiag.errors import DiagError, first_line
 from energydiag.io.layout import METRICS
+from energydiag.io.scalars import marked
+from energydiag.io.tensorboard import event_files, read_scalars
+from energydiag.io.wandb_history import find_history, read_history
 
 STEP_COLUMNS = ("step", "Step", "_step", "global_step", "trainer/global_step")
 _COMPANIONS = ("__MIN", "__MAX")
@@ -25,40 +28,73 @@ _COMPANIONS = ("__MIN", "__MAX")
 def load_metrics(path: Path) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
-        events = sorted(path.glob("events.out.tfevents*"))
-        if (path / METRICS).is_file():
-            return load_metrics(path / METRICS)
-        if events:
-            return _tensorboard(events[0])
-        raise DiagError(path, f"no {METRICS} or TensorBoard event file in this folder")
+        return _folder(path)
     if not path.is_file():
         raise DiagError(path, "file not found")
     if "tfevents" in path.name:
-        return _tensorboard(path)
-    frame = _jsonl(path) if path.suffix in (".jsonl", ".json") else _csv(path)
+        return read_scalars([path], path.parent)
+    if path.suffix == ".wandb":
+        return _with_step(pd.DataFrame(read_history(path)), path)
+    if path.suffix == ".parquet":
+        return _with_step(_parquet(path), path)
+    frame = _json(path) if path.suffix in (".jsonl", ".json") else _csv(path)
     return _with_step(frame, path)
 
 
-def _jsonl(path: Path) -> pd.DataFrame:
+def _folder(path: Path) -> pd.DataFrame:
+    """Ours first, then a W&B run (its .wandb file, or an older wandb-history.jsonl), then
+    every TensorBoard event file below."""
+    if (path / METRICS).is_file():
+        return load_metrics(path / METRICS)
+    history = find_history(path)
+    if history is not None:
+        return load_metrics(history)
+    if (path / "files" / "wandb-history.jsonl").is_file():
+        return load_metrics(path / "files" / "wandb-history.jsonl")
+    events = event_files(path)
+    if events:
+        return read_scalars(events, path)
+    raise DiagError(path, f"no {METRICS}, W&B run or TensorBoard event file in this folder")
+
+
+def _json(path: Path) -> pd.DataFrame:
+    """JSON lines, or one JSON array of row objects (a W&B history export)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DiagError(path, f"not UTF-8 text (byte {err.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+            return pd.DataFrame([{str(k): marked(v) for k, v in row.items()} for row in rows])
+        except (ValueError, RecursionError, AttributeError):
+            raise DiagError(path, "not a JSON array of row objects") from None
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                rows.append({str(k): _marked(v) for k, v in json.loads(line).items()})
+                rows.append({str(k): marked(v) for k, v in json.loads(line).items()})
             except (ValueError, RecursionError, AttributeError):
                 raise DiagError(path, f"line {n} is not a JSON object") from None
     return pd.DataFrame(rows)
 
 
-def _marked(value: object) -> object:
-    """A logged non-finite float becomes text, so it stays apart from a missing value (NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
+def _parquet(path: Path) -> pd.DataFrame:
+    """Read through pyarrow's own lists: pandas would turn a missing value (null) into the same
+    NaN as a logged NaN."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise DiagError(path, "reading parquet needs: pip install 'energydiag[parquet]'")
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own ArrowInvalid and OSError kinds
+        raise DiagError(path, f"not a readable parquet file ({first_line(err)})") from None
+    columns = {
+        name: [None if v is None else marked(v) for v in table.column(name).to_pylist()]
+        for name in table.column_names
+    }
+    return pd.DataFrame(columns, dtype=object)
 
 
 def _csv(path: Path) -> pd.DataFrame:
@@ -85,31 +121,6 @@ def _with_step(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         raise DiagError(path, "holds no rows with a step")
     frame = frame.assign(step=steps.astype(np.int64)).sort_values("step", kind="stable")
     return frame.reset_index(drop=True)
-
-
-def _tensorboard(path: Path) -> pd.DataFrame:
-    if importlib.util.find_spec("tensorboard") is None:
-        raise DiagError(
-            path, "reading TensorBoard files needs: pip install 'energydiag[tensorboard]'"
-        )
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    if not path.is_file():
-        raise DiagError(path, "is not a TensorBoard event file")
-    try:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        series = {
-            tag: pd.Series({e.step: _marked(e.value) for e in acc.Scalars(tag)}, dtype=object)
-            for tag in acc.Tags()["scalars"]
-        }
-    except Exception as err:  # TensorBoard raises its own data-loss and protobuf errors
-        raise DiagError(
-            path, f"not a readable TensorBoard event file ({first_line(err)})"
-        ) from None
-    if not series:
-        raise DiagError(path, "holds no scalar summaries")
-    return pd.DataFrame(series).rename_axis("step").reset_index()
 
 
 def metric_series(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
