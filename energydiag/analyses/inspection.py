@@ -52,6 +52,9 @@ _STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
 # --- the model on a batch ----------------------------------------------------------------------
 
 
+MATRIX_SHOWN = 64  # the energy matrix kept for reports: its top-left corner beyond this
+
+
 @dataclass
 class BatchReport:
     step: int
@@ -69,6 +72,7 @@ class BatchReport:
     layers: list[dict[str, Any]]
     param_grad_norms: dict[str, float]
     all_masked_samples: list[int]
+    energy_matrix: list[list[float]] = field(default_factory=list)  # at most MATRIX_SHOWN rows
     findings: list[rules.Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +124,7 @@ def batch_report(
             ).items()
         },
         all_masked_samples=all_masked_samples(data),
+        energy_matrix=matrix[:MATRIX_SHOWN, :MATRIX_SHOWN].detach().double().cpu().tolist(),
     )
     report.findings = _batch_findings(report, batch, head, loss_spec, autocast_dtype)
     return report

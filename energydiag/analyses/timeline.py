@@ -48,6 +48,10 @@ class TimelineRow:
 class Timeline:
     rows: list[TimelineRow]
     layers: dict[str, list[float | None]]  # layer -> max|w| per row (None: not readable)
+    layer_l2: dict[str, list[float | None]] = field(default_factory=dict)
+    # Per layer, the L2 norm of the optimizer's gradient average (Adam's exp_avg, SGD's
+    # momentum_buffer): the only gradient a checkpoint holds, smoothed over recent steps.
+    layer_grad: dict[str, list[float | None]] = field(default_factory=dict)
     findings: list[rules.Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +59,8 @@ class Timeline:
         return {
             "rows": rows,
             "layers": self.layers,
+            "layer_l2": self.layer_l2,
+            "layer_grad": self.layer_grad,
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -94,7 +100,7 @@ def timeline(
 ) -> Timeline:
     if not checkpoints:
         raise DiagError(None, "no checkpoints to put on a timeline")
-    rows, sizes, first, previous = [], [], None, None
+    rows, per_row, first, previous = [], [], None, None
     for step, path in sorted(checkpoints.items()):
         if progress:
             progress(step)
@@ -103,20 +109,43 @@ def timeline(
                 stats = checkpoint_stats(reader, autocast_dtype)
         except DiagError as err:
             rows.append(_unreadable(step, err.problem))
-            sizes.append({})
+            per_row.append({})
             continue
         first = first or stats
         row = _row(step, stats, first, previous)
         row.update_ratio = update_ratio(path, Path(previous.path)) if previous else None
         rows.append(row)
-        sizes.append({k: v["max_abs"] for k, v in stats.model_layers().items()})
+        per_row.append(_layer_columns(stats))
         previous = stats
-    names = sorted({name for size in sizes for name in size})
-    result = Timeline(rows, {n: [size.get(n) for size in sizes] for n in names})
+    result = Timeline(
+        rows, *(_by_layer([r.get(c, {}) for r in per_row]) for c in ("max_abs", "l2", "grad"))
+    )
     result.findings = rules.ranked(
         [rules.timeline_exploded([asdict(r) for r in rows if r.exploded], GROWTH_LIMIT)]
     )
     return result
+
+
+GRADIENT_AVERAGES = (" exp_avg", " momentum_buffer")
+
+
+def _layer_columns(stats: CheckpointStats) -> dict[str, dict[str, float]]:
+    model = stats.model_layers().items()
+    grads = {
+        r["layer"].rsplit(" ", 1)[0]: r["l2"]
+        for r in stats.layers
+        if r["group"] == "optimizer" and r["layer"].endswith(GRADIENT_AVERAGES)
+    }
+    return {
+        "max_abs": {k: v["max_abs"] for k, v in model},
+        "l2": {k: v["l2"] for k, v in model},
+        "grad": grads,
+    }
+
+
+def _by_layer(rows: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    names = sorted({name for row in rows for name in row})
+    return {n: [row.get(n) for row in rows] for n in names}
 
 
 def _row(

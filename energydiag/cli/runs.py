@@ -206,6 +206,51 @@ def diagnose_cmd(
     return 0 if result.verdict == "healthy" else 1
 
 
+ReportOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Write the HTML page here (one self-contained file)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+
+
+@app.command("report")
+@exits
+def report_cmd(
+    run: RunArg = Path("."),
+    out_path: ReportOutOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> int:
+    """A page to look at: verdict, first fault, findings, loss curve, energy matrix, layers.
+
+    Writes one HTML file with every image inlined (needs the 'plot' extra); --json prints the
+    document the page is drawn from. Exit 1 when the diagnosis finds something wrong.
+    """
+    from energydiag.analyses.overview import PARTS, overview
+    from energydiag.engine.session import resolve_device
+    from energydiag.io.atomic import write_text_atomic
+    from energydiag.io.rundir import Run
+    from energydiag.report.html import page
+    from energydiag.report.jsonout import jsonable
+
+    if out_path is None and not json_out:
+        raise DiagError(None, "give --out report.html, or --json")
+    if out_path is not None:
+        check_writable(out_path)
+        if out_path.exists() and not force:
+            raise DiagError(out_path, "already exists; pass --force to replace it")
+    with progress("report", json_out, total=len(PARTS)) as tick:
+        data = jsonable(overview(Run(run), resolve_device(device), tick))
+        if out_path is not None:
+            write_text_atomic(out_path, page(data))
+    if json_out:
+        emit(data, True, lambda d: None)
+    else:
+        out.print(f"wrote {out_path}: {data['diagnosis']['verdict']}")
+    return 0 if data["diagnosis"]["verdict"] == "healthy" else 1
+
+
 @app.command("demo")
 @exits
 def demo_cmd(

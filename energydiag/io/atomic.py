@@ -15,18 +15,26 @@ from energydiag.errors import DiagError
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then rename over the target."""
+    """Write to a temporary sibling, then rename over the target, with the permissions a plain
+    ``open(path, "w")`` would give (mkstemp makes its files private)."""
     path = Path(path)
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(path: Path) -> None:

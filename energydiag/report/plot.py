@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import math
 from pathlib import Path
 from typing import Any
 
 from energydiag.errors import DiagError
 
 
-def _pyplot(path: Path):
+def pyplot(path: Path | None = None):
     if importlib.util.find_spec("matplotlib") is None:
         raise DiagError(path, "writing PNG plots needs: pip install 'energydiag[plot]'")
     import matplotlib
@@ -21,7 +23,10 @@ def _pyplot(path: Path):
 
 
 def curve(report: dict[str, Any], path: Path) -> None:
-    plt = _pyplot(path)
+    _save(curve_figure(report, pyplot(path)), path)
+
+
+def curve_figure(report: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     d = report["display"]
     ax.plot(d["step"], d["value"], lw=0.8, alpha=0.5, label=report["metric"])
@@ -52,11 +57,14 @@ def curve(report: dict[str, Any], path: Path) -> None:
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xlabel("step")
-    _save(plt, fig, path)
+    return fig
 
 
 def whatif(report: dict[str, Any], path: Path) -> None:
-    plt = _pyplot(path)
+    _save(whatif_figure(report, pyplot(path)), path)
+
+
+def whatif_figure(report: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     start = report["from_step"]
     for r in sorted(report["results"], key=lambda x: x["rank"]):
@@ -69,42 +77,69 @@ def whatif(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    return fig
 
 
 def timeline(report: dict[str, Any], path: Path) -> None:
+    _save(timeline_figure(report, pyplot(path)), path)
+
+
+def timeline_figure(report: dict[str, Any], plt: Any) -> Any:
     """max|w| of every layer over the checkpoints, log scale: an explosion is a cliff."""
-    plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    steps = [r["step"] for r in report["rows"]]
-    ranked = sorted(
-        report["layers"].items(), key=lambda kv: -max(v for v in kv[1] if v is not None)
-    )
-    for i, (layer, sizes) in enumerate(ranked):
-        points = [(s, v) for s, v in zip(steps, sizes, strict=True) if v is not None and v > 0]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(
-                xs,
-                ys,
-                lw=1.8 if i < 5 else 0.8,
-                alpha=1.0 if i < 5 else 0.4,
-                label=layer if i < 5 else None,
-            )
+    layer_lines(ax, [r["step"] for r in report["rows"]], report["layers"])
     exploded = [r["step"] for r in report["rows"] if r["exploded"]]
     if exploded:
         ax.axvline(
             exploded[0], color="red", lw=1.2, ls="--", label=f"exploded from step {exploded[0]}"
         )
-    ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("max |w| per layer")
     ax.set_title("Weights over checkpoints (five largest layers labelled)")
     ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    return fig
 
 
-def _save(plt, fig, path: Path) -> None:
+def layer_lines(ax: Any, steps: list[int], layers: dict[str, list[Any]], top: int = 5) -> None:
+    """One line per layer, log scale; the ``top`` largest drawn bold and labelled."""
+
+    def peak(values: list[Any]) -> float:
+        return max((v for v in map(number, values) if math.isfinite(v)), default=0.0)
+
+    ranked = sorted(layers.items(), key=lambda kv: -peak(kv[1]))
+    for i, (layer, values) in enumerate(ranked):
+        points = [(s, number(v)) for s, v in zip(steps, values, strict=True)]
+        points = [(s, v) for s, v in points if math.isfinite(v) and v > 0]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            bold = i < top
+            ax.plot(
+                xs,
+                ys,
+                lw=1.8 if bold else 0.8,
+                alpha=1 if bold else 0.4,
+                label=layer if bold else None,
+            )
+    ax.set_yscale("log")
+
+
+def number(value: Any) -> float:
+    """A number from our JSON: None (not measured) and "NaN"/"Infinity" text included."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def png(fig: Any) -> bytes:
+    """The figure as PNG bytes, for pages that embed their images."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _save(fig: Any, path: Path) -> None:
     """Into a temporary sibling, renamed on success: an interrupted plot leaves nothing."""
     fig.tight_layout()
     partial = path.with_name(f".{path.name}.partial.png")
@@ -113,4 +148,4 @@ def _save(plt, fig, path: Path) -> None:
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
-        plt.close(fig)
+        pyplot().close(fig)
