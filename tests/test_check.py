@@ -143,3 +143,24 @@ def test_pytest_helper(fixtures_dir):
     assert_run_healthy(fixtures_dir / "healthy")
     with pytest.raises(AssertionError, match="saturation"):
         assert_run_healthy(fixtures_dir / "stalled")
+
+
+def test_github_job_summary_is_appended_with_the_curve(fixtures_dir, tmp_path, monkeypatch):
+    import base64
+
+    pytest.importorskip("matplotlib")
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    png = tmp_path / "curve.png"
+    args = ["check", str(fixtures_dir / "stalled"), "--png", str(png), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and summary.read_text() == "earlier step\n"  # no --github
+    checks = json.loads(result.stdout)["checks"]
+    runner.invoke(app, [*args, "--github"])
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## energydiag check:") and "❌ failed" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(checks) and "failed" in rows[0]
+    encoded = text.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+    assert base64.b64decode(encoded) == png.read_bytes()

@@ -48,3 +48,26 @@ def test_demo_runs_on_the_fixtures(fixtures_dir):
         r["run"].rsplit("/", 1)[-1]: r["verdict"] for r in json.loads(result.stdout)["runs"]
     }
     assert verdicts == {"healthy": "healthy", "stalled": "stalled", "nan": "non-finite"}
+
+
+def test_shell_completion_offers_commands_and_options():
+    """What `energydiag --install-completion` installs: the shell asks the program itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("energydiag")
+    env = {**os.environ, "_ENERGYDIAG_COMPLETE": "complete_bash", "COMP_CWORD": "1"}
+    words = subprocess.run(
+        [str(exe)], env={**env, "COMP_WORDS": "energydiag rep"}, capture_output=True, text=True
+    ).stdout.split()
+    assert words == ["replay", "report"]
+    env["COMP_CWORD"] = "2"
+    options = subprocess.run(
+        [str(exe)],
+        env={**env, "COMP_WORDS": "energydiag report --"},
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert {"--out", "--force", "--json"} <= set(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -54,12 +55,21 @@ StepsOpt = Annotated[
 BaselineOpt = Annotated[
     Path | None, typer.Option(help="A previous `check --json` report: fail on regressions.")
 ]
+CurvePngOpt = Annotated[
+    Path | None,
+    typer.Option("--png", help="Draw the loss curve here (and into the --github job summary)."),
+]
 JunitOpt = Annotated[Path | None, typer.Option(help="Write JUnit XML (one test case per check).")]
 JsonFileOpt = Annotated[
     Path | None, typer.Option("--json-out", help="Write the JSON report to this file.")
 ]
 GithubOpt = Annotated[
-    bool, typer.Option("--github", help="Print GitHub Actions error annotations.")
+    bool,
+    typer.Option(
+        "--github",
+        help="Print GitHub Actions error annotations, and append a Markdown job summary to "
+        "$GITHUB_STEP_SUMMARY when it is set.",
+    ),
 ]
 
 
@@ -119,6 +129,7 @@ def check_cmd(
     junit: JunitOpt = None,
     json_file: JsonFileOpt = None,
     github: GithubOpt = False,
+    png: CurvePngOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> int:
@@ -133,7 +144,7 @@ def check_cmd(
     from energydiag.io.rundir import Run
     from energydiag.report import ci as render_ci
 
-    for target in (junit, json_file):
+    for target in (junit, json_file, png):
         if target:
             check_writable(target)
     thresholds = load_config(config)
@@ -144,8 +155,17 @@ def check_cmd(
         write_text_atomic(junit, render_ci.junit(data))
     if json_file:
         write_text_atomic(json_file, dumps(data) + "\n")
+    if png:
+        from energydiag.analyses.curves import curve_report
+        from energydiag.report import plot
+
+        plot.curve(curve_report(Path(run)).to_dict(), png)
     if github:
         for line in render_ci.github(data):
             print(line)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:  # GitHub's protocol: each step appends its Markdown to this file
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(render_ci.markdown(data, png.read_bytes() if png else None))
     emit(data, json_out, lambda d: render.check(out, d))
     return 1 if report.failed else 0

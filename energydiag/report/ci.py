@@ -1,7 +1,8 @@
-"""CI formats for `energydiag check`: JUnit XML and GitHub Actions annotations."""
+"""CI formats for `energydiag check`: JUnit XML, GitHub Actions annotations and job summary."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -44,6 +45,34 @@ def github(report: dict[str, Any]) -> list[str]:
         for c in report["checks"]
         if c["status"] == "failed"
     ]
+
+
+MARK = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
+
+
+def markdown(report: dict[str, Any], png: bytes | None = None) -> str:
+    """A GitHub job summary: the verdict, one table row per check (failures first), and the loss
+    curve inlined when one was drawn."""
+    verdict = "passed" if report["passed"] else "failed"
+    rows = sorted(report["checks"], key=lambda c: c["status"] != "failed")
+    lines = [
+        f"## energydiag check: `{report['run']}` {MARK[verdict]} {verdict}",
+        "",
+        "| check | result | detail |",
+        "| --- | --- | --- |",
+        *(
+            f"| {c['name']} | {MARK.get(c['status'], '')} {c['status']} | {_cell(c['message'])} |"
+            for c in rows
+        ),
+    ]
+    if png is not None:
+        encoded = base64.b64encode(png).decode("ascii")
+        lines += ["", f'<img alt="loss curve" src="data:image/png;base64,{encoded}">']
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _name(run: str) -> str:
