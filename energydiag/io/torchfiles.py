@@ -154,9 +154,14 @@ class PickleReader:
 
 @contextmanager
 def open_reader(path: Path) -> Iterator[object]:
-    """A reader for safetensors (streamed) or torch.save files (weights-only), by content."""
+    """A reader for safetensors (streamed), torch.save files (weights-only), by content, or a
+    torch.distributed.checkpoint folder (one tensor at a time)."""
+    from energydiag.io.dcp import DcpReader, is_dcp
     from energydiag.io.tensorfile import reader
 
+    if is_dcp(path):
+        yield DcpReader(path)
+        return
     if is_pickle(path):
         yield PickleReader(path)
         return

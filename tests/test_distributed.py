@@ -1,0 +1,90 @@
+"""Runs that outgrow one process (issue 15), on CPU with gloo: what they leave on disk is read
+by one process, and multi-rank runs replay through the real collectives."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from energydiag.errors import DiagError
+from energydiag.io.torchfiles import discover, open_reader
+
+pytestmark = pytest.mark.skipif(
+    not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_checkpoints(tmp_path_factory):
+    import dist_workers
+
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(
+        dist_workers.fsdp_with_dcp_checkpoints,
+        args=(2, free_port(), str(out), 6),
+        nprocs=2,
+        join=True,
+    )
+    return out
+
+
+def test_fsdp_dcp_checkpoint_is_read_whole_from_its_shards(fsdp_checkpoints):
+    step0 = fsdp_checkpoints / "step-0"
+    assert len(list(step0.glob("*.distcp"))) == 2  # one shard file per rank
+    with open_reader(step0) as reader:
+        weight = reader.get("model.0.weight")
+        assert tuple(weight.shape) == (16, 8)  # both ranks' rows, assembled
+        assert not reader.get("optim.0.weight.exp_avg").any()  # get_state_dict's zero state
+    with open_reader(fsdp_checkpoints / "step-2") as reader:
+        assert tuple(reader.get("optim.0.weight.exp_avg").shape) == (16, 8)
+
+
+def test_fsdp_run_is_inspected_and_bisected_from_disk(fsdp_checkpoints):
+    from energydiag.analyses.bisection import bisect_checkpoints
+    from energydiag.analyses.checkpoint_report import checkpoint_report
+    from energydiag.analyses.timeline import timeline
+
+    found = discover(fsdp_checkpoints, "step-{step}")
+    assert list(found) == [0, 2, 4, 6, 8, 10]
+    assert checkpoint_report(found[0]).findings == []
+    assert checkpoint_report(found[10]).stats.tensors  # statistics per tensor, as safetensors
+    rows = {r.step: r for r in timeline(found).rows}
+    assert not rows[6].exploded and rows[8].exploded  # the lr jump at step 6 shows at 8
+    result = bisect_checkpoints(found, predicate="any")
+    assert result.first_bad_checkpoint == 8 and result.last_good == 6
+    assert result.checkpoint_evaluations < len(found)
+
+
+def test_missing_and_truncated_shards_are_one_line(fsdp_checkpoints, tmp_path):
+    import shutil
+
+    copy = tmp_path / "step-2"
+    shutil.copytree(fsdp_checkpoints / "step-2", copy)
+    shard = sorted(copy.glob("*.distcp"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DiagError, match="truncated shard") as err, open_reader(copy) as reader:
+        for name in reader.names:
+            reader.get(name)
+    assert str(shard) in str(err.value)
+    shard.unlink()
+    with pytest.raises(DiagError, match="missing shard"), open_reader(copy) as reader:
+        for name in reader.names:
+            reader.get(name)
+
+
+def test_dcp_metadata_that_is_not_dcp_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(print))  # a global outside the allowlist
+    with pytest.raises(DiagError, match="refused to load builtins.print"), open_reader(folder):
+        pass
