@@ -45,3 +45,44 @@ def fsdp_with_dcp_checkpoints(rank: int, world: int, port: int, out: str, blow_u
         loss.backward()
         optimizer.step()
     dist.destroy_process_group()
+
+
+def ddp_recorded(rank: int, world: int, port: int, out: str, plant_step: int, loss: str) -> None:
+    """A hand-written DDP loop with the Recorder; at ``plant_step`` rank 1 alone gets a sample
+    whose pad_mask masks every key."""
+    from handloop import SMALL
+
+    from energydiag import Recorder
+    from energydiag.reference import losses
+    from energydiag.reference.models import EnergyModel
+    from energydiag.reference.synthetic import Task, batches
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(EnergyModel(**SMALL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = batches(Task(batch=4), seed=1 + rank)
+    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
+    loss_fn = getattr(losses, loss)
+    with Recorder(
+        out,
+        model=model,
+        optimizer=optimizer,
+        model_spec=spec,
+        loss={"name": loss, "kwargs": {"tau": 0.5}},
+        grad_clip=1.0,
+        checkpoint_every=4,
+        persist_batches=True,
+    ) as rec:
+        for step in range(8):
+            batch = next(data)
+            if rank == 1 and step == plant_step:
+                batch["pad_mask"][2] = True
+            rec.start_step(step, batch)
+            optimizer.zero_grad(set_to_none=True)
+            value, _ = loss_fn(model, batch, tau=0.5)
+            value.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rec.end_step(value, grad_norm=norm)
+            optimizer.step()
+    dist.destroy_process_group()

@@ -88,3 +88,44 @@ def test_dcp_metadata_that_is_not_dcp_is_refused_without_running_it(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(print))  # a global outside the allowlist
     with pytest.raises(DiagError, match="refused to load builtins.print"), open_reader(folder):
         pass
+
+
+def record_ddp(root, plant_step=-1, loss="inbatch_infonce"):
+    import dist_workers
+
+    mp.spawn(
+        dist_workers.ddp_recorded,
+        args=(2, free_port(), str(root), plant_step, loss),
+        nprocs=2,
+        join=True,
+    )
+
+
+def test_ddp_run_is_recorded_per_rank_and_replays_to_identical_parameters(tmp_path):
+    from energydiag.analyses.rank_replay import replay_ranks
+    from energydiag.io.rundir import Run
+
+    record_ddp(tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert run.manifest.format == "energydiag/2"
+    assert run.manifest.distributed == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
+    assert len(list((tmp_path / "run" / "batches").glob("*.rank-1.safetensors"))) == 8
+    assert Run(tmp_path / "run", rank=1).batch_steps == list(range(8))
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    assert report["fault"] is None and report["placement"].startswith("2 ranks ran as CPU")
+    assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
+    assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
+
+
+def test_nan_on_rank_1_only_is_localised_to_rank_1(tmp_path):
+    from energydiag.analyses.rank_replay import replay_ranks
+
+    record_ddp(tmp_path / "run", plant_step=5)
+    failure = __import__("json").loads((tmp_path / "run" / "failure.json").read_text())
+    assert failure["step"] == 5 and failure["loss_ranks"] == [1]
+    assert failure["ranks"] == [0, 1]  # DDP's all-reduce carried rank 1's NaN to rank 0
+    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2)
+    fault = report["fault"]
+    assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
+    assert fault["module"].endswith("attn") and fault["op"]["op"] == "aten::_softmax"
+    assert fault["all_masked_samples"] == [2]

@@ -26,6 +26,7 @@ from energydiag.engine.instrument import (
     resolve_phase,
 )
 from energydiag.engine.observers import OpEvent, Origins
+from energydiag.engine.ranks import flagged_ranks
 from energydiag.engine.session import Session
 from energydiag.engine.step import StepResult, run_step_fn
 from energydiag.engine.tensorstats import (
@@ -58,6 +59,7 @@ class Fault:
     all_masked_samples: list[int] = field(default_factory=list)
     reproduced: bool | None = None
     notes: list[str] = field(default_factory=list)
+    rank: int | None = None  # in a multi-rank replay, the rank whose values went non-finite
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +103,7 @@ def localise(session: Session, batch: Batch) -> Fault | None:
     """Run ``batch`` on the session's current (pre-step) state, instrumented; None if clean."""
     data = session.prepare(batch)
     fault = check_state(batch.step, session.model) or check_data(batch.step, data)
-    if fault:
+    if flagged_ranks(fault is not None):  # ranks skip the re-run together, or none does
         return fault
     origins = Origins()
     instrument = Instrument([origins])

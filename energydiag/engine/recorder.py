@@ -29,9 +29,23 @@ from torch import nn
 
 from energydiag.engine import environment
 from energydiag.engine.plugins import check_model_spec
+from energydiag.engine.ranks import (
+    describe,
+    flagged_ranks,
+    rank_and_world,
+    rank_codes,
+    unwrap,
+)
 from energydiag.errors import DiagError, first_line
 from energydiag.io.atomic import write_text_atomic
-from energydiag.io.layout import FAILURE, MANIFEST, METRICS, batch_path, checkpoint_path
+from energydiag.io.layout import (
+    FAILURE,
+    FORMAT_RANKS,
+    MANIFEST,
+    batch_path,
+    checkpoint_path,
+    metrics_path,
+)
 from energydiag.io.manifest import Manifest, parse_manifest
 from energydiag.io.state import (
     HYPERPARAMETERS,
@@ -78,21 +92,26 @@ class Recorder:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.root = Path(run_dir)
-        if (self.root / MANIFEST).exists() and not overwrite:
-            raise DiagError(self.root, "already holds a run; pass overwrite=True to replace it")
         if checkpoint_every < 1 or keep_batches < 1:
             raise ValueError("checkpoint_every and keep_batches must be at least 1")
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.rank, self.world = rank_and_world()
+        # Every rank looks before rank 0 writes (the vote is also the barrier).
+        if flagged_ranks((self.root / MANIFEST).exists() and not overwrite):
+            raise DiagError(self.root, "already holds a run; pass overwrite=True to replace it")
+        self.model, self.optimizer, self.scaler = unwrap(model), optimizer, scaler
         self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
         device = next(model.parameters()).device
         self.manifest = _manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
+        distributed = describe(model)
+        if distributed is not None:
+            self.manifest = replace(self.manifest, distributed=distributed, format=FORMAT_RANKS)
         self.manifest.environment.update(environment.capture(device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
         if check_spec:
-            check_model_spec(self.manifest.model, model)
+            check_model_spec(self.manifest.model, self.model)
         self.ring: deque[tuple[int, dict[str, torch.Tensor], dict[str, str]]] = deque(
             maxlen=keep_batches
         )
@@ -101,8 +120,10 @@ class Recorder:
         self._ended = False
         self._failing = False
         self.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.root / MANIFEST, self.manifest.to_json())
-        self._metrics = (self.root / METRICS).open("w")
+        self.lead = self.rank == 0  # writes what is shared: manifest, checkpoints, failure.json
+        if self.lead:
+            write_text_atomic(self.root / MANIFEST, self.manifest.to_json())
+        self._metrics = metrics_path(self.root, self.rank).open("w")
 
     @property
     def failed_at(self) -> int | None:
@@ -110,7 +131,7 @@ class Recorder:
 
     def start_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> None:
         self._step, self._ended = step, False
-        if step % self.checkpoint_every == 0:
+        if step % self.checkpoint_every == 0 and self.lead:
             self.save_checkpoint(step)
         record = {k: v.detach().clone() for k, v in batch.items()} | capture_rng()
         meta = {"kind": "batch", "step": str(step)}
@@ -140,9 +161,19 @@ class Recorder:
         # With a GradScaler, an overflowing gradient is what the scaler exists to skip.
         norms = [v for k, v in row.items() if k.endswith("grad_norm")]
         norm_ok = self.scaler is not None or all(math.isfinite(v) for v in norms)
-        healthy = math.isfinite(row["loss"]) and norm_ok
+        codes = rank_codes((not math.isfinite(row["loss"])) + 2 * (not norm_ok))
+        healthy = not any(codes)  # one rank's failure is every rank's: each dumps its own ring
         if not healthy and not self._failing:  # a new failure, not the same one continuing
-            self._dump("non-finite loss or gradient norm", pre_step=True, **row)
+            ranks = {
+                "ranks": [r for r, c in enumerate(codes) if c],
+                "loss_ranks": [r for r, c in enumerate(codes) if c & 1],
+            }
+            self._dump(
+                "non-finite loss or gradient norm",
+                pre_step=True,
+                **row,
+                **(ranks if self.world > 1 else {}),
+            )
         self._failing = not healthy
         return healthy
 
@@ -162,9 +193,9 @@ class Recorder:
             return
         self._metrics.flush()
         for ring_step, record, meta in self.ring:
-            if not batch_path(self.root, ring_step).exists():
+            if not self._batch_path(ring_step).exists():
                 self._write_batch(ring_step, record, meta)
-        if pre_step:
+        if pre_step and self.lead:
             self.save_checkpoint(self._step)
         entry = {
             "step": self._step,
@@ -175,7 +206,8 @@ class Recorder:
         }
         self.failures.append(entry)
         report = {**self.failures[0], "later": self.failures[1:]}
-        write_text_atomic(self.root / FAILURE, json.dumps(report, indent=2) + "\n")
+        if self.lead or self.world == 1:
+            write_text_atomic(self.root / FAILURE, json.dumps(report, indent=2) + "\n")
 
     def save_checkpoint(self, step: int) -> Path:
         tensors, meta = pack_state(self.model, self.optimizer)
@@ -196,8 +228,11 @@ class Recorder:
         finally:
             self.close()
 
+    def _batch_path(self, step: int) -> Path:
+        return batch_path(self.root, step, self.rank if self.world > 1 else None)
+
     def _write_batch(self, step: int, record: Mapping[str, torch.Tensor], meta: dict) -> None:
-        write_atomic(batch_path(self.root, step), record, meta)
+        write_atomic(self._batch_path(step), record, meta)
 
 
 def _to_floats(values: list[Any]) -> list[float]:

@@ -23,6 +23,7 @@ from energydiag.engine import environment
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import Fault, localise
 from energydiag.engine.quantities import DEFAULT, Quantity, columns
+from energydiag.engine.ranks import flagged_ranks, unwrap
 from energydiag.engine.session import Session, open_session
 from energydiag.engine.tensorstats import exact_global_norm, global_norm
 from energydiag.errors import DiagError, first_line
@@ -126,8 +127,8 @@ def replay(
             result.steps.append(row)
             if progress:
                 progress(row, len(steps))
-            if not row["finite"]:
-                result.fault = locate(run, step, device)
+            if flagged_ranks(not row["finite"]):  # every rank stops and localises together
+                result.fault = locate(run, step, device, expected=not row["finite"])
                 break
             if step + 1 in checkpoints:
                 result.parameter_checks.append(compare_parameters(run, step + 1, session))
@@ -209,7 +210,7 @@ def compare_parameters(run: Run, step: int, session: Session) -> dict[str, Any]:
     recorded = run.checkpoint(step).model
     diffs = [
         (name, float((t.detach().cpu().double() - recorded[name].double()).abs().max()))
-        for name, t in session.model.state_dict().items()
+        for name, t in unwrap(session.model).state_dict().items()
         if name in recorded and t.is_floating_point() and t.numel()
     ]
     worst = max(diffs, key=lambda d: d[1] if math.isfinite(d[1]) else math.inf, default=("", 0.0))
@@ -226,10 +227,16 @@ def state_before(run: Run, step: int, device: torch.device) -> Session:
     return session
 
 
-def locate(run: Run, step: int, device: torch.device) -> Fault:
-    """Localise the failure at ``step`` from a rebuilt pre-step state; say if it reproduces."""
+def locate(run: Run, step: int, device: torch.device, expected: bool = True) -> Fault | None:
+    """Localise the failure at ``step`` from a rebuilt pre-step state; say if it reproduces.
+
+    ``expected``: this rank's own cheap check failed. A rank that stopped only because another
+    one failed reports a fault only when its re-run finds one.
+    """
     with environment.recorded_threads(run.manifest.environment):
         fault = localise(state_before(run, step, device), run.batch(step))
+    if fault is None and not expected:
+        return None
     if fault is None:
         return Fault(
             step,

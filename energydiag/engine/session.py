@@ -11,6 +11,7 @@ from torch import nn
 
 from energydiag.engine.instrument import PhaseClock
 from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
+from energydiag.engine.ranks import for_replay
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
 from energydiag.errors import DiagError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
@@ -114,6 +115,7 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         loss_fn = build_loss(manifest.loss, **loss_overrides)
         step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
     load_checkpoint(ckpt, model, optimizer)
+    model = for_replay(model, manifest.distributed)
     return Session(
         run,
         model,

@@ -10,6 +10,9 @@ import re
 from pathlib import Path
 
 FORMAT = "energydiag/1"
+# A run recorded by several ranks: each rank's batches are step-N.rank-R.safetensors. Version 1
+# runs (one process) are read as before.
+FORMAT_RANKS = "energydiag/2"
 MANIFEST = "run.json"
 METRICS = "metrics.jsonl"
 FAILURE = "failure.json"
@@ -17,6 +20,7 @@ CHECKPOINTS = "checkpoints"
 BATCHES = "batches"
 
 _STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
+_RANK_FILE = re.compile(r"^step-(\d{8})\.rank-(\d+)\.safetensors$")
 
 
 _DIGITS = re.compile(r"[0-9]{1,8}")
@@ -38,13 +42,25 @@ def checkpoint_path(root: Path, step: int) -> Path:
     return Path(root) / CHECKPOINTS / step_file(step)
 
 
-def batch_path(root: Path, step: int) -> Path:
-    return Path(root) / BATCHES / step_file(step)
+def batch_path(root: Path, step: int, rank: int | None = None) -> Path:
+    name = step_file(step)
+    if rank is not None:
+        name = name.replace(".safetensors", f".rank-{rank}.safetensors")
+    return Path(root) / BATCHES / name
 
 
-def steps_in(folder: Path) -> list[int]:
-    """Steps of the ``step-NNNNNNNN.safetensors`` files in a folder, ascending."""
+def metrics_path(root: Path, rank: int | None = None) -> Path:
+    """Rank 0's log is the run's log (``metrics.jsonl``); other ranks log beside it."""
+    return Path(root) / (METRICS if not rank else f"metrics.rank-{rank}.jsonl")
+
+
+def steps_in(folder: Path, rank: int | None = None) -> list[int]:
+    """Steps of the ``step-NNNNNNNN.safetensors`` files in a folder (or of one rank's
+    ``step-NNNNNNNN.rank-R.safetensors``), ascending."""
     if not folder.is_dir():
         return []
-    found = (_STEP_FILE.match(p.name) for p in folder.iterdir())
-    return sorted(int(m.group(1)) for m in found if m)
+    if rank is None:
+        found = (_STEP_FILE.match(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+    ranked = (_RANK_FILE.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in ranked if m and int(m.group(2)) == rank)

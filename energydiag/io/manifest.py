@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from energydiag.errors import DiagError
-from energydiag.io.layout import FORMAT
+from energydiag.io.layout import FORMAT, FORMAT_RANKS
 
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 _KEYS = {
@@ -30,7 +30,9 @@ _KEYS = {
     "environment",
     "step",
     "scaler",
+    "distributed",
 }
+PARALLELISM = ("ddp",)
 SCALER_KEYS = {"init_scale", "growth_factor", "backoff_factor", "growth_interval"}
 
 
@@ -77,7 +79,13 @@ class Manifest:
     environment: dict[str, Any] = field(default_factory=dict)
     step: str | None = None
     scaler: dict[str, float] | None = None  # GradScaler settings when the run used one
+    # {"world_size": W, "backend": "gloo"|"nccl", "parallelism": "ddp"} for a multi-rank run
+    distributed: dict[str, Any] | None = None
     format: str = FORMAT
+
+    @property
+    def world_size(self) -> int:
+        return int(self.distributed["world_size"]) if self.distributed else 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -94,7 +102,25 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
 
 
 def _checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
-    yield raw.get("format") == FORMAT, f"unknown format version {raw.get('format')!r}"
+    yield (
+        raw.get("format") in (FORMAT, FORMAT_RANKS),
+        (f"unknown format version {raw.get('format')!r}"),
+    )
+    dist = raw.get("distributed")
+    yield (
+        dist is None or _distributed(dist),
+        (
+            "distributed must be null or an object with an integer world_size >= 1, a backend and "
+            f"a parallelism ({', '.join(PARALLELISM)})"
+        ),
+    )
+    yield (
+        (dist is None) == (raw.get("format") == FORMAT),
+        (
+            f"format {raw.get('format')!r} does not match distributed: a multi-rank run is "
+            f"{FORMAT_RANKS!r}, a single-process one {FORMAT!r}"
+        ),
+    )
     unknown = sorted(map(str, set(raw) - _KEYS))
     yield not unknown, f"unknown key(s) {', '.join(unknown)}"
     for key in ("model", "loss", "optimizer"):
@@ -169,6 +195,8 @@ def _build(raw: dict[str, Any]) -> Manifest:
         environment=dict(raw.get("environment", {})),
         step=raw.get("step"),
         scaler=None if scaler is None else dict(scaler),
+        distributed=None if raw.get("distributed") is None else dict(raw["distributed"]),
+        format=raw["format"],
     )
 
 
@@ -178,6 +206,17 @@ _IMPORT = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w
 def import_string(value: object) -> bool:
     """'package.module:name' and nothing else: no '..', no paths, no empty halves."""
     return isinstance(value, str) and len(value) < 500 and bool(_IMPORT.match(value))
+
+
+def _distributed(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"world_size", "backend", "parallelism"}
+        and _integer(value["world_size"])
+        and 1 <= value["world_size"] <= 65536
+        and isinstance(value["backend"], str)
+        and value["parallelism"] in PARALLELISM
+    )
 
 
 def _integer(value: object) -> bool:

@@ -22,9 +22,9 @@ from energydiag.io.layout import (
     CHECKPOINTS,
     FAILURE,
     MANIFEST,
-    METRICS,
     batch_path,
     checkpoint_path,
+    metrics_path,
     parse_step,
     steps_in,
 )
@@ -107,7 +107,8 @@ def parse_groups(path: Path, meta: dict[str, str], key: str) -> list[dict[str, A
 class Run:
     """A run directory: manifest, checkpoints, batches and metrics."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, rank: int | None = None) -> None:
+        """``rank``: whose batches a multi-rank run reads (default rank 0's)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiagError(self.root, "run directory not found")
@@ -118,6 +119,10 @@ class Run:
             )
         self.manifest_path = self._inside(self.root / MANIFEST)
         self.manifest: Manifest = read_manifest(self.manifest_path)
+        world = self.manifest.world_size
+        if rank is not None and not 0 <= rank < world:
+            raise DiagError(self.manifest_path, f"rank {rank}: the run has {world} rank(s)")
+        self.rank = (rank or 0) if self.manifest.distributed else None
 
     @cached_property
     def checkpoint_steps(self) -> list[int]:
@@ -125,7 +130,7 @@ class Run:
 
     @cached_property
     def batch_steps(self) -> list[int]:
-        return steps_in(self.root / BATCHES)
+        return steps_in(self.root / BATCHES, self.rank)
 
     @property
     def failure(self) -> dict | None:
@@ -164,7 +169,7 @@ class Run:
         return ckpt
 
     def batch(self, step: int) -> Batch:
-        path = self._inside(batch_path(self.root, step))
+        path = self._inside(batch_path(self.root, step, self.rank))
         check_format(path, read_metadata(path), "batch")
         batch = load_batch_file(path)
         if batch.step != step:
@@ -175,7 +180,7 @@ class Run:
         """The recorded hyperparameters of step ``step`` (batch metadata only, no tensors);
         a checkpoint's param groups when that is all there is."""
         if step in set(self.batch_steps):
-            path = self._inside(batch_path(self.root, step))
+            path = self._inside(batch_path(self.root, step, self.rank))
             return parse_groups(path, read_metadata(path), HYPERPARAMETERS)
         if step in set(self.checkpoint_steps):
             path = self._inside(checkpoint_path(self.root, step))
@@ -198,7 +203,7 @@ class Run:
 
         from energydiag.io.metrics import load_metrics
 
-        path = self._inside(self.root / METRICS)
+        path = self._inside(metrics_path(self.root, self.rank))
         return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
     def logged(self, metric: str = "loss") -> dict[int, float]:

@@ -1,0 +1,108 @@
+"""Replaying a multi-rank run: one process per recorded rank, through torch.distributed.
+
+The processes are started by torchrun's own launcher (``torch.distributed.launcher``), so they
+see the environment torchrun gives (RANK, WORLD_SIZE, MASTER_ADDR...); a user who starts
+``energydiag replay`` under torchrun themselves gets the same workers without a second launch.
+Each rank rebuilds the model from the checkpoint, wraps it in DDP and replays its own logged
+batches, so gradients are all-reduced and gathered negatives gathered for real. Ranks stop and
+localise together; the report names the first rank, step, phase, module and op.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from energydiag.analyses.replaying import replay_report
+from energydiag.engine.ranks import gather
+from energydiag.errors import DiagError
+from energydiag.io.rundir import Run
+
+PHASE_ORDER = ("data", "state", "forward", "backward", "clip", "optimizer")
+TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def placement(nproc: int, device: str) -> tuple[str, str | None]:
+    """Backend and device kind for ``nproc`` ranks, and a note when ranks fall back to CPU."""
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if device != "cpu" and gpus >= nproc:
+        return "cuda", None
+    if device.startswith("cuda"):
+        raise DiagError(None, f"--device {device}: {nproc} ranks need {nproc} GPUs, found {gpus}")
+    note = f"{nproc} ranks ran as CPU processes with gloo" + (
+        f" ({gpus} GPU(s) for {nproc} ranks)" if gpus else ""
+    )
+    return "cpu", note
+
+
+def replay_ranks(
+    root: str, from_step: int, to_step: int | None, nproc: int, device: str = "auto"
+) -> dict[str, Any]:
+    """Launch ``nproc`` ranks, replay, and merge their reports (rank 0's view plus the fault)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    world = Run(root).manifest.world_size
+    if nproc != world:
+        raise DiagError(None, f"--nproc {nproc}: the run was recorded by {world} rank(s)")
+    kind, note = placement(nproc, device)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind)
+    except Exception as err:  # the launcher wraps any rank's failure in ChildFailedError
+        raise DiagError(None, f"a replay rank failed: {str(err).strip().splitlines()[0]}") from None
+    return merge([results[r] for r in sorted(results)], note)
+
+
+def rank_worker(root: str, from_step: int, to_step: int | None, kind: str) -> list[dict]:
+    """One rank of a replay (under torchrun's environment); every rank's report, in rank order."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
+    try:
+        run = Run(root, rank=dist.get_rank())
+        report = replay_report(run, from_step, to_step, device=device).to_dict()
+        return gather(report)
+    finally:
+        dist.destroy_process_group()
+
+
+def merge(per_rank: list[list[dict]], note: str | None) -> dict[str, Any]:
+    """Rank 0's report, with the earliest fault of any rank (step, then phase, then rank)."""
+    reports = per_rank[0]
+    faults = [(r, rep["fault"]) for r, rep in enumerate(reports) if rep["fault"]]
+    merged = dict(reports[0])
+    merged["ranks"] = [
+        {"rank": r, "fault": rep["fault"], "bit_exact": rep["fidelity"].get("bit_exact")}
+        for r, rep in enumerate(reports)
+    ]
+    merged["placement"] = note
+    if faults:
+        rank, fault = min(faults, key=lambda rf: (rf[1]["step"], _phase(rf[1]), rf[0]))
+        merged["fault"] = {**fault, "rank": rank}
+        merged["findings"] = reports[rank]["findings"]
+    return merged
+
+
+def _phase(fault: dict[str, Any]) -> int:
+    phase = fault.get("phase")
+    return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
