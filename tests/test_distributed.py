@@ -3,7 +3,11 @@ by one process, and multi-rank runs replay through the real collectives."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -117,15 +121,111 @@ def test_ddp_run_is_recorded_per_rank_and_replays_to_identical_parameters(tmp_pa
     assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
 
 
-def test_nan_on_rank_1_only_is_localised_to_rank_1(tmp_path):
+@pytest.fixture(scope="module")
+def planted_on_rank_1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted") / "run"
+    record_ddp(root, plant_step=5)
+    return root
+
+
+def test_nan_on_rank_1_only_is_localised_to_rank_1(planted_on_rank_1):
     from energydiag.analyses.rank_replay import replay_ranks
 
-    record_ddp(tmp_path / "run", plant_step=5)
-    failure = __import__("json").loads((tmp_path / "run" / "failure.json").read_text())
+    failure = json.loads((planted_on_rank_1 / "failure.json").read_text())
     assert failure["step"] == 5 and failure["loss_ranks"] == [1]
     assert failure["ranks"] == [0, 1]  # DDP's all-reduce carried rank 1's NaN to rank 0
-    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2)
+    report = replay_ranks(str(planted_on_rank_1), 4, None, nproc=2)
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
-    assert fault["module"].endswith("attn") and fault["op"]["op"] == "aten::_softmax"
+    assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"
     assert fault["all_masked_samples"] == [2]
+
+
+def test_replay_command_launches_the_ranks(planted_on_rank_1):
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    result = CliRunner().invoke(
+        app, ["replay", str(planted_on_rank_1), "--from-step", "4", "--json"]
+    )
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["fault"]["rank"] == 1
+    wrong = CliRunner().invoke(app, ["replay", str(planted_on_rank_1), "--nproc", "3"])
+    assert wrong.exit_code == 2 and "recorded by 2 rank(s)" in wrong.stderr
+
+
+def test_under_torchrun_energydiag_is_one_of_the_ranks(planted_on_rank_1):
+    """The user's own torchrun: no second launch, rank 0 prints the report."""
+    exe = Path(sys.executable).with_name("energydiag")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "--no-python",
+        str(exe),
+        "replay",
+        str(planted_on_rank_1),
+        "--from-step",
+        "4",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    report = json.loads(done.stdout[done.stdout.index("{") :])
+    assert report["fault"]["rank"] == 1 and report["placement"] is None
+
+
+def test_manifest_versions(tmp_path):
+    from energydiag.io.manifest import parse_manifest
+
+    base = {
+        "model": {"target": "m:f"},
+        "loss": {"name": "inbatch_infonce"},
+        "optimizer": {"name": "AdamW"},
+    }
+    ddp = {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
+    assert parse_manifest({**base, "format": "energydiag/1"}, "x").world_size == 1
+    assert (
+        parse_manifest({**base, "format": "energydiag/2", "distributed": ddp}, "x").world_size == 2
+    )
+    with pytest.raises(DiagError, match="does not match distributed"):
+        parse_manifest({**base, "format": "energydiag/2"}, "x")
+    with pytest.raises(DiagError, match="distributed must be null"):
+        parse_manifest(
+            {**base, "format": "energydiag/2", "distributed": {**ddp, "world_size": 0}}, "x"
+        )
+
+
+def test_gathered_negatives_replay_through_the_real_all_gather(tmp_path):
+    from energydiag.analyses.rank_replay import replay_ranks
+
+    record_ddp(tmp_path / "run", loss="gathered_infonce")
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    assert report["fault"] is None and [r["bit_exact"] for r in report["ranks"]] == [True, True]
+    negatives = next(f for f in report["findings"] if f["code"] == "ranks.negatives")
+    assert negatives["evidence"] == {
+        "local_batch": 4,
+        "world_size": 2,
+        "negatives": 7,
+        "gathered": True,
+    }
+
+
+def test_gathered_loss_meets_every_ranks_actions(tmp_path):
+    """Without a gather the same loss is plain swap InfoNCE: the two agree in one process."""
+    import torch
+    from handloop import SMALL
+
+    from energydiag.reference.losses import gathered_infonce, inbatch_infonce
+    from energydiag.reference.models import EnergyModel
+    from energydiag.reference.synthetic import Task, batches
+
+    torch.manual_seed(0)
+    model, batch = EnergyModel(**SMALL), next(batches(Task(batch=4), seed=1))
+    gathered, diagnostics = gathered_infonce(model, batch)
+    assert torch.equal(gathered, inbatch_infonce(model, batch)[0])
+    assert tuple(diagnostics["candidate_energies"].shape) == (4, 4)

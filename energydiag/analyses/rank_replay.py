@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from energydiag import findings as rules
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.ranks import gather
 from energydiag.errors import DiagError
@@ -45,14 +46,21 @@ def placement(nproc: int, device: str) -> tuple[str, str | None]:
 
 
 def replay_ranks(
-    root: str, from_step: int, to_step: int | None, nproc: int, device: str = "auto"
+    root: str,
+    from_step: int,
+    to_step: int | None,
+    nproc: int,
+    device: str = "auto",
+    every: int = 0,
 ) -> dict[str, Any]:
     """Launch ``nproc`` ranks, replay, and merge their reports (rank 0's view plus the fault)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    world = Run(root).manifest.world_size
-    if nproc != world:
-        raise DiagError(None, f"--nproc {nproc}: the run was recorded by {world} rank(s)")
+    run = Run(root)
+    if nproc != run.manifest.world_size:
+        raise DiagError(
+            None, f"--nproc {nproc}: the run was recorded by {run.manifest.world_size} rank(s)"
+        )
     kind, note = placement(nproc, device)
     config = LaunchConfig(
         min_nodes=1,
@@ -65,30 +73,32 @@ def replay_ranks(
         monitor_interval=0.1,
     )
     try:
-        results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind)
+        results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind, every)
     except Exception as err:  # the launcher wraps any rank's failure in ChildFailedError
         raise DiagError(None, f"a replay rank failed: {str(err).strip().splitlines()[0]}") from None
-    return merge([results[r] for r in sorted(results)], note)
+    return merge(run, results[min(results)], note)
 
 
-def rank_worker(root: str, from_step: int, to_step: int | None, kind: str) -> list[dict]:
-    """One rank of a replay (under torchrun's environment); every rank's report, in rank order."""
+def rank_worker(
+    root: str, from_step: int, to_step: int | None, device: str, every: int = 0
+) -> list[dict]:
+    """One rank of a replay, in torchrun's environment; every rank's report, in rank order."""
+    kind = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
+    target = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(target)
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         run = Run(root, rank=dist.get_rank())
-        report = replay_report(run, from_step, to_step, device=device).to_dict()
-        return gather(report)
+        return gather(replay_report(run, from_step, to_step, device=target, every=every).to_dict())
     finally:
         dist.destroy_process_group()
 
 
-def merge(per_rank: list[list[dict]], note: str | None) -> dict[str, Any]:
-    """Rank 0's report, with the earliest fault of any rank (step, then phase, then rank)."""
-    reports = per_rank[0]
+def merge(run: Run, reports: list[dict], note: str | None) -> dict[str, Any]:
+    """Rank 0's report, with the earliest fault of any rank (step, then phase, then rank), and
+    how many negatives each positive meets across the ranks."""
     faults = [(r, rep["fault"]) for r, rep in enumerate(reports) if rep["fault"]]
     merged = dict(reports[0])
     merged["ranks"] = [
@@ -100,9 +110,18 @@ def merge(per_rank: list[list[dict]], note: str | None) -> dict[str, Any]:
         rank, fault = min(faults, key=lambda rf: (rf[1]["step"], _phase(rf[1]), rf[0]))
         merged["fault"] = {**fault, "rank": rank}
         merged["findings"] = reports[rank]["findings"]
+    negatives = _negatives(run)
+    merged["findings"] = [*merged["findings"], *([negatives.to_dict()] if negatives else [])]
     return merged
 
 
 def _phase(fault: dict[str, Any]) -> int:
     phase = fault.get("phase")
     return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
+
+
+def _negatives(run: Run) -> rules.Finding | None:
+    first = run.batch_steps[0] if run.batch_steps else None
+    actions = run.batch(first).tensors.get("a_pos") if first is not None else None
+    local = actions.shape[0] if actions is not None else 0
+    return rules.rank_negatives(run.manifest.loss.label, local, run.manifest.world_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,15 @@ from energydiag.io.atomic import check_writable
 from energydiag.report import render
 from energydiag.report.console import fmt
 
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Ranks to replay a multi-rank run with (default: its recorded world size). They are "
+        "launched through torch.distributed (gloo on CPU, NCCL with a GPU per rank); under "
+        "torchrun, energydiag is one of the ranks instead.",
+    ),
+]
 FromStepOpt = Annotated[
     int,
     typer.Option("--from-step", help="Start from the latest checkpoint at or before this step."),
@@ -88,6 +98,7 @@ def replay_cmd(
     every: EveryOpt = 10,
     metrics_out: MetricsOutOpt = None,
     ladder: LadderOpt = False,
+    nproc: NprocOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Replay logged steps from a checkpoint and localise the first non-finite value.
@@ -105,6 +116,10 @@ def replay_cmd(
     if metrics_out:
         check_writable(metrics_out)
     r = Run(run)
+    if r.manifest.distributed or (nproc or 1) > 1:
+        if ladder or metrics_out:
+            raise DiagError(None, "--ladder and --metrics-out work on single-process replays")
+        return _replay_ranks(r, from_step, to_step, nproc, device, every, json_out)
     target = resolve_device(device)
     with progress("replay", json_out) as tick:
 
@@ -116,6 +131,37 @@ def replay_cmd(
         write_table(report.result.table, metrics_out)
     emit(report.to_dict(), json_out, lambda d: render.replay(out, d))
     return 1 if report.fault or has_error(report.findings) else 0
+
+
+def _replay_ranks(
+    run: Any,
+    from_step: int,
+    to_step: int | None,
+    nproc: int | None,
+    device: str,
+    every: int,
+    json_out: bool,
+) -> int:
+    """A multi-rank run: launch its ranks, or be one when torchrun started us (rank 0 reports)."""
+    from energydiag.analyses.rank_replay import (
+        launched_by_torchrun,
+        merge,
+        rank_worker,
+        replay_ranks,
+    )
+
+    world = nproc or run.manifest.world_size
+    if launched_by_torchrun():
+        reports = rank_worker(str(run.root), from_step, to_step, device, every)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+        data = merge(run, reports, None)
+    else:
+        with progress(f"replay on {world} ranks", json_out) as tick:
+            data = replay_ranks(str(run.root), from_step, to_step, world, device, every)
+            tick()
+    emit(data, json_out, lambda d: render.replay(out, d))
+    return 1 if data["fault"] or any(f["severity"] == "error" for f in data["findings"]) else 0
 
 
 @app.command("bisect")

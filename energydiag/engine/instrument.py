@@ -23,6 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
+from energydiag.io.state import plain_key
+
 FORWARD, BACKWARD, CLIP, OPTIMIZER = "forward", "backward", "clip", "optimizer"
 _AFTER_BACKWARD = "after-backward"  # resolved to clip or forward once the step is over
 
@@ -142,7 +144,7 @@ class Instrument(TorchDispatchMode):
         if not running:
             return ""
         _, _, path = max(running, key=lambda p: p.count(".")).partition(".")
-        return path or "<model>"
+        return plain_key(path) if path else "<model>"  # DDP's 'module.' is not the user's name
 
     @contextlib.contextmanager
     def attached(self, optimizer: torch.optim.Optimizer | None = None) -> Iterator[Instrument]:

@@ -37,6 +37,7 @@ from energydiag.engine.tensorstats import (
 )
 from energydiag.errors import first_line
 from energydiag.io.rundir import Batch
+from energydiag.io.state import plain_key
 
 PHASES = ("state", "data", FORWARD, BACKWARD, CLIP, OPTIMIZER)
 
@@ -232,7 +233,7 @@ def _raised(
 
 
 def _nonfinite(model: nn.Module, grads: bool) -> list[str]:
-    named = [(n, p.grad if grads else p.detach()) for n, p in model.named_parameters()]
+    named = [(plain_key(n), p.grad if grads else p.detach()) for n, p in model.named_parameters()]
     named = [(n, t) for n, t in named if t is not None]
     if all_finite([t for _, t in named]):
         return []
@@ -245,7 +246,7 @@ def _largest(model: nn.Module, grads: bool, top: int = 3) -> dict[str, float]:
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()
         if t is not None and t.numel():
-            peaks[name] = summarize(t).max_abs
+            peaks[plain_key(name)] = summarize(t).max_abs
     ranked = sorted(peaks.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else 0.0)
     return dict(ranked[:top])
 

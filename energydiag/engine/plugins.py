@@ -20,7 +20,7 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], LossOutput]
 # Built-in losses by import string: the engine never imports the reference package itself.
 BUILTIN_LOSSES = {
     name: f"energydiag.reference.losses:{name}"
-    for name in ("inbatch_infonce", "infonce_negatives", "margin")
+    for name in ("inbatch_infonce", "gathered_infonce", "infonce_negatives", "margin")
 }
 
 

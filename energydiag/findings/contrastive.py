@@ -240,3 +240,42 @@ def model_raised(step: int, message: str) -> Finding:
         "step localises what tripped the guard",
         {"step": step, "exception": message},
     )
+
+
+SWAP_LOSSES = ("inbatch_infonce", "gathered_infonce")
+
+
+def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
+    """How many negatives each positive meets in a multi-rank swap InfoNCE, local or gathered:
+    8 ranks of 3 samples give 2 negatives per positive without a gather, 23 with one."""
+    if world < 2 or loss not in SWAP_LOSSES or local_batch < 1:
+        return None
+    gathered = loss == "gathered_infonce"
+    whole = local_batch * world
+    negatives = whole - 1 if gathered else local_batch - 1
+    evidence = {
+        "local_batch": local_batch,
+        "world_size": world,
+        "negatives": negatives,
+        "gathered": gathered,
+    }
+    if gathered:
+        return Finding(
+            "ranks.negatives",
+            "note",
+            f"each positive meets {negatives} negatives gathered from {world} ranks of "
+            f"{local_batch} (chance log({whole}) = {math.log(whole):.3f})",
+            "nothing to change: the loss already sees every rank's actions",
+            evidence,
+        )
+    return Finding(
+        "ranks.negatives",
+        "warning" if local_batch <= 16 else "note",
+        f"each positive meets only {negatives} in-batch negative(s): the loss scores the "
+        f"{local_batch} actions of its own rank (chance log({local_batch}) = "
+        f"{math.log(local_batch):.3f}) while {world} ranks hold {whole}",
+        f"gather the actions across ranks for the negatives (loss 'gathered_infonce', or an "
+        f"all_gather in your loss): {whole - 1} negatives, chance log({whole}) = "
+        f"{math.log(whole):.3f}, and a loss floor the narrow heads reach less easily",
+        evidence,
+    )

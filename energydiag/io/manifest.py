@@ -102,25 +102,7 @@ def parse_manifest(raw: Any, source: Path | str) -> Manifest:
 
 
 def _checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
-    yield (
-        raw.get("format") in (FORMAT, FORMAT_RANKS),
-        (f"unknown format version {raw.get('format')!r}"),
-    )
-    dist = raw.get("distributed")
-    yield (
-        dist is None or _distributed(dist),
-        (
-            "distributed must be null or an object with an integer world_size >= 1, a backend and "
-            f"a parallelism ({', '.join(PARALLELISM)})"
-        ),
-    )
-    yield (
-        (dist is None) == (raw.get("format") == FORMAT),
-        (
-            f"format {raw.get('format')!r} does not match distributed: a multi-rank run is "
-            f"{FORMAT_RANKS!r}, a single-process one {FORMAT!r}"
-        ),
-    )
+    yield from _version_checks(raw)
     unknown = sorted(map(str, set(raw) - _KEYS))
     yield not unknown, f"unknown key(s) {', '.join(unknown)}"
     for key in ("model", "loss", "optimizer"):
@@ -175,6 +157,29 @@ def _checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
     )
     for key in ("notes", "environment"):
         yield isinstance(raw.get(key, {}), dict), f"{key} must be an object"
+
+
+def _version_checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
+    """Version 2 is the multi-rank layout: it comes with a ``distributed`` entry, and only then."""
+    yield (
+        raw.get("format") in (FORMAT, FORMAT_RANKS),
+        (f"unknown format version {raw.get('format')!r}"),
+    )
+    dist = raw.get("distributed")
+    yield (
+        dist is None or _distributed(dist),
+        (
+            "distributed must be null or an object with an integer world_size >= 1, a backend and "
+            f"a parallelism ({', '.join(PARALLELISM)})"
+        ),
+    )
+    yield (
+        (dist is None) == (raw.get("format") == FORMAT),
+        (
+            f"format {raw.get('format')!r} does not match distributed: a multi-rank run is "
+            f"{FORMAT_RANKS!r}, a single-process one {FORMAT!r}"
+        ),
+    )
 
 
 def _build(raw: dict[str, Any]) -> Manifest:

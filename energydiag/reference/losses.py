@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -77,6 +78,24 @@ def inbatch_infonce(
     loss = F.cross_entropy(logits, labels)
     off_diagonal = e[~torch.eye(e.shape[0], dtype=torch.bool, device=e.device)]
     return loss, _pos_neg_diagnostics(e.diagonal(), off_diagonal, energy_matrix=e)
+
+
+def gathered_infonce(model: nn.Module, batch: Batch, tau: float = 0.5) -> LossOutput:
+    """Swap InfoNCE whose candidates are every rank's actions: with W ranks of B samples, each
+    positive meets B·W − 1 negatives instead of B − 1. The actions are data, so a plain
+    all_gather (no autograd through it) suffices; every rank must hold the same B."""
+    a, offset = batch["a_pos"], 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(a) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, a.contiguous())
+        a, offset = torch.cat(parts), dist.get_rank() * a.shape[0]
+    e = energy_matrix(model, batch["h"], a, batch.get("pad_mask"))
+    rows = torch.arange(e.shape[0], device=e.device)
+    loss = F.cross_entropy(-e / tau, rows + offset)
+    positive = torch.zeros_like(e, dtype=torch.bool)
+    positive[rows, rows + offset] = True
+    e_pos, e_neg = e[positive], e[~positive].view(e.shape[0], -1)
+    return loss, _pos_neg_diagnostics(e_pos, e_neg, candidate_energies=_candidates(e_pos, e_neg))
 
 
 def stacked_negatives(batch: Batch) -> torch.Tensor:

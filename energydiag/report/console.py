@@ -92,6 +92,7 @@ def summary(s: dict[str, Any]) -> str:
 
 def fault_panel(console: Console, fault: dict[str, Any]) -> None:
     rows = [
+        ("rank", fault.get("rank")),
         ("step", fault["step"]),
         ("phase", fault["phase"]),
         ("micro-batch", fault["micro_batch"] if (fault["micro_batch"] or 0) > 1 else None),

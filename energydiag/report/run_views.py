@@ -31,6 +31,8 @@ def replay(console: Console, result: dict[str, Any]) -> None:
             ("steps replayed", f"{result['first_step']}–{result['last_step']}"),
             ("fidelity", fidelity_text(fid)),
             ("lacking", "; ".join(lacking) or None),
+            ("ranks", _ranks(result.get("ranks"))),
+            ("placement", result.get("placement")),
         ],
     )
     if result["fault"]:
@@ -42,6 +44,15 @@ def replay(console: Console, result: dict[str, Any]) -> None:
     rows = ([formatted(r.get(k), columns.get(k)) for k in keys] for r in steps)
     frame(console, "Last steps", labels, rows)
     findings(console, [Finding(**f) for f in result["findings"]])
+
+
+def _ranks(ranks: list[dict[str, Any]] | None) -> str | None:
+    if not ranks:
+        return None
+    return ", ".join(
+        f"{r['rank']}: " + ("fault at step " + str(r["fault"]["step"]) if r["fault"] else "finite")
+        for r in ranks
+    )
 
 
 def bisect(console: Console, r: dict[str, Any]) -> None:
