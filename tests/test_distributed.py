@@ -82,6 +82,13 @@ def test_missing_and_truncated_shards_are_one_line(fsdp_checkpoints, tmp_path):
     with pytest.raises(DiagError, match="missing shard"), open_reader(copy) as reader:
         for name in reader.names:
             reader.get(name)
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "missing shard" in result.stderr
 
 
 def test_dcp_metadata_that_is_not_dcp_is_refused_without_running_it(tmp_path):
@@ -153,6 +160,16 @@ def test_replay_command_launches_the_ranks(planted_on_rank_1):
     assert json.loads(result.stdout)["fault"]["rank"] == 1
     wrong = CliRunner().invoke(app, ["replay", str(planted_on_rank_1), "--nproc", "3"])
     assert wrong.exit_code == 2 and "recorded by 2 rank(s)" in wrong.stderr
+
+
+def test_diagnose_replays_a_multi_rank_run_on_its_ranks(planted_on_rank_1):
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
+
+    result = diagnose(Run(planted_on_rank_1))
+    assert result.verdict == "non-finite"
+    assert (result.fault.rank, result.fault.step, result.fault.module) == (1, 5, "attn")
+    assert "ranks.negatives" in [f.code for f in result.findings]
 
 
 def test_under_torchrun_energydiag_is_one_of_the_ranks(planted_on_rank_1):

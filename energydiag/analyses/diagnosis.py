@@ -21,6 +21,7 @@ from energydiag.analyses.bisection import bisect_checkpoints
 from energydiag.analyses.checkpoint_report import latest_against_first
 from energydiag.analyses.curves import analyse, run_bounds, trend
 from energydiag.analyses.inspection import inspect
+from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
@@ -75,6 +76,8 @@ def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
     the step that broke the weights may come before the one whose loss is NaN. If that replay
     stays healthy (the state changed outside the recorded steps), replay from the checkpoint at
     or before the failure itself, and keep what the first replay showed."""
+    if run.manifest.distributed:
+        return _failed_on_ranks(run, step, start, end, device)
     origins = sorted({s for s in run.checkpoint_steps if s < step}, reverse=True)[:1]
     origins += [step] if not origins or run.checkpoint_at_or_before(step) != origins[0] else []
     reports, problem = [], None
@@ -94,6 +97,17 @@ def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
     verdict = "non-finite" if report.fault else "non-finite in the log, but finite on replay"
     found = rules.ranked([*report.findings, *unseen])
     return Diagnosis(str(run.root), verdict, start, end, report.fault, found)
+
+
+def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
+    """A multi-rank run: its recorded ranks replay from the checkpoint before the failure."""
+    before = [s for s in run.checkpoint_steps if s < step] or [run.checkpoint_at_or_before(step)]
+    kind = device.type if device is not None else "cpu"
+    merged = replay_ranks(str(run.root), before[-1], step, run.manifest.world_size, kind)
+    fault = Fault(**merged["fault"]) if merged["fault"] else None
+    verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"
+    found = rules.ranked([rules.Finding(**f) for f in merged["findings"]])
+    return Diagnosis(str(run.root), verdict, start, end, fault, found)
 
 
 def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:

@@ -120,6 +120,7 @@ def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
         where = ", ".join(
             f"{k} {v}"
             for k, v in (
+                ("rank", fault.get("rank")),
                 ("step", fault["step"]),
                 ("phase", fault["phase"]),
                 ("module", fault["module"]),
