@@ -157,6 +157,22 @@ MANIFEST_EDITS: list[Callable[[dict, random.Random], None]] = [
     lambda m, r: m.__setitem__("scaler", r.choice([[], {"init_scale": "x"}, {"bogus": 1}])),
     lambda m, r: m.__setitem__("environment", r.choice([None, 7])),
     lambda m, r: m.__setitem__(r.choice(["extra", "Model"]), 1),
+    lambda m, r: m.update(
+        format="energydiag/2",
+        distributed=r.choice(
+            [
+                None,
+                {
+                    "world_size": r.choice([0, -2, "2", 2.5, 10**9]),
+                    "backend": "gloo",
+                    "parallelism": "ddp",
+                },
+                {"world_size": 2, "backend": "gloo", "parallelism": "fsdp"},
+                {"world_size": 2, "backend": "gloo", "parallelism": "ddp"},  # no rank files
+                [],
+            ]
+        ),
+    ),
 ]
 
 
@@ -187,7 +203,9 @@ def metrics_text(rng: random.Random) -> bytes:
     elif choice == 4:
         return b'{"step": 1, "loss": 2}\n{not json}\n'
     elif choice == 5:
-        return b"[" * 10_000 + b"]" * 10_000
+        return rng.choice(
+            [b"[" * 10_000 + b"]" * 10_000, b'[{"_step": 1, "loss": 2}, 3]', b"[1, 2"]
+        )
     lines = [json.dumps({"step": s, "loss": v}) for s, v in points]
     if choice == 6:
         lines.insert(rng.randrange(len(lines) + 1), '"just a string"')
@@ -333,3 +351,93 @@ def test_bad_options_are_one_line(tiny, tmp_path, args):
     command = [a.format(run=run) for a in args]
     run_cli(command, [*command[1:], "run.json"])  # the option, or the file given to it
     assert tree_hash(run) == before
+
+
+# --- W&B run files and torch.distributed.checkpoint folders --------------------------------------
+
+WANDB_CASES = range(0, 60 * SCALE)
+DCP_CASES = range(0, 80 * SCALE)
+
+
+@pytest.fixture(scope="module")
+def wandb_file(tmp_path_factory) -> Path:
+    pytest.importorskip("wandb")
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("wandb")
+    script = (
+        "import sys, wandb; run = wandb.init(project='p', dir=sys.argv[1]); "
+        "[run.log({'loss': 2.0 - s / 100}) for s in range(200)]; run.finish()"
+    )
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    subprocess.run([sys.executable, "-c", script, str(folder)], env=env, check=True)
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    return path
+
+
+@pytest.mark.parametrize("seed", WANDB_CASES)
+def test_broken_wandb_files(wandb_file, tmp_path, seed):
+    rng = random.Random(3_000_000 + seed)
+    data = bytearray(wandb_file.read_bytes())
+    choice = rng.randrange(4)
+    if choice == 0:
+        data = data[: rng.randrange(len(data))]
+    elif choice == 1:
+        for _ in range(rng.randrange(1, 20)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif choice == 2:
+        data = bytearray(b":W&B\xe1\xbe\x00" + rng.randbytes(rng.randrange(0, 40_000)))
+    else:
+        data = bytearray(rng.randbytes(rng.randrange(0, 500)))
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(bytes(data))
+    run_cli(["curves", path], [path.name])
+
+
+@pytest.fixture(scope="module")
+def dcp_checkpoint(tmp_path_factory) -> Path:
+    from torch.distributed.checkpoint import save
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    folder = tmp_path_factory.mktemp("dcp") / "step-5"
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        save(state, checkpoint_id=str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("seed", DCP_CASES)
+def test_broken_dcp_folders(dcp_checkpoint, tmp_path, seed):
+    import pickle
+
+    rng = random.Random(4_000_000 + seed)
+    folder = tmp_path / "step-5"
+    shutil.copytree(dcp_checkpoint, folder)
+    meta, (shard,) = folder / ".metadata", list(folder.glob("*.distcp"))
+    choice = rng.randrange(5)
+    if choice == 0:
+        meta.write_bytes(meta.read_bytes()[: rng.randrange(meta.stat().st_size)])
+    elif choice == 1:
+        data = bytearray(meta.read_bytes())
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        meta.write_bytes(bytes(data))
+    elif choice == 2:
+        meta.write_bytes(pickle.dumps(rng.choice([Pwned(), {"a": 1}, [Pwned()]])))
+    elif choice == 3:
+        shard.write_bytes(shard.read_bytes()[: rng.randrange(shard.stat().st_size)])
+    else:
+        data = bytearray(shard.read_bytes())
+        for _ in range(rng.randrange(1, 10)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        shard.write_bytes(bytes(data))
+    command = rng.choice(
+        [["inspect", folder], ["timeline", tmp_path, "--checkpoints", "step-{step}"]]
+    )
+    run_cli(command, [folder.name, meta.name, shard.name])

@@ -19,6 +19,7 @@ import torch
 from energydiag.engine.quantities import layer_of
 from energydiag.engine.step import AUTOCAST_DTYPES
 from energydiag.engine.tensorstats import summarize
+from energydiag.errors import DiagError
 from energydiag.io.state import MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX
 
 EXPLODED_ABS = 1e4  # no trained weight of a sane network sits this far from zero
@@ -96,8 +97,8 @@ def tensor_stats(name: str, t: torch.Tensor, autocast_dtype: str | None = None) 
 
 def role(name: str) -> tuple[str, str]:
     if name.startswith(OPTIM_PREFIX):
-        param, state_field = name[len(OPTIM_PREFIX) :].rsplit(".", 1)
-        return "optimizer", f"{layer_of(param)} {state_field}"
+        param, _, state_field = name[len(OPTIM_PREFIX) :].rpartition(".")
+        return "optimizer", f"{layer_of(param)} {state_field}" if param else state_field
     return "model", layer_of(name.removeprefix(MODEL_PREFIX))
 
 
@@ -119,7 +120,14 @@ def checkpoint_stats(
         if name.startswith(OPTIM_PREFIX) and state_field in ("exp_avg", "exp_avg_sq"):
             moments.setdefault(param, {})[state_field] = t
             if len(moments[param]) == 2:
-                adam.append(adam_row(param, moments.pop(param), eps))
+                pair = moments.pop(param)
+                shapes = [list(pair[k].shape) for k in ("exp_avg", "exp_avg_sq")]
+                if shapes[0] != shapes[1]:
+                    raise DiagError(
+                        reader.path,
+                        f"{param}: exp_avg {shapes[0]} and exp_avg_sq {shapes[1]} differ",
+                    )
+                adam.append(adam_row(param, pair, eps))
     return CheckpointStats(str(reader.path), reader.metadata, tensors, layers(tensors), adam)
 
 

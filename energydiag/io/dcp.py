@@ -13,6 +13,7 @@ entries (param groups, counters) are pickles too and are not read at all.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class DcpReader:
 
     def get(self, name: str) -> torch.Tensor:
         fqn, entry = self._tensors[name]
+        self._check_backed(fqn, entry)
         whole = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
         for index, chunk in enumerate(entry.chunks):
             part = self._chunk(fqn, tuple(chunk.offsets), index)
@@ -93,10 +95,33 @@ class DcpReader:
             region.copy_(part)
         return whole
 
-    def _chunk(self, fqn: str, offsets: tuple[int, ...], index: int) -> torch.Tensor:
+    def _check_backed(self, fqn: str, entry: Any) -> None:
+        """Allocate nothing the files cannot hold: the chunks must tile the tensor, and each
+        chunk's bytes must exist in its shard (a corrupt size would otherwise ask for TiBs)."""
+        itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+        counts = [math.prod(c.sizes) for c in entry.chunks]
+        if sum(counts) != math.prod(entry.size):
+            raise DiagError(self.path / METADATA, f"the chunks of {fqn!r} do not tile its shape")
+        for chunk, count in zip(entry.chunks, counts, strict=True):
+            info = self._info(fqn, tuple(chunk.offsets))
+            shard = self.path / info.relative_path
+            on_disk = shard.stat().st_size if shard.is_file() else 0
+            if count * itemsize > info.length or info.offset + info.length > on_disk:
+                what = "missing shard" if not shard.is_file() else "truncated shard"
+                raise DiagError(
+                    shard,
+                    f"{what}: {fqn!r} needs {count * itemsize} bytes at "
+                    f"{info.offset}, the file has {on_disk}",
+                )
+
+    def _info(self, fqn: str, offsets: tuple[int, ...]) -> Any:
         info = self._storage.get((fqn, offsets))
         if info is None:
-            raise DiagError(self.path / METADATA, f"no storage entry for {fqn!r} chunk {index}")
+            raise DiagError(self.path / METADATA, f"no storage entry for {fqn!r} at {offsets}")
+        return info
+
+    def _chunk(self, fqn: str, offsets: tuple[int, ...], index: int) -> torch.Tensor:
+        info = self._info(fqn, offsets)
         shard = self.path / info.relative_path
         if shard.resolve().parent != self.path.resolve():
             raise DiagError(shard, "shard named by .metadata lies outside the checkpoint folder")
@@ -121,14 +146,53 @@ class DcpReader:
 
 def read_metadata(path: Path) -> Any:
     file = path / METADATA
+    # From memory, so a corrupt length asks the buffer for bytes it lacks instead of the heap.
+    data = io.BytesIO(file.read_bytes())
     try:
-        with file.open("rb") as handle:
-            meta = _MetadataUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        meta = _MetadataUnpickler(data).load()
+    except (Exception, MemoryError) as err:  # corrupt pickles fail in every way they can
         raise DiagError(file, f"not DCP metadata ({first_line(err)})") from None
-    if not (hasattr(meta, "state_dict_metadata") and hasattr(meta, "storage_data")):
+    if not (
+        isinstance(getattr(meta, "state_dict_metadata", None), dict)
+        and isinstance(getattr(meta, "storage_data", None), dict)
+    ):
         raise DiagError(file, "not DCP metadata (no state_dict_metadata)")
+    for fqn, entry in meta.state_dict_metadata.items():
+        if hasattr(entry, "chunks") and not _tensor_entry(entry):
+            raise DiagError(file, f"malformed metadata for {fqn!r}")
+    for key, info in meta.storage_data.items():
+        if not _storage_entry(key, info):
+            raise DiagError(file, f"malformed storage entry {key!r}")
     return meta
+
+
+def _ints(values: Any) -> bool:
+    return isinstance(values, tuple | list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    )
+
+
+def _tensor_entry(entry: Any) -> bool:
+    """Shape, dtype and chunks a reader can trust: every chunk inside the tensor."""
+    size, chunks = getattr(entry, "size", None), getattr(entry, "chunks", None)
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    if not (_ints(size) and isinstance(dtype, torch.dtype) and isinstance(chunks, list)):
+        return False
+    return all(
+        _ints(getattr(c, "offsets", None))
+        and _ints(getattr(c, "sizes", None))
+        and len(c.offsets) == len(c.sizes) == len(size)
+        and all(o + n <= d for o, n, d in zip(c.offsets, c.sizes, size, strict=True))
+        for c in chunks
+    )
+
+
+def _storage_entry(key: Any, info: Any) -> bool:
+    return (
+        isinstance(getattr(key, "fqn", None), str)
+        and isinstance(getattr(info, "relative_path", None), str)
+        and _ints([getattr(info, "offset", None), getattr(info, "length", None)])
+    )
 
 
 def _our_name(fqn: str) -> str:
