@@ -87,7 +87,8 @@ def for_replay(model: nn.Module, distributed: dict[str, Any] | None) -> nn.Modul
     if rank_and_world()[1] != world:
         raise DiagError(
             None,
-            f"the run was recorded by {world} ranks: replay it with --nproc {world} "
-            f"(this process group has {rank_and_world()[1]})",
+            f"the run was recorded by {world} ranks and this replay has "
+            f"{rank_and_world()[1]}: `energydiag replay` and `diagnose` launch the {world} ranks "
+            "(what-if and check --steps replay in one process)",
         )
     return nn.parallel.DistributedDataParallel(model)
