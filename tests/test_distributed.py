@@ -172,6 +172,15 @@ def test_diagnose_replays_a_multi_rank_run_on_its_ranks(planted_on_rank_1):
     assert "ranks.negatives" in [f.code for f in result.findings]
 
 
+def test_bisect_on_a_multi_rank_run_points_to_the_rank_replay(planted_on_rank_1):
+    from energydiag.analyses.bisection import bisect
+    from energydiag.io.rundir import Run
+
+    result = bisect(Run(planted_on_rank_1))
+    assert result.unresolved["advice"].startswith("replay the interval on the run's 2 ranks")
+    assert "--from-step 5" in result.unresolved["advice"]
+
+
 def test_under_torchrun_energydiag_is_one_of_the_ranks(planted_on_rank_1):
     """The user's own torchrun: no second launch, rank 0 prints the report."""
     exe = Path(sys.executable).with_name("energydiag")

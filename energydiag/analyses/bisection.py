@@ -227,6 +227,15 @@ def _locate(
     """Replay from ``start`` (a checkpoint) to the failing step. When that cannot reach or see the
     failure, replay the bad checkpoint's own step: its state holds whatever changed, even a
     change outside the recorded steps. Otherwise say what is missing."""
+    if run.manifest.distributed and start is not None:  # its ranks replay in their own processes
+        result.unresolved = {
+            "from": start,
+            "to": stop,
+            "missing_batches": None,
+            "advice": f"replay the interval on the run's {run.manifest.world_size} ranks: "
+            f"energydiag replay {run.root} --from-step {start} --to-step {stop}",
+        }
+        return
     unresolved = _replay_interval(result, run, start, stop, device) if start is not None else None
     if start is not None and unresolved is None:
         return
