@@ -141,6 +141,8 @@ def test_nan_on_rank_1_only_is_localised_to_rank_1(planted_on_rank_1):
     failure = json.loads((planted_on_rank_1 / "failure.json").read_text())
     assert failure["step"] == 5 and failure["loss_ranks"] == [1]
     assert failure["ranks"] == [0, 1]  # DDP's all-reduce carried rank 1's NaN to rank 0
+    seen_by_1 = json.loads((planted_on_rank_1 / "failure.rank-1.json").read_text())
+    assert seen_by_1["step"] == 5 and seen_by_1["loss"] != seen_by_1["loss"]  # its own NaN loss
     report = replay_ranks(str(planted_on_rank_1), 4, None, nproc=2)
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")

@@ -69,6 +69,10 @@ class Recorder:
     ``step`` names the loop's own step function ('pkg.mod:fn') when it is not the built-in one.
     ``scaler``: the loop's GradScaler; its state is recorded per step, and a non-finite gradient
     norm (which it skips) is then not a failure, while a non-finite loss still is.
+
+    Under torchrun with a DDP model, create it on every rank: each rank records its own batches,
+    rank 0 the manifest and checkpoints, and the ranks vote on every step's health, so a NaN on
+    one rank dumps them all.
     """
 
     def __init__(
@@ -164,16 +168,10 @@ class Recorder:
         codes = rank_codes((not math.isfinite(row["loss"])) + 2 * (not norm_ok))
         healthy = not any(codes)  # one rank's failure is every rank's: each dumps its own ring
         if not healthy and not self._failing:  # a new failure, not the same one continuing
-            ranks = {
-                "ranks": [r for r, c in enumerate(codes) if c],
-                "loss_ranks": [r for r, c in enumerate(codes) if c & 1],
-            }
-            self._dump(
-                "non-finite loss or gradient norm",
-                pre_step=True,
-                **row,
-                **(ranks if self.world > 1 else {}),
-            )
+            if self.world > 1:
+                row["ranks"] = [r for r, c in enumerate(codes) if c]
+                row["loss_ranks"] = [r for r, c in enumerate(codes) if c & 1]
+            self._dump("non-finite loss or gradient norm", pre_step=True, **row)
         self._failing = not healthy
         return healthy
 
@@ -206,8 +204,9 @@ class Recorder:
         }
         self.failures.append(entry)
         report = {**self.failures[0], "later": self.failures[1:]}
-        if self.lead or self.world == 1:
-            write_text_atomic(self.root / FAILURE, json.dumps(report, indent=2) + "\n")
+        # Every rank says what it saw; rank 0's is the run's failure.json.
+        name = FAILURE if self.lead else FAILURE.replace(".json", f".rank-{self.rank}.json")
+        write_text_atomic(self.root / name, json.dumps(report, indent=2) + "\n")
 
     def save_checkpoint(self, step: int) -> Path:
         tensors, meta = pack_state(self.model, self.optimizer)
