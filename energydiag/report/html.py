@@ -68,6 +68,7 @@ def _fault(data: dict[str, Any], plt: Any) -> str:
         return _missing("no step went non-finite in the replayed steps or the log")
     op = fault.get("op") or {}
     rows = [
+        ("rank", fault.get("rank")),
         ("step", fault["step"]),
         ("phase", fault["phase"]),
         ("module", fault.get("module")),
@@ -77,7 +78,9 @@ def _fault(data: dict[str, Any], plt: Any) -> str:
         ("inputs", "; ".join(_tensor(t) for t in op.get("inputs", []))),
         ("output", _tensor(op["output"]) if op.get("output") else None),
     ]
-    table = "".join(f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in rows if v)
+    table = "".join(
+        f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in rows if v not in (None, "")
+    )
     notes = "".join(_li(n) for n in fault.get("notes", []))
     return f'<div class="card"><p>{escape(fault["summary"])}</p><table>{table}</table><ul>{notes}</ul></div>'
 
