@@ -47,9 +47,19 @@ def fsdp_with_dcp_checkpoints(rank: int, world: int, port: int, out: str, blow_u
     dist.destroy_process_group()
 
 
-def ddp_recorded(rank: int, world: int, port: int, out: str, plant_step: int, loss: str) -> None:
-    """A hand-written DDP loop with the Recorder; at ``plant_step`` rank 1 alone gets a sample
-    whose pad_mask masks every key."""
+def shard(model: nn.Module) -> nn.Module:
+    """The run's own FSDP2 wrapping, named in the manifest so replay shards the same way."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)
+    return model
+
+
+def ddp_recorded(
+    rank: int, world: int, port: int, out: str, plant_step: int, loss: str, sharded: bool = False
+) -> None:
+    """A hand-written DDP (or FSDP2) loop with the Recorder; at ``plant_step`` rank 1 alone gets
+    a sample whose pad_mask masks every key."""
     from handloop import SMALL
 
     from energydiag import Recorder
@@ -59,7 +69,8 @@ def ddp_recorded(rank: int, world: int, port: int, out: str, plant_step: int, lo
 
     init(rank, world, port)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(EnergyModel(**SMALL))
+    model = EnergyModel(**SMALL)
+    model = shard(model) if sharded else nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = batches(Task(batch=4), seed=1 + rank)
     spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
@@ -73,6 +84,7 @@ def ddp_recorded(rank: int, world: int, port: int, out: str, plant_step: int, lo
         grad_clip=1.0,
         checkpoint_every=4,
         persist_batches=True,
+        parallelize="dist_workers:shard" if sharded else None,
     ) as rec:
         for step in range(8):
             batch = next(data)

@@ -101,12 +101,12 @@ def test_dcp_metadata_that_is_not_dcp_is_refused_without_running_it(tmp_path):
         pass
 
 
-def record_ddp(root, plant_step=-1, loss="inbatch_infonce"):
+def record_ddp(root, plant_step=-1, loss="inbatch_infonce", sharded=False):
     import dist_workers
 
     mp.spawn(
         dist_workers.ddp_recorded,
-        args=(2, free_port(), str(root), plant_step, loss),
+        args=(2, free_port(), str(root), plant_step, loss, sharded),
         nprocs=2,
         join=True,
     )
@@ -257,3 +257,31 @@ def test_gathered_loss_meets_every_ranks_actions(tmp_path):
     gathered, diagnostics = gathered_infonce(model, batch)
     assert torch.equal(gathered, inbatch_infonce(model, batch)[0])
     assert tuple(diagnostics["candidate_energies"].shape) == (4, 4)
+
+
+def test_fsdp_run_records_dcp_checkpoints_and_replays_through_dcp_loading(tmp_path):
+    from energydiag.analyses.rank_replay import replay_ranks
+    from energydiag.io.rundir import Run
+
+    record_ddp(tmp_path / "run", sharded=True)
+    run = Run(tmp_path / "run")
+    assert run.manifest.distributed["parallelism"] == "fsdp"
+    assert run.manifest.parallelize == "dist_workers:shard"
+    assert run.checkpoint_steps == [0, 4]
+    assert len(list((tmp_path / "run" / "checkpoints" / "step-00000004").glob("*.distcp"))) == 2
+    assert tuple(run.checkpoint(4).model["act_in.weight"].shape)  # whole tensors, from shards
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    assert report["fault"] is None
+    assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
+    assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
+
+
+def test_fsdp_nan_on_rank_1_is_localised(tmp_path):
+    from energydiag.analyses.rank_replay import replay_ranks
+
+    record_ddp(tmp_path / "run", plant_step=5, sharded=True)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000005" / ".metadata").is_file()  # dump
+    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2)
+    fault = report["fault"]
+    assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
+    assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"

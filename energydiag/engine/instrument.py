@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
@@ -112,6 +113,9 @@ class Instrument(TorchDispatchMode):
         self.order = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is not torch.Tensor and t is not nn.Parameter for t in types):
+            # A tensor subclass (an FSDP DTensor) desugars first; its shards come back here.
+            return NotImplemented
         kwargs = kwargs or {}
         skip = func.is_view or _uninitialised(func) or not self.observers
         before = (

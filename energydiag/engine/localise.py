@@ -33,6 +33,7 @@ from energydiag.engine.tensorstats import (
     all_finite,
     exact_global_norm,
     global_norm,
+    local,
     summarize,
 )
 from energydiag.errors import first_line
@@ -140,7 +141,7 @@ def _surfaced(result: StepResult, model: nn.Module) -> str | None:
         return BACKWARD
     if not math.isfinite(float(result.grad_norm)):
         return CLIP
-    params = [p.detach() for p in model.parameters()]
+    params = [local(p.detach()) for p in model.parameters()]
     if not all_finite(params) or not math.isfinite(float(global_norm(params))):
         return OPTIMIZER
     return None
@@ -234,7 +235,7 @@ def _raised(
 
 def _nonfinite(model: nn.Module, grads: bool) -> list[str]:
     named = [(plain_key(n), p.grad if grads else p.detach()) for n, p in model.named_parameters()]
-    named = [(n, t) for n, t in named if t is not None]
+    named = [(n, local(t)) for n, t in named if t is not None]
     if all_finite([t for _, t in named]):
         return []
     return [n for n, t in named if not torch.isfinite(t).all()]
@@ -245,26 +246,26 @@ def _largest(model: nn.Module, grads: bool, top: int = 3) -> dict[str, float]:
     peaks = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()
-        if t is not None and t.numel():
-            peaks[plain_key(name)] = summarize(t).max_abs
+        if t is not None and local(t).numel():
+            peaks[plain_key(name)] = summarize(local(t)).max_abs
     ranked = sorted(peaks.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else 0.0)
     return dict(ranked[:top])
 
 
 def _optimizer_evidence(session: Session, names: list[str]) -> dict[str, dict[str, float]]:
-    params = dict(session.model.named_parameters())
+    params = {plain_key(n): p for n, p in session.model.named_parameters()}
     evidence = {}
     for name in names[:3]:
         p = params[name]
         group = next(g for g in session.optimizer.param_groups if any(q is p for q in g["params"]))
         entry = {
-            "grad_abs_max": summarize(p.grad).max_abs if p.grad is not None else math.nan,
+            "grad_abs_max": summarize(local(p.grad)).max_abs if p.grad is not None else math.nan,
             "lr": float(group.get("lr", math.nan)),
             "eps": float(group.get("eps", math.nan)),
         }
         for key, value in session.optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor) and value.numel() > 1:
-                s = summarize(value)
+            if isinstance(value, torch.Tensor) and local(value).numel() > 1:
+                s = summarize(local(value))
                 entry[f"{key}_min"], entry[f"{key}_abs_max"] = s.min, s.max_abs
         evidence[name] = entry
     return evidence

@@ -35,13 +35,24 @@ def describe(model: nn.Module) -> dict[str, Any] | None:
     rank, world = rank_and_world()
     if world == 1:
         return None
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
+    kind = "ddp" if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    kind = "fsdp" if is_sharded(model) else kind
+    if kind is None:
         raise DiagError(
             None,
-            f"the Recorder records DistributedDataParallel runs; {type(model).__name__} is not "
-            "one (FSDP: save DCP checkpoints and read them with inspect, timeline and bisect)",
+            f"the Recorder records DDP and FSDP2 (fully_shard) runs; {type(model).__name__} is "
+            "neither",
         )
-    return {"world_size": world, "backend": dist.get_backend(), "parallelism": "ddp"}
+    return {"world_size": world, "backend": dist.get_backend(), "parallelism": kind}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """An FSDP2 (``fully_shard``) model, where this torch has FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _flag_device() -> torch.device:
@@ -77,18 +88,23 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
-def for_replay(model: nn.Module, distributed: dict[str, Any] | None) -> nn.Module:
-    """DDP around a model rebuilt for a multi-rank replay, so that backward all-reduces the
-    gradients as the recorded run did. The world must be the recorded one: each rank replays
-    its own logged batches."""
+def check_world(distributed: dict[str, Any] | None) -> None:
+    """Each rank replays its own logged batches, so the world must be the recorded one."""
     if distributed is None:
-        return model
-    world = distributed["world_size"]
-    if rank_and_world()[1] != world:
+        return
+    world, here = distributed["world_size"], rank_and_world()[1]
+    if here != world:
         raise DiagError(
             None,
-            f"the run was recorded by {world} ranks and this replay has "
-            f"{rank_and_world()[1]}: `energydiag replay` and `diagnose` launch the {world} ranks "
+            f"the run was recorded by {world} ranks and this replay has {here}: "
+            f"`energydiag replay` and `diagnose` launch the {world} ranks "
             "(what-if and check --steps replay in one process)",
         )
+
+
+def for_replay(model: nn.Module, distributed: dict[str, Any] | None) -> nn.Module:
+    """DDP around a model rebuilt for a multi-rank DDP replay, so that backward all-reduces the
+    gradients as the recorded run did (an FSDP model is sharded by the run's own function)."""
+    if distributed is None or distributed["parallelism"] != "ddp":
+        return model
     return nn.parallel.DistributedDataParallel(model)

@@ -36,6 +36,8 @@ from energydiag.engine.ranks import (
     rank_codes,
     unwrap,
 )
+from energydiag.engine.sharded import save_sharded
+from energydiag.engine.tensorstats import plain
 from energydiag.errors import DiagError, first_line
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import (
@@ -94,6 +96,7 @@ class Recorder:
         overwrite: bool = False,
         check_spec: bool = True,
         scaler: torch.amp.GradScaler | None = None,
+        parallelize: str | None = None,
     ) -> None:
         self.root = Path(run_dir)
         if checkpoint_every < 1 or keep_batches < 1:
@@ -108,9 +111,8 @@ class Recorder:
         self.manifest = _manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
-        distributed = describe(model)
-        if distributed is not None:
-            self.manifest = replace(self.manifest, distributed=distributed, format=FORMAT_RANKS)
+        self.manifest = _with_ranks(self.manifest, model, parallelize)
+        self.sharded = (self.manifest.distributed or {}).get("parallelism") == "fsdp"
         self.manifest.environment.update(environment.capture(device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
@@ -135,7 +137,7 @@ class Recorder:
 
     def start_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> None:
         self._step, self._ended = step, False
-        if step % self.checkpoint_every == 0 and self.lead:
+        if step % self.checkpoint_every == 0:
             self.save_checkpoint(step)
         record = {k: v.detach().clone() for k, v in batch.items()} | capture_rng()
         meta = {"kind": "batch", "step": str(step)}
@@ -171,7 +173,7 @@ class Recorder:
             if self.world > 1:
                 row["ranks"] = [r for r, c in enumerate(codes) if c]
                 row["loss_ranks"] = [r for r, c in enumerate(codes) if c & 1]
-            self._dump("non-finite loss or gradient norm", pre_step=True, **row)
+            self._dump("non-finite loss or gradient norm", pre_step=True, together=True, **row)
         self._failing = not healthy
         return healthy
 
@@ -184,16 +186,19 @@ class Recorder:
         """
         # Before end_step, forward and backward have run but no update: the state is pre-step.
         # After it, optimizer.step() may have half-run, so only the last regular checkpoint holds.
-        self._dump(reason, pre_step=not self._ended, **evidence)
+        self._dump(reason, pre_step=not self._ended, together=False, **evidence)
 
-    def _dump(self, reason: str, pre_step: bool, **evidence: Any) -> None:
+    def _dump(self, reason: str, pre_step: bool, together: bool, **evidence: Any) -> None:
+        """``together``: every rank dumps now (the health vote), so a sharded checkpoint, which
+        needs them all, can be saved; one rank's exception alone cannot save one."""
         if self._step is None:
             return
         self._metrics.flush()
         for ring_step, record, meta in self.ring:
             if not self._batch_path(ring_step).exists():
                 self._write_batch(ring_step, record, meta)
-        if pre_step and self.lead:
+        pre_step = pre_step and (together or not self.sharded)
+        if pre_step:
             self.save_checkpoint(self._step)
         entry = {
             "step": self._step,
@@ -208,7 +213,13 @@ class Recorder:
         name = FAILURE if self.lead else FAILURE.replace(".json", f".rank-{self.rank}.json")
         write_text_atomic(self.root / name, json.dumps(report, indent=2) + "\n")
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Rank 0 writes a DDP run's (replicas are equal); every rank its shard of an FSDP one."""
+        if self.sharded:
+            folder = checkpoint_path(self.root, step).with_suffix("")
+            return save_sharded(folder, step, self.model, self.optimizer, self.lead)
+        if not self.lead:
+            return None
         tensors, meta = pack_state(self.model, self.optimizer)
         path = checkpoint_path(self.root, step)
         write_atomic(path, tensors, {"kind": "checkpoint", "step": str(step), **meta})
@@ -236,11 +247,23 @@ class Recorder:
 
 def _to_floats(values: list[Any]) -> list[float]:
     """All of a step's scalars with one host sync: stack the tensors, then a single tolist()."""
-    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    tensors = [plain(v.detach()).float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
     synced = iter(
         torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else []
     )
     return [next(synced) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+def _with_ranks(manifest: Manifest, model: nn.Module, parallelize: str | None) -> Manifest:
+    """A multi-rank run's manifest: version 2, the world, and how to shard an FSDP model."""
+    distributed = describe(model)
+    if distributed is None:
+        return manifest
+    if distributed["parallelism"] == "fsdp" and parallelize is None:
+        raise DiagError(
+            None, "an FSDP run needs parallelize='pkg.mod:fn', fn(model) sharding it as yours"
+        )
+    return replace(manifest, distributed=distributed, format=FORMAT_RANKS, parallelize=parallelize)
 
 
 def _manifest(

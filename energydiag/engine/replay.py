@@ -25,7 +25,7 @@ from energydiag.engine.localise import Fault, localise
 from energydiag.engine.quantities import DEFAULT, Quantity, columns
 from energydiag.engine.ranks import flagged_ranks, unwrap
 from energydiag.engine.session import Session, open_session
-from energydiag.engine.tensorstats import exact_global_norm, global_norm
+from energydiag.engine.tensorstats import exact_global_norm, global_norm, plain
 from energydiag.errors import DiagError, first_line
 from energydiag.io.rundir import Batch, Run
 
@@ -209,7 +209,7 @@ def compare_parameters(run: Run, step: int, session: Session) -> dict[str, Any]:
     """How far the replayed parameters are from the recorded checkpoint at ``step``."""
     recorded = run.checkpoint(step).model
     diffs = [
-        (name, float((t.detach().cpu().double() - recorded[name].double()).abs().max()))
+        (name, float((plain(t.detach()).cpu().double() - recorded[name].double()).abs().max()))
         for name, t in unwrap(session.model).state_dict().items()
         if name in recorded and t.is_floating_point() and t.numel()
     ]

@@ -11,7 +11,8 @@ from torch import nn
 
 from energydiag.engine.instrument import PhaseClock
 from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
-from energydiag.engine.ranks import for_replay
+from energydiag.engine.ranks import check_world, for_replay
+from energydiag.engine.sharded import load_sharded
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
 from energydiag.errors import DiagError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
@@ -108,13 +109,19 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
     """Build everything from the manifest and load the checkpoint at or before ``step``."""
     start = run.checkpoint_at_or_before(step)
     manifest = run.manifest
+    check_world(manifest.distributed)
     ckpt = run.checkpoint(start)
     with blame(run.manifest_path):
         model = build_model(manifest.model).to(device)
+        if manifest.parallelize:  # shard first: the optimizer must hold the sharded parameters
+            model = resolve(manifest.parallelize, "parallelize function")(model) or model
         optimizer = build_optimizer(manifest.optimizer, model, recorded_groups(ckpt))
         loss_fn = build_loss(manifest.loss, **loss_overrides)
         step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
-    load_checkpoint(ckpt, model, optimizer)
+    if manifest.parallelize:
+        load_sharded(ckpt.path, model, optimizer)
+    else:
+        load_checkpoint(ckpt, model, optimizer)
     model = for_replay(model, manifest.distributed)
     return Session(
         run,

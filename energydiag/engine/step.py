@@ -21,7 +21,7 @@ from torch import nn
 
 from energydiag.engine.instrument import PhaseClock
 from energydiag.engine.plugins import LossFn
-from energydiag.engine.tensorstats import global_norm
+from energydiag.engine.tensorstats import global_norm, plain
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,7 +104,7 @@ def run_step_fn(
     norm = ctx.grad_norm
     if norm is None:  # the function did not call ctx.clip: measure what it left behind
         norm = global_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return StepResult(loss.detach(), norm.detach(), ctx.diagnostics)
+    return StepResult(plain(loss.detach()), plain(norm.detach()), ctx.diagnostics)
 
 
 @contextlib.contextmanager
@@ -123,4 +123,4 @@ def clip(model: nn.Module, grad_clip: float | None) -> torch.Tensor:
         return torch.zeros(())
     if grad_clip is None:
         return global_norm([p.grad for p in grads])
-    return torch.nn.utils.clip_grad_norm_(grads, grad_clip)
+    return plain(torch.nn.utils.clip_grad_norm_(grads, grad_clip))

@@ -156,6 +156,20 @@ def _finish(out: TensorSummary, m: _Moments) -> None:
     out.l2 = math.sqrt(m.sq)
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP parameter's shard, or a norm over shards) as the whole tensor, which
+    every rank computes alike (a collective under FSDP); any other tensor as it is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The shard of a DTensor this rank holds (no collective), or the tensor itself: checks
+    whose outcome may differ between ranks must not run collectives on some ranks only."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def float_tensors(obj: object) -> list[torch.Tensor]:
     return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -166,11 +180,11 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     then does each tensor get the exact check."""
     if not tensors:
         return True
-    sums = [t.detach().sum(dtype=torch.float32) for t in tensors]
+    sums = [plain(t.detach().sum(dtype=torch.float32)) for t in tensors]
     total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device) for s in sums]).sum()
     if math.isfinite(float(total)):
         return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(plain(t)).all()) for t in tensors)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -178,11 +192,12 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     cheap. It is +Inf for finite tensors whose squares overflow; report ``exact_global_norm``."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    return plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
 def exact_global_norm(tensors: list[torch.Tensor]) -> float:
     """The same norm accumulated in float64, one tensor at a time: finite for finite tensors."""
+    tensors = [plain(t) for t in tensors]
     scale = max((summarize(t).max_abs for t in tensors if t.numel()), default=0.0)
     if not math.isfinite(scale) or scale == 0.0:
         return scale if math.isnan(scale) else 0.0

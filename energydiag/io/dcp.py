@@ -13,6 +13,7 @@ entries (param groups, counters) are pickles too and are not read at all.
 from __future__ import annotations
 
 import io
+import json
 import math
 import pickle
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from energydiag.errors import DiagError, first_line
+from energydiag.io.layout import SIDECAR
 from energydiag.io.state import MODEL_PREFIX, OPTIM_PREFIX
 
 METADATA = ".metadata"
@@ -200,3 +202,24 @@ def _our_name(fqn: str) -> str:
         if fqn.startswith(prefix):
             return OPTIM_PREFIX + fqn[len(prefix) :]
     return fqn if fqn.startswith(MODEL_PREFIX) else MODEL_PREFIX + fqn
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor, whole and under our names, and the Recorder's metadata beside the shards."""
+    reader = DcpReader(path)
+    return {name: reader.get(name) for name in reader.names}, load_sidecar(path)
+
+
+def load_sidecar(path: Path) -> dict[str, str]:
+    """``energydiag.json`` in a DCP folder the Recorder wrote (format, kind, step, param
+    groups), as string metadata like a safetensors header; empty for a foreign folder."""
+    sidecar = path / SIDECAR
+    if not sidecar.is_file():
+        return {}
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise DiagError(sidecar, "not a JSON object") from None
+    if not isinstance(raw, dict):
+        raise DiagError(sidecar, "not a JSON object")
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}

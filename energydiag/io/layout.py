@@ -20,6 +20,7 @@ CHECKPOINTS = "checkpoints"
 BATCHES = "batches"
 
 _STEP_FILE = re.compile(r"^step-(\d{8})\.safetensors$")
+_STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 _RANK_FILE = re.compile(r"^step-(\d{8})\.rank-(\d+)\.safetensors$")
 
 
@@ -38,7 +39,14 @@ def step_file(step: int) -> str:
     return f"step-{step:08d}.safetensors"
 
 
+SIDECAR = "energydiag.json"  # our metadata inside a torch.distributed.checkpoint folder
+
+
 def checkpoint_path(root: Path, step: int) -> Path:
+    """The step's checkpoint: a safetensors file, or (a sharded run) a DCP folder."""
+    folder = Path(root) / CHECKPOINTS / step_file(step).removesuffix(".safetensors")
+    if (folder / ".metadata").is_file():
+        return folder
     return Path(root) / CHECKPOINTS / step_file(step)
 
 
@@ -47,6 +55,11 @@ def batch_path(root: Path, step: int, rank: int | None = None) -> Path:
     if rank is not None:
         name = name.replace(".safetensors", f".rank-{rank}.safetensors")
     return Path(root) / BATCHES / name
+
+
+def _dcp_folder(path: Path) -> re.Match | None:
+    match = _STEP_FOLDER.match(path.name)
+    return match if match and (path / ".metadata").is_file() else None
 
 
 def metrics_path(root: Path, rank: int | None = None) -> Path:
@@ -60,7 +73,7 @@ def steps_in(folder: Path, rank: int | None = None) -> list[int]:
     if not folder.is_dir():
         return []
     if rank is None:
-        found = (_STEP_FILE.match(p.name) for p in folder.iterdir())
+        found = (_STEP_FILE.match(p.name) or _dcp_folder(p) for p in folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
     ranked = (_RANK_FILE.match(p.name) for p in folder.iterdir())
     return sorted(int(m.group(1)) for m in ranked if m and int(m.group(2)) == rank)

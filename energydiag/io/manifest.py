@@ -31,8 +31,9 @@ _KEYS = {
     "step",
     "scaler",
     "distributed",
+    "parallelize",
 }
-PARALLELISM = ("ddp",)
+PARALLELISM = ("ddp", "fsdp")
 SCALER_KEYS = {"init_scale", "growth_factor", "backoff_factor", "growth_interval"}
 
 
@@ -81,6 +82,8 @@ class Manifest:
     scaler: dict[str, float] | None = None  # GradScaler settings when the run used one
     # {"world_size": W, "backend": "gloo"|"nccl", "parallelism": "ddp"} for a multi-rank run
     distributed: dict[str, Any] | None = None
+    # for FSDP: 'pkg.mod:fn', fn(model) shards a freshly built model as the run did
+    parallelize: str | None = None
     format: str = FORMAT
 
     @property
@@ -173,6 +176,12 @@ def _version_checks(raw: dict[str, Any]) -> Iterator[tuple[bool, str]]:
             f"a parallelism ({', '.join(PARALLELISM)})"
         ),
     )
+    sharded = isinstance(dist, dict) and dist.get("parallelism") == "fsdp"
+    parallelize = raw.get("parallelize")
+    yield (
+        (parallelize is None and not sharded) or import_string(parallelize),
+        "parallelize must be an import string 'package.module:fn' (required for an FSDP run)",
+    )
     yield (
         (dist is None) == (raw.get("format") == FORMAT),
         (
@@ -201,6 +210,7 @@ def _build(raw: dict[str, Any]) -> Manifest:
         step=raw.get("step"),
         scaler=None if scaler is None else dict(scaler),
         distributed=None if raw.get("distributed") is None else dict(raw["distributed"]),
+        parallelize=raw.get("parallelize"),
         format=raw["format"],
     )
 

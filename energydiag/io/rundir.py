@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from energydiag.errors import DiagError
+from energydiag.io.dcp import is_dcp, load_sidecar, load_state
 from energydiag.io.layout import (
     BATCHES,
     CHECKPOINTS,
@@ -184,7 +185,8 @@ class Run:
             return parse_groups(path, read_metadata(path), HYPERPARAMETERS)
         if step in set(self.checkpoint_steps):
             path = self._inside(checkpoint_path(self.root, step))
-            return parse_groups(path, read_metadata(path), "param_groups")
+            meta = load_sidecar(path) if is_dcp(path) else read_metadata(path)
+            return parse_groups(path, meta, "param_groups")
         return None
 
     def require_batches(self, start: int, stop: int) -> list[int]:
@@ -242,7 +244,7 @@ def load_checkpoint_file(path: Path) -> Checkpoint:
     torch.save'd .pt/.pth state dict (weights only)."""
     if is_pickle(path):
         return Checkpoint(-1, path, load_tensor_dict(path), {}, {})
-    tensors, meta = read_all(path)
+    tensors, meta = load_state(path) if is_dcp(path) else read_all(path)
     model, optim = split_state(tensors)
     if not model and not optim:
         model = tensors
