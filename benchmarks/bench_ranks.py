@@ -11,6 +11,7 @@ alike. Prints medians per step and their ratio, measured in one run.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import statistics
@@ -32,9 +33,7 @@ from energydiag.reference.models import EnergyModel
 from energydiag.reference.synthetic import batches
 
 
-def worker(rank: int, world: int, port: int, root: str, steps: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int, root: str, steps: int, out: dict) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     kwargs = TASK.model_shapes() | MODEL
@@ -87,7 +86,17 @@ def worker(rank: int, world: int, port: int, root: str, steps: int, out: dict) -
             replayed.append(time.perf_counter() - start)
     if rank == 0:
         out[world] = (statistics.median(plain), statistics.median(replayed))
-    dist.destroy_process_group()
+
+
+def ranked(rank: int, world: int, port: int, root: str, steps: int, out: dict) -> None:
+    """The process group around the measurement, freed after the DDP models it held."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, root, steps, out)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -101,7 +110,7 @@ def main(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for world in (1, 2):
             root = str(Path(tmp) / f"w{world}")
-            mp.spawn(worker, args=(world, free_port(), root, steps, results), nprocs=world)
+            mp.spawn(ranked, args=(world, free_port(), root, steps, results), nprocs=world)
     print(f"{'ranks':>5}  {'plain DDP step':>15}  {'replay step':>12}  ratio")
     for world in (1, 2):
         plain, replayed = results[world]

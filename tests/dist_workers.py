@@ -3,6 +3,8 @@ a training loop a user would write; energydiag only reads what it leaves on disk
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 from pathlib import Path
 
@@ -12,19 +14,32 @@ from torch import nn
 
 
 def init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A rank stuck in a collective prints where and exits, instead of hanging the test run.
+    faulthandler.dump_traceback_later(90, exit=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
-def fsdp_with_dcp_checkpoints(rank: int, world: int, port: int, out: str, blow_up_at: int) -> None:
+def run_rank(rank: int, world: int, port: int, loop, *args) -> None:
+    """One rank: its process group around the loop. The loop's objects (a DDP reducer, FSDP
+    state) are freed when it returns, before the group is destroyed; freed after, a reducer can
+    wait forever on a group that is gone."""
+    init(rank, world, port)
+    try:
+        loop(rank, *args)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def fsdp_with_dcp_checkpoints(rank: int, out: str, blow_up_at: int) -> None:
     """FSDP2 (fully_shard) on a small MLP; a DCP checkpoint every 2 steps; from ``blow_up_at``
     the learning rate is 1e4, so the weights explode (finite) and then go NaN."""
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    init(rank, world, port)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     for layer in (model[0], model[2]):
@@ -44,7 +59,6 @@ def fsdp_with_dcp_checkpoints(rank: int, world: int, port: int, out: str, blow_u
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    dist.destroy_process_group()
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -55,9 +69,7 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def ddp_recorded(
-    rank: int, world: int, port: int, out: str, plant_step: int, loss: str, sharded: bool = False
-) -> None:
+def ddp_recorded(rank: int, out: str, plant_step: int, loss: str, sharded: bool = False) -> None:
     """A hand-written DDP (or FSDP2) loop with the Recorder; at ``plant_step`` rank 1 alone gets
     a sample whose pad_mask masks every key."""
     from handloop import SMALL
@@ -67,7 +79,6 @@ def ddp_recorded(
     from energydiag.reference.models import EnergyModel
     from energydiag.reference.synthetic import Task, batches
 
-    init(rank, world, port)
     torch.manual_seed(0)
     model = EnergyModel(**SMALL)
     model = shard(model) if sharded else nn.parallel.DistributedDataParallel(model)
@@ -97,4 +108,3 @@ def ddp_recorded(
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             rec.end_step(value, grad_norm=norm)
             optimizer.step()
-    dist.destroy_process_group()

@@ -4,6 +4,7 @@ by one process, and multi-rank runs replay through the real collectives."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -32,8 +33,8 @@ def fsdp_checkpoints(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(
-        dist_workers.fsdp_with_dcp_checkpoints,
-        args=(2, free_port(), str(out), 6),
+        dist_workers.run_rank,
+        args=(2, free_port(), dist_workers.fsdp_with_dcp_checkpoints, str(out), 6),
         nprocs=2,
         join=True,
     )
@@ -105,8 +106,8 @@ def record_ddp(root, plant_step=-1, loss="inbatch_infonce", sharded=False):
     import dist_workers
 
     mp.spawn(
-        dist_workers.ddp_recorded,
-        args=(2, free_port(), str(root), plant_step, loss, sharded),
+        dist_workers.run_rank,
+        args=(2, free_port(), dist_workers.ddp_recorded, str(root), plant_step, loss, sharded),
         nprocs=2,
         join=True,
     )
@@ -285,3 +286,23 @@ def test_fsdp_nan_on_rank_1_is_localised(tmp_path):
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"
+
+
+def test_a_rank_that_fails_is_one_line(planted_on_rank_1, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(planted_on_rank_1, run)
+    ckpt = run / "checkpoints" / "step-00000004.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    result = CliRunner().invoke(app, ["replay", str(run), "--from-step", "4"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert re.search(r"replay rank [01] failed: .*not a readable safetensors", line)  # both fail
+    assert ckpt.name in line
+    late = CliRunner().invoke(app, ["replay", str(run), "--to-step", "99"])
+    assert late.exit_code == 2 and "the last logged batch is step 7" in late.stderr

@@ -3,13 +3,16 @@
 The processes are started by torchrun's own launcher (``torch.distributed.launcher``), so they
 see the environment torchrun gives (RANK, WORLD_SIZE, MASTER_ADDR...); a user who starts
 ``energydiag replay`` under torchrun themselves gets the same workers without a second launch.
-Each rank rebuilds the model from the checkpoint, wraps it in DDP and replays its own logged
-batches, so gradients are all-reduced and gathered negatives gathered for real. Ranks stop and
+Each rank rebuilds the model from the checkpoint, wraps it in DDP (or shards it with the run's
+own function) and replays its own logged batches, so gradients are all-reduced and gathered
+negatives gathered for real. Ranks stop and
 localise together; the report names the first rank, step, phase, module and op.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import uuid
 from datetime import timedelta
@@ -17,14 +20,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from energydiag import findings as rules
 from energydiag.analyses.replaying import replay_report
+from energydiag.engine.localise import PHASES
 from energydiag.engine.ranks import gather
+from energydiag.engine.replay import plan
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
 
-PHASE_ORDER = ("data", "state", "forward", "backward", "clip", "optimizer")
 TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
 
 
@@ -61,6 +66,8 @@ def replay_ranks(
         raise DiagError(
             None, f"--nproc {nproc}: the run was recorded by {run.manifest.world_size} rank(s)"
         )
+    for rank in range(nproc):  # what every rank will need, checked before anything starts
+        plan(Run(root, rank=rank), run.checkpoint_at_or_before(from_step), to_step)
     kind, note = placement(nproc, device)
     config = LaunchConfig(
         min_nodes=1,
@@ -72,11 +79,24 @@ def replay_ranks(
         max_restarts=0,
         monitor_interval=0.1,
     )
+    # All ranks are on this machine: gloo over loopback, whatever interface the hostname names.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level, quiet.level = quiet.level, logging.CRITICAL  # a rank's failure is reported below
     try:
         results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind, every)
-    except Exception as err:  # the launcher wraps any rank's failure in ChildFailedError
-        raise DiagError(None, f"a replay rank failed: {str(err).strip().splitlines()[0]}") from None
+    except ChildFailedError as err:
+        raise DiagError(None, _first_failure(err)) from None
+    finally:
+        quiet.setLevel(level)
     return merge(run, results[min(results)], note)
+
+
+def _first_failure(err: ChildFailedError) -> str:
+    rank, failure = min(err.failures.items())
+    message = failure.message
+    text = message.get("message", "") if isinstance(message, dict) else str(message)
+    return f"replay rank {rank} failed: " + (text.removeprefix("DiagError: ") or "no message")
 
 
 def rank_worker(
@@ -93,6 +113,8 @@ def rank_worker(
         run = Run(root, rank=dist.get_rank())
         return gather(replay_report(run, from_step, to_step, device=target, every=every).to_dict())
     finally:
+        # The replay's DDP/FSDP objects go first: one freed after its group can wait forever.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -117,7 +139,7 @@ def merge(run: Run, reports: list[dict], note: str | None) -> dict[str, Any]:
 
 def _phase(fault: dict[str, Any]) -> int:
     phase = fault.get("phase")
-    return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
+    return PHASES.index(phase) if phase in PHASES else len(PHASES)
 
 
 def _negatives(run: Run) -> rules.Finding | None:
