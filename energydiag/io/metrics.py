@@ -65,18 +65,21 @@ def _json(path: Path) -> pd.DataFrame:
         raise DiagError(path, f"not UTF-8 text (byte {err.start})") from None
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
-            return pd.DataFrame([{str(k): marked(v) for k, v in row.items()} for row in rows])
+            return pd.DataFrame([_row(row) for row in json.loads(text)])
         except (ValueError, RecursionError, AttributeError):
             raise DiagError(path, "not a JSON array of row objects") from None
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                rows.append({str(k): marked(v) for k, v in json.loads(line).items()})
+                rows.append(_row(json.loads(line)))
             except (ValueError, RecursionError, AttributeError):
                 raise DiagError(path, f"line {n} is not a JSON object") from None
     return pd.DataFrame(rows)
+
+
+def _row(obj: dict) -> dict[str, object]:
+    return {str(k): marked(v) for k, v in obj.items()}
 
 
 def _parquet(path: Path) -> pd.DataFrame:
@@ -91,7 +94,7 @@ def _parquet(path: Path) -> pd.DataFrame:
     except Exception as err:  # pyarrow raises its own ArrowInvalid and OSError kinds
         raise DiagError(path, f"not a readable parquet file ({first_line(err)})") from None
     columns = {
-        name: [None if v is None else marked(v) for v in table.column(name).to_pylist()]
+        name: [marked(v) for v in table.column(name).to_pylist()]  # None stays None
         for name in table.column_names
     }
     return pd.DataFrame(columns, dtype=object)
