@@ -103,3 +103,26 @@ def test_no_checkpoint_before_step(small_run):
     os.unlink(small_run / "checkpoints" / "step-00000000.safetensors")
     with pytest.raises(DiagError, match="no checkpoint at or before step 2"):
         Run(small_run).checkpoint_at_or_before(2)
+
+
+@pytest.mark.parametrize("command", ["replay", "whatif"])
+def test_random_bytes_as_rng_state_are_one_line_naming_the_batch(small_run, command):
+    """The right dtype and size, but not an mt19937 state: caught when the batch is read."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+    from energydiag.io.tensorfile import read_metadata
+
+    path = small_run / "batches" / "step-00000005.safetensors"
+    tensors, meta = load_file(str(path)), read_metadata(path)
+    key = next(k for k in tensors if k.endswith("cpu") and tensors[k].dtype == torch.uint8)
+    tensors[key] = torch.randint(
+        0, 256, tensors[key].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    save_file(tensors, str(path), metadata=meta)
+    args = [command, str(small_run), "--from-step", "4"]
+    args += ["--steps", "3", "--try", "lr*=0.5"] if command == "whatif" else []
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert "step-00000005.safetensors" in out.output and "generator state" in out.output

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from energydiag.analyses.whatif import parse_variant, whatif
 from energydiag.errors import DiagError
@@ -63,3 +64,40 @@ def test_unknown_head_path(fixtures_dir):
             [parse_variant("head=softplus")],
             head_path="nope.out",
         )
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(tmp_path_factory):
+    """A hand-written loop with a LambdaLR warm-up: the lr changes every step."""
+    from handloop import train
+
+    root = tmp_path_factory.mktemp("sched") / "run"
+
+    def ramp(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / 10)
+
+    train(root, steps=12, scheduler=ramp, checkpoint_every=4, lr=1e-2)
+    return Run(root)
+
+
+def test_lr_variants_override_the_recorded_schedule(scheduled_run):
+    variants = [parse_variant(t) for t in ("lr=0", "lr*=0.1", "lr=1e-1", "warmup=6")]
+    report = whatif(scheduled_run, 4, 6, variants)
+    by = {r.label: r for r in report.results}
+    base = by["baseline"]
+    assert base.lrs == pytest.approx([1e-2 * (s + 1) / 10 for s in range(4, 10)])
+    assert by["lr*=0.1"].lrs == pytest.approx([0.1 * lr for lr in base.lrs])
+    assert by["lr=0"].lrs == [0.0] * 6 and by["lr=1e-1"].lrs == pytest.approx([0.1] * 6)
+    # lr=0 freezes the parameters: every step sees the checkpoint's model, as with no update
+    assert by["lr=0"].losses == by["warmup=6"].losses
+    assert by["lr=0"].losses != base.losses
+    assert by["lr*=0.1"].losses[1:] != base.losses[1:]
+
+
+def test_tau_variant_measures_its_logit_spread_at_its_own_tau(fixtures_dir):
+    report = whatif(Run(fixtures_dir / "healthy"), 100, 1, [parse_variant("tau=2")])
+    by = {r.label: r for r in report.results}
+    base, variant = by["baseline"], by["tau=2"]
+    assert variant.energy_span == pytest.approx(base.energy_span)  # same model, same batch
+    assert variant.logit_spread == pytest.approx(variant.energy_span / 2)
+    assert base.logit_spread == pytest.approx(base.energy_span / 0.2)

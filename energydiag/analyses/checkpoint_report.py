@@ -24,9 +24,9 @@ from energydiag.analyses.checkpoint_stats import (
     checkpoint_stats,
 )
 from energydiag.analyses.timeline import GROWTH_LIMIT, growth
-from energydiag.io.dcp import is_dcp
+from energydiag.io.formats import Format, sniff
 from energydiag.io.rundir import Run, load_checkpoint_step
-from energydiag.io.torchfiles import is_pickle, open_reader
+from energydiag.io.torchfiles import open_reader
 
 NORM_OUTLIER = 100.0
 _STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
@@ -53,7 +53,7 @@ class CheckpointReport:
 
 def step_of(path: Path) -> int | None:
     """The step a checkpoint holds: its metadata, else the last number in its file name."""
-    step = -1 if is_pickle(path) or is_dcp(path) else load_checkpoint_step(path)
+    step = load_checkpoint_step(path) if sniff(path) is Format.SAFETENSORS else -1
     if step >= 0:
         return step
     found = _STEP_IN_NAME.search(path.name)

@@ -7,6 +7,7 @@ Variants are strings such as "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "cl
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,7 @@ def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
 class VariantResult:
     label: str
     losses: list[float]
+    lrs: list[float]  # the first param group's lr as applied at each replayed step
     loss_start: float | None
     loss_end: float | None
     relative_drop: float | None  # None when the variant went non-finite or raised
@@ -140,6 +142,7 @@ def whatif(
         for i, batch in enumerate(batches):
             in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
             rows.append(run_step(session, batch, DEFAULT, update=not in_warmup))
+            rows[-1]["lr"] = float(session.optimizer.param_groups[0]["lr"])
             if progress:
                 progress(variant.label, batch.step)
             if not rows[-1]["finite"]:
@@ -162,6 +165,8 @@ def _head_to_swap(run, start, device, override, batch, variants) -> str | None:
     if override is None:
         try:
             found = find_head(model, batch.on(device))
+        except DiagError:  # a damaged file is named, not mistaken for a headless model
+            raise
         except Exception:  # a model that raises on the batch: the user names the head
             found = None
         override = head_module(model, found, None)
@@ -177,10 +182,17 @@ def _head_to_swap(run, start, device, override, batch, variants) -> str | None:
 def _apply(v: Variant, session: Session, head_path: str | None) -> None:
     if v.head and head_path:
         _swap_module(session.model, head_path, make_head(v.head).to(session.device))
-    for group in session.optimizer.param_groups:
-        group["lr"] = (v.lr if v.lr is not None else group["lr"]) * v.lr_scale
+    if v.lr is not None or v.lr_scale != 1.0:
+        session.adjust_hyperparameters = functools.partial(_variant_lr, v)
     if v.clip != "unchanged":
         session.grad_clip = v.clip
+
+
+def _variant_lr(v: Variant, step: int, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The variant's lr on top of each step's recorded schedule: ``lr=`` replaces it, ``lr*=``
+    scales the recorded value of that very step (a warm-up stays a warm-up, only smaller)."""
+    del step
+    return [g | {"lr": (v.lr if v.lr is not None else g["lr"]) * v.lr_scale} for g in groups]
 
 
 def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -207,6 +219,7 @@ def _summarise(label: str, rows: list[dict[str, Any]], input_layer: str) -> Vari
     return VariantResult(
         label,
         losses,
+        [r["lr"] for r in rows if "lr" in r],
         start,
         end,
         drop,

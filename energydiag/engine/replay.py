@@ -175,7 +175,7 @@ def run_step(
         "param_norm": global_norm(params).float(),
     }
     for q in measured:
-        scalars |= q.compute(session.model, result, session.run.manifest.loss.kwargs.get("tau"))
+        scalars |= q.compute(session.model, result, session.loss_kwargs.get("tau"))
     row = {"step": batch.step, **_synced(scalars, result.loss.device)}
     row["finite"] = all(math.isfinite(row[k]) for k in CHEAP)
     if scale is not None:

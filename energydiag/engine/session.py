@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +16,15 @@ from energydiag.engine.sharded import load_sharded
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
 from energydiag.errors import DiagError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
-from energydiag.io.state import apply_hyperparameters, optimizer_state_dict, restore_rng
+from energydiag.io.state import (
+    apply_hyperparameters,
+    hyperparameters,
+    optimizer_state_dict,
+    restore_rng,
+)
+
+Groups = list[dict[str, object]]
+HyperparameterRule = Callable[[int, Groups], Groups]
 
 
 @dataclass
@@ -33,6 +41,11 @@ class Session:
     optimizer_state: bool = True  # False when the checkpoint held none (a converted run)
     scaler: torch.amp.GradScaler | None = None
     compute_dtype: torch.dtype | None = None  # float inputs cast to this (the precision ladder)
+    loss_kwargs: dict[str, object] = field(default_factory=dict)  # as bound, overrides included
+    # A what-if's change to the schedule: (step, recorded groups) -> groups to apply. Applied
+    # after the recording, so a variant's lr is not overwritten by the recorded one.
+    adjust_hyperparameters: HyperparameterRule | None = None
+    base_hyperparameters: list[dict[str, object]] = field(default_factory=list)
 
     def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return batch.on(self.device, self.compute_dtype)
@@ -72,6 +85,10 @@ class Session:
     def prepare(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Put the optimizer's recorded hyperparameters and the step's RNG state in place."""
         recorded = batch.hyperparameters
+        if self.adjust_hyperparameters is not None:
+            recorded = self.adjust_hyperparameters(
+                batch.step, recorded or self.base_hyperparameters
+            )
         if recorded is not None:
             try:
                 apply_hyperparameters(self.optimizer, recorded)
@@ -135,6 +152,8 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         step_fn,
         bool(ckpt.optim) or "param_groups" in ckpt.meta,  # an empty state is still a state
         _scaler(manifest.scaler, device),
+        loss_kwargs={**manifest.loss.kwargs, **loss_overrides},
+        base_hyperparameters=hyperparameters(optimizer),
     )
 
 

@@ -153,7 +153,7 @@ def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
         "whatif.best",
         "info",
         f"'{best['label']}' lowers the loss by {best['relative_drop']:.1%} over the window; the "
-        f"baseline moves {base['relative_drop']:.1%}",
+        f"baseline's loss {_movement(base['relative_drop'])}",
         f"apply '{best['label']}' to the training configuration and confirm on a longer run",
         {
             "best": best["label"],
@@ -161,6 +161,13 @@ def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
             "best_drop": best["relative_drop"],
         },
     )
+
+
+def _movement(drop: float | None) -> str:
+    """A relative change said the way it went: a rise is never printed as a drop."""
+    if drop is None:
+        return "did not stay finite"
+    return f"falls {drop:.1%}" if drop >= 0 else f"rises {-drop:.1%}"
 
 
 def whatif_failures(results: list[dict[str, Any]]) -> Finding | None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from energydiag.errors import DiagError
-from energydiag.io.dcp import is_dcp, load_sidecar, load_state
+from energydiag.io.dcp import load_sidecar, load_state
+from energydiag.io.formats import Format, sniff
 from energydiag.io.layout import (
     BATCHES,
     CHECKPOINTS,
@@ -32,7 +33,7 @@ from energydiag.io.layout import (
 from energydiag.io.manifest import Manifest, read_manifest
 from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
-from energydiag.io.torchfiles import is_pickle, load_tensor_dict
+from energydiag.io.torchfiles import load_tensor_dict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,7 +186,7 @@ class Run:
             return parse_groups(path, read_metadata(path), HYPERPARAMETERS)
         if step in set(self.checkpoint_steps):
             path = self._inside(checkpoint_path(self.root, step))
-            meta = load_sidecar(path) if is_dcp(path) else read_metadata(path)
+            meta = load_sidecar(path) if sniff(path) is Format.DCP else read_metadata(path)
             return parse_groups(path, meta, "param_groups")
         return None
 
@@ -242,9 +243,9 @@ class Run:
 def load_checkpoint_file(path: Path) -> Checkpoint:
     """Any checkpoint: ours (model.* / optim.* prefixes), a bare safetensors state dict, or a
     torch.save'd .pt/.pth state dict (weights only)."""
-    if is_pickle(path):
+    if sniff(path).is_torch_save:
         return Checkpoint(-1, path, load_tensor_dict(path), {}, {})
-    tensors, meta = load_state(path) if is_dcp(path) else read_all(path)
+    tensors, meta = load_state(path) if sniff(path) is Format.DCP else read_all(path)
     model, optim = split_state(tensors)
     if not model and not optim:
         model = tensors
@@ -257,7 +258,7 @@ def load_checkpoint_file(path: Path) -> Checkpoint:
 
 def load_checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at, from its metadata (-1 when it does not say)."""
-    if is_pickle(path):
+    if sniff(path).is_torch_save:
         return -1
     step = read_metadata(path).get("step", "")
     parsed = parse_step(step)
@@ -265,7 +266,7 @@ def load_checkpoint_step(path: Path) -> int:
 
 
 def load_batch_file(path: Path, step: int | None = None) -> Batch:
-    tensors, meta = (load_tensor_dict(path), {}) if is_pickle(path) else read_all(path)
+    tensors, meta = (load_tensor_dict(path), {}) if sniff(path).is_torch_save else read_all(path)
     rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
     data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
     validate_batch(path, data)
@@ -323,11 +324,22 @@ def validate_rng(path: Path, rng: dict[str, torch.Tensor]) -> None:
             f"'{RNG_PREFIX}cpu' must be uint8 {list(expected.shape)} (torch.get_rng_state()), "
             f"got {str(cpu.dtype).replace('torch.', '')} {list(cpu.shape)}",
         )
+    if cpu is not None and not _valid_generator_state(cpu):
+        raise DiagError(path, f"'{RNG_PREFIX}cpu' is not a valid generator state (corrupt bytes)")
     for key, state in rng.items():
         if key.startswith(RNG_PREFIX + "cuda.") and (
             state.dtype != torch.uint8 or state.dim() != 1
         ):
             raise DiagError(path, f"'{key}' must be a 1-D uint8 generator state")
+
+
+def _valid_generator_state(state: torch.Tensor) -> bool:
+    """Right size is not enough: mt19937 checks its own words, and would fail mid-replay."""
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_step(path: Path, meta: dict[str, str], step: int) -> None:

@@ -17,21 +17,12 @@ from pathlib import Path
 import torch
 
 from energydiag.errors import DiagError, first_line
+from energydiag.io.formats import Format, sniff
 from energydiag.io.state import plain_key
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
 MAX_WRAPPING = 8  # {'state_dict': {'model': ...}} is common; a dict containing itself is not
-
-
-def is_pickle(path: Path) -> bool:
-    """A torch.save file, by content rather than suffix (.pt, .pth, .bin, .ckpt alike): a zip
-    archive (torch >= 1.6) or a raw pickle (legacy). Safetensors files start with a length."""
-    if not Path(path).is_file():
-        return False
-    with Path(path).open("rb") as handle:
-        head = handle.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -156,13 +147,14 @@ class PickleReader:
 def open_reader(path: Path) -> Iterator[object]:
     """A reader for safetensors (streamed), torch.save files (weights-only), by content, or a
     torch.distributed.checkpoint folder (one tensor at a time)."""
-    from energydiag.io.dcp import DcpReader, is_dcp
+    from energydiag.io.dcp import DcpReader
     from energydiag.io.tensorfile import reader
 
-    if is_dcp(path):
+    kind = sniff(path)
+    if kind is Format.DCP:
         yield DcpReader(path)
         return
-    if is_pickle(path):
+    if kind.is_torch_save:
         yield PickleReader(path)
         return
     with reader(path) as r:
