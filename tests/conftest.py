@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+# Piped output takes $COLUMNS; the rendered-output tests read 120-column tables wherever they run
+# (pytest-xdist workers inherit a terminal's width, or 80).
+os.environ["COLUMNS"] = "120"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -156,10 +157,13 @@ def test_replay_command_launches_the_ranks(planted_on_rank_1):
 
     from energydiag.cli import app
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     result = CliRunner().invoke(
         app, ["replay", str(planted_on_rank_1), "--from-step", "4", "--json"]
     )
     assert result.exit_code == 1
+    # the launcher's own SIGTERM handler would outlive it and make a test session unstoppable
+    assert handlers == {sig: signal.getsignal(sig) for sig in handlers}
     assert json.loads(result.stdout)["fault"]["rank"] == 1
     wrong = CliRunner().invoke(app, ["replay", str(planted_on_rank_1), "--nproc", "3"])
     assert wrong.exit_code == 2 and "recorded by 2 rank(s)" in wrong.stderr

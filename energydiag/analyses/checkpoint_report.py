@@ -25,7 +25,7 @@ from energydiag.analyses.checkpoint_stats import (
 )
 from energydiag.analyses.timeline import GROWTH_LIMIT, growth
 from energydiag.io.formats import Format, sniff
-from energydiag.io.rundir import Run, load_checkpoint_step
+from energydiag.io.rundir import load_checkpoint_step
 from energydiag.io.torchfiles import open_reader
 
 NORM_OUTLIER = 100.0
@@ -123,13 +123,3 @@ def _eps_lost_in(stats: CheckpointStats) -> list[str]:
     eps = adam_eps(stats.metadata)
     halves = {t.dtype for t in stats.tensors if t.group == "model"} & {"float16", "bfloat16"}
     return sorted(d for d in halves if float(torch.tensor(eps, dtype=getattr(torch, d))) == 0.0)
-
-
-def latest_against_first(run: Run) -> CheckpointReport | None:
-    """The run's latest checkpoint, whatever batches were logged, compared with its first (two
-    streamed reads); None with fewer than two checkpoints."""
-    paths = run.checkpoint_paths()
-    steps = sorted(paths)
-    if len(steps) < 2:
-        return None
-    return checkpoint_report(paths[steps[-1]], run.manifest.autocast_dtype, paths[steps[0]])

@@ -9,7 +9,6 @@ to replay says so.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,23 @@ import torch
 
 from energydiag import findings as rules
 from energydiag.analyses.bisection import bisect_checkpoints
-from energydiag.analyses.checkpoint_report import latest_against_first
-from energydiag.analyses.curves import analyse, run_bounds, trend
-from energydiag.analyses.inspection import inspect
+from energydiag.analyses.case import Case
+from energydiag.analyses.checkpoint_report import checkpoint_report
+from energydiag.analyses.curves import trend
 from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
-from energydiag.io.layout import MANIFEST, checkpoint_path
+from energydiag.io.layout import MANIFEST
 from energydiag.io.rundir import Run
 
-MIN_CURVE_POINTS = 5
 WEIGHT_FAILURES = ("checkpoint.nonfinite", "checkpoint.exploded", "checkpoint.grown")
+TIMELINE = ("timeline.exploded", "timeline.nonfinite")
+NONFINITE_WEIGHTS = ("checkpoint.nonfinite", "timeline.nonfinite")
+EXPLODED_WEIGHTS = ("checkpoint.exploded", "checkpoint.grown", "timeline.exploded")
+
+
+FAILED_VERDICTS = ("non-finite", "exploded", "stalled")
 
 
 @dataclass
@@ -40,35 +44,60 @@ class Diagnosis:
     loss_end: float | None
     fault: Fault | None
     findings: list[rules.Finding] = field(default_factory=list)
+    inspected_step: int | None = None  # the checkpoint whose batch was run (the last healthy one)
+
+    @property
+    def failed(self) -> bool:
+        """Exit 1: a fault, an error finding, or a failing verdict. A healthy run with warnings,
+        or one that could not be fully checked ("unchecked"), is not a failure."""
+        return (
+            self.fault is not None
+            or rules.has_error(self.findings)
+            or self.verdict.startswith(FAILED_VERDICTS)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.run,
             "verdict": self.verdict,
+            "failed": self.failed,
             "loss_start": self.loss_start,
             "loss_end": self.loss_end,
             "fault": self.fault.to_dict() if self.fault else None,
+            "inspected_step": self.inspected_step,
             "findings": [f.to_dict() for f in self.findings],
         }
 
 
-def diagnose(run: Run, device: torch.device | None = None) -> Diagnosis:
+def diagnose(run: Run, device: torch.device | None = None, case: Case | None = None) -> Diagnosis:
+    case = case or Case(run, device)
     losses = run.logged()
     start, end = trend(list(losses.values())) or (None, None)
+    causes = _schedule_causes(case)
     failed = run.first_failure()
     if failed is not None:
-        return _failed(run, failed, start, end, device)
-    found = _curve(run, losses) + _weights(run) + _inspected(run, device)
+        result = _failed(run, failed, start, end, device)
+        result.findings = rules.ranked([*causes, *result.findings])
+        return result
+    found = (case.curve.findings if case.curve else []) + _weights(case) + _inspected(case) + causes
     verdict = "healthy"
-    if any(rules.has_code(found, code) for code in WEIGHT_FAILURES[1:]):
+    if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):
         verdict = "exploded"
-    elif rules.has_code(found, WEIGHT_FAILURES[0]):
+    elif any(rules.has_code(found, code) for code in NONFINITE_WEIGHTS):
         verdict = "non-finite"
     elif rules.has_error(found):
         verdict = "stalled"
     elif not run.checkpoints_with_batches:
         verdict = "unchecked"
-    return Diagnosis(str(run.root), verdict, start, end, None, rules.ranked(found))
+    return Diagnosis(
+        str(run.root), verdict, start, end, None, rules.ranked(found), case.inspected_step
+    )
+
+
+def _schedule_causes(case: Case) -> list[rules.Finding]:
+    evidence = case.schedule.to_dict()
+    found = [rules.lr_beyond_reference(evidence), rules.decoupled_decay_unstable(evidence)]
+    return [f for f in found if f is not None]
 
 
 def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
@@ -110,33 +139,31 @@ def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
     return Diagnosis(str(run.root), verdict, start, end, fault, found)
 
 
-def _curve(run: Run, losses: dict[int, float]) -> list[rules.Finding]:
-    if sum(math.isfinite(v) for v in losses.values()) < MIN_CURVE_POINTS:
+def _weights(case: Case) -> list[rules.Finding]:
+    """Every checkpoint on the timeline; the one the run is judged by (its first non-finite,
+    else its most grown) against the first for the layer-level detail; when the weights broke,
+    a checkpoint-only bisect names the interval (O(log n) more)."""
+    line = case.timeline
+    worst = line.worst() if line else None
+    if worst is None:
         return []
-    try:
-        bounds = run_bounds(run)
-    except DiagError:
-        bounds = None
-    return analyse(run.metrics(), "loss", bounds=bounds).findings
-
-
-def _weights(run: Run) -> list[rules.Finding]:
-    """The latest checkpoint against the first (two streamed reads); when the weights exploded
-    or broke, a checkpoint-only bisect names the interval (O(log n) more)."""
-    latest = latest_against_first(run)
-    broken = [f for f in latest.findings if f.code in WEIGHT_FAILURES] if latest else []
+    run = case.run
+    paths = run.checkpoint_paths()
+    judged = checkpoint_report(
+        paths[worst.step], run.manifest.autocast_dtype, paths[min(paths)]
+    ).findings
+    broken = [f for f in [*judged, *line.findings] if f.code in WEIGHT_FAILURES + TIMELINE]
     if not broken:
         return []
-    search = bisect_checkpoints(run.checkpoint_paths(), predicate="any")
+    search = bisect_checkpoints(paths, predicate="any")
     interval = rules.weights_broke_between(search.last_good, search.first_bad_checkpoint)
     return rules.ranked([interval, *broken])
 
 
-def _inspected(run: Run, device: torch.device | None) -> list[rules.Finding]:
-    with_batch = run.checkpoints_with_batches
-    if not with_batch:
-        return [rules.no_batches(run.checkpoint_steps)]
-    return inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device).findings
+def _inspected(case: Case) -> list[rules.Finding]:
+    if case.inspected_step is None:
+        return [rules.no_batches(case.run.checkpoint_steps)]
+    return case.inspection.findings
 
 
 def diagnose_folder(folder: Path) -> list[Diagnosis]:

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from energydiag.analyses.checkpoint_report import latest_against_first
-from energydiag.analyses.curves import analyse, trend
-from energydiag.analyses.inspection import inspect
+from energydiag.analyses.case import Case
+from energydiag.analyses.curves import CurveReport, trend
 from energydiag.analyses.replaying import replay_report
+from energydiag.analyses.timeline import Timeline
 from energydiag.io.check_config import CheckConfig
-from energydiag.io.layout import checkpoint_path
 from energydiag.io.rundir import Run
 
 PASS, FAIL, SKIP = "passed", "failed", "skipped"
@@ -66,8 +65,9 @@ class CheckReport:
 
 
 def measure(
-    run: Run, steps: int | None = None, device: torch.device | None = None
+    run: Run, steps: int | None = None, device: torch.device | None = None, case: Case | None = None
 ) -> dict[str, Any]:
+    case = case or Case(run, device)
     m: dict[str, Any] = {}
     losses = run.logged("loss")
     if losses:
@@ -77,30 +77,37 @@ def measure(
         if ends:
             m["loss_start"], m["loss_end"] = ends
             m["loss_drop"] = (ends[0] - ends[1]) / abs(ends[0]) if ends[0] else 0.0
-        curve = analyse(run.metrics(), "loss")
-        # non-finite values are the no_nonfinite check's; this one is about the curve's shape
-        m["curve_errors"] = [
-            f.code for f in curve.findings if f.severity == "error" and f.code != "curve.nonfinite"
-        ]
-        longest = max(curve.plateaus, key=lambda p: p.length, default=None)
-        m["plateau_steps"] = longest.length if longest else 0
-        points = sum(longest.start <= s <= longest.end for s in losses) if longest else 0
-        m["plateau_fraction"] = points / len(losses)
+    if case.curve:
+        m |= _curve(case.curve, losses)
     norms = [v for v in run.logged("grad_norm").values() if math.isfinite(v)]
     if norms:
         m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
-    m |= _weights(run) | _inspected(run, device)
+    m |= _weights(case.timeline) | _inspected(case)
     if steps:
         m |= _replayed(run, steps, device)
     return m
 
 
-def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
-    with_batch = run.checkpoints_with_batches
-    if not with_batch:
+def _curve(curve: CurveReport, losses: dict[int, float]) -> dict[str, Any]:
+    """The curve against the run's chance and floor, as diagnose reads it: a noisy stall at
+    log B is a plateau at chance here too."""
+    longest = max(curve.plateaus, key=lambda p: p.length, default=None)
+    points = sum(longest.start <= s <= longest.end for s in losses) if longest else 0
+    return {
+        # non-finite values are the no_nonfinite check's; this one is about the curve's shape
+        "curve_errors": [
+            f.code for f in curve.findings if f.severity == "error" and f.code != "curve.nonfinite"
+        ],
+        "plateau_steps": longest.length if longest else 0,
+        "plateau_fraction": points / len(losses),
+    }
+
+
+def _inspected(case: Case) -> dict[str, Any]:
+    report = case.inspection
+    if report is None:
         return {}
-    report = inspect(checkpoint_path(run.root, with_batch[-1]), run.root, device=device)
-    out: dict[str, Any] = {"inspected_step": with_batch[-1]}
+    out: dict[str, Any] = {"inspected_step": case.inspected_step}
     if report.batch:
         e = report.batch.energy
         out["energy_span"] = e["energy_max"] - e["energy_min"]
@@ -116,16 +123,17 @@ def _inspected(run: Run, device: torch.device | None) -> dict[str, Any]:
     return out
 
 
-def _weights(run: Run) -> dict[str, Any]:
-    latest = latest_against_first(run)
-    if latest is None:
+def _weights(line: Timeline | None) -> dict[str, Any]:
+    """Every checkpoint judged, not only the latest: a run whose last checkpoint is all NaN has
+    no finite layer left to measure growth on, while an earlier one may have grown ×1e9."""
+    worst = line.worst() if line else None
+    if worst is None:
         return {}
-    history = latest.history or {}
     return {
-        "weights_step": latest.step,
-        "checkpoint_nonfinite": sum(t.nonfinite for t in latest.tensors),
-        "exploded_layers": len(latest.stats.exploded()),
-        "growth_since_first": history.get("growth", 1.0),
+        "weights_step": worst.step,
+        "checkpoint_nonfinite": worst.nonfinite,
+        "exploded_layers": max(line.exploded_layers(), default=0),
+        "growth_since_first": max(r.growth_since_first for r in line.rows if r.readable),
     }
 
 

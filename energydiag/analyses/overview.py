@@ -2,7 +2,7 @@
 
 The page is the diagnosis (verdict, first fault, ranked findings), the loss curve with its
 bounds and marked segments, the weights and gradient averages over the checkpoints, and the
-inspection of the latest checkpoint that has a logged batch (energy matrix, saturation). Each
+inspection of the last healthy checkpoint that has a logged batch (energy matrix, saturation). Each
 part is the very ``to_dict`` of its command; a part that cannot be made (no metric log, no
 batch) is None with the reason in ``notes``, so the page can say what is missing.
 """
@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
+from energydiag.analyses.case import Case
 from energydiag.analyses.curves import curve_report
 from energydiag.analyses.diagnosis import diagnose
-from energydiag.analyses.inspection import inspect
-from energydiag.analyses.timeline import timeline
+from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
-from energydiag.io.layout import checkpoint_path
 from energydiag.io.rundir import Run
 
 PARTS = ("diagnosis", "curves", "timeline", "inspect")
@@ -28,11 +27,14 @@ PARTS = ("diagnosis", "curves", "timeline", "inspect")
 def overview(
     run: Run, device: torch.device | None = None, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
+    """One Case, every part a view of it: the page's diagnosis, timeline and inspection are the
+    very objects ``diagnose`` judged, not recomputed their own way."""
+    case = Case(run, device)
     makers: dict[str, Callable[[], Any]] = {
-        "diagnosis": lambda: diagnose(run, device),
+        "diagnosis": lambda: diagnose(run, device, case),
         "curves": lambda: curve_report(run.root),
-        "timeline": lambda: timeline(run.checkpoint_paths(), run.manifest.autocast_dtype),
-        "inspect": lambda: _latest_inspection(run, device),
+        "timeline": lambda: case.timeline or _no_timeline(run),
+        "inspect": lambda: case.inspection or _no_inspection(run),
     }
     result: dict[str, Any] = {"run": str(run.root), "notes": []}
     for part, make in makers.items():
@@ -45,14 +47,13 @@ def overview(
                 raise
             result[part] = None
             result["notes"].append(f"{part}: {err}")
+    result["notes"].extend(case.notes)
     return result
 
 
-def _latest_inspection(run: Run, device: torch.device | None):
-    """The latest checkpoint with a batch that the run had not yet failed at: after a failure
-    the weights are NaN and there is nothing left to look at."""
-    failed = run.first_failure()
-    usable = [s for s in run.checkpoints_with_batches if failed is None or s <= failed]
-    if not usable:
-        raise DiagError(run.root, "no checkpoint before the failure has a logged batch to run")
-    return inspect(checkpoint_path(run.root, usable[-1]), run.root, device=device)
+def _no_timeline(run: Run) -> Timeline:
+    return timeline(run.checkpoint_paths(), run.manifest.autocast_dtype)  # one checkpoint
+
+
+def _no_inspection(run: Run) -> None:
+    raise DiagError(run.root, "no checkpoint before the failure has a logged batch to run")

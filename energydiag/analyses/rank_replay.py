@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from energydiag.engine.replay import plan
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
 
 
@@ -83,12 +85,15 @@ def replay_ranks(
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     quiet = logging.getLogger("torch.distributed.elastic")
     level, quiet.level = quiet.level, logging.CRITICAL  # a rank's failure is reported below
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind, every)
     except ChildFailedError as err:
         raise DiagError(None, _first_failure(err)) from None
     finally:
         quiet.setLevel(level)
+        for sig, handler in handlers.items():  # the launcher leaves its own handlers installed
+            signal.signal(sig, handler)
     return merge(run, results[min(results)], note)
 
 

@@ -69,3 +69,62 @@ def _abrupt(before: float, after: float, factor: float, direction: int) -> bool:
         return False  # a warm-up starting from 0 is not a spike
     ratio = abs(after / before)
     return ratio >= factor if direction > 0 else ratio <= 1 / factor
+
+
+@dataclass
+class ScheduleEvidence:
+    """The learning-rate trajectory a run actually used, against what it was configured with.
+
+    ``lr``: step -> the largest lr over param groups, from the metric log (the Recorder logs it
+    every step), each logged batch and each checkpoint. ``reference``: what the lr was meant to
+    be: the scheduler's ``initial_lr`` when recorded, else the optimizer's configured lr.
+    """
+
+    lr: dict[int, float]
+    reference: float | None
+    reference_source: str
+    weight_decay: float
+    decoupled: bool  # AdamW (or decoupled_weight_decay=True): weights *= 1 - lr * wd each step
+    jumps: list[Jump]
+
+    def peak(self) -> tuple[int, float] | None:
+        finite = [(s, v) for s, v in self.lr.items() if math.isfinite(v)]
+        return max(finite, key=lambda item: item[1]) if finite else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"jumps": [j.to_dict() for j in self.jumps]}
+
+
+def schedule_evidence(run: Run) -> ScheduleEvidence:
+    recorded = history(run)
+    lr = {s: _largest(groups, "lr") for s, groups in recorded.items()}
+    lr = {s: v for s, v in lr.items() if v is not None}
+    logged = run.logged("lr")
+    lr |= {s: v for s, v in logged.items() if s not in lr}
+    groups = [g for gs in recorded.values() for g in gs]
+    kwargs = run.manifest.optimizer.kwargs
+    initial = _largest(groups, "initial_lr")
+    configured = kwargs.get("lr") if _number(kwargs.get("lr")) else None
+    decay = _largest(groups, "weight_decay")
+    decay = decay if decay is not None else float(kwargs.get("weight_decay", 0.0) or 0.0)
+    decoupled = run.manifest.optimizer.name == "AdamW" or any(
+        g.get("decoupled_weight_decay") is True for g in groups
+    )
+    return ScheduleEvidence(
+        dict(sorted(lr.items())),
+        initial if initial is not None else configured,
+        "initial_lr" if initial is not None else "configured" if configured else "none",
+        decay,
+        decoupled,
+        jumps(recorded),
+    )
+
+
+def _largest(groups: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(g[key]) for g in groups if _number(g.get(key))]
+    return max(values) if values else None
+
+
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """What decoupled weight decay multiplies every weight by in one step."""
+    return 1.0 - lr * weight_decay

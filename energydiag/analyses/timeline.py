@@ -43,6 +43,15 @@ class TimelineRow:
     def exploded(self) -> bool:
         return self.readable and self.growth_since_first >= GROWTH_LIMIT
 
+    @property
+    def state(self) -> str:
+        """One word per checkpoint, worst first: a NaN checkpoint is never merely 'not exploded'."""
+        if not self.readable:
+            return "unreadable"
+        if self.nonfinite:
+            return "non-finite"
+        return "exploded" if self.exploded else "ok"
+
 
 @dataclass
 class Timeline:
@@ -54,8 +63,33 @@ class Timeline:
     layer_grad: dict[str, list[float | None]] = field(default_factory=dict)
     findings: list[rules.Finding] = field(default_factory=list)
 
+    def worst(self) -> TimelineRow | None:
+        """The checkpoint to judge a run by: its first non-finite one, else its most grown one
+        (not simply the latest, which after a blow-up holds no finite layer to measure)."""
+        readable = [r for r in self.rows if r.readable]
+        broken = next((r for r in readable if r.nonfinite), None)
+        return broken or max(readable, key=lambda r: r.growth_since_first, default=None)
+
+    def healthy(self, steps: list[int]) -> list[int]:
+        """Those of ``steps`` whose checkpoint is finite and not exploded."""
+        ok = {r.step for r in self.rows if r.state == "ok"}
+        return [s for s in steps if s in ok]
+
+    def exploded_layers(self) -> list[int]:
+        """Per checkpoint, how many layers grew ×GROWTH_LIMIT or more since the first one."""
+        counts = [0] * len(self.rows)
+        for series in self.layers.values():
+            first = series[0] if series else None
+            if first is None or not math.isfinite(first) or first <= 0:
+                continue  # as growth(): a layer that started at zero has no ratio
+            for i, value in enumerate(series):
+                counts[i] += (
+                    value is not None and math.isfinite(value) and value / first >= GROWTH_LIMIT
+                )
+        return counts
+
     def to_dict(self) -> dict[str, Any]:
-        rows = [asdict(r) | {"exploded": r.exploded} for r in self.rows]
+        rows = [asdict(r) | {"exploded": r.exploded, "state": r.state} for r in self.rows]
         return {
             "rows": rows,
             "layers": self.layers,
@@ -121,7 +155,10 @@ def timeline(
         rows, *(_by_layer([r.get(c, {}) for r in per_row]) for c in ("max_abs", "l2", "grad"))
     )
     result.findings = rules.ranked(
-        [rules.timeline_exploded([asdict(r) for r in rows if r.exploded], GROWTH_LIMIT)]
+        [
+            rules.timeline_exploded([asdict(r) for r in rows if r.exploded], GROWTH_LIMIT),
+            rules.timeline_nonfinite([asdict(r) for r in rows if r.state == "non-finite"]),
+        ]
     )
     return result
 

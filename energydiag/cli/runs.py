@@ -210,7 +210,7 @@ def timeline_cmd(
 ) -> int:
     """Per-checkpoint weight scale, growth and update ratio: see a run going bad before it is NaN.
 
-    Streams one checkpoint at a time: max|w| and RMS per layer, growth against the first and the previous checkpoint, the update-to-weight ratio between checkpoints, Adam moments and float32 overflow. Exit 1 when the weights exploded.
+    Streams one checkpoint at a time: max|w| and RMS per layer, growth against the first and the previous checkpoint, the update-to-weight ratio between checkpoints, Adam moments and float32 overflow. Exit 1 when the weights exploded or a checkpoint holds NaN/Inf.
     """
     from energydiag.analyses.timeline import timeline
     from energydiag.findings import has_error
@@ -249,7 +249,7 @@ def diagnose_cmd(
 
     result = diagnose(Run(run), resolve_device(device))
     emit(result.to_dict(), json_out, lambda d: render.diagnosis(out, d))
-    return 0 if result.verdict == "healthy" else 1
+    return 1 if result.failed else 0
 
 
 ReportOutOpt = Annotated[
@@ -294,7 +294,7 @@ def report_cmd(
         emit(data, True, lambda d: None)
     else:
         out.print(f"wrote {out_path}: {data['diagnosis']['verdict']}")
-    return 0 if data["diagnosis"]["verdict"] == "healthy" else 1
+    return 1 if data["diagnosis"]["failed"] else 0
 
 
 @app.command("demo")

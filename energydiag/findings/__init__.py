@@ -16,6 +16,7 @@ from energydiag.findings.checkpoints import (
     nonfinite_tensors,
     norm_outliers,
     timeline_exploded,
+    timeline_nonfinite,
     unresolved_interval,
     weights_broke_between,
 )
@@ -58,6 +59,7 @@ from energydiag.findings.replay import (
     skipped_steps,
     unseen_event,
 )
+from energydiag.findings.schedule import decoupled_decay_unstable, lr_beyond_reference
 
 __all__ = [
     "changed_outside_steps",
@@ -87,6 +89,8 @@ __all__ = [
     "fidelity",
     "unseen_event",
     "schedule_jumps",
+    "lr_beyond_reference",
+    "decoupled_decay_unstable",
     "skipped_steps",
     "precision_verdict",
     "cannot_replay",
@@ -98,6 +102,7 @@ __all__ = [
     "checkpoint_exploded",
     "grown_since_first",
     "timeline_exploded",
+    "timeline_nonfinite",
     "unresolved_interval",
     "non_monotone",
     "curve_nonfinite",

@@ -129,6 +129,21 @@ def timeline_exploded(rows: list[dict[str, Any]], limit: float) -> Finding | Non
     )
 
 
+def timeline_nonfinite(rows: list[dict[str, Any]]) -> Finding | None:
+    if not rows:
+        return None
+    first = rows[0]
+    return Finding(
+        "timeline.nonfinite",
+        "error",
+        f"checkpoint {first['step']} holds {first['nonfinite']} non-finite value(s); "
+        f"{len(rows)} checkpoint(s) do",
+        f"`energydiag bisect` finds the step that broke them, from the checkpoint before "
+        f"step {first['step']}",
+        {"first_step": first["step"], "steps": [r["step"] for r in rows]},
+    )
+
+
 def unresolved_interval(unresolved: dict[str, Any] | None) -> Finding | None:
     if not unresolved:
         return None

@@ -21,7 +21,7 @@ def whatif(console: Console, r: dict[str, Any]) -> None:
         "variant": "label",
         "loss from": "loss_start",
         "to": "loss_end",
-        "loss change": "relative_drop",
+        "loss Δ": "relative_drop",
         "E span": "energy_span",
         "logit spread": "logit_spread",
         "saturated": "saturation",
@@ -38,8 +38,7 @@ def _drop(x: dict[str, Any]) -> str:
         return "raised"
     if not x["finite"] or x["relative_drop"] is None:
         return "non-finite"
-    drop = x["relative_drop"]
-    return f"fell {drop:.1%}" if drop >= 0 else f"rose {-drop:.1%}"
+    return f"{-x['relative_drop']:+.1%}"  # signed: a rise is never shown as a drop
 
 
 def check(console: Console, r: dict[str, Any]) -> None:

@@ -95,7 +95,7 @@ def timeline(console: Console, t: dict[str, Any]) -> None:
         "|Δw|/|w|": "update_ratio",
         "layer": "worst_layer",
         "NaN/Inf": "nonfinite",
-        "exploded": "exploded",
+        "state": "state",
     }
     rows = (
         [

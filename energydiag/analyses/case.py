@@ -1,0 +1,83 @@
+"""The evidence about one run, gathered once, so that every command tells the same story.
+
+``diagnose``, ``report`` and ``check`` used to judge the weights and pick a checkpoint to inspect
+each in its own way: one read the latest checkpoint (all NaN after a blow-up, so "growth 1"),
+another the latest with a batch (energies all NaN, tanh "100% saturated"). A Case holds the
+checkpoint timeline, the checkpoint the run is judged by, the last healthy checkpoint that has a
+batch and its inspection, and the hyperparameter trajectory; the commands render views of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from energydiag import findings as rules
+from energydiag.analyses.curves import CurveReport, analyse, run_bounds
+from energydiag.analyses.inspection import InspectReport, inspect
+from energydiag.analyses.schedule import ScheduleEvidence, schedule_evidence
+from energydiag.analyses.timeline import Timeline, timeline
+from energydiag.errors import DiagError
+from energydiag.io.layout import checkpoint_path
+from energydiag.io.rundir import Run
+
+MIN_CURVE_POINTS = 5
+
+
+@dataclass
+class Case:
+    run: Run
+    device: torch.device | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @cached_property
+    def timeline(self) -> Timeline | None:
+        """Every checkpoint, streamed once; None with fewer than two (nothing to compare)."""
+        paths = self.run.checkpoint_paths()
+        if len(paths) < 2:
+            return None
+        return timeline(paths, self.run.manifest.autocast_dtype)
+
+    @cached_property
+    def inspected_step(self) -> int | None:
+        """The last checkpoint with a logged batch that is still healthy: finite, not exploded,
+        and not after the log's first non-finite step. A broken one when no other has a batch."""
+        failed = self.run.first_failure()
+        usable = [s for s in self.run.checkpoints_with_batches if failed is None or s <= failed]
+        if not usable:
+            return None
+        healthy = self.timeline.healthy(usable) if self.timeline else usable
+        if not healthy:
+            self.notes.append(f"no healthy checkpoint has a batch: inspected {usable[-1]}")
+        return (healthy or usable)[-1]
+
+    @cached_property
+    def inspection(self) -> InspectReport | None:
+        step = self.inspected_step
+        if step is None:
+            return None
+        return inspect(checkpoint_path(self.run.root, step), self.run.root, device=self.device)
+
+    @cached_property
+    def curve(self) -> CurveReport | None:
+        """The loss curve against the run's bounds (chance, floor); None with too few points."""
+        losses = self.run.logged()
+        if sum(math.isfinite(v) for v in losses.values()) < MIN_CURVE_POINTS:
+            return None
+        try:
+            bounds = run_bounds(self.run)
+        except DiagError as err:  # the model cannot be built here: the curve alone, said so
+            self.notes.append(f"curve bounds: {err}")
+            bounds = None
+        return analyse(self.run.metrics(), "loss", bounds=bounds)
+
+    @cached_property
+    def schedule(self) -> ScheduleEvidence:
+        return schedule_evidence(self.run)
+
+    def weight_findings(self) -> list[rules.Finding]:
+        """What the timeline says about the weights: non-finite or exploded checkpoints."""
+        return list(self.timeline.findings) if self.timeline else []
