@@ -28,6 +28,7 @@ def train(
     model_kwargs: dict[str, Any] | None = None,
     loss: dict[str, Any] | None = None,
     lr: float = 3e-3,
+    weight_decay: float = 0.01,
     grad_clip: float | None = 1.0,
     checkpoint_every: int = 5,
     keep_batches: int = 32,
@@ -37,16 +38,18 @@ def train(
     autocast: torch.dtype | None = None,
     extra: dict[str, float] | None = None,
     skip_nonfinite: bool = False,
+    task: Task | None = None,
+    seed: int = 0,
 ) -> Recorder:
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     kwargs = {**SMALL, **(model_kwargs or {})}
     net = pkgutil.resolve_name(model)(**kwargs)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = scheduler(optimizer) if scheduler else None
     loss = loss or {"name": "inbatch_infonce", "kwargs": {"tau": 0.5}}
     target = loss.get("target") or f"energydiag.reference.losses:{loss['name']}"
     loss_fn = functools.partial(pkgutil.resolve_name(target), **loss.get("kwargs", {}))
-    data = batches(Task(), seed=1)
+    data = batches(task or Task(), seed=1 + seed)
     precision = str(autocast).replace("torch.", "") if autocast else None
     with Recorder(
         run_dir,

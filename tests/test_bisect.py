@@ -72,7 +72,9 @@ def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
     assert result.first_bad_step is None
     assert result.unresolved["missing_batches"] == "20-24"
     assert "keep_batches>=8" in result.unresolved["advice"]
-    assert [f.code for f in result.findings] == ["bisect.unresolved"]
+    # the recorded schedule names the cause even though no replay reaches it
+    assert [f.code for f in result.findings] == ["schedule.jump", "bisect.unresolved"]
+    assert result.findings[0].evidence["jumps"][0]["step"] == 27
 
 
 def test_a_failure_dump_localises_the_step_without_the_interval(tmp_path):

@@ -84,3 +84,19 @@ def test_a_torch_save_file_is_still_a_torch_file(tmp_path):
     torch.save({"w": torch.ones(2)}, new)
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     assert sniff(new) is Format.TORCH_ZIP and sniff(legacy) is Format.TORCH_PICKLE
+
+
+def test_a_fault_round_trips_through_strict_json_with_its_op_intact(fixtures_dir):
+    import json
+
+    from energydiag.engine.localise import Fault
+    from energydiag.engine.observers import OpEvent
+    from energydiag.report.jsonout import jsonable
+
+    fault = replay(Run(fixtures_dir / "nan"), 50).fault
+    assert isinstance(fault.op, OpEvent)
+    text = json.dumps(jsonable(fault.to_dict()), allow_nan=False)
+    back = Fault.from_dict(json.loads(text))
+    assert isinstance(back.op, OpEvent) and back.op.op == fault.op.op == "aten::_softmax"
+    assert back.op.inputs[0].shape == fault.op.inputs[0].shape
+    assert back.to_dict() == fault.to_dict() or json.dumps(jsonable(back.to_dict())) == text

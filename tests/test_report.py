@@ -108,3 +108,12 @@ def test_an_existing_page_is_not_overwritten(fixtures_dir, tmp_path):
     assert result.exit_code == 2 and "--out" in result.stderr
     result, page = make_report(fixtures_dir / "healthy", out, "--force")
     assert result.exit_code == 0 and "healthy" in page.text("summary")
+
+
+def test_the_fault_card_never_denies_a_non_finite_step_the_curve_marks():
+    from energydiag.report.html import _fault
+
+    unlocalised = {"diagnosis": {"fault": None}, "curves": {"first_nonfinite": 12}}
+    assert "the log goes non-finite at step 12" in _fault(unlocalised, None)
+    clean = {"diagnosis": {"fault": None}, "curves": {"first_nonfinite": None}}
+    assert "no step went non-finite" in _fault(clean, None)

@@ -19,13 +19,18 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
+from energydiag.analyses.case import Case
+from energydiag.analyses.checkpoint_stats import CheckpointStats
 from energydiag.analyses.judge import BAD, GOOD, UNREADABLE, Evaluation, Judge
 from energydiag.analyses.replaying import ReplayReport, judge_replay
 from energydiag.analyses.timeline import GROWTH_LIMIT
+from energydiag.engine.quantities import LayerMaxAbs
 from energydiag.engine.replay import replay
 from energydiag.errors import DiagError
 from energydiag.io.layout import CHECKPOINTS
 from energydiag.io.rundir import Run, step_ranges
+
+GROWTH = (LayerMaxAbs,)
 
 
 @dataclass
@@ -36,10 +41,13 @@ class BisectResult:
     first_bad_checkpoint: int | None = None
     first_bad_step: int | None = None
     first_logged_failure: int | None = None
+    first_nonfinite_step: int | None = None  # where the replay went non-finite, if it did
+    exploded_step: int | None = None  # where the replay's weights crossed ×GROWTH_LIMIT
     replay: ReplayReport | None = None
     unresolved: dict[str, Any] | None = None
     outside: tuple[int, int] | None = None  # (healthy replay from, bad checkpoint it missed)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # evidence of a recovery (non-monotone)
+    notes: list[str] = field(default_factory=list)  # what the search saw that is not a recovery
     findings: list[rules.Finding] = field(default_factory=list)
 
     @property
@@ -54,6 +62,8 @@ class BisectResult:
             "last_good_checkpoint": self.last_good,
             "first_bad_checkpoint": self.first_bad_checkpoint,
             "first_logged_failure": self.first_logged_failure,
+            "first_nonfinite_step": self.first_nonfinite_step,
+            "exploded_step": self.exploded_step,
             "checkpoint_evaluations": self.checkpoint_evaluations,
             "step_replays": len(self.replay.result.steps) if self.replay else 0,
             "evaluations": [e.__dict__ for e in self.evaluations],
@@ -61,6 +71,7 @@ class BisectResult:
             "unresolved": self.unresolved,
             "changed_outside_steps": self.outside,
             "warnings": self.warnings,
+            "notes": self.notes,
             "fault": fault.to_dict() if fault else None,
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -83,8 +94,8 @@ def bisect(
     result.first_logged_failure = run.first_failure()
     start, stop = _reconcile_with_log(result, judge)
     if stop is not None:
-        _locate(result, run, start, stop, device or torch.device("cpu"))
-    _finish(result)
+        _locate(result, run, start, stop, device or torch.device("cpu"), judge.reference)
+    _finish(result, Case(run, device).schedule_causes())
     return result
 
 
@@ -198,8 +209,12 @@ def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None,
     after it is bad by the same predicate and a later one is healthy.
     """
     logged, bad = result.first_logged_failure, result.first_bad_checkpoint
-    if logged is None or (bad is not None and logged >= bad):
+    if logged is None:
         return result.last_good, bad
+    if bad is not None and logged >= bad:
+        # the weights went bad first (exploded, still finite): one replay from the last good
+        # checkpoint names both the step they crossed the limit and the first non-finite step
+        return result.last_good, logged
     steps = sorted(judge.paths)
     after = [s for s in steps if s >= logged]
     if bad is None and after:
@@ -214,7 +229,7 @@ def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None,
                     "the same predicate"
                 )
     if result.first_bad_checkpoint is None or result.first_bad_checkpoint > logged:
-        result.warnings.append(
+        result.notes.append(
             f"the log fails at step {logged}, before any checkpoint this predicate calls bad"
         )
     before = [s for s in steps if s <= logged]
@@ -222,7 +237,12 @@ def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None,
 
 
 def _locate(
-    result: BisectResult, run: Run, start: int | None, stop: int, device: torch.device
+    result: BisectResult,
+    run: Run,
+    start: int | None,
+    stop: int,
+    device: torch.device,
+    reference: CheckpointStats | None = None,
 ) -> None:
     """Replay from ``start`` (a checkpoint) to the failing step. When that cannot reach or see the
     failure, replay the bad checkpoint's own step: its state holds whatever changed, even a
@@ -236,7 +256,9 @@ def _locate(
             f"energydiag replay {run.root} --from-step {start} --to-step {stop}",
         }
         return
-    unresolved = _replay_interval(result, run, start, stop, device) if start is not None else None
+    unresolved = (
+        _replay_interval(result, run, start, stop, device, reference) if start is not None else None
+    )
     if start is not None and unresolved is None:
         return
     own = max((s for s in run.checkpoint_steps if s <= stop), default=None)
@@ -244,6 +266,7 @@ def _locate(
         report = judge_replay(run, replay(run, own, to_step=own, device=device))
         if report.fault and report.fault.phase != "state":  # a broken checkpoint proves nothing
             result.replay, result.first_bad_step = report, report.fault.step
+            result.first_nonfinite_step = report.fault.step
             if unresolved is not None and unresolved["missing_batches"] is None:
                 result.outside = (start, own)  # the interval replayed healthy: an outside change
             return
@@ -256,18 +279,27 @@ def _locate(
 
 
 def _replay_interval(
-    result: BisectResult, run: Run, start: int, stop: int, device: torch.device
+    result: BisectResult,
+    run: Run,
+    start: int,
+    stop: int,
+    device: torch.device,
+    reference: CheckpointStats | None,
 ) -> dict[str, Any] | None:
     """None when the replay located the step; else the unresolved interval and its advice."""
     have = set(run.batch_steps)
     missing = [s for s in range(start, stop + 1) if s not in have]
     usable_to = (missing[0] - 1) if missing else stop
     if usable_to >= start:
-        result.replay = judge_replay(run, replay(run, start, to_step=usable_to, device=device))
+        replayed = replay(run, start, to_step=usable_to, device=device, every=1, quantities=GROWTH)
+        result.replay = judge_replay(run, replayed)
         fault = result.replay.fault
-        grew = _grew_at(result.replay.result.steps)
-        if fault or grew is not None:
-            result.first_bad_step = fault.step if fault else grew
+        result.exploded_step = _grew_at(replayed.steps, reference)
+        result.first_nonfinite_step = fault.step if fault else None
+        by_growth = result.predicate in ("any", "exploded") and result.exploded_step is not None
+        if fault or by_growth:
+            steps = [result.first_nonfinite_step, result.exploded_step if by_growth else None]
+            result.first_bad_step = min(s for s in steps if s is not None)
             return None
     if missing:
         gap = max(stop - start, 1)
@@ -288,21 +320,29 @@ def _replay_interval(
     }
 
 
-def _grew_at(rows: list[dict[str, Any]]) -> int | None:
-    """The step whose update took the parameter norm past ×GROWTH_LIMIT of where it started."""
-    base = rows[0]["param_norm"] if rows else math.nan
+def _grew_at(rows: list[dict[str, Any]], reference: CheckpointStats | None) -> int | None:
+    """The first step after which a layer's max|w| is ×GROWTH_LIMIT its value in the reference
+    checkpoint (the judge's first good one): the checkpoints' own explosion test, per step."""
+    if reference is None:
+        return None
+    before = {name: r["max_abs"] for name, r in reference.model_layers().items()}
     for row in rows:
-        if math.isfinite(base) and base > 0 and row["param_norm"] >= GROWTH_LIMIT * base:
-            return row["step"]
+        for key, value in row.items():
+            layer = key.removeprefix("max_abs/")
+            base = before.get(layer, math.nan) if key.startswith("max_abs/") else math.nan
+            if math.isfinite(base) and base > 0 and value >= GROWTH_LIMIT * base:
+                return row["step"]
     return None
 
 
-def _finish(result: BisectResult) -> None:
+def _finish(result: BisectResult, causes: list[rules.Finding] | None = None) -> None:
     result.findings = rules.ranked(
         [
+            *(causes or []),
             *(result.replay.findings if result.replay else []),
             rules.unresolved_interval(result.unresolved),
             rules.changed_outside_steps(result.outside),
             rules.non_monotone(result.warnings),
+            rules.log_before_checkpoints(result.notes),
         ]
     )

@@ -78,6 +78,12 @@ class Case:
     def schedule(self) -> ScheduleEvidence:
         return schedule_evidence(self.run)
 
-    def weight_findings(self) -> list[rules.Finding]:
-        """What the timeline says about the weights: non-finite or exploded checkpoints."""
-        return list(self.timeline.findings) if self.timeline else []
+    def schedule_causes(self) -> list[rules.Finding]:
+        """The recorded lr trajectory's causes: past its configured value, AdamW's 1 − lr·wd."""
+        evidence = self.schedule.to_dict()
+        found = [
+            rules.schedule_jumps(evidence["jumps"]),
+            rules.lr_beyond_reference(evidence),
+            rules.decoupled_decay_unstable(evidence),
+        ]
+        return [f for f in found if f is not None]

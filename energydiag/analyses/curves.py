@@ -29,6 +29,8 @@ from energydiag.reference.models import head_span
 REFERENCE_MODEL = "energydiag.reference.models:EnergyModel"
 SPIKE_Z = 8.0
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
+NEAR_CHANCE_SPAN = 0.5  # a noisy stall at chance covers at least half the logged steps
+OSCILLATION_CHUNK = 24  # first differences per chunk of the alternation test
 MIN_PLATEAU_POINTS = 5  # a plateau covers at least this many logged points ...
 MIN_PLATEAU_SPAN = 0.1  # ... and at least this fraction of the logged steps
 FLAT_REL = 0.01  # a window is flat when its net change is under 1% of the level ...
@@ -105,6 +107,8 @@ def _analyse(
     loss_like = "loss" in metric.lower()
     report.constant = _constant(steps, values, min_len=max(MIN_PLATEAU_POINTS, w // 2))
     report.plateaus = _plateaus(steps, smooth, noise, w)
+    if bounds and "chance" in bounds and not report.plateaus:
+        report.plateaus = _near_chance(steps, values, noise, w, bounds["chance"])
     report.divergence = _divergence(steps, smooth, noise, w, report.first_nonfinite is not None)
     rise_from = report.divergence.start if report.divergence else None
     nearby = _rolling_median(values, 7)  # narrow: a wide median lags on slopes near the edges
@@ -205,6 +209,26 @@ def _plateaus(steps: np.ndarray, smooth: np.ndarray, noise: np.ndarray, w: int) 
     return [s for s in found if s.length >= MIN_PLATEAU_SPAN * span]
 
 
+def _near_chance(
+    steps: np.ndarray, values: np.ndarray, noise: np.ndarray, w: int, chance: float
+) -> list[Segment]:
+    """A stall too noisy to be "quiet" (B = 8 noise is ~3% of log 8) but whose running median
+    stays within its own error of chance for most of the run: no learning, only noise. Runs
+    start at chance, so this needs half the logged steps, not a tenth."""
+    width = min(max(2 * w, 15), 1001)
+    smooth = _rolling_median(values, width)
+    # within one step's noise of chance: a learning run leaves that band for good
+    tolerance = max(float(np.median(noise)), 0.005 * chance)
+    # below chance is where learning shows, so that side is tight; above it, B = 8 losses of
+    # random energies sit a little over log B
+    near = (smooth >= chance - tolerance) & (smooth <= chance + 3 * tolerance)
+    # brief excursions do not end a stall: most of the points around each one must be near
+    mostly = pd.Series(near.astype(float)).rolling(width, center=True, min_periods=1).mean()
+    found = _runs(mostly.to_numpy() >= 0.8, steps, smooth, min_len=max(3 * w, MIN_PLATEAU_POINTS))
+    span = max(int(steps[-1] - steps[0]), 1)
+    return [s for s in found if s.length >= NEAR_CHANCE_SPAN * span]
+
+
 def _spikes(
     steps: np.ndarray, values: np.ndarray, reference: np.ndarray, noise: np.ndarray
 ) -> list[dict[str, float]]:
@@ -235,25 +259,25 @@ def _divergence(
 def _oscillations(
     steps: np.ndarray, values: np.ndarray, smooth: np.ndarray, w: int
 ) -> list[Segment]:
-    """Windows whose detrended values alternate (lag-1 autocorrelation < -0.5) with real amplitude.
+    """Stretches where the loss goes up, down, up, down, step after step, with real amplitude.
 
-    Detrended by an even-width rolling mean, which sits exactly between the two branches of an
-    alternating series (a rolling median jumps from one branch to the other).
+    For independent noise, consecutive first differences change sign 2/3 of the time; a
+    period-2 oscillation changes sign every step. A chunk counts when at least 90% of its
+    differences alternate (over 3σ above the 2/3 of noise at 24 points) and its alternating part
+    is over 2% of the level; two chunks in a row make an oscillation. Small-batch noise, which
+    the lag-1 test of a narrowly detrended series used to call an oscillation, stays quiet.
     """
-    width = max(4, (w // 2) // 2 * 2)
-    resid = values - pd.Series(values).rolling(width, center=True, min_periods=1).mean().to_numpy()
-    m = len(resid) // w
-    if m == 0:
+    size = max(OSCILLATION_CHUNK, w)
+    diffs = np.diff(values)
+    m = len(diffs) // size
+    if m < 2:
         return []
-    chunks = resid[: m * w].reshape(m, w)
-    levels = np.maximum(np.abs(smooth[: m * w].reshape(m, w).mean(axis=1)), 1e-12)
-    centred = chunks - chunks.mean(axis=1, keepdims=True)
-    denom = (centred**2).sum(axis=1)
-    lag1 = (centred[:, 1:] * centred[:, :-1]).sum(axis=1) / np.where(denom > 0, denom, 1)
-    amplitude = chunks.std(axis=1)
-    hits = (lag1 < -0.5) & (amplitude > 0.02 * levels)
-    merged = _runs(np.repeat(hits, w), steps[: m * w], np.repeat(amplitude, w), min_len=w)
-    return merged
+    chunks = diffs[: m * size].reshape(m, size)
+    alternating = (np.sign(chunks[:, 1:]) * np.sign(chunks[:, :-1]) < 0).mean(axis=1)
+    amplitude = np.abs(chunks).mean(axis=1) / 2
+    levels = np.maximum(np.abs(smooth[: m * size].reshape(m, size).mean(axis=1)), 1e-12)
+    hits = (alternating >= 0.9) & (amplitude > 0.02 * levels)
+    return _runs(np.repeat(hits, size), steps[: m * size], np.repeat(amplitude, size), 2 * size)
 
 
 def _spread(values: np.ndarray) -> float:
@@ -270,16 +294,21 @@ def _unstable(steps: np.ndarray, values: np.ndarray, factor: float = 10.0) -> Se
     """
     jumps = np.abs(np.diff(values))
     n = len(jumps)
-    if n < 8:  # three changes before the split and five after it, at least
+    if n < 10:  # five changes before the split and five after it, at least
         return None
     sums = np.concatenate([[0.0], np.cumsum(jumps)])
-    split = np.arange(3, n - 4)  # five after: one spike (two big changes) cannot carry a median
+    split = np.arange(5, n - 4)  # five each side: one spike (two big changes) cannot carry a median
     floor = 1e-3 * max(float(np.median(np.abs(values))), 1e-12)  # flat is not "10x quieter"
     before = np.maximum(sums[split] / split, floor)
     after = (sums[n] - sums[split]) / (n - split)
     k = int(split[np.argmax(after / before)])
     calm, rough = max(float(np.median(jumps[:k])), floor), float(np.median(jumps[k:]))
     if rough < factor * calm:
+        return None
+    # A loss that leaves a quiet start by descending is learning, not erratic: small-batch noise
+    # grows as the energies start to differ. Erratic is louder *without* getting lower.
+    before, after = float(np.median(values[: k + 1])), float(np.median(values[k + 1 :]))
+    if after < before - rough:
         return None
     return Segment(int(steps[k]), int(steps[-1]), rough / calm)
 

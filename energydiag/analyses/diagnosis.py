@@ -22,6 +22,7 @@ from energydiag.analyses.checkpoint_report import checkpoint_report
 from energydiag.analyses.curves import trend
 from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
+from energydiag.analyses.story import tell
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
 from energydiag.io.layout import MANIFEST
@@ -73,13 +74,17 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     case = case or Case(run, device)
     losses = run.logged()
     start, end = trend(list(losses.values())) or (None, None)
-    causes = _schedule_causes(case)
+    causes = case.schedule_causes()
     failed = run.first_failure()
     if failed is not None:
         result = _failed(run, failed, start, end, device)
-        result.findings = rules.ranked([*causes, *result.findings])
+        seen = {f.code for f in causes}  # the run-wide schedule, not the replay's window twice
+        weights = case.timeline.findings if case.timeline else []  # what `timeline` reports
+        found = [*causes, *(f for f in result.findings if f.code not in seen), *weights]
+        result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
     found = (case.curve.findings if case.curve else []) + _weights(case) + _inspected(case) + causes
+    found = [*tell(case, found, None, device), *found]
     verdict = "healthy"
     if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):
         verdict = "exploded"
@@ -92,12 +97,6 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     return Diagnosis(
         str(run.root), verdict, start, end, None, rules.ranked(found), case.inspected_step
     )
-
-
-def _schedule_causes(case: Case) -> list[rules.Finding]:
-    evidence = case.schedule.to_dict()
-    found = [rules.lr_beyond_reference(evidence), rules.decoupled_decay_unstable(evidence)]
-    return [f for f in found if f is not None]
 
 
 def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
@@ -133,7 +132,7 @@ def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
     before = [s for s in run.checkpoint_steps if s < step] or [run.checkpoint_at_or_before(step)]
     kind = device.type if device is not None else "cpu"
     merged = replay_ranks(str(run.root), before[-1], step, run.manifest.world_size, kind)
-    fault = Fault(**merged["fault"]) if merged["fault"] else None
+    fault = Fault.from_dict(merged["fault"]) if merged["fault"] else None
     verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"
     found = rules.ranked([rules.Finding(**f) for f in merged["findings"]])
     return Diagnosis(str(run.root), verdict, start, end, fault, found)

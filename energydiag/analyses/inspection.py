@@ -73,6 +73,7 @@ class BatchReport:
     param_grad_norms: dict[str, float]
     all_masked_samples: list[int]
     energy_matrix: list[list[float]] = field(default_factory=list)  # at most MATRIX_SHOWN rows
+    nonfinite_energies: int = 0
     findings: list[rules.Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +126,7 @@ def batch_report(
         },
         all_masked_samples=all_masked_samples(data),
         energy_matrix=matrix[:MATRIX_SHOWN, :MATRIX_SHOWN].detach().double().cpu().tolist(),
+        nonfinite_energies=int((~torch.isfinite(matrix.detach())).sum()),
     )
     report.findings = _batch_findings(report, batch, head, loss_spec, autocast_dtype)
     return report
@@ -146,6 +148,19 @@ def _bounds(
 def _batch_findings(
     report: BatchReport, batch: Batch, head: Head | None, loss: LossSpec, autocast_dtype: str | None
 ) -> list:
+    if report.nonfinite_energies or not math.isfinite(report.loss):
+        # statistics of NaN energies ("span nan", "at chance") say nothing: name the fault
+        return rules.ranked(
+            [
+                rules.all_masked_rows(report.all_masked_samples, str(batch.path)),
+                rules.forward_nonfinite(
+                    report.step,
+                    report.loss,
+                    report.nonfinite_energies,
+                    report.batch_size * report.candidates,
+                ),
+            ]
+        )
     reach = report.bounds.get("head") or report.bounds.get("observed")
     infonce = loss.name in ("inbatch_infonce", "infonce_negatives") or "tau" in loss.kwargs
     if reach and reach["chance"] > reach["floor"]:
@@ -158,7 +173,7 @@ def _batch_findings(
             rules.loss_position(report.loss, reach, report.candidates)
             if reach and infonce
             else None,
-            rules.narrow_energy_range(report.energy, report.tau),
+            rules.narrow_energy_range(report.energy, report.tau, head is not None),
             rules.bounded_head_floor(
                 head.bounds if head else None,
                 report.tau,
@@ -175,12 +190,32 @@ def _batch_findings(
                 loss.label,
                 loss.kwargs.get("margin"),
             ),
-            rules.stuck_between_floor_and_chance(report.loss_position, report.energy, report.tau),
+            rules.stuck_between_floor_and_chance(
+                report.loss_position, report.energy, report.tau, head is not None
+            ),
+            rules.few_negatives(report.candidates, report.loss_position) if infonce else None,
+            rules.input_offset(_input_scales(batch.tensors)),
             rules.coarse_inputs(_half_inputs(batch.tensors), report.energy),
             rules.gap_below_autocast_resolution(autocast_dtype, report.energy),
             rules.dead_gradients(report.param_grad_norms, report.step),
         ]
     )
+
+
+def _input_scales(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per float input of two or more dims: RMS of its per-feature means, of its per-feature
+    standard deviations (features = the last dim), and its overall RMS."""
+    scales = {}
+    for key, t in tensors.items():
+        if not t.is_floating_point() or t.dim() < 2 or t.shape[-1] < 1 or t.numel() < 4:
+            continue
+        x = t.detach().double().reshape(-1, t.shape[-1])
+        scales[key] = {
+            "offset": float(x.mean(0).square().mean().sqrt()),
+            "spread": float(x.std(0, correction=0).square().mean().sqrt()),
+            "rms": float(x.square().mean().sqrt()),
+        }
+    return scales
 
 
 def _half_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -304,8 +339,10 @@ def _find_run(ckpt_path: Path, run_dir: Path | None) -> Run | None:
 
 
 def _find_batch(run: Run | None, step: int | None, batch_path: Path | None) -> Batch | None:
-    if batch_path is not None:
-        return load_batch_file(batch_path)
+    if batch_path is not None:  # its own step, else the checkpoint's
+        return load_batch_file(
+            batch_path, fallback=step if step is not None and step >= 0 else None
+        )
     if run is None or step is None:
         return None
     return run.batch(step) if step in run.batch_steps else None

@@ -28,7 +28,7 @@ _DTYPE_CLASH = ("dtype", "Double", "Float", "Half", "BFloat16")
 class Ladder:
     step: int
     rungs: list[dict[str, Any]]
-    verdict: str  # "precision", "maths" or "not reproduced"
+    verdict: str  # "precision", "maths", "undecided" (float64 could not run) or "not reproduced"
     findings: list[rules.Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,12 +48,15 @@ def precision_ladder(run: Run, step: int, device: torch.device | None = None) ->
     applicable = [r for r in rungs if r["status"] != NOT_APPLICABLE]
     if rungs[0]["status"] != FAILS:
         verdict = "not reproduced"
-    elif all(r["status"] == FAILS for r in applicable):
-        verdict = "maths"
-    else:
+    elif any(r["status"] == FINITE for r in applicable):
         verdict = "precision"
+    elif rungs[-1]["status"] == NOT_APPLICABLE:  # "in the maths" needs float64 to have failed
+        verdict = "undecided"
+    else:
+        verdict = "maths"
     ladder = Ladder(step, rungs, verdict)
-    ladder.findings = rules.ranked([rules.precision_verdict(ladder.to_dict())])
+    evidence = ladder.to_dict() | {"autocast_dtype": run.manifest.autocast_dtype}
+    ladder.findings = rules.ranked([rules.precision_verdict(evidence)])
     return ladder
 
 

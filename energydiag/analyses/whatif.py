@@ -2,7 +2,7 @@
 fix, changing only what the fix names. Turns a list of guesses into a ranking.
 
 Variants are strings such as "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "clip=0.5",
-"clip=none", "margin=1", "warmup=10", or several joined by commas ("head=softplus,tau=1").
+"clip=none", "margin=1", "warmup=10", "center=h", or several joined by commas ("head=softplus,tau=1").
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Variant:
     lr_scale: float = 1.0
     clip: float | None | str = "unchanged"
     warmup: int = 0
+    center: list[str] = field(default_factory=list)  # batch tensors re-centred per feature
 
 
 def parse_variant(text: str) -> Variant:
@@ -72,13 +73,16 @@ def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
         v.clip = None if value.lower() in ("none", "off", "0") else float(value)
     elif key == "warmup":
         v.warmup = int(value)
+    elif key == "center":
+        v.center.append(value)
     elif key == "head":
         if value not in HEADS:
             raise DiagError(None, f"--try head={value}: choose one of {', '.join(HEADS)}")
         v.head = value
     else:
         raise DiagError(
-            None, f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, clip, warmup)"
+            None,
+            f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, clip, warmup, center)",
         )
 
 
@@ -186,6 +190,21 @@ def _apply(v: Variant, session: Session, head_path: str | None) -> None:
         session.adjust_hyperparameters = functools.partial(_variant_lr, v)
     if v.clip != "unchanged":
         session.grad_clip = v.clip
+    if v.center:
+        session.transform_batch = functools.partial(_centred, v.center)
+
+
+def _centred(keys: list[str], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each named input minus its per-feature mean over the batch (features = last dim): the
+    input as a normalisation in front of the model would have given it."""
+    missing = [k for k in keys if k not in data or not data[k].is_floating_point()]
+    if missing:
+        raise DiagError(None, f"--try center={missing[0]}: the batch has no such float tensor")
+    out = dict(data)
+    for key in keys:
+        x = data[key]
+        out[key] = x - x.reshape(-1, x.shape[-1]).mean(0)
+    return out
 
 
 def _variant_lr(v: Variant, step: int, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

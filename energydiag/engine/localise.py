@@ -11,7 +11,7 @@ NaN begins in a forward branch that ``where`` discards and surfaces in the gradi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -65,6 +65,14 @@ class Fault:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fault:
+        """The inverse of ``to_dict`` (also of its strict JSON): the op is an OpEvent again."""
+        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        if kept.get("op") is not None:
+            kept["op"] = OpEvent.from_dict(kept["op"])
+        return cls(**kept)
 
 
 def all_masked_samples(batch: dict[str, torch.Tensor]) -> list[int]:

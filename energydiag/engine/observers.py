@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ def explains(*packets: Any) -> Callable[[Explain], Explain]:
 
     def register(fn: Explain) -> Explain:
         for packet in packets:
+            if packet in EXPLAIN:  # two explanations of one op: which would win is an accident
+                raise ValueError(f"{packet} is already explained by {EXPLAIN[packet].__name__}")
             EXPLAIN[packet] = fn
         return fn
 
@@ -55,6 +57,13 @@ class OpEvent:
     intentional: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
     autograd_node: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OpEvent:
+        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kept["inputs"] = [TensorSummary.from_dict(t) for t in kept.get("inputs", [])]
+        kept["output"] = TensorSummary.from_dict(kept["output"])
+        return cls(**kept)
 
 
 class Origins:
@@ -230,6 +239,17 @@ def _norm(call: OpCall) -> dict[str, Any]:
     tensors = float_tensors(call.args[0])
     peak = max((summarize(t).max_abs for t in tensors), default=math.nan)
     return {"largest_input": peak, "square_limit": math.sqrt(torch.finfo(torch.float32).max)}
+
+
+@explains(aten.native_layer_norm, aten.native_group_norm, aten.native_batch_norm)
+def _normalisation(call: OpCall) -> dict[str, Any]:
+    """A normalisation squares its (finite) inputs: past sqrt(dtype max) the variance is Inf."""
+    x = call.args[0].detach()
+    return {
+        "largest_input": summarize(x).max_abs,
+        "variance_limit": math.sqrt(torch.finfo(x.dtype).max),
+        "dtype": str(x.dtype).replace("torch.", ""),
+    }
 
 
 @explains(aten._softmax, aten._log_softmax)

@@ -11,6 +11,7 @@ and pays for one host sync.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -96,6 +97,18 @@ class LayerGradNorms(Quantity):
         return {f"grad_norm/{k}": v for k, v in by_layer(named).items()}
 
 
+class LayerMaxAbs(Quantity):
+    """max|w| per layer after the step: the growth bisect's checkpoint judge measures, step by
+    step, so a replay can name the step at which a layer crossed the explosion limit."""
+
+    columns_ = {}
+
+    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+        named = [(n, p.detach()) for n, p in model.named_parameters()]
+        layers = by_layer(named, reduce=lambda ts: torch.stack([t.abs().amax() for t in ts]).amax())
+        return {f"max_abs/{k}": v for k, v in layers.items()}
+
+
 DEFAULT: tuple[type[Quantity], ...] = (EnergyStats, SaturationFraction, UpdateRatio, LayerGradNorms)
 CHEAP_COLUMNS = {
     "loss": ("loss", ".4g"),
@@ -168,8 +181,12 @@ def layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else "<model>"
 
 
-def by_layer(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def by_layer(
+    named: list[tuple[str, torch.Tensor]],
+    reduce: Callable[[list[torch.Tensor]], torch.Tensor] = global_norm,
+) -> dict[str, torch.Tensor]:
+    """One value per layer (its L2 norm unless ``reduce`` says otherwise)."""
     groups: dict[str, list[torch.Tensor]] = defaultdict(list)
     for name, t in named:
         groups[layer_of(name)].append(t)
-    return {layer: global_norm(ts) for layer, ts in groups.items()}
+    return {layer: reduce(ts) for layer, ts in groups.items()}

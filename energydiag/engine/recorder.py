@@ -157,12 +157,17 @@ class Recorder:
         if self._step is None:
             raise RuntimeError("end_step() called without start_step()")
         self._ended = True
-        self.ring[-1][2][HYPERPARAMETERS] = json.dumps(hyperparameters(self.optimizer))
+        groups = hyperparameters(self.optimizer)
+        self.ring[-1][2][HYPERPARAMETERS] = json.dumps(groups)
         if self.persist_batches:
             self._write_batch(*self.ring[-1])
         names = ["loss"] + ([] if grad_norm is None else ["grad_norm"]) + list(scalars)
         values = [loss] + ([] if grad_norm is None else [grad_norm]) + list(scalars.values())
         row = dict(zip(names, _to_floats(values), strict=True))
+        # The schedule, every step, where no ring of batches reaches: the largest group lr.
+        lrs = [float(g["lr"]) for g in groups if isinstance(g.get("lr"), int | float)]
+        if lrs:
+            row.setdefault("lr", max(lrs))
         self._metrics.write(json.dumps({"step": self._step, **row}) + "\n")
         # With a GradScaler, an overflowing gradient is what the scaler exists to skip.
         norms = [v for k, v in row.items() if k.endswith("grad_norm")]

@@ -46,6 +46,8 @@ class Session:
     # after the recording, so a variant's lr is not overwritten by the recorded one.
     adjust_hyperparameters: HyperparameterRule | None = None
     base_hyperparameters: list[dict[str, object]] = field(default_factory=list)
+    # A what-if's change to the inputs (e.g. an input path re-centred), applied on the device.
+    transform_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def batch_on_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return batch.on(self.device, self.compute_dtype)
@@ -98,7 +100,8 @@ class Session:
         state = batch.scaler_state
         if self.scaler is not None and state is not None:
             self.scaler.load_state_dict(state)
-        return self.batch_on_device(batch)
+        data = self.batch_on_device(batch)
+        return self.transform_batch(data) if self.transform_batch else data
 
     def train(
         self,

@@ -11,7 +11,8 @@ it says the next norm, variance or softmax computed in float32 will overflow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -37,6 +38,15 @@ class TensorSummary:
     std: float = math.nan
     l2: float = math.nan
     zeros: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSummary:
+        """From ``asdict`` or its strict JSON ("NaN", "Infinity" strings become floats)."""
+        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for f in fields(cls):
+            if f.name in kept and f.type in ("float", float):
+                kept[f.name] = float(kept[f.name])
+        return cls(**kept)
 
     @property
     def finite(self) -> bool:

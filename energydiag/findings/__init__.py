@@ -12,6 +12,7 @@ from energydiag.findings.checkpoints import (
     checkpoint_exploded,
     eps_vanishes,
     grown_since_first,
+    log_before_checkpoints,
     non_monotone,
     nonfinite_tensors,
     norm_outliers,
@@ -26,7 +27,10 @@ from energydiag.findings.contrastive import (
     coarse_inputs,
     contrastive_health,
     dead_gradients,
+    few_negatives,
+    forward_nonfinite,
     gap_below_autocast_resolution,
+    input_offset,
     loss_position,
     model_raised,
     narrow_energy_range,
@@ -60,6 +64,7 @@ from energydiag.findings.replay import (
     unseen_event,
 )
 from energydiag.findings.schedule import decoupled_decay_unstable, lr_beyond_reference
+from energydiag.findings.story import cause_chain, remedy_verified
 
 __all__ = [
     "changed_outside_steps",
@@ -83,6 +88,9 @@ __all__ = [
     "dead_gradients",
     "unreachable_margin",
     "coarse_inputs",
+    "few_negatives",
+    "forward_nonfinite",
+    "input_offset",
     "model_raised",
     "explain_fault",
     "root_cause",
@@ -91,6 +99,8 @@ __all__ = [
     "schedule_jumps",
     "lr_beyond_reference",
     "decoupled_decay_unstable",
+    "cause_chain",
+    "remedy_verified",
     "skipped_steps",
     "precision_verdict",
     "cannot_replay",
@@ -105,6 +115,7 @@ __all__ = [
     "timeline_nonfinite",
     "unresolved_interval",
     "non_monotone",
+    "log_before_checkpoints",
     "curve_nonfinite",
     "curve_plateau",
     "curve_constant",

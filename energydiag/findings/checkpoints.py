@@ -177,6 +177,20 @@ def non_monotone(warnings: list[str]) -> Finding | None:
     )
 
 
+def log_before_checkpoints(notes: list[str]) -> Finding | None:
+    """The log failed before any checkpoint shows it: an ordinary order of events (a NaN loss
+    is logged before the next checkpoint is written), not a recovery."""
+    if not notes:
+        return None
+    return Finding(
+        "bisect.log_first",
+        "info",
+        notes[0],
+        "nothing to repair in the search: the replay starts from the checkpoint before that step",
+        {"notes": notes},
+    )
+
+
 def weights_broke_between(last_good: int | None, first_bad: int | None) -> Finding | None:
     if first_bad is None:
         return None

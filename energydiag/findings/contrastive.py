@@ -10,17 +10,32 @@ from typing import Any
 from energydiag.findings.base import Finding
 
 
-def narrow_energy_range(stats: dict[str, float], tau: float | None) -> Finding | None:
+def narrow_energy_range(
+    stats: dict[str, float], tau: float | None, bounded: bool = False
+) -> Finding | None:
+    """``bounded``: the head's output range is limited (a sigmoid, a tanh): only then is
+    widening it a remedy; an unbounded head's narrow energies are its own, not its range's."""
     span = stats["energy_max"] - stats["energy_min"]
-    if tau is None or span / tau >= 1.0:
+    if tau is None or not math.isfinite(span) or span / tau >= 1.0:
         return None
     return Finding(
         "energy.narrow_range",
         "error" if span / tau < 0.1 else "warning",
         f"energies span only {span:.3g} at tau {tau:g}: logits differ by at most {span / tau:.3g}",
-        "widen the energy range (softplus or unbounded head, or a wider scaled sigmoid) or lower "
-        "tau; raising tau, often proposed, divides the spread further",
-        {"energy_span": span, "tau": tau, "logit_spread": span / tau},
+        _spread_remedy(bounded),
+        {"energy_span": span, "tau": tau, "logit_spread": span / tau, "bounded_head": bounded},
+    )
+
+
+def _spread_remedy(bounded: bool) -> str:
+    if bounded:
+        return (
+            "widen the energy range (softplus or unbounded head, or a wider scaled sigmoid) or "
+            "lower tau; raising tau, often proposed, divides the spread further"
+        )
+    return (
+        "the head is unbounded, so its range is not the limit: lower tau to spread the logits "
+        "(they are -E/tau), and give the energies more to learn from (more negatives per positive)"
     )
 
 
@@ -88,9 +103,15 @@ def saturation(fractions: list[dict[str, Any]], threshold: float = 0.5) -> Findi
         "error" if worst["fraction"] > 0.9 else "warning",
         f"{worst['fraction']:.0%} of {worst['op']} outputs in '{worst['module']}' are within 1e-3 "
         "of their limits: the local gradient there has all but vanished",
-        "remove the squashing output (softplus/identity head), re-centre its input (bias, "
-        "normalisation) or lower the learning rate that drove it there",
-        {"saturation": fractions},
+        "remove the squashing output (softplus/identity head) or re-centre its input (bias, "
+        "normalisation)",
+        {
+            "saturation": fractions,
+            "link": {
+                "stage": 3,
+                "what": f"{worst['op']} {worst['fraction']:.0%} saturated in '{worst['module']}'",
+            },
+        },
     )
 
 
@@ -106,6 +127,9 @@ def all_masked_rows(rows: list[int], source: str) -> Finding | None:
     )
 
 
+BUILTIN_SIGNED = ("inbatch_infonce", "infonce_negatives", "gathered_infonce")
+
+
 def contrastive_health(
     energy: dict[str, float], batch_size: int, candidates: int, loss: str, margin: float | None
 ) -> Finding | None:
@@ -118,13 +142,22 @@ def contrastive_health(
     sign = gap < -2 * error or (gap < 0 and accuracy <= chance)
     if not sign and accuracy > chance:
         return None
-    remedy = (
-        "low energy means good: a hinge must be relu(margin + E_pos - E_neg); the seed report's "
-        "relu(E_neg - E_pos + margin) pushes positives up"
-        if margin is not None and sign
-        else "check the sign convention (logits = -E / tau) and that positives and negatives are "
-        "not swapped; an untrained head ranks at chance"
-    )
+    if margin is not None and sign:
+        remedy = (
+            "low energy means good: a hinge must be relu(margin + E_pos - E_neg); the seed "
+            "report's relu(E_neg - E_pos + margin) pushes positives up"
+        )
+    elif loss in BUILTIN_SIGNED and not sign:
+        # the built-in losses use logits = -E/tau by construction: no sign to check
+        remedy = (
+            "the model does not yet tell its positive from the negatives: an untrained or "
+            "saturated head, or contexts that carry no information about the action"
+        )
+    else:
+        remedy = (
+            "check the sign convention (logits = -E / tau) and that positives and negatives are "
+            "not swapped; an untrained head ranks at chance"
+        )
     said = (
         f"positives score higher energy than negatives (gap neg - pos = {gap:.3g})"
         if sign
@@ -146,7 +179,7 @@ def contrastive_health(
 
 
 def stuck_between_floor_and_chance(
-    position: float | None, energy: dict[str, float], tau: float | None
+    position: float | None, energy: dict[str, float], tau: float | None, bounded: bool = False
 ) -> Finding | None:
     """A loss above its floor whose logits cannot spread enough to go lower."""
     spread = energy.get("logit_spread_row_mean")
@@ -157,8 +190,13 @@ def stuck_between_floor_and_chance(
         "error",
         f"the loss sits {position:.0%} of the way from its floor to chance with a logit spread of "
         f"only {spread:.3g} per row at tau {tau:g}: too small a range to learn from",
-        "widen the energy range (softplus or unbounded head) or lower tau",
-        {"position": position, "logit_spread_row_mean": spread, "tau": tau},
+        _spread_remedy(bounded),
+        {
+            "position": position,
+            "logit_spread_row_mean": spread,
+            "tau": tau,
+            "bounded_head": bounded,
+        },
     )
 
 
@@ -278,4 +316,78 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         f"all_gather in your loss): {whole - 1} negatives, chance log({whole}) = "
         f"{math.log(whole):.3f}, and a loss floor the narrow heads reach less easily",
         evidence,
+    )
+
+
+FEW_NEGATIVES = 4  # fewer negatives per positive than this and chance itself is a low bar
+
+
+def few_negatives(candidates: int, position: float | None) -> Finding | None:
+    """Swap InfoNCE scores each positive against the batch's other actions: with B = 3 that is
+    2 negatives, chance log 3 = 1.10, and a weak signal per step whatever the head."""
+    negatives = candidates - 1
+    if negatives >= FEW_NEGATIVES or negatives < 1 or position is None or position < 0.5:
+        return None
+    return Finding(
+        "contrastive.few_negatives",
+        "error" if position >= 0.9 else "warning",
+        f"each positive meets only {negatives} negative(s) (B = {candidates}): chance is "
+        f"log({candidates}) = {math.log(candidates):.3f} and the loss sits {position:.0%} of the "
+        "way from its floor to it",
+        "raise the negatives per positive: a larger batch, negatives gathered across ranks "
+        "('gathered_infonce'), or a bank of past actions",
+        {
+            "negatives": negatives,
+            "candidates": candidates,
+            "position": position,
+            "link": {
+                "stage": 0,
+                "what": f"only {negatives} negative(s) per positive (B = {candidates})",
+            },
+        },
+    )
+
+
+OFFSET_RATIO = 10.0  # an input's constant part this many times its variation, and other inputs'
+
+
+def input_offset(scales: dict[str, dict[str, float]]) -> Finding | None:
+    """One input path carrying a large constant (a context never normalised, a sensor with a
+    bias): its scale, not its information, then drives the energy, often into a bounded head's
+    saturation. ``scales``: per float input, the RMS of its per-feature means (offset), of its
+    per-feature standard deviations (spread), and its overall RMS."""
+    for key, s in scales.items():
+        others = [o["rms"] for k, o in scales.items() if k != key]
+        if not others or s["offset"] < OFFSET_RATIO * max(s["spread"], max(others)):
+            continue
+        return Finding(
+            "data.input_offset",
+            "warning",
+            f"input '{key}' carries a constant offset: its per-feature means have RMS "
+            f"{s['offset']:.3g} against a spread of {s['spread']:.3g}, while the other inputs' RMS "
+            f"is at most {max(others):.3g}",
+            f"normalise '{key}' before the model (subtract its mean, or a LayerNorm at the input)",
+            {
+                "input": key,
+                **s,
+                "others_rms": max(others),
+                "link": {
+                    "stage": 0,
+                    "what": f"'{key}' offset by ~{s['offset']:.3g} (spread {s['spread']:.3g})",
+                },
+                "verify": f"center={key}",
+            },
+        )
+    return None
+
+
+def forward_nonfinite(step: int, loss: float, nonfinite: int, total: int) -> Finding:
+    """The inspected batch's own forward is non-finite: energy statistics would be NaN's."""
+    return Finding(
+        "inspect.nonfinite_forward",
+        "error",
+        f"the model's forward on the batch of step {step} is non-finite: loss {loss:.4g}, "
+        f"{nonfinite} of {total} energies NaN or Inf; no energy statistics are computed from them",
+        f"`energydiag replay RUN --from-step {step}` names the op and module where it began",
+        {"step": step, "loss": loss, "nonfinite_energies": nonfinite, "energies": total},
     )

@@ -37,7 +37,15 @@ def curve_plateau(
             f"{bounds['chance']:.4g}, the model does not discriminate at all",
             "no useful gradient reaches the model: inspect a checkpoint from the plateau for a "
             "saturated head or collapsed energies (`energydiag inspect`)",
-            evidence,
+            evidence
+            | {
+                "link": {
+                    "stage": 4,
+                    "step": p.start,
+                    "what": f"loss flat at chance log({bounds['batch_size']}) = "
+                    f"{bounds['chance']:.4g} over steps {p.start}–{p.end}",
+                }
+            },
         )
     if on == "floor":
         return Finding(

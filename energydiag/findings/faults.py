@@ -80,6 +80,17 @@ def _norm_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+def _variance_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
+    return (
+        f"its inputs reach {d['largest_input']:.3g}, every one finite, but their squares overflow "
+        f"{d['dtype']} above {d['variance_limit']:.3g}: the variance is Inf and normalising "
+        "gives NaN",
+        f"the values feeding '{fault.module or name}' exploded while still finite: find the "
+        "step they grew (`energydiag bisect` names it, `energydiag timeline` shows the layer) "
+        "and the lr or gradient event behind it",
+    )
+
+
 def _sqrt_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     what = "0" if d.get("zero_inputs") else "a negative value"
     return (
@@ -126,6 +137,10 @@ _CAUSES = [
     (_log_of_nonpositive, _log_cause),
     (_narrowing_cast, _cast_cause),
     (lambda name, d: "square_limit" in d, _norm_cause),
+    (
+        lambda name, d: d.get("largest_input", 0) > d.get("variance_limit", float("inf")),
+        _variance_cause,
+    ),
     (lambda name, d: name in ("aten::sqrt", "aten::rsqrt"), _sqrt_cause),
     (lambda name, d: bool(d.get("zero_denominators")), _div_cause),
     (lambda name, d: "dtype_max" in d and "to_dtype" not in d, _overflow_cause),

@@ -107,16 +107,29 @@ def skipped_steps(rows: list[dict[str, Any]]) -> Finding | None:
 
 
 def precision_verdict(ladder: dict[str, Any]) -> Finding | None:
+    """``ladder``: the rungs, the verdict and the run's ``autocast_dtype``; the remedy follows
+    from the precision the run actually used, not from a template about autocast."""
     verdict, rungs = ladder["verdict"], ladder["rungs"]
     said = ", ".join(f"{r['precision']}: {r['status']}" for r in rungs)
     if verdict == "precision":
         clean = next(r["precision"] for r in rungs if r["status"] == "finite")
+        if ladder.get("autocast_dtype"):
+            remedy = (
+                f"keep the failing module in float32 under {ladder['autocast_dtype']} autocast "
+                "(or use bfloat16, whose range is float32's), and check that eps values are above "
+                "the dtype's resolution"
+            )
+        else:
+            remedy = (
+                f"the run computes in its own precision (no autocast) and only {clean} survives: "
+                "the values exceed what that precision holds; find why they grew (`energydiag "
+                "timeline`) rather than raising the precision"
+            )
         return Finding(
             "precision.fault",
             "error",
             f"step {ladder['step']} is a precision fault: it disappears in {clean} ({said})",
-            "keep the failing module in float32 under autocast (or use bfloat16, whose range is "
-            "float32's), and check that eps values are above the dtype's resolution",
+            remedy,
             ladder,
         )
     if verdict == "maths":
@@ -125,6 +138,15 @@ def precision_verdict(ladder: dict[str, Any]) -> Finding | None:
             "error",
             f"step {ladder['step']} fails in every precision ({said}): the fault is in the maths",
             "no dtype fixes it: guard the op the fault names (its root cause is above)",
+            ladder,
+        )
+    if verdict == "undecided":
+        return Finding(
+            "precision.undecided",
+            "warning",
+            f"step {ladder['step']} fails in every precision that could run ({said}); float64 "
+            "could not, so precision is not ruled out",
+            "the model casts inside its forward: run the failing op in float64 by hand to decide",
             ladder,
         )
     return None

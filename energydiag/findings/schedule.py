@@ -31,20 +31,28 @@ def lr_beyond_reference(evidence: dict[str, Any]) -> Finding | None:
         return None
     over = next(s for s in sorted(finite) if finite[s] >= BEYOND_REFERENCE * reference)
     first_step = min(finite)
-    source = (
-        "the scheduler's initial_lr"
-        if evidence["reference_source"] == "initial_lr"
-        else ("configured")
-    )
+    source = "initial_lr" if evidence["reference_source"] == "initial_lr" else "configured lr"
     return Finding(
         "schedule.lr_beyond_configured",
         "error" if peak >= 100 * reference else "warning",
         f"lr goes {finite[first_step]:.3g} → {peak:.3g} over steps {first_step}–{peak_step}, "
-        f"×{peak / reference:.3g} its {source} value {reference:.3g} (past ×{BEYOND_REFERENCE:g} "
+        f"×{peak / reference:.3g} its {source} {reference:.3g} (past ×{BEYOND_REFERENCE:g} "
         f"from step {over}; recorded per step)",
         "fix the schedule so it never exceeds the configured lr (a LambdaLR's lambda multiplies "
         "the configured lr: it should rise to 1, not past it)",
-        {"reference": reference, "peak": peak, "peak_step": peak_step, "over_step": over},
+        {
+            "reference": reference,
+            "peak": peak,
+            "peak_step": peak_step,
+            "over_step": over,
+            "link": {
+                "stage": 1,
+                "step": first_step,
+                "what": f"lr {finite[first_step]:.3g} → {peak:.3g} over steps {first_step}–"
+                f"{peak_step} (×{peak / reference:.3g} its {source} {reference:.3g})",
+            },
+            "verify": f"lr={reference:g}",
+        },
     )
 
 
@@ -54,15 +62,12 @@ def decoupled_decay_unstable(evidence: dict[str, Any]) -> Finding | None:
     wd = evidence["weight_decay"]
     if not evidence["decoupled"] or not wd or wd <= 0:
         return None
-    unstable = {s: v for s, v in sorted(_lr(evidence).items()) if v * wd > 1}
+    # a non-finite lr is a jump (schedule.jump says so), not a decay factor
+    unstable = {s: v for s, v in sorted(_lr(evidence).items()) if math.isfinite(v) and v * wd > 1}
     if not unstable:
         return None
     first = next(iter(unstable))
-    worst = (
-        min(1 - v * wd for v in unstable.values() if math.isfinite(v))
-        if any(math.isfinite(v) for v in unstable.values())
-        else -math.inf
-    )
+    worst = min(1 - v * wd for v in unstable.values())
     growing = worst < -1
     effect = (
         "the weights flip sign and grow geometrically even where every gradient is zero"
@@ -74,7 +79,26 @@ def decoupled_decay_unstable(evidence: dict[str, Any]) -> Finding | None:
         "error",
         f"AdamW's decoupled decay multiplies the weights by 1 − lr·wd = "
         f"{1 - unstable[first] * wd:.3g} at step {first} (lr {unstable[first]:.3g} × "
-        f"weight_decay {wd:g}; down to {worst:.3g} over {len(unstable)} step(s)): {effect}",
+        f"weight_decay {wd:g}{_lowest(worst, 1 - unstable[first] * wd, len(unstable))}): "
+        f"{effect}",
         "keep lr · weight_decay well below 1 (lower the lr the schedule reaches, or the decay)",
-        {"first_step": first, "steps": len(unstable), "weight_decay": wd, "worst_factor": worst},
+        {
+            "first_step": first,
+            "steps": len(unstable),
+            "weight_decay": wd,
+            "worst_factor": worst,
+            "link": {
+                "stage": 1,
+                "step": first,
+                "what": f"AdamW decay factor 1 − lr·wd = {1 - unstable[first] * wd:.3g} from step "
+                f"{first}{_lowest(worst, 1 - unstable[first] * wd, len(unstable), short=True)}",
+            },
+        },
     )
+
+
+def _lowest(worst: float, first: float, steps: int, short: bool = False) -> str:
+    """The lowest factor, when it is not the first one already said."""
+    if worst == first:
+        return "" if short else f"; {steps} step(s)"
+    return f" (down to {worst:.3g})" if short else f"; down to {worst:.3g} over {steps} step(s)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -265,14 +266,20 @@ def load_checkpoint_step(path: Path) -> int:
     return -1 if parsed is None else parsed
 
 
-def load_batch_file(path: Path, step: int | None = None) -> Batch:
+def load_batch_file(path: Path, step: int | None = None, fallback: int | None = None) -> Batch:
+    """``step`` overrides what the file says; ``fallback`` is used when it says nothing."""
     tensors, meta = (load_tensor_dict(path), {}) if sniff(path).is_torch_save else read_all(path)
     rng = {k: v for k, v in tensors.items() if k.startswith(RNG_PREFIX)}
     data = {k: v for k, v in tensors.items() if not k.startswith(RNG_PREFIX)}
     validate_batch(path, data)
     validate_rng(path, rng)
     found = parse_step(meta.get("step"))
-    found = -1 if found is None else found
+    if found is None:  # a foreign batch: the last number in its name, e.g. batch_17500.pt
+        named = re.search(r"(\d+)(?!.*\d)", path.stem)
+        found = int(named.group(1)) if named else None
+    found = fallback if found is None else found
+    if step is None and found is None:
+        raise DiagError(path, "says no step (no 'step' metadata, no number in its name)")
     return Batch(found if step is None else step, path, data, rng, meta)
 
 

@@ -65,6 +65,12 @@ def _summary(data: dict[str, Any], plt: Any) -> str:
 def _fault(data: dict[str, Any], plt: Any) -> str:
     fault = data["diagnosis"]["fault"]
     if fault is None:
+        logged = (data.get("curves") or {}).get("first_nonfinite")
+        if logged is not None:  # the page's curve marks it: the card must not deny it
+            return _missing(
+                f"the log goes non-finite at step {logged}, but no replay localised it "
+                "(the findings say what was missing)"
+            )
         return _missing("no step went non-finite in the replayed steps or the log")
     op = fault.get("op") or {}
     rows = [

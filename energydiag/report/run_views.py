@@ -70,6 +70,8 @@ def bisect(console: Console, r: dict[str, Any]) -> None:
         "Bisect",
         [
             ("first bad step", r["first_bad_step"]),
+            ("weights past ×1e3 from step", r["exploded_step"]),
+            ("first non-finite step (replayed)", r["first_nonfinite_step"]),
             ("last good checkpoint", r["last_good_checkpoint"]),
             ("first bad checkpoint", r["first_bad_checkpoint"]),
             ("first failure in the log", r["first_logged_failure"]),
@@ -130,4 +132,6 @@ def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
         )
         console.print(f"  first non-finite value: {where}")
     findings(console, [Finding(**f) for f in d["findings"][:limit]])
+    if len(d["findings"]) > limit:
+        console.print(Text(f"   … {len(d['findings']) - limit} more finding(s): --json lists all"))
     console.print()
