@@ -101,3 +101,13 @@ def test_tau_variant_measures_its_logit_spread_at_its_own_tau(fixtures_dir):
     assert variant.energy_span == pytest.approx(base.energy_span)  # same model, same batch
     assert variant.logit_spread == pytest.approx(variant.energy_span / 2)
     assert base.logit_spread == pytest.approx(base.energy_span / 0.2)
+
+
+def test_center_variant_recentres_an_input(fixtures_dir):
+    run = Run(fixtures_dir / "healthy")
+    assert parse_variant("center=h").center == ["h"]
+    report = whatif(run, 100, 2, [parse_variant("center=h")])
+    by = {r.label: r for r in report.results}
+    assert by["center=h"].losses[0] != by["baseline"].losses[0]  # the first step already sees it
+    with pytest.raises(DiagError, match="center=nope"):
+        whatif(run, 100, 1, [parse_variant("center=nope")])

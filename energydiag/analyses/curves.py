@@ -379,6 +379,8 @@ def curve_report(
         raise DiagError(None, f"--tau {tau}: the temperature must be positive")
     if batch_size and tau:
         bounds = infonce_curve_bounds(batch_size, tau, energy_span)
+    elif batch_size:  # chance is log B whatever tau is; only the floor needs tau
+        bounds = {"chance": math.log(batch_size), "batch_size": batch_size}
     else:
         bounds = run_bounds(Run(source)) if (source / MANIFEST).is_file() else None
     return analyse(frame, column, window, bounds)

@@ -113,6 +113,8 @@ def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
         try:
             reports.append(replay_report(run, origin, to_step=step, device=device))
         except DiagError as err:  # batches or checkpoints missing: try the nearer start
+            if err.path == str(run.manifest_path):  # the run cannot be built at all: bad input
+                raise
             problem = problem or str(err)
             continue
         if reports[-1].fault:

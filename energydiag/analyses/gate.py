@@ -54,10 +54,25 @@ class CheckReport:
     def failed(self) -> list[CheckResult]:
         return [c for c in self.checks if c.status == FAIL]
 
+    @property
+    def unmeasured(self) -> list[str]:
+        """Why checks were skipped, said once for the run rather than per check."""
+        m, why = self.measurements, []
+        if "inspected_step" not in m:
+            why.append(
+                "no checkpoint has a logged batch, so the energy checks measured nothing (record "
+                "with persist_batches=True, or keep a batch at each checkpoint's step)"
+            )
+        if "replay_from" not in m:
+            why.append("no replay: pass --steps N to replay and check fidelity")
+        return why
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.run,
             "passed": not self.failed,
+            "skipped": sum(c.status == SKIP for c in self.checks),
+            "unmeasured": self.unmeasured,
             "config": self.config,
             "measurements": self.measurements,
             "checks": [asdict(c) for c in self.checks],

@@ -80,41 +80,47 @@ class BatchReport:
         return asdict(self)
 
 
+class UserCodeRaised(Exception):
+    """The user's model or loss raised while a batch was inspected."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
 def batch_report(
     model: nn.Module,
     loss_fn: LossFn,
     loss_spec: LossSpec,
     batch: Batch,
     device: torch.device,
-    tau: tuple[float | None, str],
+    tau: Tau,
     autocast_dtype: str | None = None,
 ) -> BatchReport:
     data = batch.on(device)
-    head = find_head(model, data)
-    restore_rng(batch.rng)
     saturation, outputs = SaturationCounter(), ModuleOutputs(model)
-    with outputs.attached(), Instrument([saturation]).attached(), autocast(device, autocast_dtype):
-        loss, diagnostics = loss_fn(model, data)
-    if loss.requires_grad:
-        loss.backward()
-    matrix, positive_first = scored_energies(diagnostics) or (None, False)
-    if matrix is None:  # a plug-in loss that reports no energies: score the in-batch matrix
-        with torch.no_grad():
-            matrix = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask"))
-    energy = {k: float(v) for k, v in energy_stats(matrix, tau[0], positive_first).items()}
+    try:  # the user's model and loss: what they raise is a finding; our own bugs are not
+        head, loss, matrix, positive_first = _forward(
+            model, loss_fn, batch, data, autocast(device, autocast_dtype), [saturation], outputs
+        )
+    except DiagError:
+        raise
+    except Exception as err:
+        raise UserCodeRaised(err) from err
+    energy = {k: float(v) for k, v in energy_stats(matrix, tau.value, positive_first).items()}
     report = BatchReport(
         step=batch.step,
         batch_size=matrix.shape[0],
         candidates=matrix.shape[1],
-        tau=tau[0],
-        tau_source=tau[1],
+        tau=tau.value,
+        tau_source=tau.said,
         loss_name=loss_spec.label,
         loss=float(loss.detach()),
         energy=energy,
         head=None
         if head is None
         else {"bounds": list(head.bounds), "source": head.source, "module": head.module},
-        bounds=_bounds(matrix.shape[1], tau[0], energy, head),
+        bounds=_bounds(matrix.shape[1], tau.value, energy, head),
         loss_position=None,
         saturation=[asdict(s) | {"fraction": s.fraction} for s in saturation.rows()],
         layers=[_layer_row(r) for r in outputs.finish()],
@@ -130,6 +136,22 @@ def batch_report(
     )
     report.findings = _batch_findings(report, batch, head, loss_spec, autocast_dtype)
     return report
+
+
+def _forward(model, loss_fn, batch, data, casting, observers, outputs):
+    """The run's forward and backward on the batch, with the step's RNG state: (the bounded
+    head, the loss, the energy matrix, whether its positives come first)."""
+    head = find_head(model, data)
+    restore_rng(batch.rng)
+    with outputs.attached(), Instrument(observers).attached(), casting:
+        loss, diagnostics = loss_fn(model, data)
+    if loss.requires_grad:
+        loss.backward()
+    matrix, positive_first = scored_energies(diagnostics) or (None, False)
+    if matrix is None:  # a plug-in loss that reports no energies: score the in-batch matrix
+        with torch.no_grad():
+            matrix = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask"))
+    return head, loss, matrix, positive_first
 
 
 def _bounds(
@@ -285,43 +307,55 @@ def inspect(
         raise DiagError(
             batch_path, "running the model on a batch needs a model: pass --model or --run"
         )
-    notes, batch_rep = [], None
+    notes, batch_rep, skipped = [], None, []
     if batch is None or spec is None:
         notes.append(
             "no batch run: give --batch (and --model without a run) for the energy statistics"
         )
     elif not is_energy_batch(batch.tensors):
-        notes.append("no batch run: the batch has no 'h' or 'a_pos' (not an energy-model batch)")
+        skipped.append(rules.not_an_energy_batch(batch.step, sorted(batch.tensors)))
     elif ckpt.findings and rules.has_code(ckpt.findings, "checkpoint.nonfinite"):
         notes.append("the model was not run: the checkpoint holds non-finite values")
     else:
         loss = loss_spec or (manifest.loss if manifest else DEFAULT_LOSS)
         chosen = _tau(tau, loss, manifest is not None or loss_spec is not None)
-        notes += [chosen[1]] if chosen[1].startswith("defaulted") else []
+        notes += [chosen.said] if chosen.source == "default" else []
         try:
             batch_rep = _run_batch(spec, ckpt_path, loss, batch, device, chosen, manifest)
-        except DiagError:
-            raise
-        except Exception as err:  # the user's model or loss raised: a finding, not a crash
-            raised = rules.model_raised(batch.step, first_line(err))
+        except UserCodeRaised as err:  # the user's model or loss raised: a finding, not a crash
+            raised = rules.model_raised(batch.step, first_line(err.original))
             return InspectReport(ckpt, None, rules.ranked([*ckpt.findings, raised]), notes)
-    found = ckpt.findings + (batch_rep.findings if batch_rep else [])
+    found = ckpt.findings + (batch_rep.findings if batch_rep else []) + skipped
+    if batch_rep is not None:
+        found.append(rules.unused_negatives(batch_rep.loss_name, sorted(batch.tensors)))
     return InspectReport(ckpt, batch_rep, rules.ranked(found), notes)
 
 
-def _tau(given: float | None, loss: LossSpec, configured: bool) -> tuple[float | None, str]:
+@dataclass(frozen=True)
+class Tau:
+    """The temperature a batch is judged at, and where it came from (a value, not a sentence)."""
+
+    value: float | None
+    source: str  # "option" (--tau), "run" (the run's loss), "default" (assumed), "none"
+
+    @property
+    def said(self) -> str:
+        if self.source == "default":
+            return f"defaulted: no run or --tau, so tau {self.value:g} is assumed"
+        words = {"option": "--tau", "run": "the run's loss", "none": "the loss has no tau"}
+        return words[self.source]
+
+
+def _tau(given: float | None, loss: LossSpec, configured: bool) -> Tau:
     if given is not None:
-        return given, "--tau"
+        return Tau(given, "option")
     if "tau" in loss.kwargs:
-        source = (
-            "the run's loss" if configured else "defaulted: no run or --tau, so tau 0.5 is assumed"
-        )
-        return float(loss.kwargs["tau"]), source
-    return None, "the loss has no tau"
+        return Tau(float(loss.kwargs["tau"]), "run" if configured else "default")
+    return Tau(None, "none")
 
 
 def _run_batch(spec, ckpt_path, loss, batch, device, tau, manifest) -> BatchReport:
-    overrides = {} if tau[1] != "--tau" else {"tau": tau[0]}
+    overrides = {"tau": tau.value} if tau.source == "option" else {}
     with blame("the model and loss options" if manifest is None else ckpt_path):
         model = build_model(spec).to(device)
         loss_fn = build_loss(loss, **overrides)

@@ -137,6 +137,7 @@ def whatif(
     start = run.checkpoint_at_or_before(from_step)
     window = plan(run, start, start + steps - 1)
     batches = [run.batch(s) for s in window]
+    _check_inputs(variants, batches[0].tensors)
     swap = _head_to_swap(run, start, device, head_path, batches[0], variants)
     results = []
     for variant in [Variant("baseline"), *variants]:
@@ -194,12 +195,17 @@ def _apply(v: Variant, session: Session, head_path: str | None) -> None:
         session.transform_batch = functools.partial(_centred, v.center)
 
 
+def _check_inputs(variants: list[Variant], tensors: dict[str, torch.Tensor]) -> None:
+    """Before anything is replayed: every input a variant re-centres is a float batch tensor."""
+    for v in variants:
+        missing = [k for k in v.center if k not in tensors or not tensors[k].is_floating_point()]
+        if missing:
+            raise DiagError(None, f"--try center={missing[0]}: the batch has no such float tensor")
+
+
 def _centred(keys: list[str], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each named input minus its per-feature mean over the batch (features = last dim): the
     input as a normalisation in front of the model would have given it."""
-    missing = [k for k in keys if k not in data or not data[k].is_floating_point()]
-    if missing:
-        raise DiagError(None, f"--try center={missing[0]}: the batch has no such float tensor")
     out = dict(data)
     for key in keys:
         x = data[key]

@@ -5,6 +5,13 @@ with its evidence and remedy, or None. Adding a rule is adding a function to one
 """
 
 from energydiag.findings.base import SEVERITIES, Finding, has_code, has_error, ranked
+from energydiag.findings.batch import (
+    few_negatives,
+    forward_nonfinite,
+    input_offset,
+    not_an_energy_batch,
+    unused_negatives,
+)
 from energydiag.findings.checkpoints import (
     adam_blowup_risk,
     beyond_autocast_range,
@@ -27,10 +34,7 @@ from energydiag.findings.contrastive import (
     coarse_inputs,
     contrastive_health,
     dead_gradients,
-    few_negatives,
-    forward_nonfinite,
     gap_below_autocast_resolution,
-    input_offset,
     loss_position,
     model_raised,
     narrow_energy_range,
@@ -78,6 +82,8 @@ __all__ = [
     "has_error",
     "ranked",
     "narrow_energy_range",
+    "not_an_energy_batch",
+    "unused_negatives",
     "rank_negatives",
     "loss_position",
     "bounded_head_floor",

@@ -300,7 +300,7 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
     if gathered:
         return Finding(
             "ranks.negatives",
-            "note",
+            "info",
             f"each positive meets {negatives} negatives gathered from {world} ranks of "
             f"{local_batch} (chance log({whole}) = {math.log(whole):.3f})",
             "nothing to change: the loss already sees every rank's actions",
@@ -308,7 +308,7 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         )
     return Finding(
         "ranks.negatives",
-        "warning" if local_batch <= 16 else "note",
+        "warning" if local_batch <= 16 else "info",
         f"each positive meets only {negatives} in-batch negative(s): the loss scores the "
         f"{local_batch} actions of its own rank (chance log({local_batch}) = "
         f"{math.log(local_batch):.3f}) while {world} ranks hold {whole}",
@@ -316,78 +316,4 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         f"all_gather in your loss): {whole - 1} negatives, chance log({whole}) = "
         f"{math.log(whole):.3f}, and a loss floor the narrow heads reach less easily",
         evidence,
-    )
-
-
-FEW_NEGATIVES = 4  # fewer negatives per positive than this and chance itself is a low bar
-
-
-def few_negatives(candidates: int, position: float | None) -> Finding | None:
-    """Swap InfoNCE scores each positive against the batch's other actions: with B = 3 that is
-    2 negatives, chance log 3 = 1.10, and a weak signal per step whatever the head."""
-    negatives = candidates - 1
-    if negatives >= FEW_NEGATIVES or negatives < 1 or position is None or position < 0.5:
-        return None
-    return Finding(
-        "contrastive.few_negatives",
-        "error" if position >= 0.9 else "warning",
-        f"each positive meets only {negatives} negative(s) (B = {candidates}): chance is "
-        f"log({candidates}) = {math.log(candidates):.3f} and the loss sits {position:.0%} of the "
-        "way from its floor to it",
-        "raise the negatives per positive: a larger batch, negatives gathered across ranks "
-        "('gathered_infonce'), or a bank of past actions",
-        {
-            "negatives": negatives,
-            "candidates": candidates,
-            "position": position,
-            "link": {
-                "stage": 0,
-                "what": f"only {negatives} negative(s) per positive (B = {candidates})",
-            },
-        },
-    )
-
-
-OFFSET_RATIO = 10.0  # an input's constant part this many times its variation, and other inputs'
-
-
-def input_offset(scales: dict[str, dict[str, float]]) -> Finding | None:
-    """One input path carrying a large constant (a context never normalised, a sensor with a
-    bias): its scale, not its information, then drives the energy, often into a bounded head's
-    saturation. ``scales``: per float input, the RMS of its per-feature means (offset), of its
-    per-feature standard deviations (spread), and its overall RMS."""
-    for key, s in scales.items():
-        others = [o["rms"] for k, o in scales.items() if k != key]
-        if not others or s["offset"] < OFFSET_RATIO * max(s["spread"], max(others)):
-            continue
-        return Finding(
-            "data.input_offset",
-            "warning",
-            f"input '{key}' carries a constant offset: its per-feature means have RMS "
-            f"{s['offset']:.3g} against a spread of {s['spread']:.3g}, while the other inputs' RMS "
-            f"is at most {max(others):.3g}",
-            f"normalise '{key}' before the model (subtract its mean, or a LayerNorm at the input)",
-            {
-                "input": key,
-                **s,
-                "others_rms": max(others),
-                "link": {
-                    "stage": 0,
-                    "what": f"'{key}' offset by ~{s['offset']:.3g} (spread {s['spread']:.3g})",
-                },
-                "verify": f"center={key}",
-            },
-        )
-    return None
-
-
-def forward_nonfinite(step: int, loss: float, nonfinite: int, total: int) -> Finding:
-    """The inspected batch's own forward is non-finite: energy statistics would be NaN's."""
-    return Finding(
-        "inspect.nonfinite_forward",
-        "error",
-        f"the model's forward on the batch of step {step} is non-finite: loss {loss:.4g}, "
-        f"{nonfinite} of {total} energies NaN or Inf; no energy statistics are computed from them",
-        f"`energydiag replay RUN --from-step {step}` names the op and module where it began",
-        {"step": step, "loss": loss, "nonfinite_energies": nonfinite, "energies": total},
     )

@@ -50,9 +50,12 @@ def check(console: Console, r: dict[str, Any]) -> None:
         table.add_row(c["name"], Text(c["status"], style=style[c["status"]]), c["message"])
     console.print(table)
     failed = sum(c["status"] == "failed" for c in r["checks"])
+    skipped = f", {r['skipped']} skipped" if r["skipped"] else ""
     console.print(
         Text(
-            "all checks passed" if not failed else f"{failed} check(s) failed",
+            f"all checks passed{skipped}" if not failed else f"{failed} check(s) failed{skipped}",
             style="green" if not failed else "bold red",
         )
     )
+    for why in r["unmeasured"]:
+        console.print(Text(f"  skipped: {why}", style="dim"))
