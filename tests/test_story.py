@@ -105,7 +105,8 @@ def test_an_lr_cause_is_named_with_its_numbers_and_its_fix_verified(
     code, gate = cli_json("check", run)
     # the log's first non-finite step; the replay may place the fault one update earlier
     assert code == 1 and gate["measurements"]["first_nonfinite_step"] == failed["step"]
-    assert {c["name"]: c["status"] for c in gate["checks"]}["no_nonfinite"] == "failed"
+    status = {c["name"]: c["status"] for c in gate["checks"]}
+    assert status["no_nonfinite"] == "failed" and status["schedule"] == "failed"
     code, search = cli_json("bisect", run)
     assert code == 1 and search["first_nonfinite_step"] == step
     assert "schedule.lr_beyond_configured" in codes(search["findings"])
@@ -139,6 +140,15 @@ def test_a_constant_input_offset_is_the_cause_of_a_saturated_stall(planted):
     _, gate = cli_json("check", planted / "offset")
     status = {c["name"]: c["status"] for c in gate["checks"]}
     assert status["curve_health"] == "failed" and status["saturation"] == "failed"
+    assert status["no_nonfinite"] == status["not_exploded"] == status["schedule"] == "passed"
+    # the other views agree: nothing broke, nothing to bisect, the same verdict on the page
+    code, page = cli_json("report", planted / "offset", "-o", planted / "offset.html", "--force")
+    assert code == 1 and page["diagnosis"]["verdict"] == "stalled"
+    assert codes(page["diagnosis"]["findings"])[0] == "story.chain"
+    code, search = cli_json("bisect", planted / "offset")
+    assert code == 0 and search["first_bad_step"] is None and search["first_bad_checkpoint"] is None
+    code, line = cli_json("timeline", planted / "offset")
+    assert code == 0 and {r["state"] for r in line["rows"]} == {"ok"}
 
 
 def test_too_few_negatives_on_an_unbounded_head_is_not_told_to_widen_its_range(planted):
@@ -146,6 +156,10 @@ def test_too_few_negatives_on_an_unbounded_head_is_not_told_to_widen_its_range(p
     assert code == 1 and diagnosis["verdict"] == "stalled"
     assert chain["evidence"]["links"][0]["what"] == "only 2 negative(s) per positive (B = 3)"
     assert "raise the negatives per positive" in chain["remedy"]
+    # the same logged data, three batches a step: judged against each side's own chance
+    verified = chain["evidence"]["verification"]
+    assert verified["code"] == "remedy.verified" and "with batch*=3" in chain["remedy"]
+    assert "of its chance log(9)" in chain["remedy"]
     assert "widen the energy range" not in remedies(diagnosis)
     assert "contrastive.few_negatives" in codes(diagnosis["findings"])
 

@@ -111,3 +111,13 @@ def test_center_variant_recentres_an_input(fixtures_dir):
     assert by["center=h"].losses[0] != by["baseline"].losses[0]  # the first step already sees it
     with pytest.raises(DiagError, match="center=nope"):
         whatif(run, 100, 1, [parse_variant("center=nope")])
+
+
+def test_batch_variant_scores_each_positive_against_k_batches(fixtures_dir):
+    report = whatif(Run(fixtures_dir / "healthy"), 100, 3, [parse_variant("batch*=2")])
+    by = {r.label: r for r in report.results}
+    assert by["baseline"].candidates == 8 and by["batch*=2"].candidates == 16
+    assert by["batch*=2"].losses[0] > by["baseline"].losses[0]  # chance log 16 > log 8
+    for bad in ("batch*=0", "batch*=x", "tau*=2"):
+        with pytest.raises(DiagError):
+            parse_variant(bad)

@@ -18,7 +18,7 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.curves import CurveReport, analyse, run_bounds
 from energydiag.analyses.inspection import InspectReport, inspect
-from energydiag.analyses.schedule import ScheduleEvidence, schedule_evidence
+from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
 from energydiag.io.layout import checkpoint_path
@@ -79,11 +79,5 @@ class Case:
         return schedule_evidence(self.run)
 
     def schedule_causes(self) -> list[rules.Finding]:
-        """The recorded lr trajectory's causes: past its configured value, AdamW's 1 − lr·wd."""
-        evidence = self.schedule.to_dict()
-        found = [
-            rules.schedule_jumps(evidence["jumps"]),
-            rules.lr_beyond_reference(evidence),
-            rules.decoupled_decay_unstable(evidence),
-        ]
-        return [f for f in found if f is not None]
+        """The recorded lr trajectory's causes: a jump, past its configured value, 1 − lr·wd."""
+        return schedule_causes(self.schedule)

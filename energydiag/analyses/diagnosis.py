@@ -83,7 +83,9 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
         found = [*causes, *(f for f in result.findings if f.code not in seen), *weights]
         result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
-    found = (case.curve.findings if case.curve else []) + _weights(case) + _inspected(case) + causes
+    cause_codes = {f.code for f in causes}  # inspect names them too: said once
+    inspected = [f for f in _inspected(case) if f.code not in cause_codes]
+    found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
     found = [*tell(case, found, None, device), *found]
     verdict = "healthy"
     if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):

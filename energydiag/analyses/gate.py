@@ -98,6 +98,7 @@ def measure(
     if norms:
         m["grad_norm_min"], m["grad_norm_max"] = min(norms), max(norms)
     m |= _weights(case.timeline) | _inspected(case)
+    m["schedule_errors"] = [f.code for f in case.schedule_causes() if f.severity == "error"]
     if steps:
         m |= _replayed(run, steps, device)
     return m
@@ -190,6 +191,7 @@ def evaluate(
         _bound("weight_growth", m, "growth_since_first", high=c.max_weight_growth),
         _no_errors("contrastive_health", m, "contrastive_errors"),
         _no_errors("curve_health", m, "curve_errors"),
+        _no_errors("schedule", m, "schedule_errors"),
     ]
     if baseline is not None:
         results.append(_baseline(m, baseline, c.baseline_tolerance))

@@ -23,6 +23,7 @@ from torch import nn
 from energydiag import findings as rules
 from energydiag.analyses.checkpoint_report import CheckpointReport, checkpoint_report
 from energydiag.analyses.head import Head, find_head
+from energydiag.analyses.schedule import schedule_causes, schedule_evidence
 from energydiag.engine.activations import ModuleOutputs
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import all_masked_samples
@@ -326,6 +327,8 @@ def inspect(
             raised = rules.model_raised(batch.step, first_line(err.original))
             return InspectReport(ckpt, None, rules.ranked([*ckpt.findings, raised]), notes)
     found = ckpt.findings + (batch_rep.findings if batch_rep else []) + skipped
+    if run is not None:  # the run's recorded schedule, whatever step this checkpoint is
+        found += schedule_causes(schedule_evidence(run))
     if batch_rep is not None:
         found.append(rules.unused_negatives(batch_rep.loss_name, sorted(batch.tensors)))
     return InspectReport(ckpt, batch_rep, rules.ranked(found), notes)

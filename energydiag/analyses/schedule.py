@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from energydiag import findings as rules
 from energydiag.io.rundir import Run
 
 JUMP_FACTOR = 10.0  # a change by this factor or more in one step is abrupt
@@ -128,3 +129,15 @@ def _largest(groups: list[dict[str, Any]], key: str) -> float | None:
 def decay_factor(lr: float, weight_decay: float) -> float:
     """What decoupled weight decay multiplies every weight by in one step."""
     return 1.0 - lr * weight_decay
+
+
+def schedule_causes(evidence: ScheduleEvidence) -> list[rules.Finding]:
+    """The recorded trajectory's causes: a jump, an lr past its configured value, AdamW's
+    1 − lr·wd; each rule's precondition is in the evidence."""
+    said = evidence.to_dict()
+    found = [
+        rules.schedule_jumps(said["jumps"]),
+        rules.lr_beyond_reference(said),
+        rules.decoupled_decay_unstable(said),
+    ]
+    return [f for f in found if f is not None]

@@ -121,4 +121,5 @@ def _window(case: Case, fault: Fault | None) -> tuple[int, int] | None:
 def _brief(result: Any) -> dict[str, Any]:
     kept = asdict(result)
     keys = ("finite", "failed_at", "loss_start", "loss_end", "exception", "saturation")
+    keys += ("candidates",)
     return {k: kept[k] for k in keys} | {"input_grad_norm": kept["input_layer_grad_norm"]}

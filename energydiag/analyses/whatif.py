@@ -2,7 +2,7 @@
 fix, changing only what the fix names. Turns a list of guesses into a ranking.
 
 Variants are strings such as "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "clip=0.5",
-"clip=none", "margin=1", "warmup=10", "center=h", or several joined by commas ("head=softplus,tau=1").
+"clip=none", "margin=1", "warmup=10", "center=h", "batch*=3", or several joined by commas ("head=softplus,tau=1").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from energydiag.engine.quantities import DEFAULT, layer_of
 from energydiag.engine.replay import plan, run_step
 from energydiag.engine.session import Session, open_session
 from energydiag.errors import DiagError
-from energydiag.io.rundir import Run
+from energydiag.io.rundir import Batch, Run
 from energydiag.reference.models import HEADS, make_head
 
 LOSS_KNOBS = ("tau", "margin")
@@ -38,6 +38,7 @@ class Variant:
     clip: float | None | str = "unchanged"
     warmup: int = 0
     center: list[str] = field(default_factory=list)  # batch tensors re-centred per feature
+    batch_scale: int = 1  # each step also sees the next k-1 logged batches: k·B candidates
 
 
 def parse_variant(text: str) -> Variant:
@@ -63,8 +64,12 @@ def _split(part: str) -> tuple[str, str, str]:
 def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
     if key == "lr" and op == "*=":
         v.lr_scale = float(value)
+    elif key == "batch" and op == "*=":
+        v.batch_scale = int(value)
+        if v.batch_scale < 1:
+            raise ValueError(value)
     elif op == "*=":
-        raise DiagError(None, f"--try: only lr can be scaled with *= (got {key}*=)")
+        raise DiagError(None, f"--try: only lr and batch can be scaled with *= (got {key}*=)")
     elif key in LOSS_KNOBS:
         v.loss[key] = float(value)
     elif key == "lr":
@@ -82,7 +87,7 @@ def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
     else:
         raise DiagError(
             None,
-            f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, clip, warmup, center)",
+            f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, batch*, clip, warmup, center)",
         )
 
 
@@ -91,6 +96,7 @@ class VariantResult:
     label: str
     losses: list[float]
     lrs: list[float]  # the first param group's lr as applied at each replayed step
+    candidates: int  # B: the in-batch candidates each positive is scored against
     loss_start: float | None
     loss_end: float | None
     relative_drop: float | None  # None when the variant went non-finite or raised
@@ -146,13 +152,15 @@ def whatif(
         rows = []
         for i, batch in enumerate(batches):
             in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
+            batch = _widened(batches, i, variant.batch_scale)
             rows.append(run_step(session, batch, DEFAULT, update=not in_warmup))
             rows[-1]["lr"] = float(session.optimizer.param_groups[0]["lr"])
             if progress:
                 progress(variant.label, batch.step)
             if not rows[-1]["finite"]:
                 break
-        results.append(_summarise(variant.label, rows, _input_layer(session.model)))
+        width = batches[0].size * variant.batch_scale if "h" in batches[0].tensors else 0
+        results.append(_summarise(variant.label, rows, _input_layer(session.model), width))
     _rank(results)
     report = WhatifReport(start, len(batches), _input_layer(session.model), swap, results)
     as_dicts = [asdict(r) for r in results]
@@ -195,6 +203,22 @@ def _apply(v: Variant, session: Session, head_path: str | None) -> None:
         session.transform_batch = functools.partial(_centred, v.center)
 
 
+def _widened(batches: list[Batch], i: int, k: int) -> Batch:
+    """Step i's batch with the next k-1 logged batches of the window appended (wrapping round):
+    k·B contexts and actions, so each positive meets k·B - 1 negatives, from the same data."""
+    if k == 1:
+        return batches[i]
+    parts = [batches[(i + j) % len(batches)] for j in range(k)]
+    first = parts[0]
+    merged = {
+        key: torch.cat([p.tensors[key] for p in parts])
+        if t.dim() and t.shape[0] == first.size
+        else t
+        for key, t in first.tensors.items()
+    }
+    return Batch(first.step, first.path, merged, first.rng, first.meta)
+
+
 def _check_inputs(variants: list[Variant], tensors: dict[str, torch.Tensor]) -> None:
     """Before anything is replayed: every input a variant re-centres is a float batch tensor."""
     for v in variants:
@@ -231,7 +255,9 @@ def _input_layer(model: nn.Module) -> str:
     return layer_of(next(n for n, _ in model.named_parameters()))
 
 
-def _summarise(label: str, rows: list[dict[str, Any]], input_layer: str) -> VariantResult:
+def _summarise(
+    label: str, rows: list[dict[str, Any]], input_layer: str, candidates: int
+) -> VariantResult:
     finite_rows = [r for r in rows if r["finite"]]
     losses = [r["loss"] for r in finite_rows]
     k = max(1, len(losses) // 5)
@@ -245,6 +271,7 @@ def _summarise(label: str, rows: list[dict[str, Any]], input_layer: str) -> Vari
         label,
         losses,
         [r["lr"] for r in rows if "lr" in r],
+        candidates,
         start,
         end,
         drop,

@@ -33,6 +33,8 @@ def few_negatives(candidates: int, position: float | None) -> Finding | None:
                 "stage": 0,
                 "what": f"only {negatives} negative(s) per positive (B = {candidates})",
             },
+            # the same data, k batches a step: at least 8 candidates per positive
+            "verify": f"batch*={math.ceil(8 / candidates)}",
         },
     )
 

@@ -7,6 +7,7 @@ replay when the run holds the batches; the verdict says what was replayed and wh
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from energydiag.findings.base import Finding
@@ -71,7 +72,15 @@ def _improvement(base: dict[str, Any], tried: dict[str, Any]) -> str | None:
             f"stays finite, where the run as recorded goes non-finite at step {base['failed_at']}"
         )
     said = []
-    if tried["loss_end"] < base["loss_end"] - LOSS_NOISE:
+    b, t = base.get("candidates") or 0, tried.get("candidates") or 0
+    if b > 1 and t > 1 and b != t:  # losses over different B compare only against their chance
+        ours, theirs = tried["loss_end"] / math.log(t), base["loss_end"] / math.log(b)
+        if ours < theirs - LOSS_NOISE:
+            said.append(
+                f"ends at {ours:.0%} of its chance log({t}) (loss {tried['loss_end']:.4g}) against "
+                f"{theirs:.0%} of log({b}) as recorded"
+            )
+    elif tried["loss_end"] < base["loss_end"] - LOSS_NOISE:
         said.append(f"ends at loss {tried['loss_end']:.4g} against {base['loss_end']:.4g}")
     was, now = base.get("saturation"), tried.get("saturation")
     if was is not None and now is not None and was >= 0.9 and now < UNSATURATED:
