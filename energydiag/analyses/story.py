@@ -27,14 +27,16 @@ def tell(
     case: Case, found: list[rules.Finding], fault: Fault | None, device: torch.device | None
 ) -> list[rules.Finding]:
     """The chain (when two or more links) and, when one applies, the remedy's verification."""
-    causes = [f for f in found if "link" in f.evidence]
+    causes = sorted(
+        (f for f in found if "link" in f.evidence), key=lambda f: _order(f.evidence["link"])
+    )
     links = [f.evidence["link"] for f in causes] + _weight_links(case)
     if fault is not None:
         links.append({"stage": 5, "step": fault.step, "what": _fault_clause(fault)})
-    fixable = next((f for f in causes if "verify" in f.evidence), None)
+    fixable = next((f for f in causes if "verify" in f.evidence), None)  # the earliest one
     checked = _verify(case, fixable.evidence["verify"], fault, device) if fixable else None
-    first = min(causes, key=lambda f: _order(f.evidence["link"]), default=None)
-    remedy = (fixable or first).remedy if (fixable or first) else None
+    lead = fixable or (causes[0] if causes else None)
+    remedy = lead.remedy if lead else None
     chain = rules.cause_chain(links, remedy, checked)
     return [chain] if chain else [checked] if checked else []
 

@@ -111,6 +111,8 @@ def saturation(fractions: list[dict[str, Any]], threshold: float = 0.5) -> Findi
                 "stage": 3,
                 "what": f"{worst['op']} {worst['fraction']:.0%} saturated in '{worst['module']}'",
             },
+            # replayed with the bounded head swapped (what-if finds the head, or says it cannot)
+            "verify": "head=softplus",
         },
     )
 
