@@ -1,7 +1,8 @@
 """energydiag: turn a NaN or a flat-lining energy loss into evidence.
 
 The package is layered, and imports only go downward:
-errors -> io -> engine -> reference -> findings -> analyses -> report -> cli.
+errors -> io -> engine -> (integrations, reference) -> contrastive -> findings -> analyses ->
+report -> cli.
 ``Recorder`` and ``__version__`` resolve lazily, so that ``energydiag --help`` loads neither torch
 nor the package metadata.
 """

@@ -16,6 +16,7 @@ LAYERS = [
     "engine",
     "integrations",
     "reference",
+    "contrastive",
     "findings",
     "analyses",
     "report",

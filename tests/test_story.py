@@ -215,3 +215,11 @@ def test_a_healthy_run_recorded_as_the_readme_shows_exits_0(tmp_path, seed):
         assert "run.no_batches" in codes(diagnosis["findings"])
     code, page = cli_json("report", run, "-o", tmp_path / "page.html")
     assert code == 0 and page["diagnosis"]["verdict"] == diagnosis["verdict"]
+
+
+def test_the_stalled_fixture_verifies_its_head_swap(fixtures_dir):
+    code, diagnosis, chain = story_of(fixtures_dir / "stalled")
+    assert code == 1 and diagnosis["verdict"] == "stalled"
+    assert [link["stage"] for link in chain["evidence"]["links"]] == [3, 4]
+    assert "verified: with head=softplus" in chain["remedy"]
+    assert "un-saturates the head (100% → 0%" in chain["remedy"]

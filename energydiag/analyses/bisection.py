@@ -310,13 +310,19 @@ def _replay_interval(
             "advice": f"log the batches for steps {step_ranges(missing)}: e.g. Recorder(keep_batches>={gap}) "
             f"or persist_batches=True, or checkpoint more often than every {gap} steps",
         }
+    # ``stop`` is a bad checkpoint, or the log's failing step: name only what exists
+    bad = (
+        f"checkpoint {stop} is bad"
+        if stop in set(run.checkpoint_steps)
+        else (f"the log fails at step {stop}")
+    )
     return {
         "from": start,
         "to": stop,
         "missing_batches": None,
         "advice": f"the replay from checkpoint {start} through step {usable_to} stays healthy, yet "
-        f"checkpoint {stop} is bad: the run directory does not hold what changed (a "
-        "hyperparameter, optimizer state, weights edited outside the step)",
+        f"{bad}: the run directory does not hold what changed (a hyperparameter, optimizer "
+        "state, weights edited outside the step)",
     }
 
 

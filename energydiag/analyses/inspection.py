@@ -24,6 +24,7 @@ from energydiag import findings as rules
 from energydiag.analyses.checkpoint_report import CheckpointReport, checkpoint_report
 from energydiag.analyses.head import Head, find_head
 from energydiag.analyses.schedule import schedule_causes, schedule_evidence
+from energydiag.contrastive import doctor
 from energydiag.engine.activations import ModuleOutputs
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import all_masked_samples
@@ -75,6 +76,7 @@ class BatchReport:
     all_masked_samples: list[int]
     energy_matrix: list[list[float]] = field(default_factory=list)  # at most MATRIX_SHOWN rows
     nonfinite_energies: int = 0
+    doctor: dict[str, float] = field(default_factory=dict)  # energydiag.contrastive.doctor
     findings: list[rules.Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +136,7 @@ def batch_report(
         all_masked_samples=all_masked_samples(data),
         energy_matrix=matrix[:MATRIX_SHOWN, :MATRIX_SHOWN].detach().double().cpu().tolist(),
         nonfinite_energies=int((~torch.isfinite(matrix.detach())).sum()),
+        doctor=doctor.measure(data, matrix, tau.value, positive_first, head.span if head else None),
     )
     report.findings = _batch_findings(report, batch, head, loss_spec, autocast_dtype)
     return report
@@ -171,53 +174,36 @@ def _bounds(
 def _batch_findings(
     report: BatchReport, batch: Batch, head: Head | None, loss: LossSpec, autocast_dtype: str | None
 ) -> list:
+    masked = rules.all_masked_rows(report.all_masked_samples, str(batch.path))
     if report.nonfinite_energies or not math.isfinite(report.loss):
         # statistics of NaN energies ("span nan", "at chance") say nothing: name the fault
-        return rules.ranked(
-            [
-                rules.all_masked_rows(report.all_masked_samples, str(batch.path)),
-                rules.forward_nonfinite(
-                    report.step,
-                    report.loss,
-                    report.nonfinite_energies,
-                    report.batch_size * report.candidates,
-                ),
-            ]
+        total = report.batch_size * report.candidates
+        nonfinite = rules.forward_nonfinite(
+            report.step, report.loss, report.nonfinite_energies, total
         )
+        return rules.ranked([masked, nonfinite])
     reach = report.bounds.get("head") or report.bounds.get("observed")
     infonce = loss.name in ("inbatch_infonce", "infonce_negatives") or "tau" in loss.kwargs
     if reach and reach["chance"] > reach["floor"]:
         report.loss_position = (report.loss - reach["floor"]) / (reach["chance"] - reach["floor"])
-    span = head.span if head else None
+    offset = rules.input_offset(doctor.input_scales(batch.tensors))
+    explained = offset is not None and offset.evidence["input"] == "h"
     return rules.ranked(
         [
-            rules.all_masked_rows(report.all_masked_samples, str(batch.path)),
-            rules.saturation(report.saturation),
-            rules.loss_position(report.loss, reach, report.candidates)
-            if reach and infonce
-            else None,
-            rules.narrow_energy_range(report.energy, report.tau, head is not None),
-            rules.bounded_head_floor(
-                head.bounds if head else None,
-                report.tau,
-                report.candidates,
-                infonce_bounds(report.candidates, report.tau, span)
-                if span and report.tau
-                else None,
-            ),
-            rules.unreachable_margin(loss.kwargs.get("margin"), head.bounds if head else None),
-            rules.contrastive_health(
-                report.energy,
-                report.batch_size,
-                report.candidates,
-                loss.label,
+            *rules.doctor_findings(
+                report.doctor,
+                report.loss,
+                reach if infonce else None,
+                autocast_dtype,
                 loss.kwargs.get("margin"),
+                report.energy["energy_std"],
+                explained,
             ),
-            rules.stuck_between_floor_and_chance(
-                report.loss_position, report.energy, report.tau, head is not None
-            ),
+            masked,
+            rules.saturation(report.saturation),
+            *_range_findings(report, head, loss, reach if infonce else None),
             rules.few_negatives(report.candidates, report.loss_position) if infonce else None,
-            rules.input_offset(_input_scales(batch.tensors)),
+            offset,
             rules.coarse_inputs(_half_inputs(batch.tensors), report.energy),
             rules.gap_below_autocast_resolution(autocast_dtype, report.energy),
             rules.dead_gradients(report.param_grad_norms, report.step),
@@ -225,20 +211,31 @@ def _batch_findings(
     )
 
 
-def _input_scales(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per float input of two or more dims: RMS of its per-feature means, of its per-feature
-    standard deviations (features = the last dim), and its overall RMS."""
-    scales = {}
-    for key, t in tensors.items():
-        if not t.is_floating_point() or t.dim() < 2 or t.shape[-1] < 1 or t.numel() < 4:
-            continue
-        x = t.detach().double().reshape(-1, t.shape[-1])
-        scales[key] = {
-            "offset": float(x.mean(0).square().mean().sqrt()),
-            "spread": float(x.std(0, correction=0).square().mean().sqrt()),
-            "rms": float(x.square().mean().sqrt()),
-        }
-    return scales
+def _range_findings(
+    report: BatchReport, head: Head | None, loss: LossSpec, reach: dict[str, float] | None
+) -> list:
+    """Where the loss sits against its bounds, and what the head's range and the margin allow."""
+    span = head.span if head else None
+    bounds = head.bounds if head else None
+    head_reach = (
+        infonce_bounds(report.candidates, report.tau, span) if span and report.tau else None
+    )
+    return [
+        rules.loss_position(report.loss, reach, report.candidates) if reach else None,
+        rules.narrow_energy_range(report.energy, report.tau, head is not None),
+        rules.bounded_head_floor(bounds, report.tau, report.candidates, head_reach),
+        rules.unreachable_margin(loss.kwargs.get("margin"), bounds),
+        rules.contrastive_health(
+            report.energy,
+            report.batch_size,
+            report.candidates,
+            loss.label,
+            loss.kwargs.get("margin"),
+        ),
+        rules.stuck_between_floor_and_chance(
+            report.loss_position, report.energy, report.tau, head is not None
+        ),
+    ]
 
 
 def _half_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, str]:

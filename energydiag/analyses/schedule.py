@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from energydiag import findings as rules
+from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
 
 JUMP_FACTOR = 10.0  # a change by this factor or more in one step is abrupt
@@ -100,7 +101,10 @@ def schedule_evidence(run: Run) -> ScheduleEvidence:
     recorded = history(run)
     lr = {s: _largest(groups, "lr") for s, groups in recorded.items()}
     lr = {s: v for s, v in lr.items() if v is not None}
-    logged = run.logged("lr")
+    try:
+        logged = run.logged("lr")
+    except DiagError:  # an empty or unreadable log adds nothing here; the curve commands say why
+        logged = {}
     lr |= {s: v for s, v in logged.items() if s not in lr}
     groups = [g for gs in recorded.values() for g in gs]
     kwargs = run.manifest.optimizer.kwargs

@@ -54,6 +54,15 @@ from energydiag.findings.curves import (
     whatif_failures,
     whatif_ranking,
 )
+from energydiag.findings.doctor import (
+    context_collapse,
+    doctor_findings,
+    dominant_negative,
+    duplicate_actions,
+    fp16_temperature,
+    hard_negatives,
+    margin_collapse,
+)
 from energydiag.findings.faults import (
     explain_fault,
     root_cause,
@@ -106,6 +115,13 @@ __all__ = [
     "lr_beyond_reference",
     "decoupled_decay_unstable",
     "cause_chain",
+    "context_collapse",
+    "doctor_findings",
+    "dominant_negative",
+    "duplicate_actions",
+    "fp16_temperature",
+    "hard_negatives",
+    "margin_collapse",
     "remedy_verified",
     "skipped_steps",
     "precision_verdict",
