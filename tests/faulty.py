@@ -145,3 +145,17 @@ def log_energy_loss(model, batch, tau=0.5):
     loss, diagnostics = inbatch_infonce(model, batch, tau=tau)
     e_pos = energies(model, batch["h"], batch["a_pos"], batch.get("pad_mask"))
     return loss - 0.01 * torch.log(e_pos).mean(), diagnostics
+
+
+def eval_refiner(model, h, a0, pad_mask):
+    """A user's refinement done right: eval mode, five gradient steps of 0.1 on the action."""
+    from energydiag.reference.losses import energies
+
+    model.eval()
+    chain, a = [a0], a0.clone()
+    for _ in range(5):
+        a.requires_grad_(True)
+        (grad,) = torch.autograd.grad(energies(model, h, a, pad_mask).sum(), a)
+        a = (a - 0.1 * grad).detach()
+        chain.append(a)
+    return chain

@@ -23,6 +23,7 @@ DOCTOR = {
     "precision.fp16_logits",
     "contrastive.context_collapse",
     "contrastive.margin_collapse",
+    "precision.float_absorption",
 }
 
 
@@ -121,3 +122,42 @@ def test_the_quantities_themselves():
     spread = context_rank(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)))
     assert alike["mean_cosine"] > 0.999 and alike["rankme"] < 1.01
     assert abs(spread["mean_cosine"]) < 0.3 and spread["rank_ratio"] > 0.7
+
+
+def test_float_absorption_breaks_the_softmax_zero_sum():
+    from energydiag import findings as rules
+    from energydiag.contrastive.doctor import zero_sum_violation
+
+    gap = torch.ones(8, 8)
+    gap.fill_diagonal_(0.0)  # every positive 1 below its negatives; at tau 0.05, a gap of 20
+    absorbed = zero_sum_violation(gap, 0.05)
+    assert absorbed["absorbed_rows"] == 8 and absorbed["zero_sum_violation"] == pytest.approx(1.0)
+    assert rules.float_absorption(absorbed).code == "precision.float_absorption"
+    exact = zero_sum_violation(gap.double(), 0.05)  # float64 keeps e^-20 next to 1
+    assert exact["absorbed_rows"] == 0 and rules.float_absorption(exact) is None
+
+
+def test_a_row_offset_drifting_into_the_sigmoid_bound_is_named_with_its_trend(tmp_path):
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
+
+    def drift(step, net, batch):  # a user-side drift of the head's pre-activation
+        with torch.no_grad():
+            net.pred[-1].bias += 0.15
+
+    train(tmp_path / "run", steps=60, checkpoint_every=12, model_kwargs={"head": "sigmoid"},
+          plant=drift)  # fmt: skip
+    result = diagnose(Run(tmp_path / "run"))
+    found = next(f for f in result.findings if f.code == "energy.offset_drift")
+    points = found.evidence["points"]
+    assert len(points) >= 5 and points[-1]["energy_mean"] > points[0]["energy_mean"] + 0.3
+    assert "toward the head's bound 1" in found.title and found.severity == "error"
+
+
+def test_a_healthy_run_has_no_offset_drift(fixtures_dir):
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
+
+    assert "energy.offset_drift" not in [
+        f.code for f in diagnose(Run(fixtures_dir / "healthy")).findings
+    ]

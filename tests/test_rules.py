@@ -165,3 +165,10 @@ def test_an_op_explained_twice_is_refused():
         @explains(torch.ops.aten.log)
         def again(call):
             return {}
+
+
+def test_a_summed_hinge_at_b_times_m_is_total_collapse():
+    summed = rules.margin_collapse(4.0, 0.5, 8, 0.0)
+    assert summed.code == "contrastive.margin_collapse" and "B·m = 8·0.5" in summed.title
+    assert rules.margin_collapse(4.0, 0.5, 8, 0.01) is None  # energies that differ: no collapse
+    assert rules.margin_collapse(3.1, 0.5, 8, 0.0) is None  # a hinge still at work

@@ -18,6 +18,7 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.curves import CurveReport, analyse, run_bounds
 from energydiag.analyses.inspection import InspectReport, inspect
+from energydiag.analyses.offsets import offset_trend
 from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
@@ -77,6 +78,11 @@ class Case:
     @cached_property
     def schedule(self) -> ScheduleEvidence:
         return schedule_evidence(self.run)
+
+    @cached_property
+    def offsets(self) -> dict:
+        """The energies' common offset over the checkpoints that have a batch."""
+        return offset_trend(self.run, self.device)
 
     def schedule_causes(self) -> list[rules.Finding]:
         """The recorded lr trajectory's causes: a jump, past its configured value, 1 − lr·wd."""

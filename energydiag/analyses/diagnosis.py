@@ -86,6 +86,7 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     cause_codes = {f.code for f in causes}  # inspect names them too: said once
     inspected = [f for f in _inspected(case) if f.code not in cause_codes]
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
+    found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
     found = [*tell(case, found, None, device), *found]
     verdict = "healthy"
     if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):

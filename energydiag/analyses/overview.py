@@ -17,11 +17,13 @@ import torch
 from energydiag.analyses.case import Case
 from energydiag.analyses.curves import curve_report
 from energydiag.analyses.diagnosis import diagnose
+from energydiag.analyses.landscape import landscape
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
+from energydiag.io.layout import checkpoint_path
 from energydiag.io.rundir import Run
 
-PARTS = ("diagnosis", "curves", "timeline", "inspect")
+PARTS = ("diagnosis", "curves", "timeline", "inspect", "landscape")
 
 
 def overview(
@@ -35,6 +37,7 @@ def overview(
         "curves": lambda: curve_report(run.root),
         "timeline": lambda: case.timeline or _no_timeline(run),
         "inspect": lambda: case.inspection or _no_inspection(run),
+        "landscape": lambda: _landscape(case),
     }
     result: dict[str, Any] = {"run": str(run.root), "notes": []}
     for part, make in makers.items():
@@ -57,3 +60,12 @@ def _no_timeline(run: Run) -> Timeline:
 
 def _no_inspection(run: Run) -> None:
     raise DiagError(run.root, "no checkpoint before the failure has a logged batch to run")
+
+
+def _landscape(case: Case):
+    """The built-in refiner on the inspected checkpoint's batch, the model in eval mode: the page
+    shows the landscape itself; whether the user's inference forgets eval() is for `landscape`."""
+    if case.inspected_step is None:
+        _no_inspection(case.run)
+    path = checkpoint_path(case.run.root, case.inspected_step)
+    return landscape(path, case.run.root, device=case.device, eval_mode=True)

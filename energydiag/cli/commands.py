@@ -1,3 +1,3 @@
 """Importing this registers every command on the app."""
 
-from energydiag.cli import files, gates, runs  # noqa: F401
+from energydiag.cli import files, gates, landscape, runs  # noqa: F401

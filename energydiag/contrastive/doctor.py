@@ -56,6 +56,22 @@ def negative_spread(
     }
 
 
+def zero_sum_violation(
+    matrix: torch.Tensor, tau: float, positive_first: bool = False
+) -> dict[str, float]:
+    """The logit gradient of a softmax cross-entropy row, p − onehot, sums to 0 exactly; in the
+    dtype the energies were computed in, a positive probability that rounds to 1 loses its
+    gradient while the negatives keep theirs (float absorption). Per row |Σ g| / Σ |g|."""
+    dtype = matrix.dtype if matrix.is_floating_point() else torch.float32
+    e = matrix.detach().to(dtype)
+    b, m = e.shape
+    target = torch.zeros(b, dtype=torch.long) if positive_first else torch.arange(b)
+    grad = torch.softmax(-e / tau, dim=1)
+    grad[torch.arange(b), target.to(e.device)] -= 1
+    ratio = grad.double().sum(1).abs() / grad.double().abs().sum(1).clamp_min(1e-300)
+    return {"zero_sum_violation": float(ratio.max()), "absorbed_rows": float((ratio > 1e-3).sum())}
+
+
 def context_rank(h: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, float]:
     """RankMe (exp of the entropy of the normalised singular values) of the contexts pooled over
     their unmasked positions, its ratio to min(B, D), and their largest and mean off-diagonal
@@ -123,4 +139,5 @@ def measure(
         out |= context_rank(data["h"], data.get("pad_mask"))
     if tau and matrix.shape[1] > 1:
         out |= negative_spread(matrix, tau, positive_first)
+        out |= zero_sum_violation(matrix, tau, positive_first)
     return out

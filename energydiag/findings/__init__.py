@@ -59,14 +59,17 @@ from energydiag.findings.doctor import (
     doctor_findings,
     dominant_negative,
     duplicate_actions,
+    float_absorption,
     fp16_temperature,
     hard_negatives,
     margin_collapse,
+    offset_drift,
 )
 from energydiag.findings.faults import (
     explain_fault,
     root_cause,
 )
+from energydiag.findings.landscape import energy_rises, spurious_basin, train_mode_refinement
 from energydiag.findings.replay import (
     cannot_replay,
     fidelity,
@@ -115,13 +118,18 @@ __all__ = [
     "lr_beyond_reference",
     "decoupled_decay_unstable",
     "cause_chain",
+    "energy_rises",
+    "spurious_basin",
+    "train_mode_refinement",
     "context_collapse",
     "doctor_findings",
     "dominant_negative",
     "duplicate_actions",
+    "float_absorption",
     "fp16_temperature",
     "hard_negatives",
     "margin_collapse",
+    "offset_drift",
     "remedy_verified",
     "skipped_steps",
     "precision_verdict",

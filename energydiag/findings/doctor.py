@@ -110,6 +110,24 @@ def context_collapse(m: dict[str, float], offset_explains: bool) -> Finding | No
     )  # fmt: skip
 
 
+def float_absorption(m: dict[str, float]) -> Finding | None:
+    """A softmax row whose logit gradients do not sum to 0: its positive's share rounded to 1,
+    so the positive stops being pulled while the negatives are still pushed."""
+    rows = m.get("absorbed_rows", 0.0)
+    if not rows:
+        return None
+    return Finding(
+        "precision.float_absorption",
+        "warning",
+        f"in {rows:.0f} row(s) the softmax's logit gradients do not sum to 0 (up to "
+        f"{m['zero_sum_violation']:.2g} of their magnitude): the positive's probability rounds to "
+        "1 and its gradient to 0 while the negatives keep theirs",
+        "the logits are too far apart for the dtype: a larger tau, or the loss in float32; "
+        "left alone the features inflate to widen the gap further",
+        _keep(m, "zero_sum_violation", "absorbed_rows"),
+    )
+
+
 def margin_collapse(
     loss: float, margin: float | None, batch_size: int, energy_std: float
 ) -> Finding | None:
@@ -152,5 +170,41 @@ def doctor_findings(
         hard_negatives(m),
         fp16_temperature(m, autocast_dtype),
         context_collapse(m, offset_explains),
+        float_absorption(m),
         margin_collapse(loss, margin, int(m.get("batch_size", 0)), energy_std),
     ]
+
+
+OFFSET_DRIFT = 5.0  # the common offset moves by this many within-row spreads
+NEAR_BOUND = 0.2  # and ends within this fraction of the head's span from one of its bounds
+
+
+def offset_drift(trend: dict[str, Any]) -> Finding | None:
+    """The energies' mean drifting over checkpoints (into a bounded head's limit) while their
+    in-batch spread, all the loss sees, stays small."""
+    points, bounds = trend["points"], trend["bounds"]
+    if len(points) < 3:
+        return None
+    first, last = points[0], points[-1]
+    moved = last["energy_mean"] - first["energy_mean"]
+    spread = max(max(p["within_row_std"] for p in points), 1e-12)
+    if abs(moved) < OFFSET_DRIFT * spread:
+        return None
+    where = ""
+    if bounds is not None:
+        lo, hi = bounds
+        edge = hi if moved > 0 else lo
+        if abs(edge - last["energy_mean"]) > NEAR_BOUND * (hi - lo):
+            return None  # drifting, but not into the head's limit: nothing the loss pays for
+        where = f" toward the head's bound {edge:.3g}"
+    return Finding(
+        "energy.offset_drift",
+        "warning" if bounds is None else "error",
+        f"the energies' mean drifts {first['energy_mean']:.3g} → {last['energy_mean']:.3g} over "
+        f"checkpoints {first['step']}–{last['step']}{where}, while their spread within a row is at "
+        f"most {spread:.3g}: a row offset swap InfoNCE cannot see",
+        "anchor the energy scale: an unbounded or softplus head, a small penalty on the mean "
+        "energy (E_pos² or (mean E)²), or normalise the head's input",
+        {"points": points, "bounds": bounds,
+         "link": {"stage": 2, "step": first["step"], "what": f"energy offset {first['energy_mean']:.3g} → {last['energy_mean']:.3g}{where}"}},
+    )  # fmt: skip

@@ -57,3 +57,21 @@ def saturation_figure(rows: list[dict[str, Any]], plt: Any) -> Any:
     ax.invert_yaxis()
     ax.set_xlabel("fraction of outputs saturated")
     return fig
+
+
+def landscape_figure(report: dict[str, Any], plt: Any, shown: int = 8) -> Any:
+    """Per context: the energy along the refinement chain, and along the straight path from its
+    start to its end (both in eval mode), the demonstration's energy dashed."""
+    rows = report["rows"][:shown]
+    fig, (chain_ax, line_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        (drawn,) = chain_ax.plot(r["energy_chain"], lw=1.2, label=f"context {r['row']}")
+        chain_ax.axhline(r["demo_energy"], color=drawn.get_color(), ls=":", lw=0.8)
+        steps = len(r["energy_line"]) - 1
+        line_ax.plot([i / steps for i in range(steps + 1)], r["energy_line"], lw=1.2)
+    chain_ax.set(title="energy along the refinement (dotted: the demonstration)",
+                 xlabel="refinement step", ylabel="energy")  # fmt: skip
+    line_ax.set(title="energy on the straight path a0 → aT", xlabel="fraction of the way")
+    chain_ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -23,6 +23,7 @@ SECTIONS = {
     "energy-matrix": "Energy matrix of the inspected batch",
     "layers": "Layers over the checkpoints",
     "saturation": "Saturation per squashing op",
+    "landscape": "Action refinement under the energy",
 }
 
 STYLE = """
@@ -147,6 +148,18 @@ def _saturation(data: dict[str, Any], plt: Any) -> str:
     return _image(figures.saturation_figure(batch["saturation"], plt), f"step {batch['step']}")
 
 
+def _landscape(data: dict[str, Any], plt: Any) -> str:
+    land = data.get("landscape")
+    if not land:
+        return _missing("no checkpoint with a batch to refine actions on")
+    caption = (
+        f"{land['refiner']} from {land['start']}, checkpoint step {land['step']}; energy rose on "
+        f"{land['rising_fraction']:.0%} of steps; modules in training mode: "
+        f"{', '.join(land['train_mode_modules']) or 'none'}"
+    )
+    return _image(figures.landscape_figure(land, plt), caption)
+
+
 def _image(fig: Any, caption: str) -> str:
     encoded = base64.b64encode(plot.png(fig)).decode("ascii")
     return (
@@ -171,4 +184,5 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Any], str]] = {
     "energy-matrix": _matrix,
     "layers": _layers,
     "saturation": _saturation,
+    "landscape": _landscape,
 }

@@ -80,6 +80,12 @@ def whatif_figure(report: dict[str, Any], plt: Any) -> Any:
     return fig
 
 
+def landscape(report: dict[str, Any], path: Path) -> None:
+    from energydiag.report.figures import landscape_figure
+
+    _save(landscape_figure(report, pyplot(path)), path)
+
+
 def timeline(report: dict[str, Any], path: Path) -> None:
     _save(timeline_figure(report, pyplot(path)), path)
 

@@ -2,6 +2,17 @@
 
 from energydiag.report.file_views import curves, inspect
 from energydiag.report.gate_views import check, whatif
+from energydiag.report.landscape_view import landscape
 from energydiag.report.run_views import bisect, diagnosis, replay, timeline
 
-__all__ = ["bisect", "check", "curves", "diagnosis", "inspect", "replay", "timeline", "whatif"]
+__all__ = [
+    "bisect",
+    "check",
+    "curves",
+    "diagnosis",
+    "inspect",
+    "landscape",
+    "replay",
+    "timeline",
+    "whatif",
+]

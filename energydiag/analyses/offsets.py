@@ -1,0 +1,50 @@
+"""The energies' common offset over checkpoints: what swap InfoNCE cannot see.
+
+The in-batch loss is invariant to E_ij + c(h_i): a row offset that drifts costs nothing until it
+pushes a bounded head into saturation, where the gradient vanishes — a slow road to a flat loss.
+Measured on each checkpoint's own logged batch (at most MAX_POINTS, evenly spread), in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from energydiag.analyses.head import find_head
+from energydiag.engine.plugins import build_model
+from energydiag.engine.session import load_checkpoint
+from energydiag.errors import blame
+from energydiag.io.rundir import Run
+from energydiag.reference.losses import energy_matrix
+
+MAX_POINTS = 8
+
+
+def offset_trend(run: Run, device: torch.device | None = None) -> dict:
+    """{"points": [{step, energy_mean, within_row_std}], "bounds": the head's (lo, hi) or None}."""
+    steps = run.checkpoints_with_batches
+    if len(steps) < 3:
+        return {"points": [], "bounds": None}
+    picked = sorted(
+        {steps[round(i * (len(steps) - 1) / (MAX_POINTS - 1))] for i in range(MAX_POINTS)}
+    )
+    device = device or torch.device("cpu")
+    with blame(run.manifest_path):
+        model = build_model(run.manifest.model).to(device).eval()
+    points, bounds = [], None
+    for step in picked:
+        load_checkpoint(run.checkpoint(step), model, None)
+        data = run.batch(step).on(device)
+        if "h" not in data or "a_pos" not in data:
+            return {"points": [], "bounds": None}
+        with torch.no_grad():
+            e = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask")).double()
+            head = find_head(model, data) if bounds is None else None
+        bounds = bounds or (list(head.bounds) if head else None)
+        points.append(
+            {
+                "step": step,
+                "energy_mean": float(e.mean()),
+                "within_row_std": float(e.std(dim=1).mean()),
+            }
+        )
+    return {"points": points, "bounds": bounds}
