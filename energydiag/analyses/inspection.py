@@ -291,7 +291,7 @@ def inspect(
     """Inspect a checkpoint; with a model (from the run or ``model_spec``) and a batch, run it."""
     device = device or torch.device("cpu")
     ckpt_path = Path(ckpt_path)
-    run = _find_run(ckpt_path, run_dir)
+    run = find_run(ckpt_path, run_dir)
     manifest = run.manifest if run else None
     first = (
         checkpoint_path(run.root, run.checkpoint_steps[0]) if run and run.checkpoint_steps else None
@@ -365,7 +365,8 @@ def _run_batch(spec, ckpt_path, loss, batch, device, tau, manifest) -> BatchRepo
     )
 
 
-def _find_run(ckpt_path: Path, run_dir: Path | None) -> Run | None:
+def find_run(ckpt_path: Path, run_dir: Path | None) -> Run | None:
+    """The run a checkpoint belongs to: the one named, else the folder above checkpoints/."""
     if run_dir is not None:
         return Run(run_dir)
     guess = ckpt_path.resolve().parent.parent

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
+from energydiag.analyses.inspection import find_run
 from energydiag.contrastive import landscape as land
 from energydiag.engine.plugins import build_model, resolve
 from energydiag.engine.session import load_checkpoint
 from energydiag.errors import DiagError, blame, first_line
 from energydiag.findings.landscape import RISING
-from energydiag.io.layout import MANIFEST
 from energydiag.io.manifest import ModelSpec
 from energydiag.io.rundir import Batch, Run, load_batch_file, load_checkpoint_file
 
@@ -63,7 +63,7 @@ def landscape(
     does); by default in training mode, the state a module is left in after training."""
     if steps < 1 or alpha <= 0:
         raise DiagError(None, f"--steps {steps} --alpha {alpha:g}: both must be positive")
-    run = _run(Path(ckpt), run_dir)
+    run = find_run(Path(ckpt), run_dir)
     model = _model(Path(ckpt), run, model_spec, device or torch.device("cpu")).train(not eval_mode)
     batch = _batch(Path(ckpt), run, batch_path)
     data = batch.on(device or torch.device("cpu"))
@@ -96,13 +96,6 @@ def landscape(
         ]
     )
     return report
-
-
-def _run(ckpt: Path, run_dir: Path | None) -> Run | None:
-    if run_dir is not None:
-        return Run(run_dir)
-    guess = ckpt.resolve().parent.parent
-    return Run(guess) if (guess / MANIFEST).is_file() else None
 
 
 def _model(ckpt: Path, run: Run | None, spec: ModelSpec | None, device: torch.device):
