@@ -12,7 +12,7 @@ import torch
 from energydiag.analyses.head import find_head
 from energydiag.engine.plugins import build_model
 from energydiag.engine.session import load_checkpoint
-from energydiag.errors import blame
+from energydiag.errors import DiagError, blame, first_line
 from energydiag.io.rundir import Run
 from energydiag.reference.losses import energy_matrix
 
@@ -20,26 +20,37 @@ MAX_POINTS = 8
 
 
 def offset_trend(run: Run, device: torch.device | None = None) -> dict:
-    """{"points": [{step, energy_mean, within_row_std}], "bounds": the head's (lo, hi) or None}."""
+    """{"points": [{step, energy_mean, within_row_std}], "bounds": the head's (lo, hi) or None}.
+    Nothing (and why, under "skipped") when the run's batches or model are not an energy
+    model's: a trainer run's classifier is no failure of this check."""
     steps = run.checkpoints_with_batches
     if len(steps) < 3:
-        return {"points": [], "bounds": None}
+        return {"points": [], "bounds": None, "skipped": "fewer than 3 checkpoints with a batch"}
     picked = sorted(
         {steps[round(i * (len(steps) - 1) / (MAX_POINTS - 1))] for i in range(MAX_POINTS)}
     )
+    if not all(k in run.batch(picked[0]).tensors for k in ("h", "a_pos")):
+        return {"points": [], "bounds": None, "skipped": "not an energy-model batch"}
     device = device or torch.device("cpu")
     with blame(run.manifest_path):
         model = build_model(run.manifest.model).to(device).eval()
+    try:
+        return _trend(run, model, picked, device)
+    except DiagError:
+        raise
+    except Exception as err:  # the model does not take (h, a, pad_mask): the check does not apply
+        return {"points": [], "bounds": None, "skipped": f"the model raised {first_line(err)}"}
+
+
+def _trend(run: Run, model: torch.nn.Module, picked: list[int], device: torch.device) -> dict:
     points, bounds = [], None
     for step in picked:
         load_checkpoint(run.checkpoint(step), model, None)
         data = run.batch(step).on(device)
-        if "h" not in data or "a_pos" not in data:
-            return {"points": [], "bounds": None}
         with torch.no_grad():
             e = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask")).double()
-            head = find_head(model, data) if bounds is None else None
-        bounds = bounds or (list(head.bounds) if head else None)
+            head = find_head(model, data) if not points else None
+        bounds = list(head.bounds) if head else bounds
         points.append(
             {
                 "step": step,
