@@ -63,7 +63,7 @@ def test_fixtures_regenerate(fixtures_dir, tmp_path):
 
 
 def test_stalled_fixture_answers(fixtures_dir):
-    from energydiag.analyses.curves import curve_report
+    from energydiag.analyses.curve_sources import curve_report
     from energydiag.analyses.diagnosis import diagnose
     from energydiag.analyses.inspection import inspect
 

@@ -67,7 +67,7 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
 
 
 def test_curves_on_a_reference_run_builds_no_model(fixtures_dir, monkeypatch):
-    import energydiag.analyses.curves as curves
+    import energydiag.analyses.curve_sources as curves
 
     def refuse(*args, **kwargs):
         raise AssertionError("curves built the model")

@@ -223,3 +223,19 @@ def test_the_stalled_fixture_verifies_its_head_swap(fixtures_dir):
     assert [link["stage"] for link in chain["evidence"]["links"]] == [3, 4]
     assert "verified: with head=softplus" in chain["remedy"]
     assert "un-saturates the head (100% → 0%" in chain["remedy"]
+
+
+def test_a_slow_start_at_chance_that_then_learns_is_not_a_stall():
+    rng = np.random.default_rng(1)
+    loss = np.concatenate([np.full(60, math.log(8)), np.linspace(math.log(8), 1.0, 90)])
+    frame = pd.DataFrame({"step": np.arange(150), "loss": loss + rng.normal(0, 0.002, 150)})
+    report = analyse(frame, "loss", bounds={"chance": math.log(8), "batch_size": 8})
+    found = {f.code: f for f in report.findings}
+    assert "curve.plateau_at_chance" not in found and found["curve.slow_start"].severity == "info"
+    stalled = pd.DataFrame(
+        {"step": np.arange(150), "loss": np.full(150, math.log(8)) + rng.normal(0, 0.002, 150)}
+    )
+    assert "curve.plateau_at_chance" in {
+        f.code
+        for f in analyse(stalled, "loss", bounds={"chance": math.log(8), "batch_size": 8}).findings
+    }

@@ -16,7 +16,8 @@ from functools import cached_property
 import torch
 
 from energydiag import findings as rules
-from energydiag.analyses.curves import CurveReport, analyse, run_bounds
+from energydiag.analyses.curve_sources import run_bounds
+from energydiag.analyses.curves import CurveReport, analyse
 from energydiag.analyses.inspection import InspectReport, inspect
 from energydiag.analyses.offsets import offset_trend
 from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from energydiag import findings as rules
-from energydiag.analyses.head import find_head
-from energydiag.engine.plugins import build_model
-from energydiag.errors import DiagError
-from energydiag.io.layout import MANIFEST
-from energydiag.io.manifest import ModelSpec
-from energydiag.io.metrics import choose_metric, load_metrics, metric_series
-from energydiag.io.rundir import Batch, Run
+from energydiag.io.metrics import metric_series
 from energydiag.reference.losses import infonce_bounds
-from energydiag.reference.models import head_span
 
-REFERENCE_MODEL = "energydiag.reference.models:EnergyModel"
 SPIKE_Z = 8.0
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
 NEAR_CHANCE_SPAN = 0.5  # a noisy stall at chance covers at least half the logged steps
@@ -62,6 +53,7 @@ class CurveReport:
     unstable: Segment | None = None
     bounds: dict[str, float] | None = None
     plateau_on: str | None = None
+    left_plateau: dict[str, float] | None = None  # the loss left its last plateau for good
     findings: list[rules.Finding] = field(default_factory=list)
     display: dict[str, list[float]] = field(default_factory=dict)
 
@@ -124,10 +116,14 @@ def _analyse(
         last = report.plateaus[-1]
         inside = values[(steps >= last.start) & (steps <= last.end)]
         report.plateau_on = _which_bound(last.level, _spread(inside), bounds)
+    if report.plateaus:
+        report.left_plateau = _left(steps, values, report.plateaus[-1])
     report.findings = rules.ranked(
         [
             rules.curve_nonfinite(report.first_nonfinite, metric),
-            rules.curve_plateau(report.plateaus, report.plateau_on, bounds, metric),
+            rules.curve_plateau(
+                report.plateaus, report.plateau_on, bounds, metric, report.left_plateau
+            ),
             rules.curve_constant(report.constant, metric, loss_like),
             rules.curve_divergence(report.divergence, metric),
             rules.curve_spikes(report.spikes, metric),
@@ -207,6 +203,21 @@ def _plateaus(steps: np.ndarray, smooth: np.ndarray, noise: np.ndarray, w: int) 
     found = _runs(_covered(flat, w + 1, n), steps, smooth, min_len=max(w, MIN_PLATEAU_POINTS))
     span = max(int(steps[-1] - steps[0]), 1)
     return [s for s in found if s.length >= MIN_PLATEAU_SPAN * span]
+
+
+def _left(steps: np.ndarray, values: np.ndarray, plateau: Segment) -> dict[str, float] | None:
+    """Where the loss went after a plateau that ends before the last tenth of the log: the
+    median of that last tenth, when it is below the plateau by more than the plateau's noise
+    (three times) and 5% of its level. A slow start that then learns is not a stall."""
+    span = steps[-1] - steps[0]
+    tail = values[steps >= steps[-1] - 0.1 * span]
+    if plateau.end >= steps[-1] - 0.1 * span or not len(tail):
+        return None
+    inside = values[(steps >= plateau.start) & (steps <= plateau.end)]
+    end = float(np.median(tail))
+    if plateau.level - end <= max(3 * _spread(inside), 0.05 * abs(plateau.level)):
+        return None
+    return {"from_step": int(plateau.end), "level_at_end": end}
 
 
 def _near_chance(
@@ -336,51 +347,3 @@ def _display(
         "value": [float(np.median(values[b])) for b in bins],
         "smooth": smooth[pick].tolist(),
     }
-
-
-def run_bounds(run: Run) -> dict[str, float] | None:
-    """InfoNCE bounds from a run: tau from the loss kwargs, B from a logged batch, the head's span."""
-    tau = run.manifest.loss.kwargs.get("tau")
-    if (
-        tau is None
-        or not run.batch_steps
-        or run.manifest.loss.name not in (None, "inbatch_infonce")
-    ):
-        return None
-    batch = run.batch(run.batch_steps[0])
-    return infonce_curve_bounds(batch.size, float(tau), _head_span(run.manifest.model, batch))
-
-
-def _head_span(spec: ModelSpec, batch: Batch) -> float | None:
-    """The reference model's span comes from its kwargs (no code runs); any other model is built
-    once, and its head found by what it does: the bound does not depend on the weights."""
-    if spec.target == REFERENCE_MODEL:
-        return head_span(spec.kwargs.get("head", "sigmoid"), spec.kwargs.get("head_kwargs"))
-    try:
-        head = find_head(build_model(spec), batch.tensors)
-    except Exception:  # a model that raises on its own batch: no bound, the rest still holds
-        return None
-    return None if head is None else head.span
-
-
-def curve_report(
-    source: Path,
-    metric: str | None = None,
-    window: int | None = None,
-    batch_size: int | None = None,
-    tau: float | None = None,
-    energy_span: float | None = None,
-) -> CurveReport:
-    """Analyse one metric of a log; InfoNCE bounds from the options, else from the run."""
-    source = Path(source)
-    frame = load_metrics(source)
-    column = choose_metric(frame, metric, source)
-    if tau is not None and tau <= 0:
-        raise DiagError(None, f"--tau {tau}: the temperature must be positive")
-    if batch_size and tau:
-        bounds = infonce_curve_bounds(batch_size, tau, energy_span)
-    elif batch_size:  # chance is log B whatever tau is; only the floor needs tau
-        bounds = {"chance": math.log(batch_size), "batch_size": batch_size}
-    else:
-        bounds = run_bounds(Run(source)) if (source / MANIFEST).is_file() else None
-    return analyse(frame, column, window, bounds)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from energydiag.analyses.case import Case
-from energydiag.analyses.curves import curve_report
+from energydiag.analyses.curve_sources import curve_report
 from energydiag.analyses.diagnosis import diagnose
 from energydiag.analyses.landscape import landscape
 from energydiag.analyses.timeline import Timeline, timeline

@@ -209,7 +209,7 @@ def curves_cmd(
 
     Also exact-constant stretches and oscillation, with step ranges; for InfoNCE, places a plateau against chance (log B) and the floor a bounded head allows. Exit 1 on an error finding.
     """
-    from energydiag.analyses.curves import curve_report
+    from energydiag.analyses.curve_sources import curve_report
     from energydiag.findings import has_error
     from energydiag.report import plot
 

@@ -156,7 +156,7 @@ def check_cmd(
     if json_file:
         write_text_atomic(json_file, dumps(data) + "\n")
     if png:
-        from energydiag.analyses.curves import curve_report
+        from energydiag.analyses.curve_sources import curve_report
         from energydiag.report import plot
 
         plot.curve(curve_report(Path(run)).to_dict(), png)

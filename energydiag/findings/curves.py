@@ -22,13 +22,28 @@ def curve_nonfinite(step: int | None, metric: str) -> Finding | None:
 
 
 def curve_plateau(
-    plateaus: list, on: str | None, bounds: dict[str, float] | None, metric: str
+    plateaus: list,
+    on: str | None,
+    bounds: dict[str, float] | None,
+    metric: str,
+    left: dict[str, float] | None = None,
 ) -> Finding | None:
+    """``left``: the loss left the plateau for good (a slow start, then learning)."""
     if not plateaus:
         return None
     p = plateaus[-1]
     evidence = {"plateaus": [asdict(s) for s in plateaus], "bounds": bounds, "sits_on": on}
     where = f"steps {p.start}–{p.end} at {p.level:.4g}"
+    if left is not None:
+        said = f" (chance log({bounds['batch_size']}))" if on == "chance" else ""
+        return Finding(
+            "curve.slow_start",
+            "info",
+            f"'{metric}' is flat over {where}{said}, then leaves it after step "
+            f"{left['from_step']} and ends near {left['level_at_end']:.4g}",
+            "nothing to fix if the time matters little; a warm-up or a larger lr shortens it",
+            evidence | {"left": left},
+        )
     if on == "chance":
         return Finding(
             "curve.plateau_at_chance",

@@ -1,0 +1,67 @@
+"""Where a curve comes from and which bounds it is judged against: a metric log, a run directory
+(whose loss, batches and head give chance and the floor), or the options a user states."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from energydiag.analyses.curves import CurveReport, analyse, infonce_curve_bounds
+from energydiag.analyses.head import find_head
+from energydiag.engine.plugins import build_model
+from energydiag.errors import DiagError
+from energydiag.io.layout import MANIFEST
+from energydiag.io.manifest import ModelSpec
+from energydiag.io.metrics import choose_metric, load_metrics
+from energydiag.io.rundir import Batch, Run
+from energydiag.reference.models import head_span
+
+REFERENCE_MODEL = "energydiag.reference.models:EnergyModel"
+
+
+def run_bounds(run: Run) -> dict[str, float] | None:
+    """InfoNCE bounds from a run: tau from the loss kwargs, B from a logged batch, the head's span."""
+    tau = run.manifest.loss.kwargs.get("tau")
+    if (
+        tau is None
+        or not run.batch_steps
+        or run.manifest.loss.name not in (None, "inbatch_infonce")
+    ):
+        return None
+    batch = run.batch(run.batch_steps[0])
+    return infonce_curve_bounds(batch.size, float(tau), _head_span(run.manifest.model, batch))
+
+
+def _head_span(spec: ModelSpec, batch: Batch) -> float | None:
+    """The reference model's span comes from its kwargs (no code runs); any other model is built
+    once, and its head found by what it does: the bound does not depend on the weights."""
+    if spec.target == REFERENCE_MODEL:
+        return head_span(spec.kwargs.get("head", "sigmoid"), spec.kwargs.get("head_kwargs"))
+    try:
+        head = find_head(build_model(spec), batch.tensors)
+    except Exception:  # a model that raises on its own batch: no bound, the rest still holds
+        return None
+    return None if head is None else head.span
+
+
+def curve_report(
+    source: Path,
+    metric: str | None = None,
+    window: int | None = None,
+    batch_size: int | None = None,
+    tau: float | None = None,
+    energy_span: float | None = None,
+) -> CurveReport:
+    """Analyse one metric of a log; InfoNCE bounds from the options, else from the run."""
+    source = Path(source)
+    frame = load_metrics(source)
+    column = choose_metric(frame, metric, source)
+    if tau is not None and tau <= 0:
+        raise DiagError(None, f"--tau {tau}: the temperature must be positive")
+    if batch_size and tau:
+        bounds = infonce_curve_bounds(batch_size, tau, energy_span)
+    elif batch_size:  # chance is log B whatever tau is; only the floor needs tau
+        bounds = {"chance": math.log(batch_size), "batch_size": batch_size}
+    else:
+        bounds = run_bounds(Run(source)) if (source / MANIFEST).is_file() else None
+    return analyse(frame, column, window, bounds)
