@@ -105,3 +105,15 @@ def test_inspect_names_a_forward_that_goes_nan(fixtures_dir):
     codes = [f["code"] for f in found]
     assert "inspect.nonfinite_forward" in codes
     assert not {"energy.narrow_range", "contrastive.at_chance", "loss.at_chance"} & set(codes)
+
+
+def test_a_batch_with_a_nan_context_is_named_not_a_crash(fixtures_dir, tmp_path):
+    """The doctor's statistics (an SVD of the contexts among them) are not taken of NaN."""
+    source = fixtures_dir / "healthy" / "batches" / "step-00000100.safetensors"
+    tensors = load_file(str(source))
+    tensors["h"][0, 0, 0] = math.nan
+    path = batch_with(tmp_path, fixtures_dir, h=tensors["h"])
+    ckpt = fixtures_dir / "healthy" / "checkpoints" / "step-00000100.safetensors"
+    result = invoke("inspect", ckpt, "--run", fixtures_dir / "healthy", "--batch", path, "--json")
+    assert result.exit_code == 1, result.output
+    assert "inspect.nonfinite_forward" in [f["code"] for f in json.loads(result.stdout)["findings"]]

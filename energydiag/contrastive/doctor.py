@@ -15,7 +15,6 @@ import math
 import torch
 
 DUPLICATE_REL = 1e-3  # two actions are "the same" within this fraction of the actions' RMS
-FP16_EXP_LIMIT = math.log(65504.0)  # exp(x) overflows float16 past x ≈ 11.09
 
 
 def duplicate_counts(x: torch.Tensor, rel: float = DUPLICATE_REL) -> torch.Tensor:
@@ -125,6 +124,11 @@ def measure(
     """Every quantity above that the batch allows, as plain floats. ``head_span``: the range a
     bounded head allows, so the logit span it permits is known before training reaches it."""
     out: dict[str, float] = {"batch_size": float(matrix.shape[0])}
+    inputs = [t for k, t in data.items() if k in ("h", "a_pos") and t.is_floating_point()]
+    if not torch.isfinite(matrix.detach()).all() or not all(
+        torch.isfinite(t).all() for t in inputs
+    ):
+        return out  # statistics of NaN say nothing (and an SVD of them fails): the fault is named
     if "a_pos" in data:
         counts = duplicate_counts(data["a_pos"])
         out["duplicate_action_rows"] = float((counts > 1).double().mean())

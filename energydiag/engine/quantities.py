@@ -104,7 +104,7 @@ class LayerMaxAbs(Quantity):
     columns_ = {}
 
     def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
-        named = [(n, p.detach()) for n, p in model.named_parameters()]
+        named = [(n, p.detach()) for n, p in model.named_parameters() if p.numel()]
         layers = by_layer(named, reduce=lambda ts: torch.stack([t.abs().amax() for t in ts]).amax())
         return {f"max_abs/{k}": v for k, v in layers.items()}
 
