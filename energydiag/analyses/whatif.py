@@ -220,11 +220,14 @@ def _widened(batches: list[Batch], i: int, k: int) -> Batch:
 
 
 def _check_inputs(variants: list[Variant], tensors: dict[str, torch.Tensor]) -> None:
-    """Before anything is replayed: every input a variant re-centres is a float batch tensor."""
+    """Before anything is replayed: every input a variant re-centres is a float batch tensor,
+    and a widened batch has contexts to count its rows by."""
     for v in variants:
         missing = [k for k in v.center if k not in tensors or not tensors[k].is_floating_point()]
         if missing:
             raise DiagError(None, f"--try center={missing[0]}: the batch has no such float tensor")
+        if v.batch_scale > 1 and "h" not in tensors:
+            raise DiagError(None, f"--try batch*={v.batch_scale}: the batch has no contexts 'h'")
 
 
 def _centred(keys: list[str], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -237,10 +240,9 @@ def _centred(keys: list[str], data: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _variant_lr(v: Variant, step: int, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _variant_lr(v: Variant, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The variant's lr on top of each step's recorded schedule: ``lr=`` replaces it, ``lr*=``
     scales the recorded value of that very step (a warm-up stays a warm-up, only smaller)."""
-    del step
     return [g | {"lr": (v.lr if v.lr is not None else g["lr"]) * v.lr_scale} for g in groups]
 
 

@@ -24,7 +24,7 @@ from energydiag.io.state import (
 )
 
 Groups = list[dict[str, object]]
-HyperparameterRule = Callable[[int, Groups], Groups]
+HyperparameterRule = Callable[[Groups], Groups]
 
 
 @dataclass
@@ -42,10 +42,10 @@ class Session:
     scaler: torch.amp.GradScaler | None = None
     compute_dtype: torch.dtype | None = None  # float inputs cast to this (the precision ladder)
     loss_kwargs: dict[str, object] = field(default_factory=dict)  # as bound, overrides included
-    # A what-if's change to the schedule: (step, recorded groups) -> groups to apply. Applied
+    # A what-if's change to the schedule: recorded groups -> groups to apply. Applied
     # after the recording, so a variant's lr is not overwritten by the recorded one.
     adjust_hyperparameters: HyperparameterRule | None = None
-    base_hyperparameters: list[dict[str, object]] = field(default_factory=list)
+    base_hyperparameters: Groups = field(default_factory=list)
     # A what-if's change to the inputs (e.g. an input path re-centred), applied on the device.
     transform_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
@@ -88,9 +88,7 @@ class Session:
         """Put the optimizer's recorded hyperparameters and the step's RNG state in place."""
         recorded = batch.hyperparameters
         if self.adjust_hyperparameters is not None:
-            recorded = self.adjust_hyperparameters(
-                batch.step, recorded or self.base_hyperparameters
-            )
+            recorded = self.adjust_hyperparameters(recorded or self.base_hyperparameters)
         if recorded is not None:
             try:
                 apply_hyperparameters(self.optimizer, recorded)
