@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from energydiag import findings as rules
-from energydiag.analyses.case import Case
 from energydiag.analyses.checkpoint_stats import CheckpointStats
 from energydiag.analyses.judge import BAD, GOOD, UNREADABLE, Evaluation, Judge
 from energydiag.analyses.replaying import ReplayReport, judge_replay
+from energydiag.analyses.schedule import schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import GROWTH_LIMIT
 from energydiag.engine.quantities import LayerMaxAbs
 from energydiag.engine.replay import replay
@@ -95,7 +95,7 @@ def bisect(
     start, stop = _reconcile_with_log(result, judge)
     if stop is not None:
         _locate(result, run, start, stop, device or torch.device("cpu"), judge.reference)
-    _finish(result, Case(run, device).schedule_causes())
+    _finish(result, schedule_causes(schedule_evidence(run)))
     return result
 
 

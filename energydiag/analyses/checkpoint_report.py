@@ -6,7 +6,6 @@ Adam blow-up risk, values beyond the autocast dtype, an eps the parameter dtype 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +24,10 @@ from energydiag.analyses.checkpoint_stats import (
 )
 from energydiag.analyses.timeline import GROWTH_LIMIT, growth
 from energydiag.io.formats import Format, sniff
-from energydiag.io.rundir import load_checkpoint_step
+from energydiag.io.rundir import load_checkpoint_step, step_in_name
 from energydiag.io.torchfiles import open_reader
 
 NORM_OUTLIER = 100.0
-_STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
 
 
 @dataclass
@@ -56,8 +54,7 @@ def step_of(path: Path) -> int | None:
     step = load_checkpoint_step(path) if sniff(path) is Format.SAFETENSORS else -1
     if step >= 0:
         return step
-    found = _STEP_IN_NAME.search(path.name)
-    return int(found.group(1)) if found else None
+    return step_in_name(path)
 
 
 def checkpoint_report(

@@ -11,7 +11,6 @@ head's bound (found by what the model does), activations and gradient norms.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,6 @@ from energydiag.reference.losses import energy_matrix, infonce_bounds
 
 NORM_OUTLIER = 100.0
 DEFAULT_LOSS = LossSpec(name="inbatch_infonce", kwargs={"tau": 0.5})
-_STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
 
 
 # --- the model on a batch ----------------------------------------------------------------------

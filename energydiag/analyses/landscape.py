@@ -22,7 +22,7 @@ from energydiag.engine.session import load_checkpoint
 from energydiag.errors import DiagError, blame, first_line
 from energydiag.findings.landscape import RISING
 from energydiag.io.manifest import ModelSpec
-from energydiag.io.rundir import Batch, Run, load_batch_file, load_checkpoint_file
+from energydiag.io.rundir import Batch, Checkpoint, Run, load_batch_file, load_checkpoint_file
 
 INIT_NOISE = 0.1  # perturbed demonstrations: noise of this fraction of the actions' RMS
 STABLE_RISING = 0.1
@@ -64,8 +64,9 @@ def landscape(
     if steps < 1 or alpha <= 0:
         raise DiagError(None, f"--steps {steps} --alpha {alpha:g}: both must be positive")
     run = find_run(Path(ckpt), run_dir)
-    model = _model(Path(ckpt), run, model_spec, device or torch.device("cpu")).train(not eval_mode)
-    batch = _batch(Path(ckpt), run, batch_path)
+    checkpoint = load_checkpoint_file(Path(ckpt))  # read once: the weights and the step
+    model = _model(checkpoint, run, model_spec, device or torch.device("cpu"), not eval_mode)
+    batch = _batch(checkpoint, run, batch_path)
     data = batch.on(device or torch.device("cpu"))
     h, demo, mask = data["h"], data["a_pos"], data.get("pad_mask")
     a0, start = _start(data)
@@ -98,24 +99,25 @@ def landscape(
     return report
 
 
-def _model(ckpt: Path, run: Run | None, spec: ModelSpec | None, device: torch.device):
+def _model(
+    ckpt: Checkpoint, run: Run | None, spec: ModelSpec | None, device: torch.device, training: bool
+):
     spec = spec or (run.manifest.model if run else None)
     if spec is None:
-        raise DiagError(ckpt, "needs a model to refine under: pass --run or --model")
-    with blame(run.manifest_path if run and spec is run.manifest.model else ckpt):
+        raise DiagError(ckpt.path, "needs a model to refine under: pass --run or --model")
+    with blame(run.manifest_path if run and spec is run.manifest.model else ckpt.path):
         model = build_model(spec).to(device)
-    load_checkpoint(load_checkpoint_file(ckpt), model, None)
-    return model.train()  # as after training: the refiner decides whether to call eval()
+    load_checkpoint(ckpt, model, None)
+    return model.train(training)
 
 
-def _batch(ckpt: Path, run: Run | None, path: Path | None) -> Batch:
+def _batch(ckpt: Checkpoint, run: Run | None, path: Path | None) -> Batch:
     if path is not None:
         batch = load_batch_file(path)
     else:
-        step = load_checkpoint_file(ckpt).step
-        if run is None or step not in set(run.batch_steps):
-            raise DiagError(ckpt, "no batch logged at its step: pass --batch")
-        batch = run.batch(step)
+        if run is None or ckpt.step not in set(run.batch_steps):
+            raise DiagError(ckpt.path, "no batch logged at its step: pass --batch")
+        batch = run.batch(ckpt.step)
     if "h" not in batch.tensors or "a_pos" not in batch.tensors:
         raise DiagError(batch.path, "needs contexts 'h' and demonstrations 'a_pos'")
     return batch

@@ -89,10 +89,6 @@ class ScheduleEvidence:
     decoupled: bool  # AdamW (or decoupled_weight_decay=True): weights *= 1 - lr * wd each step
     jumps: list[Jump]
 
-    def peak(self) -> tuple[int, float] | None:
-        finite = [(s, v) for s, v in self.lr.items() if math.isfinite(v)]
-        return max(finite, key=lambda item: item[1]) if finite else None
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"jumps": [j.to_dict() for j in self.jumps]}
 
@@ -128,11 +124,6 @@ def schedule_evidence(run: Run) -> ScheduleEvidence:
 def _largest(groups: list[dict[str, Any]], key: str) -> float | None:
     values = [float(g[key]) for g in groups if _number(g.get(key))]
     return max(values) if values else None
-
-
-def decay_factor(lr: float, weight_decay: float) -> float:
-    """What decoupled weight decay multiplies every weight by in one step."""
-    return 1.0 - lr * weight_decay
 
 
 def schedule_causes(evidence: ScheduleEvidence) -> list[rules.Finding]:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from energydiag.errors import DiagError, first_line
+from energydiag.io.formats import DCP_METADATA as METADATA
 from energydiag.io.layout import SIDECAR
 from energydiag.io.state import MODEL_PREFIX, OPTIM_PREFIX
 
-METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint"
 ALLOWED = {
     (f"{_DCP}.metadata", name)
@@ -48,10 +48,6 @@ ALLOWED = {
     ("collections", "OrderedDict"),
 }
 OPTIMIZER_STATE = ("optim.state.", "optimizer.state.")
-
-
-def is_dcp(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / METADATA).is_file()
 
 
 class _MetadataUnpickler(pickle.Unpickler):

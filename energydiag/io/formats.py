@@ -17,6 +17,7 @@ from pathlib import Path
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own cap on a header's size
 PICKLE_PROTOCOLS = range(2, 6)  # torch.save's legacy format writes protocol 2
+DCP_METADATA = ".metadata"  # what makes a folder a torch.distributed.checkpoint
 
 
 class Format(enum.Enum):
@@ -46,7 +47,7 @@ def sniff(path: Path) -> Format:
 def _sniff(path: str, size: int, mtime_ns: int, is_dir: bool) -> Format:
     del mtime_ns  # part of the cache key only: a rewritten file is sniffed again
     if is_dir:
-        return Format.DCP if (Path(path) / ".metadata").is_file() else Format.UNKNOWN
+        return Format.DCP if (Path(path) / DCP_METADATA).is_file() else Format.UNKNOWN
     try:
         with open(path, "rb") as handle:
             head = handle.read(9)

@@ -266,6 +266,15 @@ def load_checkpoint_step(path: Path) -> int:
     return -1 if parsed is None else parsed
 
 
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def step_in_name(path: Path) -> int | None:
+    """The last number in a file's name: how foreign checkpoints and batches carry their step."""
+    found = _LAST_NUMBER.search(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
 def load_batch_file(path: Path, step: int | None = None, fallback: int | None = None) -> Batch:
     """``step`` overrides what the file says; ``fallback`` is used when it says nothing."""
     tensors, meta = (load_tensor_dict(path), {}) if sniff(path).is_torch_save else read_all(path)
@@ -274,9 +283,7 @@ def load_batch_file(path: Path, step: int | None = None, fallback: int | None = 
     validate_batch(path, data)
     validate_rng(path, rng)
     found = parse_step(meta.get("step"))
-    if found is None:  # a foreign batch: the last number in its name, e.g. batch_17500.pt
-        named = re.search(r"(\d+)(?!.*\d)", path.stem)
-        found = int(named.group(1)) if named else None
+    found = step_in_name(path) if found is None else found  # a foreign batch: batch_17500.pt
     found = fallback if found is None else found
     if step is None and found is None:
         raise DiagError(path, "says no step (no 'step' metadata, no number in its name)")
