@@ -206,8 +206,8 @@ def test_a_noisy_stall_within_noise_of_chance_is_a_plateau_at_chance():
 def test_a_healthy_run_recorded_as_the_readme_shows_exits_0(tmp_path, seed):
     """keep_batches=16, no failure: no batch is persisted, so nothing can be replayed."""
     run = tmp_path / "run"
-    train(run, steps=60, lr=1e-3, keep_batches=16, persist_batches=False, seed=seed,
-          checkpoint_every=20, model_kwargs={"head": "softplus"})  # fmt: skip
+    train(run, steps=150, lr=3e-3, keep_batches=16, persist_batches=False, seed=seed,
+          checkpoint_every=50, model_kwargs={"head": "softplus"})  # fmt: skip
     code, diagnosis = cli_json("diagnose", run)
     assert code == 0 and diagnosis["verdict"] in ("healthy", "unchecked"), diagnosis
     assert not {"curve.oscillation", "curve.unstable"} & set(codes(diagnosis["findings"]))
@@ -215,6 +215,13 @@ def test_a_healthy_run_recorded_as_the_readme_shows_exits_0(tmp_path, seed):
         assert "run.no_batches" in codes(diagnosis["findings"])
     code, page = cli_json("report", run, "-o", tmp_path / "page.html")
     assert code == 0 and page["diagnosis"]["verdict"] == diagnosis["verdict"]
+    # every other view of the same healthy run: a passing gate, nothing to bisect, no bad state
+    code, gate = cli_json("check", run)
+    assert code == 0 and gate["passed"] and gate["skipped"] > 0 and gate["unmeasured"]
+    code, search = cli_json("bisect", run)
+    assert code == 0 and search["first_bad_step"] is None and search["findings"] == []
+    code, line = cli_json("timeline", run)
+    assert code == 0 and {r["state"] for r in line["rows"]} == {"ok"} and line["findings"] == []
 
 
 def test_the_stalled_fixture_verifies_its_head_swap(fixtures_dir):
