@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -18,6 +18,32 @@ class DiagError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class OptionError(DiagError):
+    """An option's value cannot be used, or a needed option is missing.
+
+    Options are named by their field names (``to_step``), never by a command line's spelling:
+    ``str(err)`` reads as the Python API's arguments, and the CLI spells them as its flags
+    through ``render``.
+    """
+
+    def __init__(
+        self, problem: str, *options: str, value: object = None, path: str | Path | None = None
+    ) -> None:
+        self.options, self.value, self.bare_problem = options, value, problem
+        super().__init__(path, self._said(lambda name: name))
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        """The one line, with each option spelled by ``spell`` (the CLI passes its flags)."""
+        said = self._said(spell)
+        return f"{self.path}: {said}" if self.path else said
+
+    def _said(self, spell: Callable[[str], str]) -> str:
+        names = [spell(o) for o in self.options]
+        if self.value is not None:
+            return f"{names[0]} {self.value}: {self.bare_problem}"
+        return f"{self.bare_problem} ({' or '.join(names)})" if names else self.bare_problem
 
 
 @contextlib.contextmanager

@@ -33,10 +33,10 @@ def test_finds_exact_first_bad_step_in_log_evaluations(long_run):
     assert n >= 64
     result = bisect(run)
     assert result.first_bad_step == 77
-    assert (result.last_good, result.first_bad_checkpoint) == (76, 77)
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint) == (76, 77)
     # the first checkpoint (the growth reference), the last, then halving
     assert result.checkpoint_evaluations <= math.ceil(math.log2(n)) + 2
-    assert result.replay.fault.phase == "forward" and result.replay.fault.module == "attn"
+    assert result.fault.phase == "forward" and result.fault.module == "attn"
     assert result.warnings == []
 
 
@@ -68,7 +68,7 @@ def test_unlogged_batches_leave_a_named_unresolved_interval(tmp_path):
         root, steps=40, checkpoint_every=10, keep_batches=4, persist_batches=False, scheduler=spike
     )
     result = bisect(Run(root))
-    assert (result.last_good, result.first_bad_checkpoint) == (20, 28)
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint) == (20, 28)
     assert result.first_bad_step is None
     assert result.unresolved["missing_batches"] == "20-24"
     assert "keep_batches>=8" in result.unresolved["advice"]
@@ -90,8 +90,12 @@ def test_a_failure_dump_localises_the_step_without_the_interval(tmp_path):
         keep_batches=4,
     )
     result = bisect(Run(root))
-    assert (result.last_good, result.first_bad_checkpoint, result.first_bad_step) == (20, 27, 27)
-    assert result.replay.fault.module == "attn" and result.outside is None
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint, result.first_bad_step) == (
+        20,
+        27,
+        27,
+    )
+    assert result.fault.module == "attn" and result.changed_outside_steps is None
 
 
 def test_non_monotone_run_reports_earliest_failure_and_warns(tmp_path):
@@ -111,7 +115,7 @@ def test_non_monotone_run_reports_earliest_failure_and_warns(tmp_path):
 
 
 def test_good_and_bad_bounds_must_be_checkpoints(long_run):
-    with pytest.raises(DiagError, match="--good 3: no checkpoint"):
+    with pytest.raises(DiagError, match="good 3: no checkpoint"):
         bisect(Run(long_run), good=3)
 
 

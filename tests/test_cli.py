@@ -25,12 +25,12 @@ def test_version_and_help():
 
 
 def test_a_bug_of_ours_is_one_line_and_exit_3(fixtures_dir, monkeypatch):
-    import energydiag.analyses.diagnosis
+    import energydiag.commands.diagnose
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(energydiag.analyses.diagnosis, "diagnose", broken)
+    monkeypatch.setattr(energydiag.commands.diagnose, "diagnose", broken)
     monkeypatch.delenv("ENERGYDIAG_DEBUG", raising=False)
     result = runner.invoke(app, ["diagnose", str(fixtures_dir / "healthy")])
     assert result.exit_code == 3

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from energydiag.errors import DiagError
 from energydiag.io.torchfiles import discover, open_reader
+from energydiag.report.console import command_line
 
 pytestmark = pytest.mark.skipif(
     not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
@@ -65,7 +66,7 @@ def test_fsdp_run_is_inspected_and_bisected_from_disk(fsdp_checkpoints):
     rows = {r.step: r for r in timeline(found).rows}
     assert not rows[6].exploded and rows[8].exploded  # the lr jump at step 6 shows at 8
     result = bisect_checkpoints(found, predicate="any")
-    assert result.first_bad_checkpoint == 8 and result.last_good == 6
+    assert result.first_bad_checkpoint == 8 and result.last_good_checkpoint == 6
     assert result.checkpoint_evaluations < len(found)
 
 
@@ -124,7 +125,7 @@ def test_ddp_run_is_recorded_per_rank_and_replays_to_identical_parameters(tmp_pa
     assert run.manifest.distributed == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
     assert len(list((tmp_path / "run" / "batches").glob("*.rank-1.safetensors"))) == 8
     assert Run(tmp_path / "run", rank=1).batch_steps == list(range(8))
-    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2).to_json()
     assert report["fault"] is None and report["placement"].startswith("2 ranks ran as CPU")
     assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
     assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
@@ -145,7 +146,7 @@ def test_nan_on_rank_1_only_is_localised_to_rank_1(planted_on_rank_1):
     assert failure["ranks"] == [0, 1]  # DDP's all-reduce carried rank 1's NaN to rank 0
     seen_by_1 = json.loads((planted_on_rank_1 / "failure.rank-1.json").read_text())
     assert seen_by_1["step"] == 5 and seen_by_1["loss"] != seen_by_1["loss"]  # its own NaN loss
-    report = replay_ranks(str(planted_on_rank_1), 4, None, nproc=2)
+    report = replay_ranks(str(planted_on_rank_1), 4, None, nproc=2).to_json()
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"
@@ -185,7 +186,9 @@ def test_bisect_on_a_multi_rank_run_points_to_the_rank_replay(planted_on_rank_1)
 
     result = bisect(Run(planted_on_rank_1))
     assert result.unresolved["advice"].startswith("replay the interval on the run's 2 ranks")
-    assert "--from-step 5" in result.unresolved["advice"]
+    assert "from step 5" in result.unresolved["advice"]
+    (found,) = [f for f in result.findings if f.code == "bisect.unresolved"]
+    assert command_line(found.commands[0]) == "energydiag replay RUN --from-step 5 --to-step 5"
 
 
 def test_under_torchrun_energydiag_is_one_of_the_ranks(planted_on_rank_1):
@@ -237,7 +240,7 @@ def test_gathered_negatives_replay_through_the_real_all_gather(tmp_path):
     from energydiag.analyses.rank_replay import replay_ranks
 
     record_ddp(tmp_path / "run", loss="gathered_infonce")
-    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2).to_json()
     assert report["fault"] is None and [r["bit_exact"] for r in report["ranks"]] == [True, True]
     negatives = next(f for f in report["findings"] if f["code"] == "ranks.negatives")
     assert negatives["evidence"] == {
@@ -275,7 +278,7 @@ def test_fsdp_run_records_dcp_checkpoints_and_replays_through_dcp_loading(tmp_pa
     assert run.checkpoint_steps == [0, 4]
     assert len(list((tmp_path / "run" / "checkpoints" / "step-00000004").glob("*.distcp"))) == 2
     assert tuple(run.checkpoint(4).model["act_in.weight"].shape)  # whole tensors, from shards
-    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2)
+    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2).to_json()
     assert report["fault"] is None
     assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
     assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
@@ -286,7 +289,7 @@ def test_fsdp_nan_on_rank_1_is_localised(tmp_path):
 
     record_ddp(tmp_path / "run", plant_step=5, sharded=True)
     assert (tmp_path / "run" / "checkpoints" / "step-00000005" / ".metadata").is_file()  # dump
-    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2)
+    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2).to_json()
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"

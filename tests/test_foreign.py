@@ -83,7 +83,10 @@ def test_inspect_pt_names_the_planted_tensor(foreign):
 
 def test_checkpoint_only_bisect(foreign):
     result = bisect_checkpoints(discover(foreign, PATTERN))
-    assert (result.last_good, result.first_bad_checkpoint) == (FIRST_NAN - 10000, FIRST_NAN)
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint) == (
+        FIRST_NAN - 10000,
+        FIRST_NAN,
+    )
     # the first checkpoint (the growth reference), the last, then halving
     assert result.checkpoint_evaluations <= math.ceil(math.log2(len(STEPS))) + 2
     cli = runner.invoke(app, ["bisect", str(foreign), "--checkpoints", PATTERN, "--json"])

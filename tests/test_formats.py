@@ -100,3 +100,30 @@ def test_a_fault_round_trips_through_strict_json_with_its_op_intact(fixtures_dir
     assert isinstance(back.op, OpEvent) and back.op.op == fault.op.op == "aten::_softmax"
     assert back.op.inputs[0].shape == fault.op.inputs[0].shape
     assert back.to_dict() == fault.to_dict() or json.dumps(jsonable(back.to_dict())) == text
+
+
+def test_inspect_sniffs_a_checkpoint_once_and_opens_it_at_most_twice(fixtures_dir, monkeypatch):
+    """Once for its tensors' statistics (its step comes with them), once for the model that
+    runs on the batch."""
+    from energydiag.analyses.inspection import inspect
+    from energydiag.io import formats, tensorfile
+
+    formats._sniff.cache_clear()
+    ckpt = fixtures_dir / "healthy" / "checkpoints" / "step-00000100.safetensors"
+    sniffed, opened = [], []
+    real_open, real_tensors = open, tensorfile.open_tensors
+
+    def sniff_open(path, *args, **kwargs):
+        sniffed.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    def open_tensors(path):
+        opened.append(Path(path))
+        return real_tensors(path)
+
+    monkeypatch.setattr(formats, "open", sniff_open, raising=False)
+    monkeypatch.setattr(tensorfile, "open_tensors", open_tensors)
+    report = inspect(ckpt)
+    assert report.batch is not None and report.checkpoint.step == 100
+    assert sniffed.count(ckpt) == 1
+    assert opened.count(ckpt) == 2

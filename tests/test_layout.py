@@ -12,6 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "energydiag"
 # Lower layers first; a module may import its own layer and the ones before it.
 LAYERS = [
     "errors",
+    "schema",
+    "exitcodes",
     "io",
     "engine",
     "integrations",
@@ -19,6 +21,7 @@ LAYERS = [
     "contrastive",
     "findings",
     "analyses",
+    "commands",
     "report",
     "testing",
     "cli",

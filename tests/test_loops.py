@@ -141,7 +141,7 @@ def test_grad_scaler_skips_are_reported_not_failures(tmp_path):
     assert not (root / "failure.json").exists()  # the Recorder knew the scaler skips them
     report = replay_report(run, 0)
     assert report.fault is None and report.fidelity["bit_exact"]
-    skipped = report.to_dict()["skipped_steps"]
+    skipped = report.summary().to_dict()["skipped_steps"]
     assert skipped and skipped[0] == {"step": 0, "scale": 2.0**40}
     (note,) = [f for f in report.findings if f.code == "amp.skipped_steps"]
     assert note.severity == "info"

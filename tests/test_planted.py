@@ -18,7 +18,8 @@ from energydiag.analyses.diagnosis import diagnose
 from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.timeline import timeline
-from energydiag.analyses.whatif import parse_variant, whatif
+from energydiag.analyses.variants import parse_variant
+from energydiag.analyses.whatif import whatif
 from energydiag.io.rundir import Run
 from energydiag.io.torchfiles import discover
 
@@ -67,18 +68,18 @@ def test_timeline_shows_when_the_weights_blew_up(exploded):
 def test_bisect_names_the_explosion_interval_from_checkpoints_alone(exploded):
     paths = discover(exploded, "checkpoints/step-{step}.safetensors")
     result = bisect_checkpoints(paths, predicate="exploded")
-    assert (result.last_good, result.first_bad_checkpoint) == (10, 12)
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint) == (10, 12)
     assert result.warnings == []  # the last checkpoint is still exploded: not a recovery
     bounded = bisect_checkpoints(paths, good=5, bad=20, predicate="exploded")
-    assert (bounded.last_good, bounded.first_bad_checkpoint) == (10, 12)
+    assert (bounded.last_good_checkpoint, bounded.first_bad_checkpoint) == (10, 12)
     assert all(5 <= e.step <= 20 for e in bounded.evaluations)
 
 
 def test_bisect_from_the_run_directory_says_the_replay_cannot_see_the_edit(exploded):
     result = bisect(Run(exploded), predicate="exploded")
-    assert (result.last_good, result.first_bad_checkpoint) == (10, 12)
+    assert (result.last_good_checkpoint, result.first_bad_checkpoint) == (10, 12)
     # the replay from 10 cannot see the edit; the bad checkpoint's own step localises it
-    assert result.first_bad_step == 12 and result.outside == (10, 12)
+    assert result.first_bad_step == 12 and result.changed_outside_steps == (10, 12)
     assert "bisect.changed_outside_steps" in [f.code for f in result.findings]
 
 

@@ -177,7 +177,7 @@ def test_to_step_before_from_step_and_not_a_run(tmp_path, fixtures_dir):
     result = runner.invoke(
         app, ["replay", str(fixtures_dir / "nan"), "--from-step", "3", "--to-step", "1"]
     )
-    assert result.exit_code == 2 and "--to-step 1 is before --from-step 3" in result.stderr
+    assert result.exit_code == 2 and "--to-step 1: is before the first step 3" in result.stderr
     result = runner.invoke(app, ["replay", str(tmp_path), "--from-step", "3"])
     assert result.exit_code == 2 and "not an energydiag run directory" in result.stderr
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from energydiag import findings as rules
+from energydiag.report.console import command_line
 
 
 def schedule(lr: dict[int, float], reference=5e-4, source="initial_lr", wd=0.1, decoupled=True):
@@ -152,7 +153,8 @@ def test_nonfinite_checkpoints_and_forward():
     assert found.code == "timeline.nonfinite" and "checkpoint 120" in found.title
     assert rules.timeline_nonfinite([]) is None
     forward = rules.forward_nonfinite(57, math.nan, 8, 64)
-    assert "8 of 64 energies" in forward.title and "--from-step 57" in forward.remedy
+    assert "8 of 64 energies" in forward.title and "replay from this step" in forward.remedy
+    assert command_line(forward.commands[0]) == "energydiag replay RUN --from-step 57"
 
 
 def test_an_op_explained_twice_is_refused():

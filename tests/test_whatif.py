@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from energydiag.analyses.whatif import parse_variant, whatif
+from energydiag.analyses.variants import parse_variant
+from energydiag.analyses.whatif import whatif
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
 

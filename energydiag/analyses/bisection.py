@@ -24,28 +24,35 @@ from energydiag.analyses.judge import BAD, GOOD, UNREADABLE, Evaluation, Judge
 from energydiag.analyses.replaying import ReplayReport, judge_replay
 from energydiag.analyses.schedule import schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import GROWTH_LIMIT
+from energydiag.engine.localise import Fault
 from energydiag.engine.quantities import LayerMaxAbs
 from energydiag.engine.replay import replay
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, OptionError
 from energydiag.io.layout import CHECKPOINTS
 from energydiag.io.rundir import Run, step_ranges
+from energydiag.schema import Report, report
 
 GROWTH = (LayerMaxAbs,)
 
 
+@report("bisect")
 @dataclass
-class BisectResult:
+class BisectResult(Report):
+    derived = ("checkpoint_evaluations", "skipped")
+
     predicate: str = "any"
     evaluations: list[Evaluation] = field(default_factory=list)
-    last_good: int | None = None
+    last_good_checkpoint: int | None = None
     first_bad_checkpoint: int | None = None
     first_bad_step: int | None = None
     first_logged_failure: int | None = None
     first_nonfinite_step: int | None = None  # where the replay went non-finite, if it did
     exploded_step: int | None = None  # where the replay's weights crossed ×GROWTH_LIMIT
-    replay: ReplayReport | None = None
+    fault: Fault | None = None  # what the replay to the exact step localised
+    step_replays: int = 0
     unresolved: dict[str, Any] | None = None
-    outside: tuple[int, int] | None = None  # (healthy replay from, bad checkpoint it missed)
+    # (healthy replay from, bad checkpoint it missed): the change came from outside the steps
+    changed_outside_steps: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)  # evidence of a recovery (non-monotone)
     notes: list[str] = field(default_factory=list)  # what the search saw that is not a recovery
     findings: list[rules.Finding] = field(default_factory=list)
@@ -54,27 +61,14 @@ class BisectResult:
     def checkpoint_evaluations(self) -> int:
         return sum(e.status != UNREADABLE for e in self.evaluations)
 
-    def to_dict(self) -> dict[str, Any]:
-        fault = self.replay.fault if self.replay else None
-        return {
-            "predicate": self.predicate,
-            "first_bad_step": self.first_bad_step,
-            "last_good_checkpoint": self.last_good,
-            "first_bad_checkpoint": self.first_bad_checkpoint,
-            "first_logged_failure": self.first_logged_failure,
-            "first_nonfinite_step": self.first_nonfinite_step,
-            "exploded_step": self.exploded_step,
-            "checkpoint_evaluations": self.checkpoint_evaluations,
-            "step_replays": len(self.replay.result.steps) if self.replay else 0,
-            "evaluations": [e.__dict__ for e in self.evaluations],
-            "skipped": [e.__dict__ for e in self.evaluations if e.status == UNREADABLE],
-            "unresolved": self.unresolved,
-            "changed_outside_steps": self.outside,
-            "warnings": self.warnings,
-            "notes": self.notes,
-            "fault": fault.to_dict() if fault else None,
-            "findings": [f.to_dict() for f in self.findings],
-        }
+    @property
+    def skipped(self) -> list[Evaluation]:
+        return [e for e in self.evaluations if e.status == UNREADABLE]
+
+    def adopt(self, replayed: ReplayReport) -> None:
+        """Keep what a replay found (its fault, its length, its findings), not its tensors."""
+        self.fault, self.step_replays = replayed.fault, len(replayed.result.steps)
+        self.findings = replayed.findings
 
 
 def bisect(
@@ -112,11 +106,11 @@ def bisect_checkpoints(
     result = _search_checkpoints(Judge(paths, predicate), good, bad, progress)
     if result.first_bad_checkpoint is not None:
         result.unresolved = {
-            "from": result.last_good,
+            "from": result.last_good_checkpoint,
             "to": result.first_bad_checkpoint,
             "missing_batches": "all",
             "advice": "no batches in checkpoint-only mode: record the run with energydiag.Recorder, "
-            "or `energydiag convert --batch STEP=FILE` the batches you have and replay",
+            "or convert the batches you have into a run (`energydiag convert`) and replay",
         }
     _finish(result)
     return result
@@ -135,7 +129,9 @@ def _search_checkpoints(
         return e
 
     steps = _candidates(sorted(judge.paths), good, bad)
-    result.last_good, result.first_bad_checkpoint = _search(steps, bad is not None, evaluate)
+    result.last_good_checkpoint, result.first_bad_checkpoint = _search(
+        steps, bad is not None, evaluate
+    )
     if all(e.status == UNREADABLE for e in result.evaluations):
         raise DiagError(judge.paths[steps[0]].parent, "every checkpoint evaluated is unreadable")
     _check_monotone(result)
@@ -143,15 +139,14 @@ def _search_checkpoints(
 
 
 def _candidates(steps: list[int], good: int | None, bad: int | None) -> list[int]:
-    for flag, value in (("--good", good), ("--bad", bad)):
+    for option, value in (("good", good), ("bad", bad)):
         if value is not None and value not in steps:
-            raise DiagError(
-                None, f"{flag} {value}: no checkpoint at that step (have {step_ranges(steps)})"
-            )
+            have = step_ranges(steps)
+            raise OptionError(f"no checkpoint at that step (have {have})", option, value=value)
     lo = steps.index(good) if good is not None else 0
     hi = steps.index(bad) if bad is not None else len(steps) - 1
     if hi < lo:
-        raise DiagError(None, f"--bad {bad} comes before --good {good}")
+        raise OptionError(f"comes before the good checkpoint {good}", "bad", value=bad)
     return steps[lo : hi + 1]
 
 
@@ -210,11 +205,11 @@ def _reconcile_with_log(result: BisectResult, judge: Judge) -> tuple[int | None,
     """
     logged, bad = result.first_logged_failure, result.first_bad_checkpoint
     if logged is None:
-        return result.last_good, bad
+        return result.last_good_checkpoint, bad
     if bad is not None and logged >= bad:
         # the weights went bad first (exploded, still finite): one replay from the last good
         # checkpoint names both the step they crossed the limit and the first non-finite step
-        return result.last_good, logged
+        return result.last_good_checkpoint, logged
     steps = sorted(judge.paths)
     after = [s for s in steps if s >= logged]
     if bad is None and after:
@@ -252,8 +247,9 @@ def _locate(
             "from": start,
             "to": stop,
             "missing_batches": None,
-            "advice": f"replay the interval on the run's {run.manifest.world_size} ranks: "
-            f"energydiag replay {run.root} --from-step {start} --to-step {stop}",
+            "ranks": run.manifest.world_size,
+            "advice": f"replay the interval on the run's {run.manifest.world_size} ranks, from "
+            f"step {start} to step {stop}",
         }
         return
     unresolved = (
@@ -265,10 +261,14 @@ def _locate(
     if own is not None and own != start and own in set(run.batch_steps):
         report = judge_replay(run, replay(run, own, to_step=own, device=device))
         if report.fault and report.fault.phase != "state":  # a broken checkpoint proves nothing
-            result.replay, result.first_bad_step = report, report.fault.step
+            result.adopt(report)
+            result.first_bad_step = report.fault.step
             result.first_nonfinite_step = report.fault.step
             if unresolved is not None and unresolved["missing_batches"] is None:
-                result.outside = (start, own)  # the interval replayed healthy: an outside change
+                result.changed_outside_steps = (
+                    start,
+                    own,
+                )  # the interval replayed healthy: an outside change
             return
     result.unresolved = unresolved or {
         "from": None,
@@ -292,8 +292,9 @@ def _replay_interval(
     usable_to = (missing[0] - 1) if missing else stop
     if usable_to >= start:
         replayed = replay(run, start, to_step=usable_to, device=device, every=1, quantities=GROWTH)
-        result.replay = judge_replay(run, replayed)
-        fault = result.replay.fault
+        report = judge_replay(run, replayed)
+        result.adopt(report)
+        fault = report.fault
         result.exploded_step = _grew_at(replayed.steps, reference)
         result.first_nonfinite_step = fault.step if fault else None
         by_growth = result.predicate in ("any", "exploded") and result.exploded_step is not None
@@ -345,9 +346,9 @@ def _finish(result: BisectResult, causes: list[rules.Finding] | None = None) -> 
     result.findings = rules.ranked(
         [
             *(causes or []),
-            *(result.replay.findings if result.replay else []),
+            *result.findings,
             rules.unresolved_interval(result.unresolved),
-            rules.changed_outside_steps(result.outside),
+            rules.changed_outside_steps(result.changed_outside_steps),
             rules.non_monotone(result.warnings),
             rules.log_before_checkpoints(result.notes),
         ]

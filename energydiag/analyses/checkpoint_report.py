@@ -24,14 +24,18 @@ from energydiag.analyses.checkpoint_stats import (
 )
 from energydiag.analyses.timeline import GROWTH_LIMIT, growth
 from energydiag.io.formats import Format, sniff
-from energydiag.io.rundir import load_checkpoint_step, step_in_name
+from energydiag.io.layout import parse_step
+from energydiag.io.rundir import step_in_name
 from energydiag.io.torchfiles import open_reader
+from energydiag.schema import Record
 
 NORM_OUTLIER = 100.0
 
 
 @dataclass
-class CheckpointReport:
+class CheckpointReport(Record):
+    flattened = ("stats",)
+
     stats: CheckpointStats
     step: int | None
     history: dict[str, Any] | None = None
@@ -41,20 +45,12 @@ class CheckpointReport:
     def tensors(self) -> list[TensorStats]:
         return self.stats.tensors
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.stats.to_dict() | {
-            "step": self.step,
-            "history": self.history,
-            "findings": [f.to_dict() for f in self.findings],
-        }
 
-
-def step_of(path: Path) -> int | None:
-    """The step a checkpoint holds: its metadata, else the last number in its file name."""
-    step = load_checkpoint_step(path) if sniff(path) is Format.SAFETENSORS else -1
-    if step >= 0:
-        return step
-    return step_in_name(path)
+def step_of(path: Path, metadata: dict[str, str]) -> int | None:
+    """The step a checkpoint holds: its metadata (read with its tensors, not opened again), else
+    the last number in its file name."""
+    step = parse_step(metadata.get("step")) if sniff(path) is Format.SAFETENSORS else None
+    return step if step is not None else step_in_name(path)
 
 
 def checkpoint_report(
@@ -65,7 +61,7 @@ def checkpoint_report(
 ) -> CheckpointReport:
     with open_reader(path) as reader:
         stats = checkpoint_stats(reader, autocast_dtype, progress)
-    report = CheckpointReport(stats, step_of(path))
+    report = CheckpointReport(stats, step_of(path, stats.metadata))
     if first is not None and Path(first).resolve() != Path(path).resolve():
         with open_reader(first) as reader:
             reference = checkpoint_stats(reader)

@@ -11,7 +11,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from energydiag.engine.step import AUTOCAST_DTYPES
 from energydiag.engine.tensorstats import summarize
 from energydiag.errors import DiagError
 from energydiag.io.state import MODEL_PREFIX, OPTIM_PREFIX, RNG_PREFIX
+from energydiag.schema import Record
 
 EXPLODED_ABS = 1e4  # no trained weight of a sane network sits this far from zero
 ADAM_RATIO_LIMIT = 100.0
@@ -55,7 +56,7 @@ class TensorStats:
 
 
 @dataclass
-class CheckpointStats:
+class CheckpointStats(Record):
     path: str
     metadata: dict[str, str]
     tensors: list[TensorStats]
@@ -69,9 +70,6 @@ class CheckpointStats:
         """Model layers whose finite values exceed ``limit`` in magnitude."""
         rows = self.model_layers().values()
         return [r for r in rows if math.isfinite(r["max_abs"]) and r["max_abs"] > limit]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def tensor_stats(name: str, t: torch.Tensor, autocast_dtype: str | None = None) -> TensorStats:

@@ -9,7 +9,7 @@ from pathlib import Path
 from energydiag.analyses.curves import CurveReport, analyse, infonce_curve_bounds
 from energydiag.analyses.head import find_head
 from energydiag.engine.plugins import build_model
-from energydiag.errors import DiagError
+from energydiag.errors import OptionError
 from energydiag.io.layout import MANIFEST
 from energydiag.io.manifest import ModelSpec
 from energydiag.io.metrics import choose_metric, load_metrics
@@ -57,7 +57,7 @@ def curve_report(
     frame = load_metrics(source)
     column = choose_metric(frame, metric, source)
     if tau is not None and tau <= 0:
-        raise DiagError(None, f"--tau {tau}: the temperature must be positive")
+        raise OptionError("the temperature must be positive", "tau", value=tau)
     if batch_size and tau:
         bounds = infonce_curve_bounds(batch_size, tau, energy_span)
     elif batch_size:  # chance is log B whatever tau is; only the floor needs tau

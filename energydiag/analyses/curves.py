@@ -8,8 +8,7 @@ For InfoNCE losses, the plateau's level is compared with the bounds the configur
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ import pandas as pd
 from energydiag import findings as rules
 from energydiag.io.metrics import metric_series
 from energydiag.reference.losses import infonce_bounds
+from energydiag.schema import Report, report
 
 SPIKE_Z = 8.0
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
@@ -39,8 +39,9 @@ class Segment:
         return self.end - self.start
 
 
+@report("curves")
 @dataclass
-class CurveReport:
+class CurveReport(Report):
     metric: str
     points: int
     window: int
@@ -56,9 +57,6 @@ class CurveReport:
     left_plateau: dict[str, float] | None = None  # the loss left its last plateau for good
     findings: list[rules.Finding] = field(default_factory=list)
     display: dict[str, list[float]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def analyse(

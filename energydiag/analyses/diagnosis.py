@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,9 +23,10 @@ from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.story import tell
 from energydiag.engine.localise import Fault
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, OptionError
 from energydiag.io.layout import MANIFEST
 from energydiag.io.rundir import Run
+from energydiag.schema import Report, report
 
 WEIGHT_FAILURES = ("checkpoint.nonfinite", "checkpoint.exploded", "checkpoint.grown")
 TIMELINE = ("timeline.exploded", "timeline.nonfinite")
@@ -37,8 +37,11 @@ EXPLODED_WEIGHTS = ("checkpoint.exploded", "checkpoint.grown", "timeline.explode
 FAILED_VERDICTS = ("non-finite", "exploded", "stalled")
 
 
+@report("diagnose")
 @dataclass
-class Diagnosis:
+class Diagnosis(Report):
+    derived = ("failed",)
+
     run: str
     verdict: str
     loss_start: float | None
@@ -56,18 +59,6 @@ class Diagnosis:
             or rules.has_error(self.findings)
             or self.verdict.startswith(FAILED_VERDICTS)
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.run,
-            "verdict": self.verdict,
-            "failed": self.failed,
-            "loss_start": self.loss_start,
-            "loss_end": self.loss_end,
-            "fault": self.fault.to_dict() if self.fault else None,
-            "inspected_step": self.inspected_step,
-            "findings": [f.to_dict() for f in self.findings],
-        }
 
 
 def diagnose(run: Run, device: torch.device | None = None, case: Case | None = None) -> Diagnosis:
@@ -137,10 +128,9 @@ def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
     before = [s for s in run.checkpoint_steps if s < step] or [run.checkpoint_at_or_before(step)]
     kind = device.type if device is not None else "cpu"
     merged = replay_ranks(str(run.root), before[-1], step, run.manifest.world_size, kind)
-    fault = Fault.from_dict(merged["fault"]) if merged["fault"] else None
-    verdict = "non-finite" if fault else "non-finite in the log, but finite on replay"
-    found = rules.ranked([rules.Finding(**f) for f in merged["findings"]])
-    return Diagnosis(str(run.root), verdict, start, end, fault, found)
+    verdict = "non-finite" if merged.fault else "non-finite in the log, but finite on replay"
+    found = rules.ranked(merged.findings)
+    return Diagnosis(str(run.root), verdict, start, end, merged.fault, found)
 
 
 def _weights(case: Case) -> list[rules.Finding]:
@@ -160,7 +150,7 @@ def _weights(case: Case) -> list[rules.Finding]:
     if not broken:
         return []
     search = bisect_checkpoints(paths, predicate="any")
-    interval = rules.weights_broke_between(search.last_good, search.first_bad_checkpoint)
+    interval = rules.weights_broke_between(search.last_good_checkpoint, search.first_bad_checkpoint)
     return rules.ranked([interval, *broken])
 
 
@@ -177,7 +167,7 @@ def diagnose_folder(folder: Path) -> list[Diagnosis]:
         sorted(p for p in folder.glob("*") if (p / MANIFEST).is_file()) if folder.is_dir() else []
     )
     if not runs:
-        raise DiagError(
-            folder, "no run directories here; pass --fixtures DIR (see fixtures/make_fixtures.py)"
+        raise OptionError(
+            "no run directories here (see fixtures/make_fixtures.py)", "fixtures", path=folder
         )
     return [diagnose(Run(p)) for p in runs]

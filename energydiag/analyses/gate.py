@@ -19,6 +19,7 @@ from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.timeline import Timeline
 from energydiag.io.check_config import CheckConfig
 from energydiag.io.rundir import Run
+from energydiag.schema import Report, report
 
 PASS, FAIL, SKIP = "passed", "failed", "skipped"
 # For the baseline comparison: +1 when larger is better, -1 when smaller is better.
@@ -43,8 +44,11 @@ class CheckResult:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+@report("check")
 @dataclass
-class CheckReport:
+class CheckReport(Report):
+    derived = ("passed", "skipped", "unmeasured")
+
     run: str
     config: dict[str, float]
     measurements: dict[str, Any]
@@ -64,19 +68,16 @@ class CheckReport:
                 "with persist_batches=True, or keep a batch at each checkpoint's step)"
             )
         if "replay_from" not in m:
-            why.append("no replay: pass --steps N to replay and check fidelity")
+            why.append("no replay: give a number of steps to replay and check fidelity")
         return why
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run": self.run,
-            "passed": not self.failed,
-            "skipped": sum(c.status == SKIP for c in self.checks),
-            "unmeasured": self.unmeasured,
-            "config": self.config,
-            "measurements": self.measurements,
-            "checks": [asdict(c) for c in self.checks],
-        }
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    @property
+    def skipped(self) -> int:
+        return sum(c.status == SKIP for c in self.checks)
 
 
 def measure(

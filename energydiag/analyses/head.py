@@ -40,7 +40,7 @@ def find_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> Head | None:
 
 
 def head_module(model: nn.Module, head: Head | None, override: str | None) -> str | None:
-    """The module path a what-if swaps: ``--head-path``, else the found head's own module."""
+    """The module path a what-if swaps: the named one, else the found head's own module."""
     if override is not None:
         return override
     if head is None or head.module in ("", "<model>"):

@@ -32,7 +32,7 @@ from energydiag.engine.plugins import LossFn, build_loss, build_model
 from energydiag.engine.quantities import by_layer, energy_stats, scored_energies
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, blame, first_line
+from energydiag.errors import DiagError, OptionError, blame, first_line
 from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.manifest import LossSpec, ModelSpec
 from energydiag.io.rundir import (
@@ -44,6 +44,7 @@ from energydiag.io.rundir import (
 )
 from energydiag.io.state import restore_rng
 from energydiag.reference.losses import energy_matrix, infonce_bounds
+from energydiag.schema import Record, Report, report
 
 NORM_OUTLIER = 100.0
 DEFAULT_LOSS = LossSpec(name="inbatch_infonce", kwargs={"tau": 0.5})
@@ -56,7 +57,7 @@ MATRIX_SHOWN = 64  # the energy matrix kept for reports: its top-left corner bey
 
 
 @dataclass
-class BatchReport:
+class BatchReport(Record):
     step: int
     batch_size: int
     candidates: int
@@ -76,9 +77,6 @@ class BatchReport:
     nonfinite_energies: int = 0
     doctor: dict[str, float] = field(default_factory=dict)  # energydiag.contrastive.doctor
     findings: list[rules.Finding] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class UserCodeRaised(Exception):
@@ -260,20 +258,13 @@ def _layer_row(r) -> dict[str, Any]:
 # --- the whole inspection ----------------------------------------------------------------------
 
 
+@report("inspect")
 @dataclass
-class InspectReport:
+class InspectReport(Report):
     checkpoint: CheckpointReport
     batch: BatchReport | None
     findings: list[rules.Finding]
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoint": self.checkpoint.to_dict(),
-            "batch": self.batch.to_dict() if self.batch else None,
-            "findings": [f.to_dict() for f in self.findings],
-            "notes": self.notes,
-        }
 
 
 def inspect(
@@ -300,13 +291,13 @@ def inspect(
     spec = model_spec or (manifest.model if manifest else None)
     batch = _find_batch(run, ckpt.step, batch_path)
     if batch_path is not None and spec is None:
-        raise DiagError(
-            batch_path, "running the model on a batch needs a model: pass --model or --run"
+        raise OptionError(
+            "running the model on a batch needs a model", "model", "run_dir", path=batch_path
         )
     notes, batch_rep, skipped = [], None, []
     if batch is None or spec is None:
         notes.append(
-            "no batch run: give --batch (and --model without a run) for the energy statistics"
+            "no batch run: the energy statistics need a batch (and a model, without a run)"
         )
     elif not is_energy_batch(batch.tensors):
         skipped.append(rules.not_an_energy_batch(batch.step, sorted(batch.tensors)))
@@ -334,13 +325,13 @@ class Tau:
     """The temperature a batch is judged at, and where it came from (a value, not a sentence)."""
 
     value: float | None
-    source: str  # "option" (--tau), "run" (the run's loss), "default" (assumed), "none"
+    source: str  # "option" (given), "run" (the run's loss), "default" (assumed), "none"
 
     @property
     def said(self) -> str:
         if self.source == "default":
-            return f"defaulted: no run or --tau, so tau {self.value:g} is assumed"
-        words = {"option": "--tau", "run": "the run's loss", "none": "the loss has no tau"}
+            return f"defaulted: no run and no tau given, so tau {self.value:g} is assumed"
+        words = {"option": "given", "run": "the run's loss", "none": "the loss has no tau"}
         return words[self.source]
 
 

@@ -18,7 +18,7 @@ from energydiag.analyses.timeline import GROWTH_LIMIT, growth
 from energydiag.engine.plugins import build_loss, build_model
 from energydiag.engine.session import load_checkpoint
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, blame, first_line
+from energydiag.errors import DiagError, OptionError, blame, first_line
 from energydiag.io.rundir import Run, load_checkpoint_file
 from energydiag.io.state import restore_rng
 from energydiag.io.torchfiles import open_reader
@@ -45,8 +45,8 @@ class Judge:
         device: torch.device | None = None,
     ) -> None:
         if predicate not in PREDICATES:
-            raise DiagError(
-                None, f"--predicate {predicate!r}: choose one of {', '.join(PREDICATES)}"
+            raise OptionError(
+                f"choose one of {', '.join(PREDICATES)}", "predicate", value=repr(predicate)
             )
         self.paths, self.predicate, self.run = paths, predicate, run
         self.device = device or torch.device("cpu")

@@ -17,6 +17,7 @@ from energydiag import findings as rules
 from energydiag.engine.localise import localise
 from energydiag.engine.replay import state_before
 from energydiag.io.rundir import Run
+from energydiag.schema import Record
 
 RUNGS = (("float32", torch.float32), ("float64", torch.float64))
 FAILS, FINITE, NOT_APPLICABLE = "fails", "finite", "not applicable"
@@ -25,19 +26,11 @@ _DTYPE_CLASH = ("dtype", "Double", "Float", "Half", "BFloat16")
 
 
 @dataclass
-class Ladder:
+class Ladder(Record):
     step: int
     rungs: list[dict[str, Any]]
     verdict: str  # "precision", "maths", "undecided" (float64 could not run) or "not reproduced"
     findings: list[rules.Finding] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "rungs": self.rungs,
-            "verdict": self.verdict,
-            "findings": [f.to_dict() for f in self.findings],
-        }
 
 
 def precision_ladder(run: Run, step: int, device: torch.device | None = None) -> Ladder:

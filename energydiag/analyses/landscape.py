@@ -8,7 +8,7 @@ other than the demonstration), else the demonstrations perturbed by 10% of their
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,20 @@ from energydiag.analyses.inspection import find_run
 from energydiag.contrastive import landscape as land
 from energydiag.engine.plugins import build_model, resolve
 from energydiag.engine.session import load_checkpoint
-from energydiag.errors import DiagError, blame, first_line
+from energydiag.errors import DiagError, OptionError, blame, first_line
 from energydiag.findings.landscape import RISING
 from energydiag.io.manifest import ModelSpec
 from energydiag.io.rundir import Batch, Checkpoint, Run, load_batch_file, load_checkpoint_file
+from energydiag.schema import Report, report
 
 INIT_NOISE = 0.1  # perturbed demonstrations: noise of this fraction of the actions' RMS
 STABLE_RISING = 0.1
 HALVINGS = 10
 
 
+@report("landscape")
 @dataclass
-class LandscapeReport:
+class LandscapeReport(Report):
     checkpoint: str
     step: int
     refiner: str
@@ -43,9 +45,6 @@ class LandscapeReport:
     stable_alpha: float | None
     rows: list[dict[str, Any]]
     findings: list[rules.Finding] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"findings": [f.to_dict() for f in self.findings]}
 
 
 def landscape(
@@ -62,7 +61,8 @@ def landscape(
     """``eval_mode``: hand the model over in eval mode (as inference code that calls eval()
     does); by default in training mode, the state a module is left in after training."""
     if steps < 1 or alpha <= 0:
-        raise DiagError(None, f"--steps {steps} --alpha {alpha:g}: both must be positive")
+        bad = "steps" if steps < 1 else "alpha"
+        raise OptionError("must be positive", bad, value=steps if steps < 1 else f"{alpha:g}")
     run = find_run(Path(ckpt), run_dir)
     checkpoint = load_checkpoint_file(Path(ckpt))  # read once: the weights and the step
     model = _model(checkpoint, run, model_spec, device or torch.device("cpu"), not eval_mode)
@@ -104,7 +104,7 @@ def _model(
 ):
     spec = spec or (run.manifest.model if run else None)
     if spec is None:
-        raise DiagError(ckpt.path, "needs a model to refine under: pass --run or --model")
+        raise OptionError("needs a model to refine under", "run_dir", "model", path=ckpt.path)
     with blame(run.manifest_path if run and spec is run.manifest.model else ckpt.path):
         model = build_model(spec).to(device)
     load_checkpoint(ckpt, model, None)
@@ -116,7 +116,7 @@ def _batch(ckpt: Checkpoint, run: Run | None, path: Path | None) -> Batch:
         batch = load_batch_file(path)
     else:
         if run is None or ckpt.step not in set(run.batch_steps):
-            raise DiagError(ckpt.path, "no batch logged at its step: pass --batch")
+            raise OptionError("no batch logged at its step", "batch", path=ckpt.path)
         batch = run.batch(ckpt.step)
     if "h" not in batch.tensors or "a_pos" not in batch.tensors:
         raise DiagError(batch.path, "needs contexts 'h' and demonstrations 'a_pos'")

@@ -3,32 +3,48 @@
 The page is the diagnosis (verdict, first fault, ranked findings), the loss curve with its
 bounds and marked segments, the weights and gradient averages over the checkpoints, and the
 inspection of the last healthy checkpoint that has a logged batch (energy matrix, saturation). Each
-part is the very ``to_dict`` of its command; a part that cannot be made (no metric log, no
+part is the very typed report of its command; a part that cannot be made (no metric log, no
 batch) is None with the reason in ``notes``, so the page can say what is missing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from energydiag.analyses.case import Case
 from energydiag.analyses.curve_sources import curve_report
-from energydiag.analyses.diagnosis import diagnose
-from energydiag.analyses.landscape import landscape
+from energydiag.analyses.curves import CurveReport
+from energydiag.analyses.diagnosis import Diagnosis, diagnose
+from energydiag.analyses.inspection import InspectReport
+from energydiag.analyses.landscape import LandscapeReport, landscape
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
 from energydiag.io.layout import checkpoint_path
 from energydiag.io.rundir import Run
+from energydiag.schema import Report, report
 
 PARTS = ("diagnosis", "curves", "timeline", "inspect", "landscape")
 
 
+@report("report")
+@dataclass
+class Overview(Report):
+    run: str
+    diagnosis: Diagnosis
+    curves: CurveReport | None = None
+    timeline: Timeline | None = None
+    inspect: InspectReport | None = None
+    landscape: LandscapeReport | None = None
+    notes: list[str] = field(default_factory=list)  # each part that could not be made, and why
+
+
 def overview(
     run: Run, device: torch.device | None = None, progress: Callable[[str], None] | None = None
-) -> dict[str, Any]:
+) -> Overview:
     """One Case, every part a view of it: the page's diagnosis, timeline and inspection are the
     very objects ``diagnose`` judged, not recomputed their own way."""
     case = Case(run, device)
@@ -39,19 +55,18 @@ def overview(
         "inspect": lambda: case.inspection or _no_inspection(run),
         "landscape": lambda: _landscape(case),
     }
-    result: dict[str, Any] = {"run": str(run.root), "notes": []}
+    parts: dict[str, Any] = {}
+    notes: list[str] = []
     for part, make in makers.items():
         if progress:
             progress(part)
         try:
-            result[part] = make().to_dict()
+            parts[part] = make()
         except DiagError as err:
             if part == "diagnosis":
                 raise
-            result[part] = None
-            result["notes"].append(f"{part}: {err}")
-    result["notes"].extend(case.notes)
-    return result
+            notes.append(f"{part}: {err}")
+    return Overview(str(run.root), notes=[*notes, *case.notes], **parts)
 
 
 def _no_timeline(run: Run) -> Timeline:

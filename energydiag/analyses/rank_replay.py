@@ -16,19 +16,19 @@ import logging
 import os
 import signal
 import uuid
+from dataclasses import replace
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from energydiag import findings as rules
-from energydiag.analyses.replaying import replay_report
-from energydiag.engine.localise import PHASES
+from energydiag.analyses.replaying import RankOutcome, ReplaySummary, replay_report
+from energydiag.engine.localise import PHASES, Fault
 from energydiag.engine.ranks import gather
 from energydiag.engine.replay import plan
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Run
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -45,7 +45,7 @@ def placement(nproc: int, device: str) -> tuple[str, str | None]:
     if device != "cpu" and gpus >= nproc:
         return "cuda", None
     if device.startswith("cuda"):
-        raise DiagError(None, f"--device {device}: {nproc} ranks need {nproc} GPUs, found {gpus}")
+        raise OptionError(f"{nproc} ranks need {nproc} GPUs, found {gpus}", "device", value=device)
     note = f"{nproc} ranks ran as CPU processes with gloo" + (
         f" ({gpus} GPU(s) for {nproc} ranks)" if gpus else ""
     )
@@ -59,14 +59,14 @@ def replay_ranks(
     nproc: int,
     device: str = "auto",
     every: int = 0,
-) -> dict[str, Any]:
+) -> ReplaySummary:
     """Launch ``nproc`` ranks, replay, and merge their reports (rank 0's view plus the fault)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     run = Run(root)
     if nproc != run.manifest.world_size:
-        raise DiagError(
-            None, f"--nproc {nproc}: the run was recorded by {run.manifest.world_size} rank(s)"
+        raise OptionError(
+            f"the run was recorded by {run.manifest.world_size} rank(s)", "nproc", value=nproc
         )
     for rank in range(nproc):  # what every rank will need, checked before anything starts
         plan(Run(root, rank=rank), run.checkpoint_at_or_before(from_step), to_step)
@@ -116,35 +116,36 @@ def rank_worker(
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         run = Run(root, rank=dist.get_rank())
-        return gather(replay_report(run, from_step, to_step, device=target, every=every).to_dict())
+        return gather(
+            replay_report(run, from_step, to_step, device=target, every=every).summary().to_dict()
+        )
     finally:
         # The replay's DDP/FSDP objects go first: one freed after its group can wait forever.
         gc.collect()
         dist.destroy_process_group()
 
 
-def merge(run: Run, reports: list[dict], note: str | None) -> dict[str, Any]:
+def merge(run: Run, gathered: list[dict], note: str | None) -> ReplaySummary:
     """Rank 0's report, with the earliest fault of any rank (step, then phase, then rank), and
-    how many negatives each positive meets across the ranks."""
-    faults = [(r, rep["fault"]) for r, rep in enumerate(reports) if rep["fault"]]
-    merged = dict(reports[0])
-    merged["ranks"] = [
-        {"rank": r, "fault": rep["fault"], "bit_exact": rep["fidelity"].get("bit_exact")}
-        for r, rep in enumerate(reports)
+    how many negatives each positive meets across the ranks. Ranks hand their reports over as
+    the dicts ``all_gather_object`` carries."""
+    reports = [ReplaySummary.from_dict(g) for g in gathered]
+    faults = [(r, rep.fault) for r, rep in enumerate(reports) if rep.fault]
+    merged = replace(reports[0], placement=note)
+    merged.ranks = [
+        RankOutcome(r, rep.fault, rep.fidelity.get("bit_exact")) for r, rep in enumerate(reports)
     ]
-    merged["placement"] = note
     if faults:
-        rank, fault = min(faults, key=lambda rf: (rf[1]["step"], _phase(rf[1]), rf[0]))
-        merged["fault"] = {**fault, "rank": rank}
-        merged["findings"] = reports[rank]["findings"]
+        rank, fault = min(faults, key=lambda rf: (rf[1].step, _phase(rf[1]), rf[0]))
+        merged.fault = replace(fault, rank=rank)
+        merged.findings = reports[rank].findings
     negatives = _negatives(run)
-    merged["findings"] = [*merged["findings"], *([negatives.to_dict()] if negatives else [])]
+    merged.findings = [*merged.findings, *([negatives] if negatives else [])]
     return merged
 
 
-def _phase(fault: dict[str, Any]) -> int:
-    phase = fault.get("phase")
-    return PHASES.index(phase) if phase in PHASES else len(PHASES)
+def _phase(fault: Fault) -> int:
+    return PHASES.index(fault.phase) if fault.phase in PHASES else len(PHASES)
 
 
 def _negatives(run: Run) -> rules.Finding | None:

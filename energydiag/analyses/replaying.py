@@ -17,8 +17,10 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.ladder import Ladder, precision_ladder
 from energydiag.analyses.schedule import history, jumps
+from energydiag.engine.localise import Fault
 from energydiag.engine.replay import Progress, ReplayResult, replay, replay_columns
 from energydiag.io.rundir import Run
+from energydiag.schema import Record, Report, report
 
 APPROXIMATE_TOLERANCE = 1e-4  # relative loss deviation expected from float rounding alone
 
@@ -32,26 +34,52 @@ class ReplayReport:
     ladder: Ladder | None = None
 
     @property
-    def fault(self):
+    def fault(self) -> Fault | None:
         return self.result.fault
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self) -> ReplaySummary:
+        """What the replay found, as data: the per-step rows, not the replayed tensors."""
         steps = self.result.steps
-        return {
-            "checkpoint_step": self.result.checkpoint_step,
-            "first_step": steps[0]["step"] if steps else None,
-            "last_step": steps[-1]["step"] if steps else None,
-            "fault": self.result.fault.to_dict() if self.result.fault else None,
-            "fidelity": self.fidelity,
-            "schedule_jumps": self.schedule_jumps,
-            "precision_ladder": self.ladder.to_dict() if self.ladder else None,
-            "skipped_steps": [
+        return ReplaySummary(
+            checkpoint_step=self.result.checkpoint_step,
+            first_step=steps[0]["step"] if steps else None,
+            last_step=steps[-1]["step"] if steps else None,
+            fault=self.result.fault,
+            fidelity=self.fidelity,
+            schedule_jumps=self.schedule_jumps,
+            precision_ladder=self.ladder,
+            skipped_steps=[
                 {"step": r["step"], "scale": r["scale"]} for r in steps if r.get("skipped")
             ],
-            "findings": [f.to_dict() for f in self.findings],
-            "columns": replay_columns(),
-            "steps": steps,
-        }
+            findings=self.findings,
+            columns=replay_columns(),
+            steps=steps,
+        )
+
+
+@dataclass
+class RankOutcome(Record):
+    rank: int
+    fault: Fault | None
+    bit_exact: bool | None
+
+
+@report("replay")
+@dataclass
+class ReplaySummary(Report):
+    checkpoint_step: int
+    first_step: int | None
+    last_step: int | None
+    fault: Fault | None
+    fidelity: dict[str, Any]
+    schedule_jumps: list[dict[str, Any]]
+    precision_ladder: Ladder | None
+    skipped_steps: list[dict[str, Any]]
+    findings: list[rules.Finding]
+    columns: dict[str, Any]
+    steps: list[dict[str, Any]]
+    ranks: list[RankOutcome] = field(default_factory=list)  # a multi-rank replay: each rank
+    placement: str | None = None  # where a multi-rank replay ran (gloo CPU processes, NCCL)
 
 
 def fidelity(result: ReplayResult) -> dict[str, Any]:

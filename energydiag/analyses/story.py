@@ -15,7 +15,8 @@ import torch
 
 from energydiag import findings as rules
 from energydiag.analyses.case import Case
-from energydiag.analyses.whatif import parse_variant, whatif
+from energydiag.analyses.variants import parse_variant
+from energydiag.analyses.whatif import whatif
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError
 

@@ -13,19 +13,21 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from energydiag import findings as rules
 from energydiag.analyses.checkpoint_stats import CheckpointStats, checkpoint_stats
 from energydiag.engine.tensorstats import summarize
 from energydiag.errors import DiagError
 from energydiag.io.torchfiles import open_reader
+from energydiag.schema import Record, Report, report
 
 GROWTH_LIMIT = 1e3  # a layer whose max|w| grew this much since the first checkpoint exploded
 
 
 @dataclass
-class TimelineRow:
+class TimelineRow(Record):
+    derived = ("exploded", "state")
+
     step: int
     max_abs: float
     rms: float
@@ -53,8 +55,9 @@ class TimelineRow:
         return "exploded" if self.exploded else "ok"
 
 
+@report("timeline")
 @dataclass
-class Timeline:
+class Timeline(Report):
     rows: list[TimelineRow]
     layers: dict[str, list[float | None]]  # layer -> max|w| per row (None: not readable)
     layer_l2: dict[str, list[float | None]] = field(default_factory=dict)
@@ -87,16 +90,6 @@ class Timeline:
                     value is not None and math.isfinite(value) and value / first >= GROWTH_LIMIT
                 )
         return counts
-
-    def to_dict(self) -> dict[str, Any]:
-        rows = [asdict(r) | {"exploded": r.exploded, "state": r.state} for r in self.rows]
-        return {
-            "rows": rows,
-            "layers": self.layers,
-            "layer_l2": self.layer_l2,
-            "layer_grad": self.layer_grad,
-            "findings": [f.to_dict() for f in self.findings],
-        }
 
 
 def growth(now: dict[str, dict], then: dict[str, dict]) -> tuple[float, str]:

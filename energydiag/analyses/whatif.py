@@ -1,8 +1,5 @@
 """Counterfactual replays: the same K logged batches from the same checkpoint, once per proposed
-fix, changing only what the fix names. Turns a list of guesses into a ranking.
-
-Variants are strings such as "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "clip=0.5",
-"clip=none", "margin=1", "warmup=10", "center=h", "batch*=3", or several joined by commas ("head=softplus,tau=1").
+fix, changing only what the fix names (a ``Variant``). Turns a list of guesses into a ranking.
 """
 
 from __future__ import annotations
@@ -18,77 +15,14 @@ from torch import nn
 
 from energydiag import findings as rules
 from energydiag.analyses.head import find_head, head_module
+from energydiag.analyses.variants import Variant
 from energydiag.engine.quantities import DEFAULT, layer_of
 from energydiag.engine.replay import plan, run_step
 from energydiag.engine.session import Session, open_session
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
-from energydiag.reference.models import HEADS, make_head
-
-LOSS_KNOBS = ("tau", "margin")
-
-
-@dataclass
-class Variant:
-    label: str
-    loss: dict[str, float] = field(default_factory=dict)
-    head: str | None = None
-    lr: float | None = None
-    lr_scale: float = 1.0
-    clip: float | None | str = "unchanged"
-    warmup: int = 0
-    center: list[str] = field(default_factory=list)  # batch tensors re-centred per feature
-    batch_scale: int = 1  # each step also sees the next k-1 logged batches: k·B candidates
-
-
-def parse_variant(text: str) -> Variant:
-    """'tau=3,lr*=0.1' -> Variant; a one-line DiagError for anything else."""
-    variant = Variant(text)
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, op, value = _split(part)
-        try:
-            _apply_setting(variant, key, op, value)
-        except ValueError:
-            raise DiagError(None, f"--try {text!r}: cannot use {value!r} for {key}") from None
-    return variant
-
-
-def _split(part: str) -> tuple[str, str, str]:
-    for op in ("*=", "="):
-        if op in part:
-            key, value = part.split(op, 1)
-            return key.strip(), op, value.strip()
-    raise DiagError(None, f"--try {part!r}: expected key=value or lr*=factor")
-
-
-def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
-    if key == "lr" and op == "*=":
-        v.lr_scale = float(value)
-    elif key == "batch" and op == "*=":
-        v.batch_scale = int(value)
-        if v.batch_scale < 1:
-            raise ValueError(value)
-    elif op == "*=":
-        raise DiagError(None, f"--try: only lr and batch can be scaled with *= (got {key}*=)")
-    elif key in LOSS_KNOBS:
-        v.loss[key] = float(value)
-    elif key == "lr":
-        v.lr = float(value)
-    elif key == "clip":
-        v.clip = None if value.lower() in ("none", "off", "0") else float(value)
-    elif key == "warmup":
-        v.warmup = int(value)
-    elif key == "center":
-        v.center.append(value)
-    elif key == "head":
-        if value not in HEADS:
-            raise DiagError(None, f"--try head={value}: choose one of {', '.join(HEADS)}")
-        v.head = value
-    else:
-        raise DiagError(
-            None,
-            f"--try: unknown setting {key!r} (tau, margin, head, lr, lr*, batch*, clip, warmup, center)",
-        )
+from energydiag.reference.models import make_head
+from energydiag.schema import Report, report
 
 
 @dataclass
@@ -110,8 +44,9 @@ class VariantResult:
     rank: int = 0
 
 
+@report("whatif")
 @dataclass
-class WhatifReport:
+class WhatifReport(Report):
     from_step: int
     steps: int
     input_layer: str
@@ -122,9 +57,6 @@ class WhatifReport:
     @property
     def baseline(self) -> VariantResult:
         return next(r for r in self.results if r.label == "baseline")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def whatif(
@@ -139,7 +71,7 @@ def whatif(
     """Each variant replays the same logged steps from the same checkpoint, fully measured."""
     device = device or torch.device("cpu")
     if steps < 1:
-        raise DiagError(None, f"--steps {steps}: replay at least one step")
+        raise OptionError("replay at least one step", "steps", value=steps)
     start = run.checkpoint_at_or_before(from_step)
     window = plan(run, start, start + steps - 1)
     batches = [run.batch(s) for s in window]
@@ -184,11 +116,9 @@ def _head_to_swap(run, start, device, override, batch, variants) -> str | None:
             found = None
         override = head_module(model, found, None)
         if override is None:
-            raise DiagError(
-                None, "no bounded head module found to swap: name it with --head-path MODULE"
-            )
+            raise OptionError("no bounded head module found to swap: name its module", "head_path")
     if override not in dict(model.named_modules()):
-        raise DiagError(None, f"--head-path {override!r}: the model has no such module")
+        raise OptionError("the model has no such module", "head_path", value=repr(override))
     return override
 
 
@@ -225,9 +155,13 @@ def _check_inputs(variants: list[Variant], tensors: dict[str, torch.Tensor]) -> 
     for v in variants:
         missing = [k for k in v.center if k not in tensors or not tensors[k].is_floating_point()]
         if missing:
-            raise DiagError(None, f"--try center={missing[0]}: the batch has no such float tensor")
+            raise OptionError(
+                "the batch has no such float tensor", "tries", value=f"center={missing[0]}"
+            )
         if v.batch_scale > 1 and "h" not in tensors:
-            raise DiagError(None, f"--try batch*={v.batch_scale}: the batch has no contexts 'h'")
+            raise OptionError(
+                "the batch has no contexts 'h'", "tries", value=f"batch*={v.batch_scale}"
+            )
 
 
 def _centred(keys: list[str], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

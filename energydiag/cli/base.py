@@ -1,9 +1,10 @@
 """The Typer app and what every command shares: exit codes, one-line errors, progress, JSON.
 
 Commands live in the modules beside this one, grouped by what they take: a run directory
-(runs), a file (files), a proposed fix or a CI gate (gates). They parse and render; the work is
-in energydiag.analyses. Only this module and the renderer load at start-up, so `--help` and
-`--version` never import torch.
+(runs), a file (files), a proposed fix or a CI gate (gates), and are registered in one table
+(``table``). They parse options into ``energydiag.commands`` calls and render the typed report
+that comes back. Only this module, the options and the renderer load at start-up, so `--help`
+and `--version` never import torch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 import typer.exceptions
 from rich.console import Console
 from rich.markup import escape
 
-from energydiag.errors import DiagError, first_line
+from energydiag.cli.options import flag
+from energydiag.errors import DiagError, OptionError, first_line
+from energydiag.exitcodes import ExitCode
 from energydiag.io.layout import parse_step
 from energydiag.report.jsonout import dumps
+from energydiag.schema import Report
 
 app = typer.Typer(
     name="energydiag",
@@ -43,12 +48,6 @@ def _width() -> int | None:
 out = Console(width=_width())
 err = Console(stderr=True)
 
-RunArg = Annotated[Path, typer.Argument(help="Run directory (energydiag/1 format).")]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
-
 
 def exits(fn: Callable[..., int]) -> Callable[..., None]:
     """Results exit 0 (nothing wrong) or 1 (something wrong). Bad input: one line naming the file
@@ -61,19 +60,21 @@ def exits(fn: Callable[..., int]) -> Callable[..., None]:
             code = fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except OptionError as e:
+            _fail(f"error: {e.render(flag)}", ExitCode.BAD_INPUT)
         except DiagError as e:
-            _fail(f"error: {e}", 2)
+            _fail(f"error: {e}", ExitCode.BAD_INPUT)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", ExitCode.INTERRUPTED)
         except Exception as e:
             if os.environ.get("ENERGYDIAG_DEBUG"):
                 raise
             _fail(
                 f"internal error: {first_line(e)} (ENERGYDIAG_DEBUG=1 shows the traceback; "
                 "please report it)",
-                3,
+                ExitCode.INTERNAL,
             )
-        raise typer.Exit(code)
+        raise typer.Exit(int(code))
 
     return wrapper
 
@@ -137,7 +138,7 @@ def step_file(item: str) -> tuple[int, Path]:
     step, sep, path = item.partition("=")
     parsed = parse_step(step.strip())
     if not sep or parsed is None:
-        raise DiagError(None, f"--batch {item!r}: expected STEP=FILE")
+        raise OptionError("expected STEP=FILE", "batch", value=repr(item))
     return parsed, Path(path)
 
 
@@ -158,12 +159,38 @@ def json_object(text: str, source: str | Path) -> dict[str, Any]:
     return value
 
 
-def emit(report: dict[str, Any], as_json: bool, draw: Callable[[dict[str, Any]], None]) -> None:
-    """One place that chooses JSON (strict, on stdout) or rich tables."""
+def emit(report: Report, as_json: bool, draw: Callable[[Console, dict[str, Any]], None]) -> None:
+    """One place that chooses JSON (strict, on stdout) or rich tables; both are drawn from the
+    typed report's JSON, so the terminal never shows what the JSON does not hold."""
+    data = report.to_json()
     if as_json:
-        print(dumps(report))
+        print(dumps(data))
     else:
-        draw(report)
+        draw(out, data)
+
+
+class _Command(typer.core.TyperCommand):
+    """Arguments shown as Click shows them: ``RUN`` in the list (not ``RUN <path>``) and
+    ``CKPT`` or ``[RUN]`` in the usage line (not ``{CKPT}``). tests/test_help.py holds it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar or param.name or ""
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+                usage = name if param.required else f"[{name}]"
+                param._usage_display_name = lambda usage=usage: usage  # type: ignore[method-assign]
+
+
+def register() -> None:
+    """Put the commands on the app, once, in the order of the README's table."""
+    from energydiag.cli.table import COMMANDS
+
+    if app.registered_commands:
+        return
+    for name, summary, function in COMMANDS:
+        app.command(name, short_help=summary, cls=_Command)(exits(function))
 
 
 def legacy_check_json(argv: list[str]) -> list[str]:
@@ -185,8 +212,7 @@ def legacy_check_json(argv: list[str]) -> list[str]:
 def run(argv: list[str]) -> int:
     """Run the command line on ``argv``; every way it ends becomes an exit code and at most one
     line on stderr (a usage error included, which click would print as a boxed block)."""
-    import energydiag.cli.commands  # noqa: F401  (registers the commands on the app)
-
+    register()
     argv = argv or ["--help"]  # no arguments: the help itself, not an error about it
     try:
         code = app(args=legacy_check_json(argv), prog_name="energydiag", standalone_mode=False)

@@ -4,81 +4,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
-from energydiag.cli.base import (
+from energydiag.cli.base import emit, progress, read_json
+from energydiag.cli.options import (
+    BaselineOpt,
+    CheckStepsOpt,
+    ConfigOpt,
     DeviceOpt,
+    FromStepOpt,
+    GithubOpt,
+    HeadPathOpt,
+    JsonFileOpt,
     JsonOpt,
+    JunitOpt,
+    PngOpt,
     RunArg,
-    app,
-    emit,
-    exits,
-    out,
-    progress,
-    read_json,
+    TriesOpt,
+    WhatifStepsOpt,
 )
-from energydiag.errors import DiagError
 from energydiag.io.atomic import check_writable, write_text_atomic
 from energydiag.report import render
 from energydiag.report.jsonout import dumps
 
-FromStepOpt = Annotated[
-    int, typer.Option("--from-step", help="Replay from the checkpoint at or before this step.")
-]
-TriesOpt = Annotated[
-    list[str],
-    typer.Option(
-        "--try",
-        help="A variant: tau=3, head=softplus, lr*=0.1, lr=1e-4, clip=0.5, clip=none, margin=1, warmup=10; join several with commas.",
-    ),
-]
-HeadPathOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--head-path",
-        help="Module path of the energy output transform that head= swaps (default: the module holding the bounded head, found by what the model does).",
-    ),
-]
-PngOpt = Annotated[
-    Path | None,
-    typer.Option(help="Write the loss curves per variant (needs the 'plot' extra)."),
-]
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(help="TOML thresholds (default: [tool.energydiag.check] in ./pyproject.toml)."),
-]
-StepsOpt = Annotated[
-    int | None, typer.Option(help="Also replay this many logged steps and check fidelity.")
-]
-BaselineOpt = Annotated[
-    Path | None, typer.Option(help="A previous `check --json` report: fail on regressions.")
-]
-CurvePngOpt = Annotated[
-    Path | None,
-    typer.Option("--png", help="Draw the loss curve here (and into the --github job summary)."),
-]
-JunitOpt = Annotated[Path | None, typer.Option(help="Write JUnit XML (one test case per check).")]
-JsonFileOpt = Annotated[
-    Path | None, typer.Option("--json-out", help="Write the JSON report to this file.")
-]
-GithubOpt = Annotated[
-    bool,
-    typer.Option(
-        "--github",
-        help="Print GitHub Actions error annotations, and append a Markdown job summary to "
-        "$GITHUB_STEP_SUMMARY when it is set.",
-    ),
-]
 
-
-@app.command("whatif")
-@exits
 def whatif_cmd(
     run: RunArg = Path("."),
     from_step: FromStepOpt = 0,
-    steps: Annotated[int, typer.Option(help="How many logged steps each variant replays.")] = 20,
+    steps: WhatifStepsOpt = 20,
     tries: TriesOpt = [],  # noqa: B006
     head_path: HeadPathOpt = None,
     device: DeviceOpt = "cpu",
@@ -87,85 +39,73 @@ def whatif_cmd(
 ) -> int:
     """Replay the same batches once per proposed fix and rank the fixes.
 
-    Variants change only what they name (tau, margin, head, lr, clip, warm-up); each reports its loss drop, energy span, logit spread, saturation and the gradient reaching the first layer. A variant that raises or goes non-finite is reported with its message. Exit 1 when the baseline itself fails.
+    Variants change only what they name (tau, margin, head, lr, clip, warm-up, centring, batch size); each reports its loss drop, energy span, logit spread, saturation and the gradient reaching the first layer. A variant that raises or goes non-finite is reported with its message. --png draws the loss per variant. Exit 1 when the baseline itself fails.
     """
-    from energydiag.analyses.whatif import parse_variant, whatif
-    from energydiag.engine.session import resolve_device
-    from energydiag.io.rundir import Run
+    from energydiag.commands import whatif
     from energydiag.report import plot
 
-    if not tries:
-        raise DiagError(
-            None, "give at least one --try variant (e.g. --try tau=3 --try head=softplus)"
-        )
     if png:
         check_writable(png)
-    variants = [parse_variant(t) for t in tries]
-    target = resolve_device(device)
-    with progress("what-if", json_out, steps * (len(variants) + 1)) as tick:
-        report = whatif(
-            Run(run),
-            from_step,
-            steps,
-            variants,
-            target,
-            head_path,
-            lambda label, step: tick(f"{label} step {step}"),
+    with progress("what-if", json_out, steps * (len(tries) + 1)) as tick:
+        outcome = whatif.run(
+            run, tries, from_step, steps, head_path, device, lambda v, s: tick(f"{v} step {s}")
         )
-    data = report.to_dict()
     if png:
-        plot.whatif(data, png)
-    emit(data, json_out, lambda d: render.whatif(out, d))
-    return 0 if report.baseline.finite else 1
+        plot.whatif(outcome.report.to_json(), png)
+    emit(outcome.report, json_out, render.whatif)
+    return outcome.code
 
 
-@app.command("check")
-@exits
 def check_cmd(
     run: RunArg = Path("."),
     config: ConfigOpt = None,
-    steps: StepsOpt = None,
+    steps: CheckStepsOpt = None,
     baseline: BaselineOpt = None,
     junit: JunitOpt = None,
     json_file: JsonFileOpt = None,
     github: GithubOpt = False,
-    png: CurvePngOpt = None,
+    png: PngOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> int:
     """Gate CI on a run: exit 0 when every check passes, 1 when one fails.
 
-    Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, replay fidelity, and no regression against a baseline. Exit 2 on bad input or configuration.
+    Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, weight growth, the recorded schedule, the curve's health, replay fidelity (with --steps), and no regression against a baseline. --png draws the loss curve (inlined into the --github job summary). Exit 2 on bad input or configuration.
     """
-
-    from energydiag.analyses.gate import check
-    from energydiag.engine.session import resolve_device
-    from energydiag.io.check_config import load_config
-    from energydiag.io.rundir import Run
+    from energydiag.commands import check
     from energydiag.report import ci as render_ci
 
     for target in (junit, json_file, png):
         if target:
             check_writable(target)
-    thresholds = load_config(config)
     stored = read_json(baseline) if baseline else None
-    report = check(Run(run), thresholds, steps, stored, resolve_device(device))
-    data = report.to_dict()
+    outcome = check.run(run, config, steps, stored, device)
+    data = outcome.report.to_json()
     if junit:
         write_text_atomic(junit, render_ci.junit(data))
     if json_file:
         write_text_atomic(json_file, dumps(data) + "\n")
     if png:
-        from energydiag.analyses.curve_sources import curve_report
-        from energydiag.report import plot
-
-        plot.curve(curve_report(Path(run)).to_dict(), png)
+        _draw_curve(run, png)
     if github:
-        for line in render_ci.github(data):
-            print(line)
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:  # GitHub's protocol: each step appends its Markdown to this file
-            with open(summary, "a", encoding="utf-8") as handle:
-                handle.write(render_ci.markdown(data, png.read_bytes() if png else None))
-    emit(data, json_out, lambda d: render.check(out, d))
-    return 1 if report.failed else 0
+        _github(data, png)
+    emit(outcome.report, json_out, render.check)
+    return outcome.code
+
+
+def _draw_curve(run: Path, png: Path) -> None:
+    from energydiag.commands import curves
+    from energydiag.report import plot
+
+    plot.curve(curves.run(run).report.to_json(), png)
+
+
+def _github(data: dict, png: Path | None) -> None:
+    from energydiag.report import ci as render_ci
+
+    for line in render_ci.github(data):
+        print(line)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:  # GitHub's protocol: each step appends its Markdown to this file
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(render_ci.markdown(data, png.read_bytes() if png else None))

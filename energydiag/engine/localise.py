@@ -11,8 +11,7 @@ NaN begins in a forward branch that ``where`` discards and surfaces in the gradi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,12 +38,13 @@ from energydiag.engine.tensorstats import (
 from energydiag.errors import first_line
 from energydiag.io.rundir import Batch
 from energydiag.io.state import plain_key
+from energydiag.schema import Record
 
 PHASES = ("state", "data", FORWARD, BACKWARD, CLIP, OPTIMIZER)
 
 
 @dataclass
-class Fault:
+class Fault(Record):
     step: int
     phase: str
     summary: str
@@ -62,17 +62,6 @@ class Fault:
     reproduced: bool | None = None
     notes: list[str] = field(default_factory=list)
     rank: int | None = None  # in a multi-rank replay, the rank whose values went non-finite
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Fault:
-        """The inverse of ``to_dict`` (also of its strict JSON): the op is an OpEvent again."""
-        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        if kept.get("op") is not None:
-            kept["op"] = OpEvent.from_dict(kept["op"])
-        return cls(**kept)
 
 
 def all_masked_samples(batch: dict[str, torch.Tensor]) -> list[int]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from energydiag.engine.instrument import FORWARD, OpCall
 from energydiag.engine.tensorstats import TensorSummary, all_finite, float_tensors, summarize
+from energydiag.schema import Record
 
 SATURATION_EPS = 1e-3
 aten = torch.ops.aten
@@ -43,7 +44,7 @@ def explains(*packets: Any) -> Callable[[Explain], Explain]:
 
 
 @dataclass
-class OpEvent:
+class OpEvent(Record):
     """An op whose output gained NaN (from NaN-free inputs) or Inf (from finite inputs)."""
 
     order: int
@@ -57,13 +58,6 @@ class OpEvent:
     intentional: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
     autograd_node: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OpEvent:
-        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kept["inputs"] = [TensorSummary.from_dict(t) for t in kept.get("inputs", [])]
-        kept["output"] = TensorSummary.from_dict(kept["output"])
-        return cls(**kept)
 
 
 class Origins:

@@ -98,7 +98,7 @@ def check_world(distributed: dict[str, Any] | None) -> None:
             None,
             f"the run was recorded by {world} ranks and this replay has {here}: "
             f"`energydiag replay` and `diagnose` launch the {world} ranks "
-            "(what-if and check --steps replay in one process)",
+            "(what-if and check's replay run in one process)",
         )
 
 

@@ -26,7 +26,7 @@ from energydiag.engine.quantities import DEFAULT, Quantity, columns
 from energydiag.engine.ranks import flagged_ranks, unwrap
 from energydiag.engine.session import Session, open_session
 from energydiag.engine.tensorstats import exact_global_norm, global_norm, plain
-from energydiag.errors import DiagError, first_line
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.rundir import Batch, Run
 
 if TYPE_CHECKING:
@@ -74,10 +74,13 @@ def plan(run: Run, start: int, to_step: int | None) -> list[int]:
         while to_step + 1 in have:
             to_step += 1
     if to_step < start:
-        raise DiagError(None, f"--to-step {to_step} is before the checkpoint at step {start}")
+        raise OptionError(f"is before the checkpoint at step {start}", "to_step", value=to_step)
     if to_step > logged[-1]:
-        raise DiagError(
-            run.root / "batches", f"--to-step {to_step}: the last logged batch is step {logged[-1]}"
+        raise OptionError(
+            f"the last logged batch is step {logged[-1]}",
+            "to_step",
+            value=to_step,
+            path=run.root / "batches",
         )
     within = [s for s in logged if start <= s <= to_step]
     if len(within) != to_step - start + 1:
@@ -106,7 +109,7 @@ def replay(
 ) -> ReplayResult:
     """Replay from the checkpoint at or before ``from_step``; stop at the first non-finite value."""
     if to_step is not None and to_step < from_step:
-        raise DiagError(None, f"--to-step {to_step} is before --from-step {from_step}")
+        raise OptionError(f"is before the first step {from_step}", "to_step", value=to_step)
     device = device or torch.device("cpu")
     recorded = run.manifest.environment
     result = ReplayResult(run.checkpoint_at_or_before(from_step), [])

@@ -14,7 +14,7 @@ from energydiag.engine.plugins import LossFn, build_loss, build_model, build_opt
 from energydiag.engine.ranks import check_world, for_replay
 from energydiag.engine.sharded import load_sharded
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
-from energydiag.errors import DiagError, blame
+from energydiag.errors import DiagError, OptionError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
 from energydiag.io.state import (
     apply_hyperparameters,
@@ -117,9 +117,9 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
-        raise DiagError(None, f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+        raise OptionError("use cpu, cuda, cuda:N or auto", "device", value=repr(name))
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DiagError(None, f"--device {name}: CUDA is not available on this machine")
+        raise OptionError("CUDA is not available on this machine", "device", value=name)
     return torch.device(name)
 
 

@@ -11,11 +11,12 @@ it says the next norm, variance or softmax computed in float32 will overflow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_leaves
+
+from energydiag.schema import Record
 
 CHUNK = 1 << 22
 FP32_MAX = torch.finfo(torch.float32).max
@@ -24,7 +25,7 @@ SCALE_ABOVE = 1e15  # a chunk whose peak is above this (or below its inverse) is
 
 
 @dataclass
-class TensorSummary:
+class TensorSummary(Record):
     """Counts of non-finite values and exact statistics of the finite ones (NaN when none)."""
 
     shape: list[int]
@@ -38,15 +39,6 @@ class TensorSummary:
     std: float = math.nan
     l2: float = math.nan
     zeros: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSummary:
-        """From ``asdict`` or its strict JSON ("NaN", "Infinity" strings become floats)."""
-        kept = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        for f in fields(cls):
-            if f.name in kept and f.type in ("float", float):
-                kept[f.name] = float(kept[f.name])
-        return cls(**kept)
 
     @property
     def finite(self) -> bool:

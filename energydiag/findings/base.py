@@ -4,22 +4,32 @@ analyses hand them numbers, renderers only display what they return.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from energydiag.schema import Record
 
 SEVERITIES = ("error", "warning", "info")
 
 
 @dataclass
-class Finding:
+class Invocation(Record):
+    """A command that takes the remedy further. Options go by their argument names (``from_step``),
+    as commands take them; the renderers spell them as flags."""
+
+    command: str
+    target: str = "RUN"  # the positional argument, or its placeholder
+    options: dict[str, Any] = field(default_factory=dict)  # True: a switch given alone
+
+
+@dataclass
+class Finding(Record):
     code: str
     severity: str
     title: str
     remedy: str
     evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    commands: list[Invocation] = field(default_factory=list)
 
 
 def ranked(findings: list[Finding | None]) -> list[Finding]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from energydiag.findings.base import Finding
+from energydiag.findings.base import Finding, Invocation
 
 FEW_NEGATIVES = 4  # fewer negatives per positive than this and chance itself is a low bar
 
@@ -79,8 +79,9 @@ def forward_nonfinite(step: int, loss: float, nonfinite: int, total: int) -> Fin
         "error",
         f"the model's forward on the batch of step {step} is non-finite: loss {loss:.4g}, "
         f"{nonfinite} of {total} energies NaN or Inf; no energy statistics are computed from them",
-        f"`energydiag replay RUN --from-step {step}` names the op and module where it began",
+        "a replay from this step names the op and module where it began",
         {"step": step, "loss": loss, "nonfinite_energies": nonfinite, "energies": total},
+        [Invocation("replay", options={"from_step": step})],
     )
 
 
@@ -105,6 +106,7 @@ def unused_negatives(loss: str, keys: list[str]) -> Finding | None:
         "inspect.unused_negatives",
         "info",
         f"the batch holds 'a_neg', which {loss} ignores (it scores the in-batch actions)",
-        "to judge those negatives, inspect with --loss infonce_negatives (or margin)",
+        "to judge those negatives, inspect with a loss that reads them (infonce_negatives, margin)",
         {"loss": loss},
+        [Invocation("inspect", "CKPT", {"loss": "infonce_negatives"})],
     )

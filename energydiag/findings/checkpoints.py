@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from energydiag.findings.base import Finding
+from energydiag.findings.base import Finding, Invocation
 
 
 def nonfinite_tensors(tensors: list[dict[str, Any]]) -> Finding | None:
@@ -44,8 +44,9 @@ def norm_outliers(outliers: list[dict[str, Any]]) -> Finding | None:
         f"{worst['tensor']} has RMS {worst['rms']:.3g}, {worst['ratio']:.3g}× the median of its "
         f"{worst['role']} peers ({worst['peer_median_rms']:.3g})",
         "an exploding (or dead) layer: check its learning rate, initialisation and the gradients it "
-        "receives (`energydiag inspect --batch`)",
+        "receives (inspect the checkpoint on a batch)",
         {"outliers": outliers},
+        [Invocation("inspect", "CKPT", {"batch": "BATCH"})],
     )
 
 
@@ -108,8 +109,9 @@ def grown_since_first(history: dict[str, Any] | None, limit: float) -> Finding |
         "checkpoint.grown",
         "error",
         f"layer {history['layer']} grew ×{history['growth']:.3g} since the run's first checkpoint",
-        "`energydiag timeline RUN` shows when; `energydiag bisect --predicate exploded` finds the step",
+        "the timeline shows when; a bisect on growth finds the step",
         history,
+        [Invocation("timeline"), Invocation("bisect", options={"predicate": "exploded"})],
     )
 
 
@@ -123,9 +125,10 @@ def timeline_exploded(rows: list[dict[str, Any]], limit: float) -> Finding | Non
         f"weights grew ×{first['growth_since_first']:.3g} since the first checkpoint by step "
         f"{first['step']} (layer {first['worst_layer']}: max|w| {first['max_abs']:.3g}); "
         f"{len(rows)} checkpoint(s) are past ×{limit:g}",
-        f"`energydiag bisect --predicate exploded` narrows it to the step; check the lr and "
-        f"gradient norms just before step {first['step']}",
+        f"a bisect on growth narrows it to the step; check the lr and gradient norms just before "
+        f"step {first['step']}",
         {"first_step": first["step"], "rows": rows},
+        [Invocation("bisect", options={"predicate": "exploded"})],
     )
 
 
@@ -161,6 +164,13 @@ def unresolved_interval(unresolved: dict[str, Any] | None) -> Finding | None:
         f"the first bad step lies {span}, but {why}",
         unresolved["advice"],
         unresolved,
+        [
+            Invocation(
+                "replay", options={"from_step": unresolved["from"], "to_step": unresolved["to"]}
+            )
+        ]
+        if unresolved.get("ranks")
+        else [],
     )
 
 

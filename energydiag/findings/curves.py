@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from energydiag.findings.base import Finding
+from energydiag.findings.base import Finding, Invocation
 
 
 def curve_nonfinite(step: int | None, metric: str) -> Finding | None:
@@ -15,9 +15,9 @@ def curve_nonfinite(step: int | None, metric: str) -> Finding | None:
         "curve.nonfinite",
         "error",
         f"'{metric}' is first non-finite at step {step}",
-        f"bisect or replay from the checkpoint before step {step}: "
-        f"`energydiag replay RUN --from-step {step}`",
+        f"bisect or replay from the checkpoint before step {step}",
         {"step": step},
+        [Invocation("replay", options={"from_step": step})],
     )
 
 
@@ -75,9 +75,10 @@ def curve_plateau(
         "curve.plateau",
         "warning",
         f"'{metric}' is flat over {where}",
-        "compare with the bounds (`--batch-size`, `--tau`, `--energy-span`) and inspect a "
-        "checkpoint from the plateau",
+        "compare with the bounds that B, tau and the energy span allow, and inspect a checkpoint "
+        "from the plateau",
         evidence,
+        [Invocation("curves", "LOG", {"batch_size": "B", "tau": "TAU", "energy_span": "SPAN"})],
     )
 
 
@@ -126,8 +127,9 @@ def curve_spikes(spikes: list[dict[str, float]], metric: str) -> Finding | None:
         "warning",
         f"{len(spikes)} spike(s) in '{metric}', the largest at step {worst['step']} "
         f"(robust z {worst['z']:.1f})",
-        "replay the spiking steps (`--from-step`) and look at their batches",
+        "replay the spiking steps and look at their batches",
         {"spikes": spikes},
+        [Invocation("replay", options={"from_step": worst["step"]})],
     )
 
 
@@ -169,7 +171,7 @@ def whatif_ranking(results: list[dict[str, Any]]) -> Finding | None:
             "whatif.none_better",
             "info",
             "no finite variant beats the baseline over this window",
-            "try a longer window (--steps) or other variants",
+            "try a longer window (more steps) or other variants",
             {"baseline": base["label"], "baseline_drop": base["relative_drop"]},
         )
     return Finding(

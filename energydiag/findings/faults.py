@@ -167,4 +167,4 @@ def _phase_cause(fault: Any) -> tuple[str | None, str]:
         )
     if fault.op is not None:
         return None, f"guard the inputs of {fault.op.op} (their ranges are in the evidence)"
-    return None, "re-run the step with `energydiag replay --json` for every module's statistics"
+    return None, "re-run the step in a replay: its JSON report holds every module's statistics"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from energydiag.findings.base import Finding
+from energydiag.findings.base import Finding, Invocation
 
 
 def fidelity(fid: dict[str, Any], tolerance: float) -> Finding | None:
@@ -99,10 +99,11 @@ def skipped_steps(rows: list[dict[str, Any]]) -> Finding | None:
         f"the GradScaler skipped {len(rows)} step(s) with overflowing gradients "
         f"({', '.join(str(r['step']) for r in rows[:8])}); the scale before the last was {last:g}",
         "the scale is collapsing: the gradients overflow float16 at any scale, so look for the "
-        "layer whose values exceed float16 (`energydiag replay --ladder`)"
+        "layer whose values exceed float16 (the precision ladder re-runs the step)"
         if collapsing
         else "skipped steps are how a GradScaler finds its scale; nothing to fix unless they persist",
         {"steps": rows},
+        [Invocation("replay", options={"ladder": True})] if collapsing else [],
     )
 
 
@@ -169,7 +170,8 @@ def no_batches(checkpoints: list[int]) -> Finding:
         "warning",
         "cannot check the steps: no batches logged"
         + (" at any checkpoint's step" if checkpoints else ""),
-        "record with energydiag.Recorder(persist_batches=True), or `energydiag convert --batch` "
-        "the batches you have; until then only checkpoints and curves are judged",
+        "record with energydiag.Recorder(persist_batches=True), or convert the batches you have "
+        "into a run; until then only checkpoints and curves are judged",
         {"checkpoints": len(checkpoints)},
+        [Invocation("convert", "DIR", {"batch": "STEP=FILE"})],
     )

@@ -13,11 +13,6 @@ from pathlib import Path
 
 from energydiag.errors import DiagError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 
 @dataclass(frozen=True)
 class CheckConfig:
@@ -47,6 +42,12 @@ def load_config(path: Path | None, search: Path = Path(".")) -> CheckConfig:
 
 
 def _read(path: Path) -> dict:
+    """TOML is parsed here, not at import: `check --help` lists the keys above without it."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+
     if not path.is_file():
         raise DiagError(path, "file not found")
     try:

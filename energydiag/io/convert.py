@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from energydiag.errors import DiagError
+from energydiag.errors import DiagError, OptionError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import MANIFEST, METRICS, batch_path, checkpoint_path
 from energydiag.io.manifest import Manifest, parse_manifest
@@ -37,9 +37,9 @@ def convert(
     ``overwrite``) only after its successor exists."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DiagError(out, "exists and is a file; --out must be a folder")
+        raise OptionError("exists and is a file; it must be a folder", "out_dir", path=out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DiagError(out, "exists and is not empty; pass --overwrite to replace it")
+        raise OptionError("exists and is not empty; pass this to replace it", "overwrite", path=out)
     if not out.parent.is_dir():
         raise DiagError(out, f"cannot write: folder {out.parent} does not exist")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from energydiag.errors import DiagError, first_line
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.layout import METRICS
 from energydiag.io.scalars import marked
 from energydiag.io.tensorboard import event_files, read_scalars
@@ -153,8 +153,11 @@ def choose_metric(frame: pd.DataFrame, wanted: str | None, source: Path | str) -
         if len(hits) == 1 or (hits and not wanted):
             return hits[0]
         if len(hits) > 1:
-            raise DiagError(
-                source, f"--metric {wanted!r} matches several columns: {', '.join(hits)}"
+            raise OptionError(
+                f"matches several columns: {', '.join(hits)}",
+                "metric",
+                value=repr(wanted),
+                path=source,
             )
     raise DiagError(
         source, f"no metric column matching {wanted or 'loss'!r} (have: {', '.join(columns)})"

@@ -257,15 +257,6 @@ def load_checkpoint_file(path: Path) -> Checkpoint:
     return Checkpoint(step, path, model, optim, meta)
 
 
-def load_checkpoint_step(path: Path) -> int:
-    """The step a checkpoint was saved at, from its metadata (-1 when it does not say)."""
-    if sniff(path).is_torch_save:
-        return -1
-    step = read_metadata(path).get("step", "")
-    parsed = parse_step(step)
-    return -1 if parsed is None else parsed
-
-
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 

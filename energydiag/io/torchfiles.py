@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from energydiag.errors import DiagError, first_line
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.formats import Format, sniff
 from energydiag.io.state import plain_key
 
@@ -164,14 +164,16 @@ def open_reader(path: Path) -> Iterator[object]:
 def discover(root: Path, pattern: str) -> dict[int, Path]:
     """Files under ``root`` matching ``pattern``, whose '{step}' placeholder gives their step."""
     if pattern.count("{step}") != 1:
-        raise DiagError(
-            None, f"--checkpoints {pattern!r}: the pattern needs exactly one {{step}} placeholder"
+        raise OptionError(
+            "the pattern needs exactly one {step} placeholder", "checkpoints", value=repr(pattern)
         )
     if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-        raise DiagError(None, f"--checkpoints {pattern!r}: give a pattern relative to the folder")
+        raise OptionError(
+            "give a pattern relative to the folder", "checkpoints", value=repr(pattern)
+        )
     if "*{step}" in pattern or "{step}*" in pattern:
-        raise DiagError(
-            None, f"--checkpoints {pattern!r}: a wildcard next to {{step}} makes the step ambiguous"
+        raise OptionError(
+            "a wildcard next to {step} makes the step ambiguous", "checkpoints", value=repr(pattern)
         )
     regex = re.compile(
         "^"

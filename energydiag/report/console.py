@@ -13,7 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from energydiag.findings import Finding
+from energydiag.findings.base import Finding, Invocation
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -30,13 +30,27 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def findings(console: Console, items: list[Finding]) -> None:
+def findings(console: Console, items: list[dict[str, Any]]) -> None:
+    """Findings as a report's JSON holds them: title, remedy, and the commands that go further."""
     if not items:
         console.print("[green]No findings.[/green]")
         return
-    for i, f in enumerate(items, start=1):
+    for i, f in enumerate(map(Finding.from_dict, items), start=1):
         console.print(Text.assemble((f"{i}. {f.severity.upper():8}", STYLE[f.severity]), f.title))
         console.print(Text(f"   remedy: {f.remedy}", style="dim"))
+        for command in f.commands:
+            console.print(Text(f"   run: {command_line(command)}", style="dim"))
+
+
+def command_line(command: Invocation) -> str:
+    """The CLI's spelling: an argument ``from_step`` is the option ``--from-step``, as Typer
+    derives it (tests/test_cli_contract.py checks every suggested option exists)."""
+    words = ["energydiag", command.command, command.target]
+    for name, value in command.options.items():
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words.append(str(value))
+    return " ".join(words)
 
 
 def key_values(console: Console, title: str, rows: Iterable[tuple[str, Any]]) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from energydiag.findings import Finding
 from energydiag.report.console import (
     findings,
     fmt,
@@ -44,7 +43,7 @@ def inspect(console: Console, report: dict[str, Any], all_tensors: bool = False)
         _batch(console, report["batch"])
     for note in report["notes"]:
         console.print(f"[dim]note: {escape(note)}[/dim]")
-    findings(console, [Finding(**f) for f in report["findings"]])
+    findings(console, report["findings"])
 
 
 def _batch(console: Console, b: dict[str, Any]) -> None:
@@ -148,4 +147,4 @@ def curves(console: Console, r: dict[str, Any]) -> None:
             ["what", "from step", "to step", "level"],
             sorted(rows, key=lambda x: x[1]),
         )
-    findings(console, [Finding(**f) for f in r["findings"]])
+    findings(console, r["findings"])

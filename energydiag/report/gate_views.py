@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from energydiag.findings import Finding
 from energydiag.report.console import (
     findings,
     frame,
@@ -30,7 +29,7 @@ def whatif(console: Console, r: dict[str, Any]) -> None:
     title = f"What-if: {r['steps']} logged steps from checkpoint {r['from_step']}"
     rows = [{**x, "relative_drop": _drop(x)} for x in sorted(r["results"], key=lambda x: x["rank"])]
     frame(console, title, list(cols), ([x[key] for key in cols.values()] for x in rows), digits=3)
-    findings(console, [Finding(**f) for f in r["findings"]])
+    findings(console, r["findings"])
 
 
 def _drop(x: dict[str, Any]) -> str:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
+from energydiag.findings.base import Invocation
 from energydiag.report import figures, plot
-from energydiag.report.console import fmt
+from energydiag.report.console import command_line, fmt
 
 SECTIONS = {
     "summary": "Verdict",
@@ -106,9 +107,14 @@ def _findings(data: dict[str, Any], plt: Any) -> str:
     return "".join(
         f'<div class="finding {escape(f["severity"])}"><b>{escape(f["severity"])}</b> '
         f"<code>{escape(f['code'])}</code> {escape(f['title'])}"
-        f'<div class="remedy">→ {escape(f["remedy"])}</div></div>'
+        f'<div class="remedy">→ {escape(f["remedy"])}{_commands(f)}</div></div>'
         for f in found
     )
+
+
+def _commands(finding: dict[str, Any]) -> str:
+    lines = [command_line(Invocation.from_dict(c)) for c in finding.get("commands", [])]
+    return "".join(f" <code>{escape(line)}</code>" for line in lines)
 
 
 def _curve(data: dict[str, Any], plt: Any) -> str:

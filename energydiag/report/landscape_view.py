@@ -6,7 +6,6 @@ from typing import Any
 
 from rich.console import Console
 
-from energydiag.findings import Finding
 from energydiag.report.console import findings, frame, key_values, sparkline
 
 
@@ -40,4 +39,4 @@ def landscape(console: Console, r: dict[str, Any]) -> None:
         for x in r["rows"]
     )  # fmt: skip
     frame(console, "Per context", columns, rows, digits=3)
-    findings(console, [Finding(**f) for f in r["findings"]])
+    findings(console, r["findings"])

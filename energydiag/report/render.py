@@ -3,12 +3,14 @@
 from energydiag.report.file_views import curves, inspect
 from energydiag.report.gate_views import check, whatif
 from energydiag.report.landscape_view import landscape
-from energydiag.report.run_views import bisect, diagnosis, replay, timeline
+from energydiag.report.run_views import bisect, converted, demo, diagnosis, replay, timeline
 
 __all__ = [
     "bisect",
     "check",
+    "converted",
     "curves",
+    "demo",
     "diagnosis",
     "inspect",
     "landscape",

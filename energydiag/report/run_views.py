@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from energydiag.findings import Finding
 from energydiag.report.console import (
     fault_panel,
     fidelity_text,
@@ -43,7 +42,7 @@ def replay(console: Console, result: dict[str, Any]) -> None:
     labels = ["step", *(columns[k]["label"] for k in keys[1:])]
     rows = ([formatted(r.get(k), columns.get(k)) for k in keys] for r in steps)
     frame(console, "Last steps", labels, rows)
-    findings(console, [Finding(**f) for f in result["findings"]])
+    findings(console, result["findings"])
 
 
 def _ranks(ranks: list[dict[str, Any]] | None) -> str | None:
@@ -84,7 +83,7 @@ def bisect(console: Console, r: dict[str, Any]) -> None:
         fault_panel(console, r["fault"])
     for w in r["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}")
-    findings(console, [Finding(**f) for f in r["findings"]])
+    findings(console, r["findings"])
 
 
 def timeline(console: Console, t: dict[str, Any]) -> None:
@@ -107,7 +106,7 @@ def timeline(console: Console, t: dict[str, Any]) -> None:
         for r in t["rows"]
     )
     frame(console, "Checkpoints over time", list(cols), rows, digits=3)
-    findings(console, [Finding(**f) for f in t["findings"]])
+    findings(console, t["findings"])
 
 
 def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
@@ -131,7 +130,21 @@ def diagnosis(console: Console, d: dict[str, Any], limit: int = 3) -> None:
             if v is not None
         )
         console.print(f"  first non-finite value: {where}")
-    findings(console, [Finding(**f) for f in d["findings"][:limit]])
+    findings(console, d["findings"][:limit])
     if len(d["findings"]) > limit:
-        console.print(Text(f"   … {len(d['findings']) - limit} more finding(s): --json lists all"))
+        console.print(
+            Text(f"   … {len(d['findings']) - limit} more finding(s): the JSON report lists all")
+        )
     console.print()
+
+
+def demo(console: Console, d: dict[str, Any]) -> None:
+    for run in d["runs"]:
+        diagnosis(console, run)
+
+
+def converted(console: Console, d: dict[str, Any]) -> None:
+    console.print(
+        f"wrote {d['root']}: {len(d['checkpoint_steps'])} checkpoint(s), "
+        f"{len(d['batch_steps'])} batch(es)"
+    )

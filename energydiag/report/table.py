@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from energydiag.errors import DiagError
 from energydiag.io.atomic import check_writable
 
-if TYPE_CHECKING:
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """One row per dict, into a temporary sibling renamed on success: an interrupted write
+    leaves nothing."""
     import pandas as pd
 
-
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    """Into a temporary sibling, renamed on success: an interrupted write leaves nothing."""
+    frame = pd.DataFrame(rows)
     check_writable(path)
     if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise DiagError(

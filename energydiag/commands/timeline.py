@@ -1,0 +1,31 @@
+"""`timeline`: weight scale per layer over the checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from energydiag.analyses.timeline import Timeline, timeline
+from energydiag.commands import Outcome
+from energydiag.exitcodes import ExitCode
+from energydiag.findings import has_error
+from energydiag.io.rundir import Run
+from energydiag.io.torchfiles import discover
+
+
+def checkpoints_of(run_dir: Path, pattern: str | None) -> tuple[dict[int, Path], str | None]:
+    """A run's checkpoints and autocast dtype, or a folder's foreign ones by ``pattern``."""
+    if pattern:
+        return discover(run_dir, pattern), None
+    run = Run(run_dir)
+    return run.checkpoint_paths(), run.manifest.autocast_dtype
+
+
+def run(
+    run_dir: Path,
+    checkpoints: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Outcome[Timeline]:
+    paths, dtype = checkpoints_of(run_dir, checkpoints)
+    found = timeline(paths, dtype, progress)
+    return Outcome(found, ExitCode.found_if(has_error(found.findings)))
