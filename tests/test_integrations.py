@@ -20,7 +20,7 @@ def fit_lightning(root, steps: int, constant_row: int | None = None, **options):
     pl = pytest.importorskip("lightning.pytorch")
     from trainer_models import LitRegressor
 
-    from energydiag.integrations.lightning import EnergydiagCallback
+    from energydiag.record.lightning import EnergydiagCallback
 
     pl.seed_everything(0, verbose=False)
     x, y = regression_data(constant_row=constant_row)
@@ -68,7 +68,7 @@ def test_lightning_refuses_what_it_cannot_replay(tmp_path):
     from trainer_models import LitRegressor
 
     from energydiag.errors import DiagError
-    from energydiag.integrations.lightning import EnergydiagCallback
+    from energydiag.record.lightning import EnergydiagCallback
 
     x, y = regression_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
@@ -90,7 +90,7 @@ def fit_hf(root, steps: int, constant_row: int | None = None, max_grad_norm: flo
     transformers = pytest.importorskip("transformers")
     from trainer_models import RegressionSet, Regressor
 
-    from energydiag.integrations.hf import EnergydiagCallback
+    from energydiag.record.hf import EnergydiagCallback
 
     transformers.set_seed(0)
     spec = {"target": "trainer_models:Regressor", "kwargs": {"hidden": 16, "dropout": 0.1}}
@@ -145,7 +145,7 @@ def test_hf_planted_fault_is_dumped_and_localised(tmp_path):
 
 def test_hf_pretrained_model_needs_no_spec(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from energydiag.integrations.hf import EnergydiagCallback
+    from energydiag.record.hf import EnergydiagCallback
 
     transformers.set_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
@@ -165,7 +165,7 @@ def test_hf_pretrained_model_needs_no_spec(tmp_path):
     model = transformers.GPT2LMHeadModel(config)
     transformers.Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
     run = Run(tmp_path / "run")
-    assert run.manifest.model.target == "energydiag.integrations.hf:from_config"
+    assert run.manifest.model.target == "energydiag.record.hf:from_config"
     assert run.manifest.model.kwargs["config"]["n_embd"] == 16
     report = replay_report(run, 0)
     assert report.fault is None and report.fidelity["bit_exact"]

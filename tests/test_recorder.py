@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from energydiag.engine.recorder import Recorder
 from energydiag.engine.session import open_session
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
+from energydiag.record.recorder import Recorder
 from energydiag.reference.synthetic import Task, batches, record_run
 
 

@@ -24,11 +24,17 @@ BUILTIN_LOSSES = {
 }
 
 
+# Runs recorded by the trainer callbacks before they moved name them where they were.
+MOVED = {"energydiag.integrations.": "energydiag.record."}
+
+
 def resolve(target: str, what: str) -> Any:
     """``package.module:attr`` imported; the module's package must be importable (installed, or
     on PYTHONPATH)."""
     if not import_string(target):
         raise DiagError(None, f"{what} {target!r} is not an import string 'package.module:name'")
+    for old, new in MOVED.items():
+        target = new + target.removeprefix(old) if target.startswith(old) else target
     try:
         return pkgutil.resolve_name(target)
     except (ImportError, AttributeError, ValueError) as err:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from energydiag.engine.recorder import Recorder
+from energydiag.record.recorder import Recorder
 from energydiag.reference import losses
 from energydiag.reference.models import EnergyModel
 

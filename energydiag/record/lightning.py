@@ -1,6 +1,6 @@
 """Record a Lightning 2.x run from the trainer's own hooks.
 
-    from energydiag.integrations.lightning import EnergydiagCallback
+    from energydiag.record.lightning import EnergydiagCallback
     trainer = L.Trainer(callbacks=[EnergydiagCallback("runs/exp1")], gradient_clip_val=1.0)
 
 Hooks used, in Lightning's order within one step: ``on_train_batch_start`` (RNG state and batch,
@@ -20,14 +20,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from energydiag.engine.recorder import Recorder
 from energydiag.errors import DiagError, first_line
-from energydiag.integrations.batches import (
+from energydiag.record.batches import (
     from_mapping,
     gradient_norm,
     import_target,
     to_mapping,
 )
+from energydiag.record.recorder import Recorder
 
 BATCH_INDEX = "lightning.batch_idx"
 AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": "bfloat16"}
@@ -61,7 +61,7 @@ class EnergydiagCallback(pl.Callback):
             model=pl_module,
             optimizer=trainer.optimizers[0],
             model_spec=spec,
-            loss={"target": "energydiag.integrations.lightning:training_step"},
+            loss={"target": "energydiag.record.lightning:training_step"},
             grad_clip=float(clip) if clip else None,
             autocast_dtype=AUTOCAST[str(trainer.precision)],
             **self.options,

@@ -1,6 +1,6 @@
 """Record a Hugging Face ``Trainer`` run from its callbacks.
 
-    from energydiag.integrations.hf import EnergydiagCallback
+    from energydiag.record.hf import EnergydiagCallback
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[EnergydiagCallback("runs/exp1")])
 
 The Trainer shows callbacks neither the batch nor the loss, so the callback reads both off the
@@ -23,9 +23,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from energydiag.engine.plugins import resolve
-from energydiag.engine.recorder import Recorder
 from energydiag.errors import DiagError
-from energydiag.integrations.batches import gradient_norm, import_target, tensors_only
+from energydiag.record.batches import gradient_norm, import_target, tensors_only
+from energydiag.record.recorder import Recorder
 
 
 class EnergydiagCallback(TrainerCallback):
@@ -57,7 +57,7 @@ class EnergydiagCallback(TrainerCallback):
             model=model,
             optimizer=optimizer,
             model_spec=self.model_spec or default_spec(model),
-            loss={"target": "energydiag.integrations.hf:model_loss"},
+            loss={"target": "energydiag.record.hf:model_loss"},
             grad_clip=clip,
             autocast_dtype="bfloat16" if args.bf16 else None,
             seed=args.seed,
@@ -128,7 +128,7 @@ def default_spec(model: nn.Module) -> dict[str, Any]:
             None, f"{type(model).__name__} has no HF config: pass model_spec to EnergydiagCallback"
         )
     kwargs = {"model": import_target(model), "config": json.loads(config.to_json_string())}
-    return {"target": "energydiag.integrations.hf:from_config", "kwargs": kwargs}
+    return {"target": "energydiag.record.hf:from_config", "kwargs": kwargs}
 
 
 def from_config(model: str, config: dict[str, Any]) -> nn.Module:
