@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from common import interleaved_medians, record, report
 
+from energydiag.contrastive.quantities import STANDARD
 from energydiag.engine.localise import localise
-from energydiag.engine.quantities import DEFAULT
 from energydiag.engine.replay import run_step
 from energydiag.engine.session import open_session
 from energydiag.io.rundir import Run
@@ -51,7 +51,7 @@ def main(rounds: int, device: str) -> None:
         variants = {
             "plain training step": plain,
             "replay, cheap check": lambda: run_step(session, batch),
-            "replay, statistics step (--every)": lambda: run_step(session, batch, DEFAULT),
+            "replay, statistics step (--every)": lambda: run_step(session, batch, STANDARD),
             "fully instrumented (deep re-run)": lambda: localise(session, batch),
             "torch detect_anomaly(check_nan)": anomaly,
         }

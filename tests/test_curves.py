@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from energydiag.analyses.curves import analyse, infonce_curve_bounds
+from energydiag.analyses.curves import analyse
 from energydiag.cli import app
+from energydiag.contrastive.bounds import infonce_curve_bounds
 from energydiag.errors import DiagError
 from energydiag.io.metrics import choose_metric, load_metrics
 

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "energydiag"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _click() -> click.Group:
+def _click():
     return typer.main.get_command(app)
 
 

@@ -4,6 +4,7 @@ line starts without torch."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ LAYERS = [
     "exitcodes",
     "io",
     "engine",
-    "integrations",
+    "record",
     "reference",
     "contrastive",
     "findings",
@@ -59,6 +60,39 @@ def test_imports_only_go_downward():
             if LAYERS.index(there) > LAYERS.index(here):
                 upward.append(f"{module} -> {target}")
     assert upward == []
+
+
+STRING_IMPORT = re.compile(r"energydiag\.([a-z_]+)[a-z_.]*:")
+
+
+def string_imports(path: Path) -> set[str]:
+    """The layers that import strings ('energydiag.reference.losses:margin') name: a plug-in
+    resolved at run time is a dependency too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found |= set(STRING_IMPORT.findall(node.value))
+    return found
+
+
+def test_import_strings_go_downward_except_through_the_plugin_registry():
+    """Only ``engine.plugins`` may name a higher layer, and only in its registry of built-in
+    losses, whose every entry must resolve."""
+    import pkgutil
+
+    from energydiag.engine.plugins import BUILTIN_LOSSES
+
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        module = "energydiag." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module == "energydiag.engine.plugins" or layer_of(module) == "__init__":
+            continue
+        here = LAYERS.index(layer_of(module))
+        upward += [f"{module} -> {t}" for t in string_imports(path) if LAYERS.index(t) > here]
+    assert upward == []
+    assert all(callable(pkgutil.resolve_name(t)) for t in BUILTIN_LOSSES.values())
+    registry = PACKAGE / "engine" / "plugins.py"
+    assert string_imports(registry) == {"reference"}
 
 
 def test_modules_and_functions_stay_small():

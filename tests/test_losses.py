@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from energydiag.contrastive.bounds import infonce_bounds
 from energydiag.reference.losses import (
     energy_matrix,
     inbatch_infonce,
-    infonce_bounds,
     infonce_negatives,
     margin,
 )
@@ -120,7 +120,7 @@ def make_tuple_energy(b):
 
 
 def test_explicit_negatives_report_candidate_energies():
-    from energydiag.engine.quantities import energy_stats
+    from energydiag.contrastive.quantities import energy_stats
 
     b = 3
     table = torch.tensor([[0.0, 1.0, 3.0]] * b)

@@ -13,13 +13,14 @@ import torch
 from handloop import train
 
 from energydiag.analyses.bisection import bisect, bisect_checkpoints
-from energydiag.analyses.curves import analyse, infonce_curve_bounds
+from energydiag.analyses.curves import analyse
 from energydiag.analyses.diagnosis import diagnose
 from energydiag.analyses.inspection import inspect
 from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.timeline import timeline
 from energydiag.analyses.variants import parse_variant
 from energydiag.analyses.whatif import whatif
+from energydiag.contrastive.bounds import infonce_curve_bounds
 from energydiag.io.rundir import Run
 from energydiag.io.torchfiles import discover
 

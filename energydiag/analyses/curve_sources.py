@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from energydiag.analyses.curves import CurveReport, analyse, infonce_curve_bounds
-from energydiag.analyses.head import find_head
+from energydiag.analyses.curves import CurveReport, analyse
+from energydiag.contrastive.bounds import candidate_count, infonce_curve_bounds, scored_candidates
+from energydiag.contrastive.head import find_head
+from energydiag.contrastive.tau import resolve_tau
 from energydiag.engine.plugins import build_model
 from energydiag.errors import OptionError
 from energydiag.io.layout import MANIFEST
@@ -20,16 +22,17 @@ REFERENCE_MODEL = "energydiag.reference.models:EnergyModel"
 
 
 def run_bounds(run: Run) -> dict[str, float] | None:
-    """InfoNCE bounds from a run: tau from the loss kwargs, B from a logged batch, the head's span."""
-    tau = run.manifest.loss.kwargs.get("tau")
-    if (
-        tau is None
-        or not run.batch_steps
-        or run.manifest.loss.name not in (None, "inbatch_infonce")
-    ):
+    """InfoNCE bounds from a run: its loss's temperature and candidates (from a logged batch), and
+    its head's span."""
+    loss = run.manifest.loss
+    kind, tau = scored_candidates(loss), resolve_tau(None, loss).value
+    if kind is None or tau is None or not run.batch_steps:
         return None
     batch = run.batch(run.batch_steps[0])
-    return infonce_curve_bounds(batch.size, float(tau), _head_span(run.manifest.model, batch))
+    candidates = candidate_count(kind, batch, run.manifest)
+    if candidates is None:
+        return None
+    return infonce_curve_bounds(candidates, tau, _head_span(run.manifest.model, batch))
 
 
 def _head_span(spec: ModelSpec, batch: Batch) -> float | None:

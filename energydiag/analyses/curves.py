@@ -15,7 +15,6 @@ import pandas as pd
 
 from energydiag import findings as rules
 from energydiag.io.metrics import metric_series
-from energydiag.reference.losses import infonce_bounds
 from energydiag.schema import Report, report
 
 SPIKE_Z = 8.0
@@ -139,17 +138,6 @@ def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | N
         return None
     k = max(1, int(len(finite) * fraction))
     return sum(finite[:k]) / k, sum(finite[-k:]) / k
-
-
-def infonce_curve_bounds(
-    batch_size: int, tau: float, energy_span: float | None
-) -> dict[str, float]:
-    """Chance (log B) always; the floor too when the head's energy span is bounded."""
-    b = infonce_bounds(batch_size, tau, energy_span if energy_span is not None else math.inf)
-    out = {"chance": b["chance"], "batch_size": batch_size, "tau": tau}
-    if energy_span is not None and math.isfinite(energy_span):
-        out |= {"floor": b["floor"], "energy_span": energy_span}
-    return out
 
 
 def _rolling_median(values: np.ndarray, width: int) -> np.ndarray:

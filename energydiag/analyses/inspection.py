@@ -21,18 +21,21 @@ from torch import nn
 
 from energydiag import findings as rules
 from energydiag.analyses.checkpoint_report import CheckpointReport, checkpoint_report
-from energydiag.analyses.head import Head, find_head
 from energydiag.analyses.schedule import schedule_causes, schedule_evidence
 from energydiag.contrastive import doctor
+from energydiag.contrastive.bounds import infonce_bounds, scored_candidates
+from energydiag.contrastive.head import Head, find_head
+from energydiag.contrastive.quantities import energy_stats, scored_energies
+from energydiag.contrastive.tau import Tau, resolve_tau
 from energydiag.engine.activations import ModuleOutputs
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import all_masked_samples
 from energydiag.engine.observers import SaturationCounter
-from energydiag.engine.plugins import LossFn, build_loss, build_model
-from energydiag.engine.quantities import by_layer, energy_stats, scored_energies
-from energydiag.engine.session import load_checkpoint
+from energydiag.engine.plugins import LossFn
+from energydiag.engine.probe import Probe
+from energydiag.engine.quantities import by_layer
 from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, OptionError, blame, first_line
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.layout import MANIFEST, checkpoint_path
 from energydiag.io.manifest import LossSpec, ModelSpec
 from energydiag.io.rundir import (
@@ -43,7 +46,7 @@ from energydiag.io.rundir import (
     load_checkpoint_file,
 )
 from energydiag.io.state import restore_rng
-from energydiag.reference.losses import energy_matrix, infonce_bounds
+from energydiag.reference.losses import energy_matrix
 from energydiag.schema import Record, Report, report
 
 NORM_OUTLIER = 100.0
@@ -179,7 +182,7 @@ def _batch_findings(
         )
         return rules.ranked([masked, nonfinite])
     reach = report.bounds.get("head") or report.bounds.get("observed")
-    infonce = loss.name in ("inbatch_infonce", "infonce_negatives") or "tau" in loss.kwargs
+    infonce = scored_candidates(loss) is not None
     if reach and reach["chance"] > reach["floor"]:
         report.loss_position = (report.loss - reach["floor"]) / (reach["chance"] - reach["floor"])
     offset = rules.input_offset(doctor.input_scales(batch.tensors))
@@ -305,7 +308,7 @@ def inspect(
         notes.append("the model was not run: the checkpoint holds non-finite values")
     else:
         loss = loss_spec or (manifest.loss if manifest else DEFAULT_LOSS)
-        chosen = _tau(tau, loss, manifest is not None or loss_spec is not None)
+        chosen = resolve_tau(tau, loss, manifest is not None or loss_spec is not None)
         notes += [chosen.said] if chosen.source == "default" else []
         try:
             batch_rep = _run_batch(spec, ckpt_path, loss, batch, device, chosen, manifest)
@@ -320,38 +323,13 @@ def inspect(
     return InspectReport(ckpt, batch_rep, rules.ranked(found), notes)
 
 
-@dataclass(frozen=True)
-class Tau:
-    """The temperature a batch is judged at, and where it came from (a value, not a sentence)."""
-
-    value: float | None
-    source: str  # "option" (given), "run" (the run's loss), "default" (assumed), "none"
-
-    @property
-    def said(self) -> str:
-        if self.source == "default":
-            return f"defaulted: no run and no tau given, so tau {self.value:g} is assumed"
-        words = {"option": "given", "run": "the run's loss", "none": "the loss has no tau"}
-        return words[self.source]
-
-
-def _tau(given: float | None, loss: LossSpec, configured: bool) -> Tau:
-    if given is not None:
-        return Tau(given, "option")
-    if "tau" in loss.kwargs:
-        return Tau(float(loss.kwargs["tau"]), "run" if configured else "default")
-    return Tau(None, "none")
-
-
 def _run_batch(spec, ckpt_path, loss, batch, device, tau, manifest) -> BatchReport:
     overrides = {"tau": tau.value} if tau.source == "option" else {}
-    with blame("the model and loss options" if manifest is None else ckpt_path):
-        model = build_model(spec).to(device)
-        loss_fn = build_loss(loss, **overrides)
-    load_checkpoint(load_checkpoint_file(ckpt_path), model, None)
-    return batch_report(
-        model, loss_fn, loss, batch, device, tau, manifest.autocast_dtype if manifest else None
-    )
+    blamed = "the model and loss options" if manifest is None else ckpt_path
+    probe = Probe(spec, device, blamed, loss, **overrides)
+    model = probe.load(load_checkpoint_file(ckpt_path))
+    dtype = manifest.autocast_dtype if manifest else None
+    return batch_report(model, probe.loss_fn, loss, batch, device, tau, dtype)
 
 
 def find_run(ckpt_path: Path, run_dir: Path | None) -> Run | None:

@@ -15,12 +15,9 @@ import torch
 
 from energydiag.analyses.checkpoint_stats import EXPLODED_ABS, CheckpointStats, checkpoint_stats
 from energydiag.analyses.timeline import GROWTH_LIMIT, growth
-from energydiag.engine.plugins import build_loss, build_model
-from energydiag.engine.session import load_checkpoint
-from energydiag.engine.step import autocast
-from energydiag.errors import DiagError, OptionError, blame, first_line
+from energydiag.engine.probe import Probe
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.rundir import Run, load_checkpoint_file
-from energydiag.io.state import restore_rng
 from energydiag.io.torchfiles import open_reader
 
 GOOD, BAD, UNREADABLE = "good", "bad", "unreadable"
@@ -51,7 +48,7 @@ class Judge:
         self.paths, self.predicate, self.run = paths, predicate, run
         self.device = device or torch.device("cpu")
         self.reference: CheckpointStats | None = None
-        self._model: torch.nn.Module | None = None
+        self._probe: Probe | None = None
 
     def __call__(self, step: int) -> Evaluation:
         try:
@@ -92,18 +89,15 @@ class Judge:
         return self.run is not None and step in set(self.run.batch_steps)
 
     def _loss_verdict(self, step: int) -> Evaluation:
-        run = self.run
-        if self._model is None:
-            with blame(run.manifest_path):
-                self._model = build_model(run.manifest.model).to(self.device)
-                self._loss_fn = build_loss(run.manifest.loss)
-        load_checkpoint(load_checkpoint_file(self.paths[step]), self._model, None)
-        batch = run.batch(step)
-        restore_rng(batch.rng)
-        data = batch.on(self.device)
+        m = self.run.manifest
+        if self._probe is None:
+            self._probe = Probe(
+                m.model, self.device, self.run.manifest_path, m.loss, m.autocast_dtype
+            )
+        self._probe.load(load_checkpoint_file(self.paths[step]))
+        batch = self.run.batch(step)  # a damaged batch is bad input, not a bad checkpoint
         try:
-            with torch.no_grad(), autocast(self.device, run.manifest.autocast_dtype):
-                loss, _ = self._loss_fn(self._model, data)
+            loss, _ = self._probe.loss(batch)
         except Exception as err:
             return Evaluation(step, BAD, f"the loss on its batch raised {first_line(err)}")
         value = float(loss)

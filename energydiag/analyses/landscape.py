@@ -17,9 +17,9 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.inspection import find_run
 from energydiag.contrastive import landscape as land
-from energydiag.engine.plugins import build_model, resolve
-from energydiag.engine.session import load_checkpoint
-from energydiag.errors import DiagError, OptionError, blame, first_line
+from energydiag.engine.plugins import resolve
+from energydiag.engine.probe import Probe
+from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.findings.landscape import RISING
 from energydiag.io.manifest import ModelSpec
 from energydiag.io.rundir import Batch, Checkpoint, Run, load_batch_file, load_checkpoint_file
@@ -105,10 +105,8 @@ def _model(
     spec = spec or (run.manifest.model if run else None)
     if spec is None:
         raise OptionError("needs a model to refine under", "run_dir", "model", path=ckpt.path)
-    with blame(run.manifest_path if run and spec is run.manifest.model else ckpt.path):
-        model = build_model(spec).to(device)
-    load_checkpoint(ckpt, model, None)
-    return model.train(training)
+    blamed = run.manifest_path if run and spec is run.manifest.model else ckpt.path
+    return Probe(spec, device, blamed).load(ckpt).train(training)
 
 
 def _batch(ckpt: Checkpoint, run: Run | None, path: Path | None) -> Batch:

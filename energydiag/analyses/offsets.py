@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from energydiag.analyses.head import find_head
-from energydiag.engine.plugins import build_model
-from energydiag.engine.session import load_checkpoint
-from energydiag.errors import DiagError, blame, first_line
+from energydiag.contrastive.head import find_head
+from energydiag.engine.probe import Probe
+from energydiag.errors import DiagError, first_line
 from energydiag.io.rundir import Run
 from energydiag.reference.losses import energy_matrix
 
@@ -32,20 +31,19 @@ def offset_trend(run: Run, device: torch.device | None = None) -> dict:
     if not all(k in run.batch(picked[0]).tensors for k in ("h", "a_pos")):
         return {"points": [], "bounds": None, "skipped": "not an energy-model batch"}
     device = device or torch.device("cpu")
-    with blame(run.manifest_path):
-        model = build_model(run.manifest.model).to(device).eval()
+    probe = Probe(run.manifest.model, device, run.manifest_path)
     try:
-        return _trend(run, model, picked, device)
+        return _trend(run, probe, picked, device)
     except DiagError:
         raise
     except Exception as err:  # the model does not take (h, a, pad_mask): the check does not apply
         return {"points": [], "bounds": None, "skipped": f"the model raised {first_line(err)}"}
 
 
-def _trend(run: Run, model: torch.nn.Module, picked: list[int], device: torch.device) -> dict:
+def _trend(run: Run, probe: Probe, picked: list[int], device: torch.device) -> dict:
     points, bounds = [], None
     for step in picked:
-        load_checkpoint(run.checkpoint(step), model, None)
+        model = probe.load(run.checkpoint(step)).eval()
         data = run.batch(step).on(device)
         with torch.no_grad():
             e = energy_matrix(model, data["h"], data["a_pos"], data.get("pad_mask")).double()

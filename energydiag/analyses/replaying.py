@@ -17,6 +17,7 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.ladder import Ladder, precision_ladder
 from energydiag.analyses.schedule import history, jumps
+from energydiag.contrastive.quantities import STANDARD
 from energydiag.engine.localise import Fault
 from energydiag.engine.replay import Progress, ReplayResult, replay, replay_columns
 from energydiag.io.rundir import Run
@@ -52,7 +53,7 @@ class ReplayReport:
                 {"step": r["step"], "scale": r["scale"]} for r in steps if r.get("skipped")
             ],
             findings=self.findings,
-            columns=replay_columns(),
+            columns=replay_columns(steps, STANDARD),
             steps=steps,
         )
 
@@ -130,7 +131,7 @@ def replay_report(
     ladder: bool = False,
 ) -> ReplayReport:
     """Replay and judge it; with ``ladder``, climb the precision ladder on the failing step."""
-    result = replay(run, from_step, to_step, device, every, progress)
+    result = replay(run, from_step, to_step, device, every, progress, STANDARD)
     report = judge_replay(run, result)
     if ladder and result.fault and result.fault.reproduced:
         report.ladder = precision_ladder(run, result.fault.step, device)

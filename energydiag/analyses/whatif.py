@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from energydiag import findings as rules
-from energydiag.analyses.head import find_head, head_module
 from energydiag.analyses.variants import Variant
-from energydiag.engine.quantities import DEFAULT, layer_of
+from energydiag.contrastive.head import find_head, head_module
+from energydiag.contrastive.quantities import STANDARD
+from energydiag.engine.quantities import layer_of
 from energydiag.engine.replay import plan, run_step
 from energydiag.engine.session import Session, open_session
 from energydiag.errors import DiagError, OptionError
@@ -85,7 +86,7 @@ def whatif(
         for i, batch in enumerate(batches):
             in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
             batch = _widened(batches, i, variant.batch_scale)
-            rows.append(run_step(session, batch, DEFAULT, update=not in_warmup))
+            rows.append(run_step(session, batch, STANDARD, update=not in_warmup))
             rows[-1]["lr"] = float(session.optimizer.param_groups[0]["lr"])
             if progress:
                 progress(variant.label, batch.step)

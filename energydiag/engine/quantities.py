@@ -1,17 +1,18 @@
 """Numbers measured on a training step, each a small class: what it needs, how it computes, how
-it is labelled. Replay, what-if and inspect use the same set; renderers read ``label`` and
-``fmt`` from ``columns()`` instead of keeping their own lists. Adding one is one class here and
-one line in ``DEFAULT``.
+it is labelled. Renderers read ``label`` and ``fmt`` from ``columns()`` instead of keeping their
+own lists. ``DEFAULT`` holds the quantities of any model; what only energy models have lives in
+``energydiag.contrastive.quantities``, and the caller chooses the set.
 
 A quantity may bring an observer for the instrument (``observer``), take a snapshot before the
 step (``before``), and returns 0-d tensors or floats from ``compute``, so a caller gathers many
-and pays for one host sync.
+and pays for one host sync. ``compute`` sees the loss's keyword arguments as the run recorded
+them (a temperature among them, for a contrastive loss): the engine itself reads none.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -36,26 +37,14 @@ class Quantity:
     def before(self, model: nn.Module) -> None:
         """Called before the step runs."""
 
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+    def compute(
+        self, model: nn.Module, result: StepResult, loss_kwargs: Mapping[str, Any]
+    ) -> Values:
         raise NotImplementedError
 
     @classmethod
     def columns(cls) -> dict[str, tuple[str, str]]:
         return dict(cls.columns_)
-
-
-class EnergyStats(Quantity):
-    """The energies the loss scored: range, positives vs negatives, retrieval, logit spread."""
-
-    columns_ = {  # shown in tables; every statistic is in the JSON and --metrics-out
-        "energy_min": ("E min", ".3g"),
-        "energy_max": ("E max", ".3g"),
-        "logit_spread": ("logits", ".3g"),
-    }
-
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
-        scored = scored_energies(result.diagnostics)
-        return energy_stats(scored[0], tau, scored[1]) if scored else {}
 
 
 class SaturationFraction(Quantity):
@@ -67,7 +56,9 @@ class SaturationFraction(Quantity):
         self.counter = SaturationCounter()
         return self.counter
 
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+    def compute(
+        self, model: nn.Module, result: StepResult, loss_kwargs: Mapping[str, Any]
+    ) -> Values:
         rows = self.counter.rows()
         return {"saturation": max((s.fraction for s in rows), default=0.0)}
 
@@ -80,7 +71,9 @@ class UpdateRatio(Quantity):
     def before(self, model: nn.Module) -> None:
         self.snapshot = [p.detach().clone() for p in model.parameters()]
 
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+    def compute(
+        self, model: nn.Module, result: StepResult, loss_kwargs: Mapping[str, Any]
+    ) -> Values:
         after = [p.detach() for p in model.parameters()]
         delta = torch._foreach_sub(after, self.snapshot)
         ratio = global_norm(delta) / global_norm(self.snapshot).clamp_min(1e-30)
@@ -92,7 +85,9 @@ class LayerGradNorms(Quantity):
 
     columns_ = {}
 
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+    def compute(
+        self, model: nn.Module, result: StepResult, loss_kwargs: Mapping[str, Any]
+    ) -> Values:
         named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         return {f"grad_norm/{k}": v for k, v in by_layer(named).items()}
 
@@ -103,13 +98,15 @@ class LayerMaxAbs(Quantity):
 
     columns_ = {}
 
-    def compute(self, model: nn.Module, result: StepResult, tau: float | None) -> Values:
+    def compute(
+        self, model: nn.Module, result: StepResult, loss_kwargs: Mapping[str, Any]
+    ) -> Values:
         named = [(n, p.detach()) for n, p in model.named_parameters() if p.numel()]
         layers = by_layer(named, reduce=lambda ts: torch.stack([t.abs().amax() for t in ts]).amax())
         return {f"max_abs/{k}": v for k, v in layers.items()}
 
 
-DEFAULT: tuple[type[Quantity], ...] = (EnergyStats, SaturationFraction, UpdateRatio, LayerGradNorms)
+DEFAULT: tuple[type[Quantity], ...] = (SaturationFraction, UpdateRatio, LayerGradNorms)
 CHEAP_COLUMNS = {
     "loss": ("loss", ".4g"),
     "logged_loss": ("logged", ".4g"),
@@ -123,56 +120,6 @@ def columns(quantities: tuple[type[Quantity], ...] = DEFAULT) -> dict[str, tuple
     out = dict(CHEAP_COLUMNS)
     for q in quantities:
         out |= q.columns()
-    return out
-
-
-def scored_energies(diagnostics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool] | None:
-    """The energies a loss scored, and whether positives sit in column 0 (else on the diagonal)."""
-    if "energy_matrix" in diagnostics:
-        return diagnostics["energy_matrix"], False
-    if "candidate_energies" in diagnostics:
-        return diagnostics["candidate_energies"], True
-    return None
-
-
-def energy_stats(
-    matrix: torch.Tensor, tau: float | None, positive_first: bool = False
-) -> dict[str, torch.Tensor]:
-    """Statistics of the energies a loss scored: rows are contexts; the positive is on the
-    diagonal of a [B, B] in-batch matrix, or in column 0 of [B, 1 + M] candidates."""
-    e = matrix.detach().double()
-    b = e.shape[0]
-    is_pos = torch.zeros_like(e, dtype=torch.bool)
-    target = (
-        torch.zeros(b, dtype=torch.long, device=e.device)
-        if positive_first
-        else torch.arange(b, device=e.device)
-    )
-    is_pos[torch.arange(b, device=e.device), target] = True
-    pos, neg = e[is_pos], e[~is_pos]
-    zero = e.new_zeros(())
-    # Paired per row: each context's mean negative minus its own positive.
-    row_gap = (e.sum(dim=1) - pos) / max(e.shape[1] - 1, 1) - pos
-    out = {
-        "energy_min": e.min(),
-        "energy_max": e.max(),
-        "energy_mean": e.mean(),
-        "energy_std": e.std() if e.numel() > 1 else zero,
-        "pos_mean": pos.mean(),
-        "pos_std": pos.std() if pos.numel() > 1 else zero,
-        "neg_mean": neg.mean() if neg.numel() else zero,
-        "neg_std": neg.std() if neg.numel() > 1 else zero,
-        "pos_neg_gap": (neg.mean() - pos.mean()) if neg.numel() else zero,
-        "pos_neg_gap_row_std": row_gap.std() if b > 1 else zero,
-        "retrieval_accuracy": (e.argmin(dim=1) == target).double().mean(),
-        "candidates": torch.tensor(float(e.shape[1]), dtype=torch.float64),
-    }
-    if tau is not None:
-        logits = -e / tau
-        row_spread = logits.max(dim=1).values - logits.min(dim=1).values
-        out["logit_spread"] = logits.max() - logits.min()
-        out["logit_spread_row_mean"] = row_spread.mean()
-        out["logit_spread_row_max"] = row_spread.max()
     return out
 
 

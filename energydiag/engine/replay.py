@@ -178,7 +178,7 @@ def run_step(
         "param_norm": global_norm(params).float(),
     }
     for q in measured:
-        scalars |= q.compute(session.model, result, session.loss_kwargs.get("tau"))
+        scalars |= q.compute(session.model, result, session.loss_kwargs)
     row = {"step": batch.step, **_synced(scalars, result.loss.device)}
     row["finite"] = all(math.isfinite(row[k]) for k in CHEAP)
     if scale is not None:
@@ -252,6 +252,14 @@ def locate(run: Run, step: int, device: torch.device, expected: bool = True) -> 
     return fault
 
 
-def replay_columns(quantities: tuple[type[Quantity], ...] = DEFAULT) -> dict[str, Any]:
-    """Labels and formats for renderers, keyed by the row keys a replay produces."""
-    return {k: {"label": label, "format": fmt} for k, (label, fmt) in columns(quantities).items()}
+def replay_columns(
+    steps: list[dict[str, Any]], quantities: tuple[type[Quantity], ...]
+) -> dict[str, Any]:
+    """Labels and formats for renderers, for the columns these rows hold (a model without
+    energies gets no energy column)."""
+    held = set().union(*steps) if steps else set()
+    return {
+        k: {"label": label, "format": fmt}
+        for k, (label, fmt) in columns(quantities).items()
+        if k in held
+    }

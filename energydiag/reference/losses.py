@@ -7,7 +7,6 @@ throughout: low energy = good, so the positive must end *below* its negatives.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -166,20 +165,3 @@ BUILTIN: dict[str, Callable[..., LossOutput]] = {
     "infonce_negatives": infonce_negatives,
     "margin": margin,
 }
-
-
-def infonce_bounds(batch_size: int, tau: float, energy_span: float) -> dict[str, float]:
-    """What InfoNCE over B candidates can reach when energies differ by at most ``energy_span``.
-
-    floor: positive at the lowest energy, every negative at the highest.
-    chance: all logits equal (no discrimination), log B.
-    worst: positive at the highest energy, every negative at the lowest.
-    """
-    b, gap = batch_size, energy_span / tau
-    if math.isinf(gap):
-        return {"floor": 0.0, "chance": math.log(b), "worst": math.inf}
-    return {
-        "floor": math.log1p((b - 1) * math.exp(-gap)),
-        "chance": math.log(b),
-        "worst": math.log1p((b - 1) * math.exp(gap)),
-    }
