@@ -182,14 +182,15 @@ def healthy_losses(seed: int, steps: int = 200) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_twenty_healthy_seeds_raise_no_oscillation_or_erratic_warning():
+@pytest.mark.parametrize("seed", range(20))
+def test_twenty_healthy_seeds_raise_no_oscillation_or_erratic_warning(seed):
+    """One test per seed, so that the parallel workers share the twenty."""
     noisy = {"curve.oscillation", "curve.unstable", "curve.plateau_at_chance"}
     bounds = {"chance": math.log(8), "batch_size": 8}
-    for seed in range(20):
-        frame = healthy_losses(seed)
-        found = {f.code for f in analyse(frame, "loss", bounds=bounds).findings}
-        assert not found & noisy, (seed, found)
-        assert frame["loss"].iloc[-20:].mean() < frame["loss"].iloc[:20].mean() - 0.3
+    frame = healthy_losses(seed)
+    found = {f.code for f in analyse(frame, "loss", bounds=bounds).findings}
+    assert not found & noisy, (seed, found)
+    assert frame["loss"].iloc[-20:].mean() < frame["loss"].iloc[:20].mean() - 0.3
 
 
 def test_a_noisy_stall_within_noise_of_chance_is_a_plateau_at_chance():
