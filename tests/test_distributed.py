@@ -115,22 +115,6 @@ def record_ddp(root, plant_step=-1, loss="inbatch_infonce", sharded=False):
     )
 
 
-def test_ddp_run_is_recorded_per_rank_and_replays_to_identical_parameters(tmp_path):
-    from energydiag.analyses.rank_replay import replay_ranks
-    from energydiag.io.rundir import Run
-
-    record_ddp(tmp_path / "run")
-    run = Run(tmp_path / "run")
-    assert run.manifest.format == "energydiag/2"
-    assert run.manifest.distributed == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
-    assert len(list((tmp_path / "run" / "batches").glob("*.rank-1.safetensors"))) == 8
-    assert Run(tmp_path / "run", rank=1).batch_steps == list(range(8))
-    report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2).to_json()
-    assert report["fault"] is None and report["placement"].startswith("2 ranks ran as CPU")
-    assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
-    assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
-
-
 @pytest.fixture(scope="module")
 def planted_on_rank_1(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted") / "run"
@@ -138,15 +122,27 @@ def planted_on_rank_1(tmp_path_factory):
     return root
 
 
-def test_nan_on_rank_1_only_is_localised_to_rank_1(planted_on_rank_1):
+def test_ddp_run_replays_bit_exact_and_localises_rank_1s_nan_on_rank_1(planted_on_rank_1):
+    """One recording and one launch: steps 0-4 replay to identical parameters on both ranks,
+    and the NaN planted on rank 1 at step 5 is found on rank 1."""
     from energydiag.analyses.rank_replay import replay_ranks
+    from energydiag.io.rundir import Run
 
+    run = Run(planted_on_rank_1)
+    assert run.manifest.format == "energydiag/2"
+    assert run.manifest.distributed == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
+    assert len(list((planted_on_rank_1 / "batches").glob("*.rank-1.safetensors"))) == 8
+    assert Run(planted_on_rank_1, rank=1).batch_steps == list(range(8))
     failure = json.loads((planted_on_rank_1 / "failure.json").read_text())
     assert failure["step"] == 5 and failure["loss_ranks"] == [1]
     assert failure["ranks"] == [0, 1]  # DDP's all-reduce carried rank 1's NaN to rank 0
     seen_by_1 = json.loads((planted_on_rank_1 / "failure.rank-1.json").read_text())
     assert seen_by_1["step"] == 5 and seen_by_1["loss"] != seen_by_1["loss"]  # its own NaN loss
-    report = replay_ranks(str(planted_on_rank_1), 4, None, nproc=2).to_json()
+    report = replay_ranks(str(planted_on_rank_1), 0, None, nproc=2).to_json()
+    assert report["placement"].startswith("2 ranks ran as CPU")
+    assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
+    checks = report["fidelity"]["parameter_checks"]  # checkpoint 4, and the dump before step 5
+    assert [(c["step"], c["max_abs_diff"]) for c in checks] == [(4, 0.0), (5, 0.0)]
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"
@@ -267,29 +263,25 @@ def test_gathered_loss_meets_every_ranks_actions(tmp_path):
     assert tuple(diagnostics["candidate_energies"].shape) == (4, 4)
 
 
-def test_fsdp_run_records_dcp_checkpoints_and_replays_through_dcp_loading(tmp_path):
+def test_fsdp_run_records_dcp_checkpoints_replays_them_and_localises_rank_1(tmp_path):
+    """One FSDP recording with a NaN planted on rank 1 at step 5, one launch: DCP checkpoints
+    (the collective pre-step dump included), a bit-exact replay through DCP loading up to it,
+    and the fault on rank 1."""
     from energydiag.analyses.rank_replay import replay_ranks
     from energydiag.io.rundir import Run
 
-    record_ddp(tmp_path / "run", sharded=True)
+    record_ddp(tmp_path / "run", plant_step=5, sharded=True)
     run = Run(tmp_path / "run")
     assert run.manifest.distributed["parallelism"] == "fsdp"
     assert run.manifest.parallelize == "dist_workers:shard"
-    assert run.checkpoint_steps == [0, 4]
+    assert run.checkpoint_steps == [0, 4, 5]  # 5: the pre-step dump of the failure
+    assert (tmp_path / "run" / "checkpoints" / "step-00000005" / ".metadata").is_file()
     assert len(list((tmp_path / "run" / "checkpoints" / "step-00000004").glob("*.distcp"))) == 2
     assert tuple(run.checkpoint(4).model["act_in.weight"].shape)  # whole tensors, from shards
     report = replay_ranks(str(tmp_path / "run"), 0, None, nproc=2).to_json()
-    assert report["fault"] is None
     assert [r["bit_exact"] for r in report["ranks"]] == [True, True]
-    assert [c["max_abs_diff"] for c in report["fidelity"]["parameter_checks"]] == [0.0]
-
-
-def test_fsdp_nan_on_rank_1_is_localised(tmp_path):
-    from energydiag.analyses.rank_replay import replay_ranks
-
-    record_ddp(tmp_path / "run", plant_step=5, sharded=True)
-    assert (tmp_path / "run" / "checkpoints" / "step-00000005" / ".metadata").is_file()  # dump
-    report = replay_ranks(str(tmp_path / "run"), 4, None, nproc=2).to_json()
+    checks = report["fidelity"]["parameter_checks"]  # checkpoint 4, and the dump before step 5
+    assert [(c["step"], c["max_abs_diff"]) for c in checks] == [(4, 0.0), (5, 0.0)]
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"

@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_wheel(out: Path) -> Path:
+    """From a copy of the source: setuptools builds in the project's build/, where two test
+    workers building at once collide."""
+    source = out / "source"
+    skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "fixtures")
+    shutil.copytree(ROOT, source, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(out)],
         check=True,
     )
     (wheel,) = out.glob("energydiag-*.whl")

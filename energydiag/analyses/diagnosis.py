@@ -10,6 +10,7 @@ to replay says so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -34,7 +35,26 @@ NONFINITE_WEIGHTS = ("checkpoint.nonfinite", "timeline.nonfinite")
 EXPLODED_WEIGHTS = ("checkpoint.exploded", "checkpoint.grown", "timeline.exploded")
 
 
-FAILED_VERDICTS = ("non-finite", "exploded", "stalled")
+class Verdict(str, Enum):
+    """One word per run (a str, so that JSON and renderers read the word itself)."""
+
+    HEALTHY = "healthy"
+    UNCHECKED = "unchecked"  # no checkpoint had a batch to replay or inspect
+    NONFINITE = "non-finite"
+    NOT_LOCALISED = "non-finite (not localised)"
+    NOT_REPRODUCED = "non-finite in the log, but finite on replay"
+    EXPLODED = "exploded"
+    STALLED = "stalled"
+
+    def __str__(self) -> str:  # the word, on every Python (3.10 has no StrEnum)
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+    @property
+    def failed(self) -> bool:
+        return self not in (Verdict.HEALTHY, Verdict.UNCHECKED)
 
 
 @report("diagnose")
@@ -43,7 +63,7 @@ class Diagnosis(Report):
     derived = ("failed",)
 
     run: str
-    verdict: str
+    verdict: Verdict
     loss_start: float | None
     loss_end: float | None
     fault: Fault | None
@@ -54,11 +74,7 @@ class Diagnosis(Report):
     def failed(self) -> bool:
         """Exit 1: a fault, an error finding, or a failing verdict. A healthy run with warnings,
         or one that could not be fully checked ("unchecked"), is not a failure."""
-        return (
-            self.fault is not None
-            or rules.has_error(self.findings)
-            or self.verdict.startswith(FAILED_VERDICTS)
-        )
+        return self.fault is not None or rules.has_error(self.findings) or self.verdict.failed
 
 
 def diagnose(run: Run, device: torch.device | None = None, case: Case | None = None) -> Diagnosis:
@@ -79,15 +95,15 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
     found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
     found = [*tell(case, found, None, device), *found]
-    verdict = "healthy"
+    verdict = Verdict.HEALTHY
     if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):
-        verdict = "exploded"
+        verdict = Verdict.EXPLODED
     elif any(rules.has_code(found, code) for code in NONFINITE_WEIGHTS):
-        verdict = "non-finite"
+        verdict = Verdict.NONFINITE
     elif rules.has_error(found):
-        verdict = "stalled"
+        verdict = Verdict.STALLED
     elif not run.checkpoints_with_batches:
-        verdict = "unchecked"
+        verdict = Verdict.UNCHECKED
     return Diagnosis(
         str(run.root), verdict, start, end, None, rules.ranked(found), case.inspected_step
     )
@@ -115,10 +131,10 @@ def _failed(run: Run, step: int, start, end, device) -> Diagnosis:
             break
     if not reports:
         why = rules.cannot_replay(step, problem or "no checkpoint at or before it")
-        return Diagnosis(str(run.root), "non-finite (not localised)", start, end, None, [why])
+        return Diagnosis(str(run.root), Verdict.NOT_LOCALISED, start, end, None, [why])
     report, earlier = reports[-1], reports[:-1]
     unseen = [f for r in earlier for f in r.findings if f.code == "replay.unseen_event"]
-    verdict = "non-finite" if report.fault else "non-finite in the log, but finite on replay"
+    verdict = Verdict.NONFINITE if report.fault else Verdict.NOT_REPRODUCED
     found = rules.ranked([*report.findings, *unseen])
     return Diagnosis(str(run.root), verdict, start, end, report.fault, found)
 
@@ -128,7 +144,7 @@ def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
     before = [s for s in run.checkpoint_steps if s < step] or [run.checkpoint_at_or_before(step)]
     kind = device.type if device is not None else "cpu"
     merged = replay_ranks(str(run.root), before[-1], step, run.manifest.world_size, kind)
-    verdict = "non-finite" if merged.fault else "non-finite in the log, but finite on replay"
+    verdict = Verdict.NONFINITE if merged.fault else Verdict.NOT_REPRODUCED
     found = rules.ranked(merged.findings)
     return Diagnosis(str(run.root), verdict, start, end, merged.fault, found)
 

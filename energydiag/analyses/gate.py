@@ -135,7 +135,7 @@ def _inspected(case: Case) -> dict[str, Any]:
         out["contrastive_errors"] = [
             f.code
             for f in report.batch.findings
-            if f.code.startswith(("contrastive.", "loss.")) and f.severity == "error"
+            if f.family in ("contrastive", "loss") and f.severity == "error"
         ]
     return out
 

@@ -36,7 +36,7 @@ def find_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> Head | None:
     if found is None:
         return None
     (lo, hi), source = found
-    return Head((lo, hi), source, source.split("'")[1] if "'" in source else "")
+    return Head((lo, hi), source, ranges.modules.get(source, ""))
 
 
 def head_module(model: nn.Module, head: Head | None, override: str | None) -> str | None:

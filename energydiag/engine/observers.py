@@ -332,13 +332,16 @@ class OutputRange:
 
     def __init__(self) -> None:
         self._ranges: dict[int, tuple[torch.Tensor, Bounds, str]] = {}
+        self.modules: dict[str, str] = {}  # source -> the module of its squashing op
 
     def on_op(self, call: OpCall) -> None:
         if call.phase != FORWARD or not isinstance(call.out, torch.Tensor):
             return
         squash = _SQUASH.get(call.packet)
         if squash is not None:
-            self._keep(call.out, squash(call), f"{call.name} in '{call.module}'")
+            source = f"{call.name} in '{call.module}'"
+            self.modules[source] = call.module
+            self._keep(call.out, squash(call), source)
             return
         derived = self._propagate(call)
         if derived is not None:

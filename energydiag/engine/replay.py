@@ -42,6 +42,7 @@ class ReplayResult:
     steps: list[dict[str, Any]]
     fault: Fault | None = None
     missing: list[str] = field(default_factory=list)
+    missing_kinds: set[str] = field(default_factory=set)  # each kind of missing state, once
     environment: list[str] = field(default_factory=list)
     nondeterministic: list[str] = field(default_factory=list)
     hyperparameters: dict[int, list] = field(default_factory=dict)  # as applied, step by step
@@ -140,16 +141,20 @@ def replay(
 
 def _note_missing(result: ReplayResult, session: Session, batch: Batch) -> None:
     """What this replay lacks compared with the recording; each noted once."""
-    absent = []
+    absent = {}
     if batch.step == session.step and not session.optimizer_state:
-        absent.append(f"optimizer state (checkpoint {session.step} holds none: it starts fresh)")
+        absent["optimizer"] = (
+            f"optimizer state (checkpoint {session.step} holds none: it starts fresh)"
+        )
     if not batch.rng:
-        absent.append(f"RNG state (batch {batch.step} holds none: dropout will differ)")
+        absent["rng"] = f"RNG state (batch {batch.step} holds none: dropout will differ)"
     if batch.hyperparameters is None:
-        absent.append(f"per-step hyperparameters (batch {batch.step}: the checkpoint's lr is used)")
-    for item in absent:
-        key = item.split(" (")[0]
-        if not any(m.startswith(key) for m in result.missing):
+        absent["hyperparameters"] = (
+            f"per-step hyperparameters (batch {batch.step}: the checkpoint's lr is used)"
+        )
+    for kind, item in absent.items():
+        if kind not in result.missing_kinds:
+            result.missing_kinds.add(kind)
             result.missing.append(item)
 
 

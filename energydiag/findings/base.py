@@ -31,6 +31,11 @@ class Finding(Record):
     evidence: dict[str, Any] = field(default_factory=dict)
     commands: list[Invocation] = field(default_factory=list)
 
+    @property
+    def family(self) -> str:
+        """A code is ``family.name`` (``contrastive.few_negatives``): the rules module's family."""
+        return self.code.partition(".")[0]
+
 
 def ranked(findings: list[Finding | None]) -> list[Finding]:
     """Drop the Nones; errors first, then warnings, then notes, each in the order found."""

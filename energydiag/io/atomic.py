@@ -9,26 +9,36 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from energydiag.errors import DiagError
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then rename over the target, with the permissions a plain
-    ``open(path, "w")`` would give (mkstemp makes its files private)."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary sibling to write, renamed over ``path`` only when the block succeeds (with the
+    permissions a plain ``open(path, "w")`` would give: mkstemp makes its files private); on any
+    failure, nothing is left behind. Every file energydiag writes goes through here."""
     path = Path(path)
     check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _umask() -> int:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -21,23 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from energydiag.errors import DiagError
-from energydiag.io.atomic import check_writable
+from energydiag.io.atomic import replacing
 from energydiag.io.layout import FORMAT
 
 
 def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(path)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"format": FORMAT, **metadata})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp:
+        save_file(flat, str(tmp), metadata={"format": FORMAT, **metadata})
 
 
 @contextlib.contextmanager

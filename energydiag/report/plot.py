@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from energydiag.errors import DiagError
+from energydiag.io.atomic import replacing
 
 
 def pyplot(path: Path | None = None):
@@ -148,10 +149,8 @@ def png(fig: Any) -> bytes:
 def _save(fig: Any, path: Path) -> None:
     """Into a temporary sibling, renamed on success: an interrupted plot leaves nothing."""
     fig.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
     try:
-        fig.savefig(partial, dpi=110)
-        partial.replace(path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
-        partial.unlink(missing_ok=True)
         pyplot().close(fig)

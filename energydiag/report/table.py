@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from energydiag.errors import DiagError
-from energydiag.io.atomic import check_writable
+from energydiag.io.atomic import check_writable, replacing
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -23,12 +23,8 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
         )
     if path.suffix not in (".csv", ".parquet"):
         raise DiagError(path, "unknown table format: use .csv or .parquet")
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with replacing(path) as tmp:
         if path.suffix == ".parquet":
             frame.to_parquet(tmp, index=False)
         else:
             frame.to_csv(tmp, index=False)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
