@@ -174,3 +174,15 @@ def test_a_summed_hinge_at_b_times_m_is_total_collapse():
     assert summed.code == "contrastive.margin_collapse" and "B·m = 8·0.5" in summed.title
     assert rules.margin_collapse(4.0, 0.5, 8, 0.01) is None  # energies that differ: no collapse
     assert rules.margin_collapse(3.1, 0.5, 8, 0.0) is None  # a hinge still at work
+
+
+def test_every_cause_an_op_can_name_has_one_account():
+    """The engine's explanations name causes in their evidence; the findings hold one account
+    of each: neither list has a cause the other lacks, and a second account is refused."""
+    from energydiag.engine.observers import CAUSES as NAMED
+    from energydiag.findings.faults import CAUSES as ACCOUNTED
+    from energydiag.findings.faults import accounts
+
+    assert set(ACCOUNTED) == NAMED and len(NAMED) == 8
+    with pytest.raises(ValueError, match="already has an account"):
+        accounts("sqrt")(lambda name, d, fault: ("", ""))

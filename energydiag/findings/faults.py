@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from energydiag.findings.base import Finding
+
+Account = Callable[[str, dict[str, Any], Any], tuple[str, str]]
+# One account per cause an op's evidence names (engine.observers.explains(..., causes=...)).
+CAUSES: dict[str, Account] = {}
+
+
+def accounts(kind: str) -> Callable[[Account], Account]:
+    def register(fn: Account) -> Account:
+        if kind in CAUSES:
+            raise ValueError(f"cause {kind!r} already has an account: {CAUSES[kind].__name__}")
+        CAUSES[kind] = fn
+        return fn
+
+    return register
 
 
 def explain_fault(fault: Any) -> Finding:
@@ -36,12 +51,11 @@ def root_cause(fault: Any) -> tuple[str | None, str]:
             f"make the input of {name} safe where it is not used (e.g. where(mask, x, 1) inside "
             "the op) instead of masking its output",
         )
-    for applies, explain in _CAUSES:
-        if applies(name, detail):
-            return explain(name, detail, fault)
-    return _phase_cause(fault)
+    account = CAUSES.get(detail.get("cause", ""))
+    return account(name, detail, fault) if account else _phase_cause(fault)
 
 
+@accounts("no_degrees_of_freedom")
 def _spread_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     return (
         f"{name} over {d['elements_reduced']} element(s) with correction {d['correction']}: "
@@ -51,6 +65,7 @@ def _spread_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+@accounts("log_of_nonpositive")
 def _log_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     what = "0" if d.get("zero_inputs") else "a negative value"
     return (
@@ -61,6 +76,7 @@ def _log_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+@accounts("narrowing_cast")
 def _cast_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     return (
         f"a value of {d['largest_input']:.3g} exceeds {d['to_dtype']}'s largest finite "
@@ -70,6 +86,7 @@ def _cast_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+@accounts("norm_overflow")
 def _norm_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     top = next(iter(fault.largest.items()), None)
     who = f"; the largest contribution is '{top[0]}' (|g| {top[1]:.3g})" if top else ""
@@ -80,6 +97,7 @@ def _norm_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+@accounts("variance_overflow")
 def _variance_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     return (
         f"its inputs reach {d['largest_input']:.3g}, every one finite, but their squares overflow "
@@ -91,6 +109,7 @@ def _variance_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]
     )
 
 
+@accounts("sqrt")
 def _sqrt_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     what = "0" if d.get("zero_inputs") else "a negative value"
     return (
@@ -99,6 +118,7 @@ def _sqrt_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     )
 
 
+@accounts("zero_denominator")
 def _div_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     said = f"division by zero ({d['zero_denominators']} zero denominator(s))"
     if fault.phase == "optimizer":
@@ -111,6 +131,7 @@ def _div_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     return said, "add eps to the denominator or guard it"
 
 
+@accounts("overflow")
 def _overflow_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]:
     return (
         f"{name} overflowed: inputs up to {d['largest_input']:.3g} against a dtype maximum "
@@ -118,33 +139,6 @@ def _overflow_cause(name: str, d: dict[str, Any], fault: Any) -> tuple[str, str]
         "the values feeding it exploded earlier: `energydiag timeline` shows the layer and "
         "the step where the weights grew",
     )
-
-
-def _no_dof(name: str, d: dict[str, Any]) -> bool:
-    return "elements_reduced" in d and d["elements_reduced"] - d["correction"] <= 0
-
-
-def _log_of_nonpositive(name: str, d: dict[str, Any]) -> bool:
-    return name.startswith("aten::log") and bool(d.get("zero_inputs") or d.get("negative_inputs"))
-
-
-def _narrowing_cast(name: str, d: dict[str, Any]) -> bool:
-    return "to_dtype" in d and bool(d.get("dtype_max")) and d["largest_input"] > d["dtype_max"]
-
-
-_CAUSES = [
-    (_no_dof, _spread_cause),
-    (_log_of_nonpositive, _log_cause),
-    (_narrowing_cast, _cast_cause),
-    (lambda name, d: "square_limit" in d, _norm_cause),
-    (
-        lambda name, d: d.get("largest_input", 0) > d.get("variance_limit", float("inf")),
-        _variance_cause,
-    ),
-    (lambda name, d: name in ("aten::sqrt", "aten::rsqrt"), _sqrt_cause),
-    (lambda name, d: bool(d.get("zero_denominators")), _div_cause),
-    (lambda name, d: "dtype_max" in d and "to_dtype" not in d, _overflow_cause),
-]
 
 
 def _phase_cause(fault: Any) -> tuple[str | None, str]:
