@@ -160,7 +160,7 @@ def test_nonfinite_checkpoints_and_forward():
 def test_an_op_explained_twice_is_refused():
     import torch
 
-    from energydiag.engine.observers import explains
+    from energydiag.engine.explanations import explains
 
     with pytest.raises(ValueError, match="already explained"):
 
@@ -179,10 +179,21 @@ def test_a_summed_hinge_at_b_times_m_is_total_collapse():
 def test_every_cause_an_op_can_name_has_one_account():
     """The engine's explanations name causes in their evidence; the findings hold one account
     of each: neither list has a cause the other lacks, and a second account is refused."""
-    from energydiag.engine.observers import CAUSES as NAMED
+    from energydiag.engine.explanations import CAUSES as NAMED
     from energydiag.findings.faults import CAUSES as ACCOUNTED
     from energydiag.findings.faults import accounts
 
     assert set(ACCOUNTED) == NAMED and len(NAMED) == 8
     with pytest.raises(ValueError, match="already has an account"):
         accounts("sqrt")(lambda name, d, fault: ("", ""))
+
+
+def test_the_rank_that_went_first_is_named_only_when_one_did():
+    from energydiag.analyses.rank_logs import RankLog, rank_finding
+
+    local = [RankLog(0, 6, 5), RankLog(1, 5, 5), RankLog(2, None, 5)]
+    found = rank_finding(local)
+    assert found.code == "ranks.first_nonfinite" and found.evidence["ranks"] == [1]
+    assert [r["rank"] for r in found.evidence["received"]] == [0, 2]
+    assert rank_finding([RankLog(0, 5, 5), RankLog(1, 5, 5)]) is None  # every rank at once
+    assert rank_finding([RankLog(0, None, None), RankLog(1, None, None)]) is None

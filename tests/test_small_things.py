@@ -73,3 +73,12 @@ def test_runs_recorded_before_the_callbacks_moved_still_resolve():
     from energydiag.record.batches import tensors_only
 
     assert resolve("energydiag.integrations.batches:tensors_only", "loss") is tensors_only
+
+
+def test_a_multi_rank_replay_expects_the_all_reduce_order_to_differ():
+    from energydiag.engine.ranks import collective_order
+
+    assert collective_order(None) == [] and collective_order({"world_size": 1}) == []
+    (ddp,) = collective_order({"world_size": 8, "parallelism": "ddp"})
+    (fsdp,) = collective_order({"world_size": 2, "parallelism": "fsdp"})
+    assert ddp.startswith("all-reduce order (DDP's buckets") and "reduce-scatter" in fsdp

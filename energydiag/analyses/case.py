@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from energydiag import findings as rules
-from energydiag.analyses.curve_sources import run_bounds
+from energydiag.analyses.curve_sources import run_bounds, with_ranks
 from energydiag.analyses.curves import CurveReport, analyse
 from energydiag.analyses.inspection import InspectReport, inspect
 from energydiag.analyses.offsets import offset_trend
@@ -74,7 +74,7 @@ class Case:
         except DiagError as err:  # the model cannot be built here: the curve alone, said so
             self.notes.append(f"curve bounds: {err}")
             bounds = None
-        return analyse(self.run.metrics(), "loss", bounds=bounds)
+        return with_ranks(analyse(self.run.metrics(), "loss", bounds=bounds), self.run)
 
     @cached_property
     def schedule(self) -> ScheduleEvidence:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from energydiag import findings as rules
 from energydiag.analyses.curves import CurveReport, analyse
+from energydiag.analyses.rank_logs import rank_finding, rank_logs
 from energydiag.contrastive.bounds import candidate_count, infonce_curve_bounds, scored_candidates
 from energydiag.contrastive.head import find_head
 from energydiag.contrastive.tau import resolve_tau
@@ -61,10 +63,22 @@ def curve_report(
     column = choose_metric(frame, metric, source)
     if tau is not None and tau <= 0:
         raise OptionError("the temperature must be positive", "tau", value=tau)
+    bounds = None
     if batch_size and tau:
         bounds = infonce_curve_bounds(batch_size, tau, energy_span)
     elif batch_size:  # chance is log B whatever tau is; only the floor needs tau
         bounds = {"chance": math.log(batch_size), "batch_size": batch_size}
-    else:
-        bounds = run_bounds(Run(source)) if (source / MANIFEST).is_file() else None
-    return analyse(frame, column, window, bounds)
+    run = Run(source) if (source / MANIFEST).is_file() else None
+    if bounds is None and run is not None and not batch_size:
+        bounds = run_bounds(run)
+    report = analyse(frame, column, window, bounds)
+    return with_ranks(report, run) if run is not None else report
+
+
+def with_ranks(report: CurveReport, run: Run) -> CurveReport:
+    """A multi-rank run's curve is rank 0's; every rank's own log says which went first."""
+    report.ranks = rank_logs(run)
+    found = rank_finding(report.ranks)
+    if found is not None:
+        report.findings = rules.ranked([found, *report.findings])
+    return report

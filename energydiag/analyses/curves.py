@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from energydiag import findings as rules
+from energydiag.analyses.rank_logs import RankLog
 from energydiag.io.metrics import metric_series
 from energydiag.schema import Report, report
 
@@ -56,6 +57,7 @@ class CurveReport(Report):
     left_plateau: dict[str, float] | None = None  # the loss left its last plateau for good
     findings: list[rules.Finding] = field(default_factory=list)
     display: dict[str, list[float]] = field(default_factory=dict)
+    ranks: list[RankLog] = field(default_factory=list)  # a multi-rank run: each rank's own log
 
 
 def analyse(

@@ -20,6 +20,7 @@ from energydiag.analyses.bisection import bisect_checkpoints
 from energydiag.analyses.case import Case
 from energydiag.analyses.checkpoint_report import checkpoint_report
 from energydiag.analyses.curves import trend
+from energydiag.analyses.rank_logs import rank_finding, rank_logs
 from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.story import tell
@@ -87,7 +88,8 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
         result = _failed(run, failed, start, end, device)
         seen = {f.code for f in causes}  # the run-wide schedule, not the replay's window twice
         weights = case.timeline.findings if case.timeline else []  # what `timeline` reports
-        found = [*causes, *(f for f in result.findings if f.code not in seen), *weights]
+        ranks = [f for f in (rank_finding(rank_logs(run)),) if f is not None]
+        found = [*causes, *ranks, *(f for f in result.findings if f.code not in seen), *weights]
         result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
     cause_codes = {f.code for f in causes}  # inspect names them too: said once

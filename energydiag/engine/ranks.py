@@ -108,3 +108,13 @@ def for_replay(model: nn.Module, distributed: dict[str, Any] | None) -> nn.Modul
     if distributed is None or distributed["parallelism"] != "ddp":
         return model
     return nn.parallel.DistributedDataParallel(model)
+
+
+def collective_order(distributed: dict[str, Any] | None) -> list[str]:
+    """Why a multi-rank replay need not match its recording bit for bit even with every state
+    restored: the rebuilt reducer (DDP's buckets, FSDP's reduce-scatter) may sum the ranks'
+    gradients in another order, a difference of float rounding (about 1e-7 relative)."""
+    if not distributed or int(distributed.get("world_size", 1)) < 2:
+        return []
+    how = "FSDP's reduce-scatter" if distributed.get("parallelism") == "fsdp" else "DDP's buckets"
+    return [f"all-reduce order ({how}, rebuilt for the replay, may sum the ranks in another order)"]

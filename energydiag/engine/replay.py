@@ -23,7 +23,7 @@ from energydiag.engine import environment
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.localise import Fault, localise
 from energydiag.engine.quantities import DEFAULT, Quantity, columns
-from energydiag.engine.ranks import flagged_ranks, unwrap
+from energydiag.engine.ranks import collective_order, flagged_ranks, unwrap
 from energydiag.engine.session import Session, open_session
 from energydiag.engine.tensorstats import exact_global_norm, global_norm, plain
 from energydiag.errors import DiagError, OptionError, first_line
@@ -118,6 +118,7 @@ def replay(
         session = open_session(run, from_step, device)
         logged = run.logged()
         result.environment = environment.differences(recorded, environment.capture(device))
+        result.environment += collective_order(run.manifest.distributed)
         checkpoints = set(run.checkpoint_steps)
         steps = plan(run, session.step, to_step)
         for step in steps:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from energydiag.findings.base import Finding
+from energydiag.findings.base import Finding, Invocation
 
 
 def narrow_energy_range(
@@ -318,4 +318,29 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         f"all_gather in your loss): {whole - 1} negatives, chance log({whole}) = "
         f"{math.log(whole):.3f}, and a loss floor the narrow heads reach less easily",
         evidence,
+    )
+
+
+def rank_first_nonfinite(
+    step: int, origin: list[int], received: list[dict[str, Any]], world: int
+) -> Finding | None:
+    """Every rank logs its own loss: the rank(s) whose loss went non-finite first, and the others
+    as received (their gradient norm through the all-reduce, their loss a step later)."""
+    if len(origin) == world:
+        return None  # every rank at once: nothing rank-local to say
+    ranks = ", ".join(str(r) for r in origin)
+    said = [
+        f"rank {r['rank']} received it through the all-reduce (gradient norm at step "
+        f"{r['first_nonfinite_grad_norm']}, loss at step {r['first_nonfinite_loss']})"
+        for r in received
+    ]
+    return Finding(
+        "ranks.first_nonfinite",
+        "error",
+        f"rank {ranks}'s own loss went non-finite first, at step {step}"
+        + (f"; {'; '.join(said)}" if said else ""),
+        f"the fault is local to rank {ranks}: replay the run on its ranks from the checkpoint "
+        f"before step {step}, and look at rank {ranks}'s batch of that step",
+        {"step": step, "ranks": origin, "received": received, "world_size": world},
+        [Invocation("replay", options={"from_step": step})],
     )

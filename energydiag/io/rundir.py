@@ -210,6 +210,11 @@ class Run:
         path = self._inside(metrics_path(self.root, self.rank))
         return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
+    def rank_logged(self, metric: str) -> dict[int, dict[int, float]]:
+        """Every rank's ``metric`` (step -> value) in a multi-rank run; rank 0's alone otherwise."""
+        ranks = range(self.manifest.world_size) if self.manifest.distributed else [None]
+        return {rank or 0: Run(self.root, rank).logged(metric) for rank in ranks}
+
     def logged(self, metric: str = "loss") -> dict[int, float]:
         """step -> value where ``metric`` was logged (non-finite values included)."""
         from energydiag.io.metrics import metric_series

@@ -1,0 +1,50 @@
+"""Every rank's log of a multi-rank run: which rank went non-finite first, and which received it.
+
+Under DDP a NaN born on one rank reaches the others through the gradient all-reduce: their own
+loss at that step is still finite, their gradient norm is not, and their loss goes non-finite a
+step later. Rank 0's log alone would date the fault one step late and on the wrong rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from energydiag import findings as rules
+from energydiag.io.rundir import Run, first_nonfinite
+from energydiag.schema import Record
+
+
+@dataclass
+class RankLog(Record):
+    rank: int
+    first_nonfinite_loss: int | None
+    first_nonfinite_grad_norm: int | None
+
+    @property
+    def first(self) -> int | None:
+        steps = [
+            s for s in (self.first_nonfinite_loss, self.first_nonfinite_grad_norm) if s is not None
+        ]
+        return min(steps, default=None)
+
+
+def rank_logs(run: Run) -> list[RankLog]:
+    """One row per rank of a multi-rank run; empty for a single-process run."""
+    if not run.manifest.distributed:
+        return []
+    losses, norms = run.rank_logged("loss"), run.rank_logged("grad_norm")
+    return [
+        RankLog(rank, first_nonfinite(losses[rank]), first_nonfinite(norms.get(rank, {})))
+        for rank in sorted(losses)
+    ]
+
+
+def rank_finding(rows: list[RankLog]) -> rules.Finding | None:
+    """Which rank's own loss went non-finite first, and how the others received it."""
+    born = [r for r in rows if r.first_nonfinite_loss is not None]
+    if not born:
+        return None
+    step = min(r.first_nonfinite_loss for r in born)
+    origin = [r.rank for r in born if r.first_nonfinite_loss == step]
+    received = [r for r in rows if r.rank not in origin and r.first is not None]
+    return rules.rank_first_nonfinite(step, origin, [r.to_dict() for r in received], len(rows))
