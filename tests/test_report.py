@@ -71,6 +71,8 @@ def test_nan_run_page_has_every_section_and_the_fault(fixtures_dir, tmp_path):
     assert "57" in fault and "aten::_softmax" in fault and "attn" in fault
     assert "non-finite" in page.text("summary")
     assert "nonfinite.forward" in page.text("findings")
+    findings = " ".join(page.text("findings").split())
+    assert "run: energydiag bisect RUN --predicate nonfinite" in findings
 
 
 def test_page_agrees_with_the_json(fixtures_dir, tmp_path):

@@ -141,9 +141,9 @@ def timeline_nonfinite(rows: list[dict[str, Any]]) -> Finding | None:
         "error",
         f"checkpoint {first['step']} holds {first['nonfinite']} non-finite value(s); "
         f"{len(rows)} checkpoint(s) do",
-        f"`energydiag bisect` finds the step that broke them, from the checkpoint before "
-        f"step {first['step']}",
+        f"a bisect finds the step that broke them, from the checkpoint before step {first['step']}",
         {"first_step": first["step"], "steps": [r["step"] for r in rows]},
+        [Invocation("bisect", options={"predicate": "nonfinite"})],
     )
 
 

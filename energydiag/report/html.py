@@ -36,6 +36,7 @@ h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; border-bottom: 1px solid #ddd
 .finding { margin: .5rem 0; padding: .5rem .8rem; border-radius: 4px; background: #f6f6f6; }
 .finding.error { border-left: 4px solid #b42318; } .finding.warning { border-left: 4px solid #c4720b; }
 .finding.note { border-left: 4px solid #777; } .remedy { color: #135e96; }
+.command { color: #444; margin-top: 0.2rem; }
 .missing { color: #777; font-style: italic; } img { max-width: 100%; }
 td, th { padding: .15rem .6rem; text-align: left; } code { background: #f1f1f1; padding: 0 .2rem; }
 """
@@ -114,7 +115,7 @@ def _findings(data: dict[str, Any], plt: Any) -> str:
 
 def _commands(finding: dict[str, Any]) -> str:
     lines = [command_line(Invocation.from_dict(c)) for c in finding.get("commands", [])]
-    return "".join(f" <code>{escape(line)}</code>" for line in lines)
+    return "".join(f'<div class="command">run: <code>{escape(line)}</code></div>' for line in lines)
 
 
 def _curve(data: dict[str, Any], plt: Any) -> str:
