@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,7 +13,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from energydiag.findings.base import Finding, Invocation
+if TYPE_CHECKING:
+    from energydiag.findings.base import Invocation
+
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -31,7 +33,10 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def findings(console: Console, items: list[dict[str, Any]]) -> None:
-    """Findings as a report's JSON holds them: title, remedy, and the commands that go further."""
+    """Findings as a report's JSON holds them: title, remedy, and the commands that go further.
+    (The rules package is imported here, when there is something to draw, not at start-up.)"""
+    from energydiag.findings.base import Finding
+
     if not items:
         console.print("[green]No findings.[/green]")
         return
