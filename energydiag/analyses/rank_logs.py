@@ -32,11 +32,12 @@ def rank_logs(run: Run) -> list[RankLog]:
     """One row per rank of a multi-rank run; empty for a single-process run."""
     if not run.manifest.distributed:
         return []
-    losses, norms = run.rank_logged("loss"), run.rank_logged("grad_norm")
-    return [
-        RankLog(rank, first_nonfinite(losses[rank]), first_nonfinite(norms.get(rank, {})))
-        for rank in sorted(losses)
-    ]
+    rows = []
+    for rank in range(run.manifest.world_size):
+        logged = Run(run.root, rank).logged_series(("loss", "grad_norm"))  # one read per rank
+        loss, norm = first_nonfinite(logged["loss"]), first_nonfinite(logged["grad_norm"])
+        rows.append(RankLog(rank, loss, norm))
+    return rows
 
 
 def rank_finding(rows: list[RankLog]) -> rules.Finding | None:

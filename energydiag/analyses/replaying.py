@@ -106,7 +106,7 @@ def fidelity(result: ReplayResult) -> dict[str, Any]:
         "expected": "approximate"
         if (result.missing or result.environment or result.nondeterministic)
         else "bit-exact",
-        "missing": result.missing,
+        "missing": list(result.missing.values()),
         "environment": result.environment
         + [f"no deterministic kernel: {op}" for op in result.nondeterministic],
     }

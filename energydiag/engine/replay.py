@@ -41,8 +41,7 @@ class ReplayResult:
     checkpoint_step: int
     steps: list[dict[str, Any]]
     fault: Fault | None = None
-    missing: list[str] = field(default_factory=list)
-    missing_kinds: set[str] = field(default_factory=set)  # each kind of missing state, once
+    missing: dict[str, str] = field(default_factory=dict)  # kind of state -> what lacked it
     environment: list[str] = field(default_factory=list)
     nondeterministic: list[str] = field(default_factory=list)
     hyperparameters: dict[int, list] = field(default_factory=dict)  # as applied, step by step
@@ -154,9 +153,7 @@ def _note_missing(result: ReplayResult, session: Session, batch: Batch) -> None:
             f"per-step hyperparameters (batch {batch.step}: the checkpoint's lr is used)"
         )
     for kind, item in absent.items():
-        if kind not in result.missing_kinds:
-            result.missing_kinds.add(kind)
-            result.missing.append(item)
+        result.missing.setdefault(kind, item)  # the first step that lacked it is said
 
 
 def run_step(

@@ -210,25 +210,25 @@ class Run:
         path = self._inside(metrics_path(self.root, self.rank))
         return load_metrics(path) if path.is_file() else pd.DataFrame({"step": []}, dtype="int64")
 
-    def rank_logged(self, metric: str) -> dict[int, dict[int, float]]:
-        """Every rank's ``metric`` (step -> value) in a multi-rank run; rank 0's alone otherwise."""
-        ranks = range(self.manifest.world_size) if self.manifest.distributed else [None]
-        return {rank or 0: Run(self.root, rank).logged(metric) for rank in ranks}
-
     def logged(self, metric: str = "loss") -> dict[int, float]:
         """step -> value where ``metric`` was logged (non-finite values included)."""
+        return self.logged_series((metric,))[metric]
+
+    def logged_series(self, metrics: tuple[str, ...]) -> dict[str, dict[int, float]]:
+        """``logged`` for several metrics, from one read of the log."""
         from energydiag.io.metrics import metric_series
 
         frame = self.metrics()
-        if metric not in frame:
-            return {}
-        steps, values = metric_series(frame, metric)
-        return dict(zip(steps.tolist(), values.tolist(), strict=True))
+        out: dict[str, dict[int, float]] = {metric: {} for metric in metrics}
+        for metric in (m for m in metrics if m in frame):
+            steps, values = metric_series(frame, metric)
+            out[metric] = dict(zip(steps.tolist(), values.tolist(), strict=True))
+        return out
 
     def first_failure(self) -> int | None:
         """The first step the run itself saw fail: a non-finite logged loss or gradient norm,
         or the step failure.json names (which also covers exceptions)."""
-        firsts = (first_nonfinite(self.logged(metric)) for metric in ("loss", "grad_norm"))
+        firsts = map(first_nonfinite, self.logged_series(("loss", "grad_norm")).values())
         candidates = [step for step in firsts if step is not None]
         failure = self.failure
         if isinstance(failure, dict) and isinstance(failure.get("step"), int):

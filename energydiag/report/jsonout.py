@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, is_dataclass
 from typing import Any
+
+from energydiag.schema import encode
 
 
 def jsonable(obj: Any) -> Any:
-    if is_dataclass(obj) and not isinstance(obj, type):
-        obj = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return jsonable(obj.item())
-    return obj
+    """The data ``schema.encode`` makes of ``obj``, with its non-finite numbers spelled out."""
+    return _spelled(encode(obj))
+
+
+def _spelled(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _spelled(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_spelled(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def dumps(obj: Any) -> str:
