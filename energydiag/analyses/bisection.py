@@ -265,10 +265,8 @@ def _locate(
             result.first_bad_step = report.fault.step
             result.first_nonfinite_step = report.fault.step
             if unresolved is not None and unresolved["missing_batches"] is None:
-                result.changed_outside_steps = (
-                    start,
-                    own,
-                )  # the interval replayed healthy: an outside change
+                # the interval replayed healthy: the change came from outside the steps
+                result.changed_outside_steps = (start, own)
             return
     result.unresolved = unresolved or {
         "from": None,

@@ -69,7 +69,7 @@ def curve_report(
     elif batch_size:  # chance is log B whatever tau is; only the floor needs tau
         bounds = {"chance": math.log(batch_size), "batch_size": batch_size}
     run = Run(source) if (source / MANIFEST).is_file() else None
-    if bounds is None and run is not None and not batch_size:
+    if bounds is None and run is not None:
         bounds = run_bounds(run)
     report = analyse(frame, column, window, bounds)
     return with_ranks(report, run) if run is not None else report

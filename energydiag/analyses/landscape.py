@@ -60,9 +60,10 @@ def landscape(
 ) -> LandscapeReport:
     """``eval_mode``: hand the model over in eval mode (as inference code that calls eval()
     does); by default in training mode, the state a module is left in after training."""
-    if steps < 1 or alpha <= 0:
-        bad = "steps" if steps < 1 else "alpha"
-        raise OptionError("must be positive", bad, value=steps if steps < 1 else f"{alpha:g}")
+    if steps < 1:
+        raise OptionError("must be positive", "steps", value=steps)
+    if alpha <= 0:
+        raise OptionError("must be positive", "alpha", value=f"{alpha:g}")
     run = find_run(Path(ckpt), run_dir)
     checkpoint = load_checkpoint_file(Path(ckpt))  # read once: the weights and the step
     model = _model(checkpoint, run, model_spec, device or torch.device("cpu"), not eval_mode)

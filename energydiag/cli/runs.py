@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from energydiag.cli.base import emit, err, out, progress
+from energydiag.cli.base import emit, err, progress
 from energydiag.cli.options import (
     BadOpt,
     DeviceOpt,
@@ -112,7 +112,7 @@ def timeline_cmd(
     if png:
         check_writable(png)
     with progress("timeline", json_out) as tick:
-        outcome = timeline.run(run, checkpoints, lambda step: tick(f"step {step}"))
+        outcome = timeline.run(run, checkpoints, lambda step, total: tick(f"step {step}", total))
     if png:
         plot.timeline(outcome.report.to_json(), png)
     emit(outcome.report, json_out, render.timeline)
@@ -159,10 +159,11 @@ def report_cmd(
         outcome = report.run(run, device, tick)
         if out_path is not None:
             write_text_atomic(out_path, page(outcome.report.to_json()))
-    if json_out:
-        emit(outcome.report, True, render.diagnosis)
-    else:
-        out.print(f"wrote {out_path}: {outcome.report.diagnosis.verdict}")
+    emit(
+        outcome.report,
+        json_out,
+        lambda console, d: console.print(f"wrote {out_path}: {d['diagnosis']['verdict']}"),
+    )
     return outcome.code
 
 

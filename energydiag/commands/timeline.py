@@ -24,8 +24,10 @@ def checkpoints_of(run_dir: Path, pattern: str | None) -> tuple[dict[int, Path],
 def run(
     run_dir: Path,
     checkpoints: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Outcome[Timeline]:
+    """``progress(step, total)`` after each checkpoint, ``total`` the checkpoints to read."""
     paths, dtype = checkpoints_of(run_dir, checkpoints)
-    found = timeline(paths, dtype, progress)
+    each = (lambda step: progress(step, len(paths))) if progress else None
+    found = timeline(paths, dtype, each)
     return Outcome(found, ExitCode.found_if(has_error(found.findings)))

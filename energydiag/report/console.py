@@ -49,7 +49,7 @@ def findings(console: Console, items: list[dict[str, Any]]) -> None:
 
 def command_line(command: Invocation) -> str:
     """The CLI's spelling: an argument ``from_step`` is the option ``--from-step``, as Typer
-    derives it (tests/test_cli_contract.py checks every suggested option exists)."""
+    derives it (tests/test_help.py checks every suggested option exists)."""
     words = ["energydiag", command.command, command.target]
     for name, value in command.options.items():
         words.append("--" + name.replace("_", "-"))
