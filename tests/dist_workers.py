@@ -108,3 +108,79 @@ def ddp_recorded(rank: int, out: str, plant_step: int, loss: str, sharded: bool 
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             rec.end_step(value, grad_norm=norm)
             optimizer.step()
+
+
+def unsynced_recorded(rank: int, out: str, steps: int, local: int = 3) -> None:
+    """The seed team's loop: the energy model is built on every rank and never wrapped, so each
+    rank trains its own copy on its own ``local`` samples of the global batch (a sampler's
+    slice), with its own AdamW; every rank saves its own copy."""
+    from handloop import SMALL
+
+    from energydiag import Recorder
+    from energydiag.reference import losses
+    from energydiag.reference.models import EnergyModel
+    from energydiag.reference.synthetic import Task, batches
+
+    torch.manual_seed(0)
+    model = EnergyModel(**SMALL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    world = dist.get_world_size()
+    data = batches(Task(batch=local * world), seed=1)
+    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
+    with Recorder(
+        out,
+        model=model,
+        optimizer=optimizer,
+        model_spec=spec,
+        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
+        grad_clip=1.0,
+        checkpoint_every=16,
+        persist_batches=True,
+    ) as rec:
+        for step in range(steps):
+            whole = next(data)
+            batch = {k: v[rank * local : (rank + 1) * local] for k, v in whole.items()}
+            rec.start_step(step, batch)
+            optimizer.zero_grad(set_to_none=True)
+            value, _ = losses.inbatch_infonce(model, batch, tau=0.5)
+            value.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rec.end_step(value, grad_norm=norm)
+            optimizer.step()
+
+
+def raises_on_rank_2(rank: int, out: str, at_step: int) -> None:
+    """A DDP loop in which rank 2 alone raises in its forward at ``at_step``: the other ranks
+    are then waiting in the gradient all-reduce, where no health vote reaches them."""
+    from handloop import SMALL
+
+    from energydiag import Recorder
+    from energydiag.reference import losses
+    from energydiag.reference.models import EnergyModel
+    from energydiag.reference.synthetic import Task, batches
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(EnergyModel(**SMALL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = batches(Task(batch=4), seed=1 + rank)
+    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
+    with Recorder(
+        out,
+        model=model,
+        optimizer=optimizer,
+        model_spec=spec,
+        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
+        checkpoint_every=4,
+        keep_batches=3,
+        peer_timeout=20.0,
+    ) as rec:
+        for step in range(8):
+            batch = next(data)
+            rec.start_step(step, batch)
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 2 and step == at_step:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            value, _ = losses.inbatch_infonce(model, batch, tau=0.5)
+            value.backward()
+            rec.end_step(value)
+            optimizer.step()

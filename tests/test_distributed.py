@@ -130,7 +130,12 @@ def test_ddp_run_replays_bit_exact_and_localises_rank_1s_nan_on_rank_1(planted_o
 
     run = Run(planted_on_rank_1)
     assert run.manifest.format == "energydiag/2"
-    assert run.manifest.distributed == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
+    assert run.manifest.distributed == {
+        "world_size": 2,
+        "backend": "gloo",
+        "parallelism": "ddp",
+        "sync": {"": "ddp"},
+    }
     assert len(list((planted_on_rank_1 / "batches").glob("*.rank-1.safetensors"))) == 8
     assert Run(planted_on_rank_1, rank=1).batch_steps == list(range(8))
     failure = json.loads((planted_on_rank_1 / "failure.json").read_text())
@@ -269,6 +274,7 @@ def test_gathered_negatives_replay_through_the_real_all_gather(tmp_path):
         "world_size": 2,
         "negatives": 7,
         "gathered": True,
+        "synchronised": True,
     }
 
 

@@ -20,7 +20,7 @@ from energydiag.analyses.bisection import bisect_checkpoints
 from energydiag.analyses.case import Case
 from energydiag.analyses.checkpoint_report import checkpoint_report
 from energydiag.analyses.curves import trend
-from energydiag.analyses.rank_logs import rank_finding, rank_logs
+from energydiag.analyses.rank_logs import rank_findings
 from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.story import tell
@@ -46,6 +46,7 @@ class Verdict(str, Enum):
     NOT_REPRODUCED = "non-finite in the log, but finite on replay"
     EXPLODED = "exploded"
     STALLED = "stalled"
+    UNSYNCHRONISED = "ranks out of sync"  # copies that should agree (or seem to) differ
 
     def __str__(self) -> str:  # the word, on every Python (3.10 has no StrEnum)
         return self.value
@@ -88,7 +89,8 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
         result = _failed(run, failed, start, end, device)
         seen = {f.code for f in causes}  # the run-wide schedule, not the replay's window twice
         weights = case.timeline.findings if case.timeline else []  # what `timeline` reports
-        ranks = [f for f in (rank_finding(rank_logs(run)),) if f is not None]
+        ranks = rank_findings(run)
+        seen |= {f.code for f in ranks}
         found = [*causes, *ranks, *(f for f in result.findings if f.code not in seen), *weights]
         result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
@@ -96,9 +98,12 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     inspected = [f for f in _inspected(case) if f.code not in cause_codes]
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
     found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
+    found = _ranks_view(found, rank_findings(run))
     found = [*tell(case, found, None, device), *found]
     verdict = Verdict.HEALTHY
-    if any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):
+    if any(f.code == "ranks.diverged" and f.severity == "error" for f in found):
+        verdict = Verdict.UNSYNCHRONISED
+    elif any(rules.has_code(found, code) for code in EXPLODED_WEIGHTS):
         verdict = Verdict.EXPLODED
     elif any(rules.has_code(found, code) for code in NONFINITE_WEIGHTS):
         verdict = Verdict.NONFINITE
@@ -149,6 +154,15 @@ def _failed_on_ranks(run: Run, step: int, start, end, device) -> Diagnosis:
     verdict = Verdict.NONFINITE if merged.fault else Verdict.NOT_REPRODUCED
     found = rules.ranked(merged.findings)
     return Diagnosis(str(run.root), verdict, start, end, merged.fault, found)
+
+
+def _ranks_view(found: list[rules.Finding], ranks: list[rules.Finding]) -> list[rules.Finding]:
+    """A run whose ranks train their own copies has few negatives because of it: the rank
+    finding says so with the remedies that change the effective batch, and replaces the
+    single-rank view of the same fact."""
+    if rules.has_code(ranks, "ranks.negatives"):
+        found = [f for f in found if f.code != "contrastive.few_negatives"]
+    return [*found, *ranks]
 
 
 def _weights(case: Case) -> list[rules.Finding]:

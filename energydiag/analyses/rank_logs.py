@@ -1,4 +1,6 @@
-"""Every rank's log of a multi-rank run: which rank went non-finite first, and which received it.
+"""What a multi-rank run's own records say about its ranks: which rank went non-finite first
+and which received it (every rank's log), whether the ranks held the same parameters (rank 0's
+comparisons), and how many negatives each positive met.
 
 Under DDP a NaN born on one rank reaches the others through the gradient all-reduce: their own
 loss at that step is still finite, their gradient norm is not, and their loss goes non-finite a
@@ -49,3 +51,30 @@ def rank_finding(rows: list[RankLog]) -> rules.Finding | None:
     origin = [r.rank for r in born if r.first_nonfinite_loss == step]
     received = [r for r in rows if r.rank not in origin and r.first is not None]
     return rules.rank_first_nonfinite(step, origin, [r.to_dict() for r in received], len(rows))
+
+
+def rank_findings(run: Run) -> list[rules.Finding]:
+    """Every finding the run's records support about its ranks, without replaying anything."""
+    if not run.manifest.distributed:
+        return []
+    found = [rank_finding(rank_logs(run)), divergence(run)]
+    found += [negatives(run)] if run.manifest.rank_copies else []
+    return [f for f in found if f is not None]
+
+
+def divergence(run: Run) -> rules.Finding | None:
+    distributed = run.manifest.distributed or {}
+    unsynced = [path for path, how in distributed.get("sync", {}).items() if how == "none"]
+    return rules.rank_divergence(
+        run.rank_checks(), distributed.get("parallelism", ""), run.manifest.world_size, unsynced
+    )
+
+
+def negatives(run: Run) -> rules.Finding | None:
+    """Negatives per positive, from the first logged batch's actions and the world size."""
+    first = run.batch_steps[0] if run.batch_steps else None
+    actions = run.batch(first).tensors.get("a_pos") if first is not None else None
+    local = actions.shape[0] if actions is not None else 0
+    return rules.rank_negatives(
+        run.manifest.loss.label, local, run.manifest.world_size, not run.manifest.rank_copies
+    )

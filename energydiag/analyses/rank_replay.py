@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from energydiag import findings as rules
+from energydiag.analyses.rank_logs import negatives
 from energydiag.analyses.replaying import RankOutcome, ReplaySummary, replay_report
 from energydiag.engine.localise import PHASES, Fault
 from energydiag.engine.ranks import gather
 from energydiag.engine.replay import plan
+from energydiag.engine.session import resolve_device
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Run
 
@@ -60,17 +61,50 @@ def replay_ranks(
     device: str = "auto",
     every: int = 0,
 ) -> ReplaySummary:
-    """Launch ``nproc`` ranks, replay, and merge their reports (rank 0's view plus the fault)."""
+    """Replay on ``nproc`` processes (the recorded world, or a divisor of it down to one, each
+    playing its share of the recorded ranks in turn) and merge their reports (rank 0's view
+    plus the earliest fault). A run whose ranks trained their own copies replays them one
+    after another in this process: nothing ties them together."""
+    run = Run(root)
+    world = run.manifest.world_size
+    if run.manifest.rank_copies:
+        return replay_copies(run, from_step, to_step, device, every)
+    if nproc < 1 or world % nproc:
+        raise OptionError(
+            f"the run was recorded by {world} rank(s): use {world} or a divisor of it",
+            "nproc",
+            value=nproc,
+        )
+    for rank in range(world):  # what every rank will need, checked before anything starts
+        plan(Run(root, rank=rank), run.checkpoint_at_or_before(from_step), to_step)
+    shared = None if nproc == world else f"{world} recorded ranks played by {nproc} process(es)"
+    if nproc == 1:
+        found = replay_report(run, from_step, to_step, resolve_device(device), every).summary()
+        return _with_negatives(run, replace(found, placement=shared))
+    kind, note = placement(nproc, device)
+    note = "; ".join(filter(None, (shared, note))) or None
+    return _launch(run, from_step, to_step, nproc, kind, every, note)
+
+
+def replay_copies(
+    run: Run, from_step: int, to_step: int | None, device: str, every: int
+) -> ReplaySummary:
+    """Each rank's own copy replayed from its own checkpoints over its own batches, in turn."""
+    target = resolve_device(device)
+    world = run.manifest.world_size
+    reports = [
+        replay_report(Run(run.root, rank=r), from_step, to_step, target, every).summary().to_dict()
+        for r in range(world)
+    ]
+    note = f"each of the {world} ranks' own copies replayed in turn in one process"
+    return merge(run, reports, note)
+
+
+def _launch(
+    run: Run, from_step: int, to_step: int | None, nproc: int, kind: str, every: int, note
+) -> ReplaySummary:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    run = Run(root)
-    if nproc != run.manifest.world_size:
-        raise OptionError(
-            f"the run was recorded by {run.manifest.world_size} rank(s)", "nproc", value=nproc
-        )
-    for rank in range(nproc):  # what every rank will need, checked before anything starts
-        plan(Run(root, rank=rank), run.checkpoint_at_or_before(from_step), to_step)
-    kind, note = placement(nproc, device)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -87,7 +121,9 @@ def replay_ranks(
     level, quiet.level = quiet.level, logging.CRITICAL  # a rank's failure is reported below
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        results = elastic_launch(config, rank_worker)(root, from_step, to_step, kind, every)
+        results = elastic_launch(config, rank_worker)(
+            str(run.root), from_step, to_step, kind, every
+        )
     except ChildFailedError as err:
         raise DiagError(None, _first_failure(err)) from None
     finally:
@@ -95,6 +131,11 @@ def replay_ranks(
         for sig, handler in handlers.items():  # the launcher leaves its own handlers installed
             signal.signal(sig, handler)
     return merge(run, results[min(results)], note)
+
+
+def _with_negatives(run: Run, summary: ReplaySummary) -> ReplaySummary:
+    found = negatives(run)
+    return replace(summary, findings=[*summary.findings, *([found] if found else [])])
 
 
 def _first_failure(err: ChildFailedError) -> str:
@@ -115,7 +156,8 @@ def rank_worker(
         torch.cuda.set_device(target)
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
     try:
-        run = Run(root, rank=dist.get_rank())
+        per = Run(root).manifest.world_size // dist.get_world_size()
+        run = Run(root, rank=dist.get_rank() * per)  # the first of the recorded ranks it plays
         return gather(
             replay_report(run, from_step, to_step, device=target, every=every).summary().to_dict()
         )
@@ -137,19 +179,10 @@ def merge(run: Run, gathered: list[dict], note: str | None) -> ReplaySummary:
     ]
     if faults:
         rank, fault = min(faults, key=lambda rf: (rf[1].step, _phase(rf[1]), rf[0]))
-        merged.fault = replace(fault, rank=rank)
+        merged.fault = replace(fault, rank=rank if fault.rank is None else fault.rank)
         merged.findings = reports[rank].findings
-    negatives = _negatives(run)
-    merged.findings = [*merged.findings, *([negatives] if negatives else [])]
-    return merged
+    return _with_negatives(run, merged)
 
 
 def _phase(fault: Fault) -> int:
     return PHASES.index(fault.phase) if fault.phase in PHASES else len(PHASES)
-
-
-def _negatives(run: Run) -> rules.Finding | None:
-    first = run.batch_steps[0] if run.batch_steps else None
-    actions = run.batch(first).tensors.get("a_pos") if first is not None else None
-    local = actions.shape[0] if actions is not None else 0
-    return rules.rank_negatives(run.manifest.loss.label, local, run.manifest.world_size)

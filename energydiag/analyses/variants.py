@@ -1,5 +1,7 @@
 """The notation of a proposed fix: "tau=3", "head=softplus", "lr*=0.1", "lr=1e-4", "clip=0.5",
-"clip=none", "margin=1", "warmup=10", "center=h", "batch*=3", or several joined by commas
+"clip=none", "margin=1", "warmup=10", "center=h", "batch*=3", and for a multi-rank run "ddp"
+(the recorded ranks' gradients averaged on one model) or "gather=all" (their batches joined:
+every rank's actions as negatives), or several joined by commas
 ("head=softplus,tau=1"). Findings name the variant that would verify them in this notation, and
 ``whatif`` replays it.
 """
@@ -12,7 +14,20 @@ from energydiag.errors import OptionError
 from energydiag.reference.models import HEADS
 
 LOSS_KNOBS = ("tau", "margin")
-SETTINGS = ("tau", "margin", "head", "lr", "lr*", "batch*", "clip", "warmup", "center")
+SETTINGS = (
+    "tau",
+    "margin",
+    "head",
+    "lr",
+    "lr*",
+    "batch*",
+    "clip",
+    "warmup",
+    "center",
+    "ddp",
+    "gather",
+)
+RANK_MODES = ("ddp", "gather")
 
 
 @dataclass
@@ -26,6 +41,7 @@ class Variant:
     warmup: int = 0
     center: list[str] = field(default_factory=list)  # batch tensors re-centred per feature
     batch_scale: int = 1  # each step also sees the next k-1 logged batches: k·B candidates
+    ranks: str | None = None  # "ddp" | "gather": how one process plays the recorded ranks
 
 
 def parse_variant(text: str) -> Variant:
@@ -43,6 +59,8 @@ def parse_variant(text: str) -> Variant:
 
 
 def _split(part: str) -> tuple[str, str, str]:
+    if part == "ddp":
+        return "ddp", "=", "on"
     for op in ("*=", "="):
         if op in part:
             key, value = part.split(op, 1)
@@ -67,6 +85,12 @@ def _apply_setting(v: Variant, key: str, op: str, value: str) -> None:
         v.clip = None if value.lower() in ("none", "off", "0") else float(value)
     elif key == "warmup":
         v.warmup = int(value)
+    elif key == "ddp" and value == "on":
+        v.ranks = "ddp"
+    elif key == "gather" and value == "all":
+        v.ranks = "gather"
+    elif key in RANK_MODES:
+        raise ValueError(value)
     elif key == "center":
         v.center.append(value)
     elif key == "head":

@@ -20,6 +20,7 @@ from energydiag.contrastive.quantities import STANDARD
 from energydiag.engine.quantities import layer_of
 from energydiag.engine.replay import plan, run_step
 from energydiag.engine.session import Session, open_session
+from energydiag.engine.simulated import joined
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
 from energydiag.reference.models import make_head
@@ -77,6 +78,7 @@ def whatif(
     window = plan(run, start, start + steps - 1)
     batches = [run.batch(s) for s in window]
     _check_inputs(variants, batches[0].tensors)
+    _check_ranks(run, variants)
     swap = _head_to_swap(run, start, device, head_path, batches[0], variants)
     results = []
     for variant in [Variant("baseline"), *variants]:
@@ -92,7 +94,7 @@ def whatif(
                 progress(variant.label, batch.step)
             if not rows[-1]["finite"]:
                 break
-        width = batches[0].size * variant.batch_scale if "h" in batches[0].tensors else 0
+        width = _candidates(run, batches[0], variant)
         results.append(_summarise(variant.label, rows, _input_layer(session.model), width))
     _rank(results)
     report = WhatifReport(start, len(batches), _input_layer(session.model), swap, results)
@@ -132,6 +134,10 @@ def _apply(v: Variant, session: Session, head_path: str | None) -> None:
         session.grad_clip = v.clip
     if v.center:
         session.transform_batch = functools.partial(_centred, v.center)
+    if v.ranks:
+        world = session.run.manifest.world_size
+        recorded = [Run(session.run.root, rank=r) for r in range(world)]
+        session.play_ranks(recorded, together=v.ranks == "gather")
 
 
 def _widened(batches: list[Batch], i: int, k: int) -> Batch:
@@ -139,15 +145,26 @@ def _widened(batches: list[Batch], i: int, k: int) -> Batch:
     k·B contexts and actions, so each positive meets k·B - 1 negatives, from the same data."""
     if k == 1:
         return batches[i]
-    parts = [batches[(i + j) % len(batches)] for j in range(k)]
-    first = parts[0]
-    merged = {
-        key: torch.cat([p.tensors[key] for p in parts])
-        if t.dim() and t.shape[0] == first.size
-        else t
-        for key, t in first.tensors.items()
-    }
-    return Batch(first.step, first.path, merged, first.rng, first.meta)
+    return joined([batches[(i + j) % len(batches)] for j in range(k)])
+
+
+def _candidates(run: Run, batch: Batch, v: Variant) -> int:
+    """The in-batch candidates each positive meets under the variant (0: not an energy batch)."""
+    if "h" not in batch.tensors:
+        return 0
+    joined = run.manifest.world_size if v.ranks == "gather" else 1
+    return batch.size * v.batch_scale * joined
+
+
+def _check_ranks(run: Run, variants: list[Variant]) -> None:
+    """A variant that plays the recorded ranks needs several, and ``ddp`` a run without it."""
+    for v in (v for v in variants if v.ranks):
+        if run.manifest.world_size < 2:
+            raise OptionError("the run was recorded by one process", "tries", value=v.label)
+        if v.ranks == "ddp" and run.manifest.parallelism == "ddp":
+            raise OptionError(
+                "the run already averages its gradients with DDP", "tries", value=v.label
+            )
 
 
 def _check_inputs(variants: list[Variant], tensors: dict[str, torch.Tensor]) -> None:

@@ -72,6 +72,13 @@ def build_loss(spec: LossSpec, **overrides: Any) -> LossFn:
     return functools.partial(_as_loss_output, fn, {**spec.kwargs, **overrides})
 
 
+def loss_gathers(loss_fn: LossFn) -> bool:
+    """A loss that declares ``gathers_across_ranks = True`` meets other ranks' data in its
+    forward: it cannot be replayed by fewer processes than recorded it."""
+    target = loss_fn.args[0] if isinstance(loss_fn, functools.partial) else loss_fn
+    return bool(getattr(target, "gathers_across_ranks", False))
+
+
 def _as_loss_output(fn: Callable[..., Any], kwargs: dict[str, Any], model, batch) -> LossOutput:
     out = fn(model, batch, **kwargs)
     return out if isinstance(out, tuple) else (out, {})

@@ -31,19 +31,37 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def describe(model: nn.Module) -> dict[str, Any] | None:
-    """The manifest's ``distributed`` entry for a model trained by several ranks."""
+    """The manifest's ``distributed`` entry for a model trained by several ranks: which of its
+    parameters are kept equal across ranks, and how (a plain module is each rank's own copy)."""
     rank, world = rank_and_world()
     if world == 1:
         return None
-    kind = "ddp" if isinstance(model, nn.parallel.DistributedDataParallel) else None
-    kind = "fsdp" if is_sharded(model) else kind
-    if kind is None:
-        raise DiagError(
-            None,
-            f"the Recorder records DDP and FSDP2 (fully_shard) runs; {type(model).__name__} is "
-            "neither",
-        )
-    return {"world_size": world, "backend": dist.get_backend(), "parallelism": kind}
+    sync = synchronisation(model)
+    kinds = set(sync.values())
+    parallelism = kinds.pop() if len(kinds) == 1 else "mixed"
+    return {
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "parallelism": parallelism,
+        "sync": sync,
+    }
+
+
+def synchronisation(model: nn.Module) -> dict[str, str]:
+    """Module path -> 'ddp' | 'fsdp' for the outermost wrapped modules, and '' -> 'none' when
+    some parameters sit outside all of them (the model itself is path '')."""
+    wrapped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") or not outer for outer in wrapped):
+            continue
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            wrapped[name] = "ddp"
+        elif is_sharded(module):
+            wrapped[name] = "fsdp"
+    covered = tuple(f"{outer}." for outer in wrapped)
+    if "" not in wrapped and any(not n.startswith(covered) for n, _ in model.named_parameters()):
+        wrapped[""] = "none"
+    return wrapped
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -88,33 +106,51 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
+def gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's same-shaped ``tensor``, in rank order (a collective)."""
+    if not in_group():
+        return [tensor]
+    local = tensor.to(_flag_device())
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return out
+
+
 def check_world(distributed: dict[str, Any] | None) -> None:
-    """Each rank replays its own logged batches, so the world must be the recorded one."""
-    if distributed is None:
+    """A replay in a process group must have the recorded world or divide it (each process then
+    plays several recorded ranks in turn); one process replays any run."""
+    if distributed is None or distributed["parallelism"] == "none":
         return
     world, here = distributed["world_size"], rank_and_world()[1]
-    if here != world:
+    if here > 1 and world % here:
         raise DiagError(
             None,
-            f"the run was recorded by {world} ranks and this replay has {here}: "
-            f"`energydiag replay` and `diagnose` launch the {world} ranks "
-            "(what-if and check's replay run in one process)",
+            f"the run was recorded by {world} ranks and this replay has {here}: the replay's "
+            f"ranks must divide the recorded ones",
         )
 
 
 def for_replay(model: nn.Module, distributed: dict[str, Any] | None) -> nn.Module:
     """DDP around a model rebuilt for a multi-rank DDP replay, so that backward all-reduces the
     gradients as the recorded run did (an FSDP model is sharded by the run's own function)."""
-    if distributed is None or distributed["parallelism"] != "ddp":
+    if distributed is None or distributed["parallelism"] != "ddp" or not in_group():
         return model
     return nn.parallel.DistributedDataParallel(model)
 
 
-def collective_order(distributed: dict[str, Any] | None) -> list[str]:
+def collective_order(distributed: dict[str, Any] | None, played: int = 1) -> list[str]:
     """Why a multi-rank replay need not match its recording bit for bit even with every state
-    restored: the rebuilt reducer (DDP's buckets, FSDP's reduce-scatter) may sum the ranks'
-    gradients in another order, a difference of float rounding (about 1e-7 relative)."""
+    restored: the rebuilt reducer (DDP's buckets, FSDP's reduce-scatter), or a process playing
+    several recorded ranks in turn, may sum the ranks' gradients in another order, a difference
+    of float rounding (about 1e-7 relative)."""
     if not distributed or int(distributed.get("world_size", 1)) < 2:
         return []
+    if distributed.get("parallelism") == "none":  # nothing was reduced across ranks
+        return []
+    if played > 1:
+        return [
+            f"all-reduce order ({played} recorded ranks played in turn by one process: their "
+            "gradients summed in rank order, not in DDP's bucket order)"
+        ]
     how = "FSDP's reduce-scatter" if distributed.get("parallelism") == "fsdp" else "DDP's buckets"
     return [f"all-reduce order ({how}, rebuilt for the replay, may sum the ranks in another order)"]

@@ -25,6 +25,7 @@ from energydiag.engine.localise import Fault, localise
 from energydiag.engine.quantities import DEFAULT, Quantity, columns
 from energydiag.engine.ranks import collective_order, flagged_ranks, unwrap
 from energydiag.engine.session import Session, open_session
+from energydiag.engine.simulated import RanksInTurn
 from energydiag.engine.tensorstats import exact_global_norm, global_norm, plain
 from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.io.rundir import Batch, Run
@@ -117,7 +118,7 @@ def replay(
         session = open_session(run, from_step, device)
         logged = run.logged()
         result.environment = environment.differences(recorded, environment.capture(device))
-        result.environment += collective_order(run.manifest.distributed)
+        result.environment += collective_order(run.manifest.distributed, _played(session))
         checkpoints = set(run.checkpoint_steps)
         steps = plan(run, session.step, to_step)
         for step in steps:
@@ -240,7 +241,8 @@ def locate(run: Run, step: int, device: torch.device, expected: bool = True) -> 
     one failed reports a fault only when its re-run finds one.
     """
     with environment.recorded_threads(run.manifest.environment):
-        fault = localise(state_before(run, step, device), run.batch(step))
+        session = state_before(run, step, device)
+        fault = localise(session, run.batch(step))
     if fault is None and not expected:
         return None
     if fault is None:
@@ -252,7 +254,16 @@ def locate(run: Run, step: int, device: torch.device, expected: bool = True) -> 
             reproduced=False,
         )
     fault.reproduced = True
+    if isinstance(session.step_fn, RanksInTurn):  # the micro-batch was a recorded rank's
+        rank = session.step_fn.rank_of(fault.micro_batch)
+        if rank is not None:
+            fault.rank, fault.micro_batch = rank, None
     return fault
+
+
+def _played(session: Session) -> int:
+    """How many recorded ranks this process plays each step."""
+    return len(session.step_fn.runs) if isinstance(session.step_fn, RanksInTurn) else 1
 
 
 def replay_columns(

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from energydiag.engine.instrument import PhaseClock
-from energydiag.engine.plugins import LossFn, build_loss, build_model, build_optimizer, resolve
-from energydiag.engine.ranks import check_world, for_replay
+from energydiag.engine.plugins import (
+    LossFn,
+    build_loss,
+    build_model,
+    build_optimizer,
+    loss_gathers,
+    resolve,
+)
+from energydiag.engine.ranks import check_world, for_replay, rank_and_world
 from energydiag.engine.sharded import load_sharded
+from energydiag.engine.simulated import RanksInTurn, played_ranks
 from energydiag.engine.step import StepContext, StepFn, StepResult, default_step, run_step_fn
 from energydiag.errors import DiagError, OptionError, blame
 from energydiag.io.rundir import Batch, Checkpoint, Run, parse_groups
@@ -98,8 +106,29 @@ class Session:
         state = batch.scaler_state
         if self.scaler is not None and state is not None:
             self.scaler.load_state_dict(state)
+        return self.inputs(batch)
+
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The batch as the model gets it: on the device, with a what-if's change applied."""
         data = self.batch_on_device(batch)
         return self.transform_batch(data) if self.transform_batch else data
+
+    def play_ranks(self, runs: list[Run], together: bool = False) -> None:
+        """Play these recorded ranks in turn each step (their gradients averaged, or with
+        ``together`` their batches joined into one), with the built-in step only."""
+        manifest = self.run.manifest
+        where = self.run.manifest_path
+        if manifest.step:
+            raise DiagError(
+                where,
+                f"plays its ranks through its own step {manifest.step!r}: "
+                f"replay it on its {manifest.world_size} recorded ranks",
+            )
+        if self.scaler is not None:
+            raise DiagError(where, "used a GradScaler: replay it on its recorded ranks")
+        if loss_gathers(self.loss_fn):
+            raise DiagError(where, "its loss gathers across ranks: replay it on its recorded ranks")
+        self.step_fn = RanksInTurn(runs, self.inputs, together)
 
     def train(
         self,
@@ -141,7 +170,7 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
     else:
         load_checkpoint(ckpt, model, optimizer)
     model = for_replay(model, manifest.distributed)
-    return Session(
+    session = Session(
         run,
         model,
         optimizer,
@@ -156,6 +185,10 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         loss_kwargs={**manifest.loss.kwargs, **loss_overrides},
         base_hyperparameters=hyperparameters(optimizer),
     )
+    rank, here = rank_and_world()
+    if manifest.parallelism == "ddp" and here < manifest.world_size:
+        session.play_ranks(played_ranks(run, here, rank))
+    return session
 
 
 def recorded_groups(ckpt: Checkpoint) -> list[list[str]] | None:

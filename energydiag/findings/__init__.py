@@ -71,6 +71,7 @@ from energydiag.findings.faults import (
     root_cause,
 )
 from energydiag.findings.landscape import energy_rises, spurious_basin, train_mode_refinement
+from energydiag.findings.ranks import rank_divergence
 from energydiag.findings.replay import (
     cannot_replay,
     fidelity,
@@ -97,6 +98,7 @@ __all__ = [
     "narrow_energy_range",
     "not_an_energy_batch",
     "unused_negatives",
+    "rank_divergence",
     "rank_first_nonfinite",
     "rank_negatives",
     "loss_position",

@@ -285,9 +285,12 @@ def model_raised(step: int, message: str) -> Finding:
 SWAP_LOSSES = ("inbatch_infonce", "gathered_infonce")
 
 
-def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
+def rank_negatives(
+    loss: str, local_batch: int, world: int, synchronised: bool = True
+) -> Finding | None:
     """How many negatives each positive meets in a multi-rank swap InfoNCE, local or gathered:
-    8 ranks of 3 samples give 2 negatives per positive without a gather, 23 with one."""
+    8 ranks of 3 samples give 2 negatives per positive without a gather, 23 with one. Ranks
+    that are not ``synchronised`` each train their own copy on their local batch alone."""
     if world < 2 or loss not in SWAP_LOSSES or local_batch < 1:
         return None
     gathered = loss == "gathered_infonce"
@@ -298,6 +301,7 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         "world_size": world,
         "negatives": negatives,
         "gathered": gathered,
+        "synchronised": synchronised,
     }
     if gathered:
         return Finding(
@@ -308,6 +312,8 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
             "nothing to change: the loss already sees every rank's actions",
             evidence,
         )
+    if not synchronised:
+        return _own_copies(local_batch, world, evidence)
     return Finding(
         "ranks.negatives",
         "warning" if local_batch <= 16 else "info",
@@ -319,6 +325,28 @@ def rank_negatives(loss: str, local_batch: int, world: int) -> Finding | None:
         f"{math.log(whole):.3f}, and a loss floor the narrow heads reach less easily",
         evidence,
     )
+
+
+def _own_copies(local: int, world: int, evidence: dict[str, Any]) -> Finding:
+    """The remedies that change the effective batch, best first; the story verifies the first."""
+    whole = local * world
+    title = (
+        f"each rank trains its own copy on B_local = {local} samples: {local - 1} negatives per "
+        f"positive (chance log {local} = {math.log(local):.2f}) instead of {whole - 1} "
+        f"(log {whole} = {math.log(whole):.2f})"
+    )
+    remedy = (
+        f"1. wrap the model in DDP and gather the actions across ranks for the negatives "
+        f"(loss 'gathered_infonce'): one model, {whole - 1} negatives per positive "
+        f"(what-if variant gather=all); 2. DDP alone: one model averaging all {whole} samples' gradients, "
+        f"still {local - 1} negatives (variant ddp); 3. a larger local batch"
+    )
+    evidence = evidence | {
+        "verify": "gather=all",
+        "link": {"stage": 0, "what": f"each rank trains its own copy on {local} samples"},
+    }
+    tries = Invocation("whatif", options={"tries": ["gather=all", "ddp"]})
+    return Finding("ranks.negatives", "error", title, remedy, evidence, [tries])
 
 
 def rank_first_nonfinite(

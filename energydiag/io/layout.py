@@ -16,6 +16,7 @@ FORMAT_RANKS = "energydiag/2"
 MANIFEST = "run.json"
 METRICS = "metrics.jsonl"
 FAILURE = "failure.json"
+RANKS = "ranks.jsonl"  # rank 0's comparison of the ranks' parameters, every few steps
 CHECKPOINTS = "checkpoints"
 BATCHES = "batches"
 
@@ -42,8 +43,15 @@ def step_file(step: int) -> str:
 SIDECAR = "energydiag.json"  # our metadata inside a torch.distributed.checkpoint folder
 
 
-def checkpoint_path(root: Path, step: int) -> Path:
-    """The step's checkpoint: a safetensors file, or (a sharded run) a DCP folder."""
+def checkpoint_path(root: Path, step: int, rank: int | None = None) -> Path:
+    """The step's checkpoint: a safetensors file, or (a sharded run) a DCP folder. ``rank``:
+    another rank's own copy, in a run whose ranks each train theirs (rank 0's is the run's)."""
+    if rank:
+        return (
+            Path(root)
+            / CHECKPOINTS
+            / step_file(step).replace(".safetensors", f".rank-{rank}.safetensors")
+        )
     folder = Path(root) / CHECKPOINTS / step_file(step).removesuffix(".safetensors")
     if (folder / ".metadata").is_file():
         return folder

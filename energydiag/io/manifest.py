@@ -33,7 +33,12 @@ _KEYS = {
     "distributed",
     "parallelize",
 }
-PARALLELISM = ("ddp", "fsdp")
+# ddp/fsdp: the whole model is synchronised; none: every rank trains its own copy (a plain
+# module under torch.distributed); mixed: some submodules wrapped in DDP/FSDP, the rest not.
+PARALLELISM = ("ddp", "fsdp", "none", "mixed")
+SYNC = ("ddp", "fsdp", "none")
+_DISTRIBUTED_KEYS = {"world_size", "backend", "parallelism"}
+_DISTRIBUTED_OPTIONAL = {"sync", "rank_checkpoints"}
 SCALER_KEYS = {"init_scale", "growth_factor", "backoff_factor", "growth_interval"}
 
 
@@ -80,7 +85,8 @@ class Manifest:
     environment: dict[str, Any] = field(default_factory=dict)
     step: str | None = None
     scaler: dict[str, float] | None = None  # GradScaler settings when the run used one
-    # {"world_size": W, "backend": "gloo"|"nccl", "parallelism": "ddp"} for a multi-rank run
+    # {"world_size": W, "backend": "gloo"|"nccl", "parallelism": "ddp", "sync": {...}} for a
+    # multi-rank run; "rank_checkpoints": every rank saved its own copy (parallelism none)
     distributed: dict[str, Any] | None = None
     # for FSDP: 'pkg.mod:fn', fn(model) shards a freshly built model as the run did
     parallelize: str | None = None
@@ -89,6 +95,15 @@ class Manifest:
     @property
     def world_size(self) -> int:
         return int(self.distributed["world_size"]) if self.distributed else 1
+
+    @property
+    def parallelism(self) -> str | None:
+        return self.distributed["parallelism"] if self.distributed else None
+
+    @property
+    def rank_copies(self) -> bool:
+        """Every rank trained its own copy: nothing keeps the ranks' parameters equal."""
+        return self.parallelism == "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -226,11 +241,20 @@ def import_string(value: object) -> bool:
 def _distributed(value: object) -> bool:
     return (
         isinstance(value, dict)
-        and set(value) == {"world_size", "backend", "parallelism"}
+        and _DISTRIBUTED_KEYS <= set(value) <= _DISTRIBUTED_KEYS | _DISTRIBUTED_OPTIONAL
         and _integer(value["world_size"])
         and 1 <= value["world_size"] <= 65536
         and isinstance(value["backend"], str)
         and value["parallelism"] in PARALLELISM
+        and _sync(value.get("sync", {}))
+        and isinstance(value.get("rank_checkpoints", False), bool)
+    )
+
+
+def _sync(value: object) -> bool:
+    """Module path ('' for the rest of the model) -> how its parameters are kept equal."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and v in SYNC for k, v in value.items()
     )
 
 

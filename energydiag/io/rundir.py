@@ -25,6 +25,7 @@ from energydiag.io.layout import (
     CHECKPOINTS,
     FAILURE,
     MANIFEST,
+    RANKS,
     batch_path,
     checkpoint_path,
     metrics_path,
@@ -32,6 +33,7 @@ from energydiag.io.layout import (
     steps_in,
 )
 from energydiag.io.manifest import Manifest, read_manifest
+from energydiag.io.rank_checks import read_rank_checks
 from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
 from energydiag.io.torchfiles import load_tensor_dict
@@ -165,11 +167,17 @@ class Run:
         return {s: self._inside(checkpoint_path(self.root, s)) for s in self.checkpoint_steps}
 
     def checkpoint(self, step: int) -> Checkpoint:
-        path = self._inside(checkpoint_path(self.root, step))
+        """The step's checkpoint; in a run whose ranks train their own copies, this rank's."""
+        path = self._inside(checkpoint_path(self.root, step, self._copy_rank))
         ckpt = load_checkpoint_file(path)
         check_format(path, ckpt.meta, "checkpoint")
         _check_step(path, ckpt.meta, step)
         return ckpt
+
+    @property
+    def _copy_rank(self) -> int | None:
+        distributed = self.manifest.distributed or {}
+        return self.rank if distributed.get("rank_checkpoints") else None
 
     def batch(self, step: int) -> Batch:
         path = self._inside(batch_path(self.root, step, self.rank))
@@ -224,6 +232,10 @@ class Run:
             steps, values = metric_series(frame, metric)
             out[metric] = dict(zip(steps.tolist(), values.tolist(), strict=True))
         return out
+
+    def rank_checks(self) -> list[dict[str, Any]]:
+        """Whether the ranks held the same parameters, every few steps (``ranks.jsonl``)."""
+        return read_rank_checks(self._inside(self.root / RANKS))
 
     def first_failure(self) -> int | None:
         """The first step the run itself saw fail: a non-finite logged loss or gradient norm,

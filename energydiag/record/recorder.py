@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
@@ -28,10 +29,12 @@ import torch
 from torch import nn
 
 from energydiag.engine import environment
+from energydiag.engine.consistency import compare, fingerprints
 from energydiag.engine.plugins import check_model_spec
 from energydiag.engine.ranks import (
     describe,
     flagged_ranks,
+    gather_tensor,
     rank_and_world,
     rank_codes,
     unwrap,
@@ -44,6 +47,7 @@ from energydiag.io.layout import (
     FAILURE,
     FORMAT_RANKS,
     MANIFEST,
+    RANKS,
     batch_path,
     checkpoint_path,
     metrics_path,
@@ -58,6 +62,8 @@ from energydiag.io.state import (
     scaler_settings,
 )
 from energydiag.io.tensorfile import write_atomic
+from energydiag.record.peers import PeerAlarm
+from energydiag.record.peers import available as peers_available
 
 
 class Recorder:
@@ -72,9 +78,12 @@ class Recorder:
     ``scaler``: the loop's GradScaler; its state is recorded per step, and a non-finite gradient
     norm (which it skips) is then not a failure, while a non-finite loss still is.
 
-    Under torchrun with a DDP model, create it on every rank: each rank records its own batches,
-    rank 0 the manifest and checkpoints, and the ranks vote on every step's health, so a NaN on
-    one rank dumps them all.
+    Under torchrun, create it on every rank, with whatever model the rank trains: DDP, FSDP2,
+    or a plain module (each rank's own copy, nothing keeps them equal). Each rank records its own
+    batches, rank 0 the manifest and checkpoints (every rank its own copy's, for a plain module,
+    unless ``rank_checkpoints=False``), and the ranks vote on every step's health, so a NaN on
+    one rank dumps them all. Every ``consistency_every`` steps (and at each checkpoint) the ranks
+    compare fingerprints of their parameters; rank 0 logs where they differ (``ranks.jsonl``).
     """
 
     def __init__(
@@ -97,10 +106,15 @@ class Recorder:
         check_spec: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         parallelize: str | None = None,
+        rank_checkpoints: bool = True,
+        consistency_every: int = 10,
+        peer_timeout: float = 30.0,
     ) -> None:
         self.root = Path(run_dir)
-        if checkpoint_every < 1 or keep_batches < 1:
-            raise ValueError("checkpoint_every and keep_batches must be at least 1")
+        if checkpoint_every < 1 or keep_batches < 1 or consistency_every < 0:
+            raise ValueError(
+                "checkpoint_every and keep_batches must be at least 1, consistency_every 0 or more"
+            )
         self.rank, self.world = rank_and_world()
         # Every rank looks before rank 0 writes (the vote is also the barrier).
         if flagged_ranks((self.root / MANIFEST).exists() and not overwrite):
@@ -111,8 +125,7 @@ class Recorder:
         self.manifest = _manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
-        self.manifest = _with_ranks(self.manifest, model, parallelize)
-        self.sharded = (self.manifest.distributed or {}).get("parallelism") == "fsdp"
+        self.manifest = _with_ranks(self.manifest, model, parallelize, rank_checkpoints)
         self.manifest.environment.update(environment.capture(device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
@@ -130,6 +143,22 @@ class Recorder:
         if self.lead:
             write_text_atomic(self.root / MANIFEST, self.manifest.to_json())
         self._metrics = metrics_path(self.root, self.rank).open("w")
+        self._lock = threading.Lock()  # the ring, between the loop and a peer's alarm
+        self._join_ranks(consistency_every, peer_timeout)
+
+    def _join_ranks(self, consistency_every: int, peer_timeout: float) -> None:
+        """What only a multi-rank run has: its parallelism, the comparison of the ranks'
+        parameters, and the alarm that tells every rank when one raises."""
+        distributed = self.manifest.distributed or {}
+        self.sharded = distributed.get("parallelism") == "fsdp"
+        self.own_copies = bool(distributed.get("rank_checkpoints"))
+        # sharded parameters differ across ranks by design: nothing to compare
+        self.consistency_every = 0 if self.sharded or self.world == 1 else consistency_every
+        compares = self.lead and self.consistency_every
+        self._ranks = (self.root / RANKS).open("w") if compares else None
+        self.peer_timeout = peer_timeout
+        told = self.world > 1 and peers_available()  # see record/peers.py
+        self._peers = PeerAlarm(self.rank, self.world, self._peer_raised) if told else None
 
     @property
     def failed_at(self) -> int | None:
@@ -139,11 +168,16 @@ class Recorder:
         self._step, self._ended = step, False
         if step % self.checkpoint_every == 0:
             self.save_checkpoint(step)
+        if self.consistency_every and (
+            step % self.consistency_every == 0 or step % self.checkpoint_every == 0
+        ):
+            self._compare_ranks(step)
         record = {k: v.detach().clone() for k, v in batch.items()} | capture_rng()
         meta = {"kind": "batch", "step": str(step)}
         if self.scaler is not None:
             meta[SCALER_STATE] = json.dumps(self.scaler.state_dict())
-        self.ring.append((step, record, meta))
+        with self._lock:
+            self.ring.append((step, record, meta))
 
     def end_step(
         self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, **scalars: Any
@@ -198,40 +232,68 @@ class Recorder:
         needs them all, can be saved; one rank's exception alone cannot save one."""
         if self._step is None:
             return
-        self._metrics.flush()
-        for ring_step, record, meta in self.ring:
-            if not self._batch_path(ring_step).exists():
-                self._write_batch(ring_step, record, meta)
+        with self._lock:
+            self._metrics.flush()
+            ring = list(self.ring)
+            for ring_step, record, meta in ring:
+                if not self._batch_path(ring_step).exists():
+                    self._write_batch(ring_step, record, meta)
+        entry = {"step": self._step, "reason": reason, **evidence, "batches_from": ring[0][0]}
+        if pre_step and self.sharded and not together:
+            entry["checkpoint_missing"] = (
+                "an FSDP checkpoint is saved by every rank together, and this failure reached "
+                "the ranks one at a time: replay from the last regular checkpoint"
+            )
         pre_step = pre_step and (together or not self.sharded)
         if pre_step:
             self.save_checkpoint(self._step)
-        entry = {
-            "step": self._step,
-            "reason": reason,
-            **evidence,
-            "batches_from": self.ring[0][0],
-            "checkpoint": self._step if pre_step else None,
-        }
+        entry["checkpoint"] = self._step if pre_step else None
         self.failures.append(entry)
+        self._write_failures()
+
+    def _write_failures(self) -> None:
+        """Every rank says what it saw; rank 0's is the run's failure.json."""
         report = {**self.failures[0], "later": self.failures[1:]}
-        # Every rank says what it saw; rank 0's is the run's failure.json.
         name = FAILURE if self.lead else FAILURE.replace(".json", f".rank-{self.rank}.json")
         write_text_atomic(self.root / name, json.dumps(report, indent=2) + "\n")
+
+    def _peer_raised(self, message: dict[str, Any]) -> None:
+        """Another rank raised: keep this rank's ring (its state may be mid-step)."""
+        peer = message.get("rank")
+        self._dump(
+            f"rank {peer} raised",
+            pre_step=False,
+            together=False,
+            raised_on=peer,
+            exception=message.get("exception"),
+        )
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Rank 0 writes a DDP run's (replicas are equal); every rank its shard of an FSDP one."""
         if self.sharded:
             folder = checkpoint_path(self.root, step).with_suffix("")
             return save_sharded(folder, step, self.model, self.optimizer, self.lead)
-        if not self.lead:
+        if not (self.lead or self.own_copies):
             return None
         tensors, meta = pack_state(self.model, self.optimizer)
-        path = checkpoint_path(self.root, step)
+        path = checkpoint_path(self.root, step, self.rank if self.own_copies else None)
         write_atomic(path, tensors, {"kind": "checkpoint", "step": str(step), **meta})
         return path
 
+    def _compare_ranks(self, step: int) -> None:
+        """Rank 0 logs whether the ranks' parameters (before this step) are the same."""
+        names, local = fingerprints(self.model)
+        compared = compare(names, gather_tensor(local))
+        if self.lead:
+            self._ranks.write(json.dumps({"step": step, **compared}) + "\n")
+            self._ranks.flush()
+
     def close(self) -> None:
+        if self._peers is not None:
+            self._peers.close()
         self._metrics.close()
+        if self._ranks is not None:
+            self._ranks.close()
 
     def __enter__(self) -> Recorder:
         return self
@@ -240,8 +302,17 @@ class Recorder:
         try:
             if isinstance(exc, Exception):
                 self.dump("exception", exception=first_line(exc))
+                self._tell_peers(first_line(exc))
         finally:
             self.close()
+
+    def _tell_peers(self, exception: str) -> None:
+        """Every other rank dumps its ring too; failure.json says which did not in time."""
+        if self._peers is None or self._step is None:
+            return
+        silent = self._peers.tell({"step": self._step, "exception": exception}, self.peer_timeout)
+        self.failures[-1]["ranks_without_dump"] = silent
+        self._write_failures()
 
     def _batch_path(self, step: int) -> Path:
         return batch_path(self.root, step, self.rank if self.world > 1 else None)
@@ -259,11 +330,16 @@ def _to_floats(values: list[Any]) -> list[float]:
     return [next(synced) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
-def _with_ranks(manifest: Manifest, model: nn.Module, parallelize: str | None) -> Manifest:
-    """A multi-rank run's manifest: version 2, the world, and how to shard an FSDP model."""
+def _with_ranks(
+    manifest: Manifest, model: nn.Module, parallelize: str | None, rank_checkpoints: bool
+) -> Manifest:
+    """A multi-rank run's manifest: version 2, the world, which parameters the ranks keep equal,
+    and how to shard an FSDP model."""
     distributed = describe(model)
     if distributed is None:
         return manifest
+    if distributed["parallelism"] in ("none", "mixed"):
+        distributed["rank_checkpoints"] = rank_checkpoints
     if distributed["parallelism"] == "fsdp" and parallelize is None:
         raise DiagError(
             None, "an FSDP run needs parallelize='pkg.mod:fn', fn(model) sharding it as yours"

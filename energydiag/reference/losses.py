@@ -97,6 +97,9 @@ def gathered_infonce(model: nn.Module, batch: Batch, tau: float = 0.5) -> LossOu
     return loss, _pos_neg_diagnostics(e_pos, e_neg, candidate_energies=_candidates(e_pos, e_neg))
 
 
+gathered_infonce.gathers_across_ranks = True  # replays on its recorded ranks only
+
+
 def stacked_negatives(batch: Batch) -> torch.Tensor:
     """Explicit negatives [B, M, H, Da] from ``a_neg`` or ``layer_actions.<i>`` keys."""
     if "a_neg" in batch:
