@@ -170,10 +170,12 @@ def _written_finite(func: Any, args: tuple, kwargs: dict) -> bool:
 
 
 def _uninitialised(func: Any) -> bool:
-    """Allocations whose values are undefined by contract (aten::empty*, new_empty*, resize_):
-    their memory may hold any bit pattern, NaN included, until something writes it."""
+    """Outputs whose values are undefined when the op returns: allocations (aten::empty*,
+    new_empty*, resize_), whose memory may hold any bit pattern, NaN included, until something
+    writes it; and collectives (c10d::*), whose output buffers fill when their work completes,
+    possibly after the op has returned (FSDP's all-gather)."""
     name = func._schema.name
-    return "empty" in name or name == "aten::resize_"
+    return "empty" in name or name == "aten::resize_" or name.startswith("c10d::")
 
 
 def _autograd_node() -> str | None:
