@@ -6,6 +6,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -19,6 +20,19 @@ def init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, loop, *args) -> None:
+    """Run ``loop(rank, *args)`` on ``world`` gloo ranks, as torchrun would start them."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(run_rank, args=(world, free_port(), loop, *args), nprocs=world, join=True)
 
 
 def run_rank(rank: int, world: int, port: int, loop, *args) -> None:

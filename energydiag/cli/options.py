@@ -124,9 +124,10 @@ NprocOpt = Annotated[
     int | None,
     typer.Option(
         metavar="N",
-        help="Ranks to replay a multi-rank run with (default: its recorded world size). They are "
-        "launched through torch.distributed (gloo on CPU, NCCL with a GPU per rank); under "
-        "torchrun, energydiag is one of the ranks instead.",
+        help="Processes to replay a multi-rank run with (default: its recorded world size), or "
+        "a divisor of it down to 1: each process then plays its share of the recorded ranks in "
+        "turn, averaging their gradients as DDP did. They are launched through torch.distributed "
+        "(gloo on CPU, NCCL with a GPU per rank); under torchrun, energydiag is one of the ranks.",
     ),
 ]
 GoodOpt = Annotated[int | None, typer.Option(metavar="N", help="A checkpoint step known good.")]

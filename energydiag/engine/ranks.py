@@ -121,6 +121,12 @@ def check_world(distributed: dict[str, Any] | None) -> None:
     plays several recorded ranks in turn); one process replays any run."""
     if distributed is None or distributed["parallelism"] == "none":
         return
+    if distributed["parallelism"] == "mixed":
+        raise DiagError(
+            None,
+            "the run's model is partly wrapped (manifest 'sync'): its replay is not supported yet; "
+            "diagnose, curves and inspect read its records",
+        )
     world, here = distributed["world_size"], rank_and_world()[1]
     if here > 1 and world % here:
         raise DiagError(
