@@ -320,6 +320,17 @@ def test_fsdp_run_records_dcp_checkpoints_replays_them_and_localises_rank_1(tmp_
     fault = report["fault"]
     assert (fault["rank"], fault["step"], fault["phase"]) == (1, 5, "forward")
     assert fault["module"] == "attn" and fault["op"]["op"] == "aten::_softmax"
+    # one process plays both recorded ranks, the checkpoints resharded by DCP's own loading
+    alone = replay_ranks(str(tmp_path / "run"), 4, None, nproc=1).to_json()
+    assert alone["placement"].startswith("2 recorded ranks played by 1 process(es)")
+    assert any("FSDP's reduce-scatter" in e for e in alone["fidelity"]["environment"])
+    fault = alone["fault"]
+    assert (fault["rank"], fault["step"], fault["phase"], fault["module"]) == (
+        1,
+        5,
+        "forward",
+        "attn",
+    )
 
 
 @pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker

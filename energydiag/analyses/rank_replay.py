@@ -78,7 +78,7 @@ def replay_ranks(
     for rank in range(world):  # what every rank will need, checked before anything starts
         plan(Run(root, rank=rank), run.checkpoint_at_or_before(from_step), to_step)
     shared = None if nproc == world else f"{world} recorded ranks played by {nproc} process(es)"
-    if nproc == 1:
+    if nproc == 1 and run.manifest.parallelism == "ddp":  # FSDP needs a group, even of one
         found = replay_report(run, from_step, to_step, resolve_device(device), every).summary()
         return _with_negatives(run, replace(found, placement=shared))
     kind, note = placement(nproc, device)

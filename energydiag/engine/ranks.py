@@ -128,6 +128,12 @@ def check_world(distributed: dict[str, Any] | None) -> None:
             "diagnose, curves and inspect read its records",
         )
     world, here = distributed["world_size"], rank_and_world()[1]
+    if distributed["parallelism"] == "fsdp" and not in_group():
+        raise DiagError(
+            None,
+            "an FSDP run replays under torch.distributed (its sharding needs a process group): "
+            "`energydiag replay` launches it, on 1 process if you ask",
+        )
     if here > 1 and world % here:
         raise DiagError(
             None,
@@ -153,10 +159,10 @@ def collective_order(distributed: dict[str, Any] | None, played: int = 1) -> lis
         return []
     if distributed.get("parallelism") == "none":  # nothing was reduced across ranks
         return []
+    how = "FSDP's reduce-scatter" if distributed.get("parallelism") == "fsdp" else "DDP's buckets"
     if played > 1:
         return [
             f"all-reduce order ({played} recorded ranks played in turn by one process: their "
-            "gradients summed in rank order, not in DDP's bucket order)"
+            f"gradients summed in rank order, not in the order of {how})"
         ]
-    how = "FSDP's reduce-scatter" if distributed.get("parallelism") == "fsdp" else "DDP's buckets"
     return [f"all-reduce order ({how}, rebuilt for the replay, may sum the ranks in another order)"]

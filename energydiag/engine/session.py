@@ -186,7 +186,7 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         base_hyperparameters=hyperparameters(optimizer),
     )
     rank, here = rank_and_world()
-    if manifest.parallelism == "ddp" and here < manifest.world_size:
+    if manifest.parallelism in ("ddp", "fsdp") and here < manifest.world_size:
         session.play_ranks(played_ranks(run, here, rank))
     return session
 

@@ -1,6 +1,6 @@
 """Recorded ranks played in turn by fewer processes, down to one.
 
-A DDP step averages the ranks' gradients: each rank's backward, then the mean over ranks. A
+A DDP step (an FSDP one, reduce-scattered) averages the ranks' gradients: each rank's backward, then the mean over ranks. A
 process that holds the model once can do the same with the ranks' logged batches in turn:
 zero the gradients, then for each rank restore its RNG, run its forward and backward of
 loss / k, and step once. Over W' processes each plays k = W / W' ranks and DDP's all-reduce
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from energydiag.engine.ranks import is_sharded
 from energydiag.engine.step import StepContext
 from energydiag.io.rundir import Batch, Run
 from energydiag.io.state import restore_rng
@@ -68,10 +69,21 @@ class RanksInTurn:
 
 
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    """DDP's gradient sync waits for the last of this process's ranks."""
+    """DDP's gradient sync (FSDP's reduce-scatter) waits for the last of this process's ranks."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
+    if is_sharded(model):
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _first_loss(losses: list[torch.Tensor]) -> torch.Tensor:
