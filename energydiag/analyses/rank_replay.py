@@ -92,11 +92,17 @@ def replay_copies(
     """Each rank's own copy replayed from its own checkpoints over its own batches, in turn."""
     target = resolve_device(device)
     world = run.manifest.world_size
+    saved = (run.manifest.distributed or {}).get("rank_checkpoints", False)
     reports = [
         replay_report(Run(run.root, rank=r), from_step, to_step, target, every).summary().to_dict()
-        for r in range(world)
+        for r in (range(world) if saved else [0])
     ]
     note = f"each of the {world} ranks' own copies replayed in turn in one process"
+    if not saved:
+        note = (
+            f"rank 0's copy replayed alone: the other {world - 1} ranks saved no checkpoints "
+            "of their own (rank_checkpoints=False)"
+        )
     return merge(run, reports, note)
 
 
