@@ -29,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fsdp_checkpoints(tmp_path_factory):
     import dist_workers
 
@@ -43,7 +43,6 @@ def fsdp_checkpoints(tmp_path_factory):
     return out
 
 
-@pytest.mark.xdist_group("fsdp_checkpoints")  # one recording, one worker
 def test_fsdp_dcp_checkpoint_is_read_whole_from_its_shards(fsdp_checkpoints):
     step0 = fsdp_checkpoints / "step-0"
     assert len(list(step0.glob("*.distcp"))) == 2  # one shard file per rank
@@ -55,7 +54,6 @@ def test_fsdp_dcp_checkpoint_is_read_whole_from_its_shards(fsdp_checkpoints):
         assert tuple(reader.get("optim.0.weight.exp_avg").shape) == (16, 8)
 
 
-@pytest.mark.xdist_group("fsdp_checkpoints")  # one recording, one worker
 def test_fsdp_run_is_inspected_and_bisected_from_disk(fsdp_checkpoints):
     from energydiag.analyses.bisection import bisect_checkpoints
     from energydiag.analyses.checkpoint_report import checkpoint_report
@@ -72,7 +70,6 @@ def test_fsdp_run_is_inspected_and_bisected_from_disk(fsdp_checkpoints):
     assert result.checkpoint_evaluations < len(found)
 
 
-@pytest.mark.xdist_group("fsdp_checkpoints")  # one recording, one worker
 def test_missing_and_truncated_shards_are_one_line(fsdp_checkpoints, tmp_path):
     import shutil
 
@@ -113,14 +110,13 @@ def record_ddp(root, plant_step=-1, loss="inbatch_infonce", sharded=False, world
     dist_workers.spawn(world, dist_workers.ddp_recorded, str(root), plant_step, loss, sharded)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def planted_on_rank_1(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted") / "run"
     record_ddp(root, plant_step=5)
     return root
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_ddp_run_replays_bit_exact_and_localises_rank_1s_nan_on_rank_1(planted_on_rank_1):
     """One recording and one launch: steps 0-4 replay to identical parameters on both ranks,
     and the NaN planted on rank 1 at step 5 is found on rank 1."""
@@ -156,7 +152,6 @@ def test_ddp_run_replays_bit_exact_and_localises_rank_1s_nan_on_rank_1(planted_o
     assert fault["all_masked_samples"] == [2]
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_replay_command_launches_the_ranks(planted_on_rank_1):
     from typer.testing import CliRunner
 
@@ -174,7 +169,6 @@ def test_replay_command_launches_the_ranks(planted_on_rank_1):
     assert wrong.exit_code == 2 and "recorded by 2 rank(s)" in wrong.stderr
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_diagnose_replays_a_multi_rank_run_on_its_ranks(planted_on_rank_1):
     from energydiag.analyses.diagnosis import diagnose
     from energydiag.io.rundir import Run
@@ -185,7 +179,6 @@ def test_diagnose_replays_a_multi_rank_run_on_its_ranks(planted_on_rank_1):
     assert {"ranks.negatives", "ranks.first_nonfinite"} <= {f.code for f in result.findings}
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_every_ranks_log_says_which_rank_went_first(planted_on_rank_1):
     """Rank 0's log alone dates rank 1's NaN a step late: its loss at 5 is still finite, its
     gradient norm (after the all-reduce) is not."""
@@ -208,7 +201,6 @@ def test_every_ranks_log_says_which_rank_went_first(planted_on_rank_1):
     )
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_bisect_on_a_multi_rank_run_points_to_the_rank_replay(planted_on_rank_1):
     from energydiag.analyses.bisection import bisect
     from energydiag.io.rundir import Run
@@ -220,7 +212,6 @@ def test_bisect_on_a_multi_rank_run_points_to_the_rank_replay(planted_on_rank_1)
     assert command_line(found.commands[0]) == "energydiag replay RUN --from-step 5 --to-step 5"
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_under_torchrun_energydiag_is_one_of_the_ranks(planted_on_rank_1):
     """The user's own torchrun: no second launch, rank 0 prints the report."""
     exe = Path(sys.executable).with_name("energydiag")
@@ -333,7 +324,6 @@ def test_fsdp_run_records_dcp_checkpoints_replays_them_and_localises_rank_1(tmp_
     )
 
 
-@pytest.mark.xdist_group("planted_on_rank_1")  # one recording, one worker
 def test_a_rank_that_fails_is_one_line(planted_on_rank_1, tmp_path):
     import shutil
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 WORLD = 4
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def own_copies(tmp_path_factory):
     """The seed team's script: EnergyModel(...) on every rank, never wrapped; 4 × 3 samples."""
     import dist_workers
@@ -29,7 +29,7 @@ def own_copies(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ddp_on_4(tmp_path_factory):
     """DDP on 4 ranks; at step 5 rank 1 alone gets a sample whose pad_mask masks every key."""
     import dist_workers
@@ -39,7 +39,6 @@ def ddp_on_4(tmp_path_factory):
     return root
 
 
-@pytest.mark.xdist_group("own_copies")  # one recording, one worker
 def test_a_plain_module_records_on_every_rank_with_its_own_checkpoints(own_copies):
     run = Run(own_copies)
     assert run.manifest.distributed == {
@@ -58,7 +57,6 @@ def test_a_plain_module_records_on_every_rank_with_its_own_checkpoints(own_copie
     assert checks[1]["ranks"] == [1, 2, 3] and checks[1]["max_relative"] > 0.01
 
 
-@pytest.mark.xdist_group("own_copies")  # one recording, one worker
 def test_diagnose_names_the_divergence_the_effective_batch_and_verifies_the_remedy(own_copies):
     result = CliRunner().invoke(app, ["diagnose", str(own_copies), "--json"])
     assert result.exit_code == 1, result.output
@@ -81,7 +79,6 @@ def test_diagnose_names_the_divergence_the_effective_batch_and_verifies_the_reme
     assert verification["evidence"]["baseline"]["candidates"] == 3
 
 
-@pytest.mark.xdist_group("own_copies")  # one recording, one worker
 def test_whatif_plays_the_recorded_ranks_as_ddp_or_with_gathered_negatives(own_copies):
     from energydiag.analyses.variants import parse_variant
     from energydiag.analyses.whatif import whatif
@@ -106,7 +103,6 @@ def _single_process_run(folder):
     return Run(handloop.train(folder / "single", steps=3, checkpoint_every=2).root)
 
 
-@pytest.mark.xdist_group("own_copies")  # one recording, one worker
 def test_each_ranks_copy_replays_bit_exact_in_one_process(own_copies):
     from energydiag.analyses.rank_replay import replay_ranks
 
@@ -116,7 +112,6 @@ def test_each_ranks_copy_replays_bit_exact_in_one_process(own_copies):
     assert report["fidelity"]["expected"] == "bit-exact"  # nothing was reduced across ranks
 
 
-@pytest.mark.xdist_group("ddp_on_4")  # one recording, one worker
 def test_a_4_rank_ddp_run_replays_on_4_2_and_1_processes_to_the_same_fault(ddp_on_4):
     from energydiag.analyses.rank_replay import replay_ranks
 
@@ -142,7 +137,6 @@ def test_a_4_rank_ddp_run_replays_on_4_2_and_1_processes_to_the_same_fault(ddp_o
         replay_ranks(str(ddp_on_4), 4, None, nproc=3)
 
 
-@pytest.mark.xdist_group("ddp_on_4")  # one recording, one worker
 def test_every_ranks_log_and_the_replicas_agreeing(ddp_on_4):
     from energydiag.analyses.rank_logs import rank_findings
     from energydiag.analyses.variants import parse_variant
