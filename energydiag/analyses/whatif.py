@@ -87,6 +87,7 @@ def whatif(
         rows = []
         for i, batch in enumerate(batches):
             in_warmup = i < variant.warmup or batch.step < run.manifest.optimizer.start_step
+            in_warmup = in_warmup or batch.step in run.skipped_steps  # skipped as recorded
             batch = _widened(batches, i, variant.batch_scale)
             rows.append(run_step(session, batch, STANDARD, update=not in_warmup))
             rows[-1]["lr"] = float(session.optimizer.param_groups[0]["lr"])

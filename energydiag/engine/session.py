@@ -77,9 +77,11 @@ class Session:
         clock: PhaseClock | None = None,
         observe: Callable[[], AbstractContextManager] | None = None,
     ) -> StepContext:
-        """The step context for ``batch``: warm-up from the manifest unless ``update`` says."""
-        if update is None:
-            update = batch.step >= self.run.manifest.optimizer.start_step
+        """The step context for ``batch``: warm-up and skipped steps from the run unless
+        ``update`` says."""
+        if update is None:  # a warm-up step, or one the run skipped on an alarm, does not update
+            started = batch.step >= self.run.manifest.optimizer.start_step
+            update = started and batch.step not in self.run.skipped_steps
         return StepContext(
             batch.step,
             self.loss_fn,

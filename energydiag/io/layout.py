@@ -16,7 +16,9 @@ FORMAT_RANKS = "energydiag/2"
 MANIFEST = "run.json"
 METRICS = "metrics.jsonl"
 FAILURE = "failure.json"
-RANKS = "ranks.jsonl"  # rank 0's comparison of the ranks' parameters, every few steps
+RANKS = "ranks.jsonl"
+ALERTS = "alerts.jsonl"  # the live monitors' alarms, one JSON object per line
+SKIP_BATCHES = "skip_batches.json"  # steps whose update on_alarm="skip" dropped  # rank 0's comparison of the ranks' parameters, every few steps
 CHECKPOINTS = "checkpoints"
 BATCHES = "batches"
 

@@ -26,6 +26,7 @@ from energydiag.io.layout import (
     FAILURE,
     MANIFEST,
     RANKS,
+    SKIP_BATCHES,
     batch_path,
     checkpoint_path,
     metrics_path,
@@ -34,6 +35,7 @@ from energydiag.io.layout import (
 )
 from energydiag.io.manifest import Manifest, read_manifest
 from energydiag.io.rank_checks import read_rank_checks
+from energydiag.io.skip_list import read_skip_list
 from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
 from energydiag.io.torchfiles import load_tensor_dict
@@ -236,6 +238,11 @@ class Run:
     def rank_checks(self) -> list[dict[str, Any]]:
         """Whether the ranks held the same parameters, every few steps (``ranks.jsonl``)."""
         return read_rank_checks(self._inside(self.root / RANKS))
+
+    @cached_property
+    def skipped_steps(self) -> frozenset[int]:
+        """Steps whose update the run skipped on an alarm: replayed without the update."""
+        return read_skip_list(self._inside(self.root / SKIP_BATCHES))
 
     def first_failure(self) -> int | None:
         """The first step the run itself saw fail: a non-finite logged loss or gradient norm,

@@ -15,7 +15,6 @@ an explicit ``dump()`` writes the ring and the pre-step state to disk.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import threading
@@ -32,7 +31,6 @@ from energydiag.engine import environment
 from energydiag.engine.consistency import compare, fingerprints
 from energydiag.engine.plugins import check_model_spec
 from energydiag.engine.ranks import (
-    describe,
     flagged_ranks,
     gather_tensor,
     rank_and_world,
@@ -45,14 +43,12 @@ from energydiag.errors import DiagError, first_line
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.layout import (
     FAILURE,
-    FORMAT_RANKS,
     MANIFEST,
     RANKS,
     batch_path,
     checkpoint_path,
     metrics_path,
 )
-from energydiag.io.manifest import Manifest, parse_manifest
 from energydiag.io.state import (
     HYPERPARAMETERS,
     SCALER_STATE,
@@ -62,8 +58,11 @@ from energydiag.io.state import (
     scaler_settings,
 )
 from energydiag.io.tensorfile import write_atomic
+from energydiag.record.alarms import AlarmDesk, OnAlarm
+from energydiag.record.monitors import Monitor
 from energydiag.record.peers import PeerAlarm
 from energydiag.record.peers import available as peers_available
+from energydiag.record.run_manifest import recorded_manifest, with_ranks
 
 
 class Recorder:
@@ -109,6 +108,8 @@ class Recorder:
         rank_checkpoints: bool = True,
         consistency_every: int = 10,
         peer_timeout: float = 30.0,
+        monitors: list[Monitor] | None = None,
+        on_alarm: OnAlarm = "warn",
     ) -> None:
         self.root = Path(run_dir)
         if checkpoint_every < 1 or keep_batches < 1 or consistency_every < 0:
@@ -122,10 +123,10 @@ class Recorder:
         self.model, self.optimizer, self.scaler = unwrap(model), optimizer, scaler
         self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
         device = next(model.parameters()).device
-        self.manifest = _manifest(
+        self.manifest = recorded_manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
-        self.manifest = _with_ranks(self.manifest, model, parallelize, rank_checkpoints)
+        self.manifest = with_ranks(self.manifest, model, parallelize, rank_checkpoints)
         self.manifest.environment.update(environment.capture(device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
@@ -145,6 +146,7 @@ class Recorder:
         self._metrics = metrics_path(self.root, self.rank).open("w")
         self._lock = threading.Lock()  # the ring, between the loop and a peer's alarm
         self._join_ranks(consistency_every, peer_timeout)
+        self.alarms = AlarmDesk(self.root, monitors, on_alarm, self.lead)
 
     def _join_ranks(self, consistency_every: int, peer_timeout: float) -> None:
         """What only a multi-rank run has: its parallelism, the comparison of the ranks'
@@ -197,6 +199,8 @@ class Recorder:
             self._write_batch(*self.ring[-1])
         names = ["loss"] + ([] if grad_norm is None else ["grad_norm"]) + list(scalars)
         values = [loss] + ([] if grad_norm is None else [grad_norm]) + list(scalars.values())
+        if self.alarms.monitors:  # measured here, synced with the rest: one host sync
+            names, values = [*names, "max_abs_weight"], [*values, _max_abs(self.model)]
         row = dict(zip(names, _to_floats(values), strict=True))
         # The schedule, every step, where no ring of batches reaches: the largest group lr.
         lrs = [float(g["lr"]) for g in groups if isinstance(g.get("lr"), int | float)]
@@ -206,15 +210,24 @@ class Recorder:
         # With a GradScaler, an overflowing gradient is what the scaler exists to skip.
         norms = [v for k, v in row.items() if k.endswith("grad_norm")]
         norm_ok = self.scaler is not None or all(math.isfinite(v) for v in norms)
-        codes = rank_codes((not math.isfinite(row["loss"])) + 2 * (not norm_ok))
-        healthy = not any(codes)  # one rank's failure is every rank's: each dumps its own ring
+        alarms = self.alarms.check(self._step, row)
+        codes = rank_codes((not math.isfinite(row["loss"])) + 2 * (not norm_ok) + 4 * bool(alarms))
+        # one rank's failure is every rank's: each dumps its own ring
+        healthy = not any(c & 3 for c in codes)
         if not healthy and not self._failing:  # a new failure, not the same one continuing
             if self.world > 1:
                 row["ranks"] = [r for r, c in enumerate(codes) if c]
                 row["loss_ranks"] = [r for r, c in enumerate(codes) if c & 1]
             self._dump("non-finite loss or gradient norm", pre_step=True, together=True, **row)
         self._failing = not healthy
+        alarmed = [r for r, c in enumerate(codes) if c & 4]
+        if healthy and alarmed:
+            self.alarms.act(self._step, alarms, alarmed, self.model, self._keep)
         return healthy
+
+    def _keep(self, reason: str) -> dict[str, Any]:
+        """An alarm's evidence: the ring and the pre-step state, without calling it a failure."""
+        return self._dump(reason, pre_step=True, together=True, failure=False)
 
     def dump(self, reason: str, **evidence: Any) -> None:
         """Write the ring of recent batches, the pre-step state when it is intact, failure.json.
@@ -227,11 +240,14 @@ class Recorder:
         # After it, optimizer.step() may have half-run, so only the last regular checkpoint holds.
         self._dump(reason, pre_step=not self._ended, together=False, **evidence)
 
-    def _dump(self, reason: str, pre_step: bool, together: bool, **evidence: Any) -> None:
+    def _dump(
+        self, reason: str, pre_step: bool, together: bool, failure: bool = True, **evidence: Any
+    ) -> dict[str, Any] | None:
         """``together``: every rank dumps now (the health vote), so a sharded checkpoint, which
-        needs them all, can be saved; one rank's exception alone cannot save one."""
+        needs them all, can be saved; one rank's exception alone cannot save one. ``failure``:
+        the entry goes to failure.json (an alarm's does not: the run has not failed)."""
         if self._step is None:
-            return
+            return None
         with self._lock:
             self._metrics.flush()
             ring = list(self.ring)
@@ -248,8 +264,10 @@ class Recorder:
         if pre_step:
             self.save_checkpoint(self._step)
         entry["checkpoint"] = self._step if pre_step else None
-        self.failures.append(entry)
-        self._write_failures()
+        if failure:
+            self.failures.append(entry)
+            self._write_failures()
+        return entry
 
     def _write_failures(self) -> None:
         """Every rank says what it saw; rank 0's is the run's failure.json."""
@@ -321,6 +339,12 @@ class Recorder:
         write_atomic(self._batch_path(step), record, meta)
 
 
+def _max_abs(model: nn.Module) -> torch.Tensor:
+    """The largest |w| of this rank's parameters (its shard's, under FSDP), on the device."""
+    params = [plain(p.detach()) for p in model.parameters()]
+    return torch.nn.utils.get_total_norm(params, norm_type=math.inf, foreach=True)
+
+
 def _to_floats(values: list[Any]) -> list[float]:
     """All of a step's scalars with one host sync: stack the tensors, then a single tolist()."""
     tensors = [plain(v.detach()).float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
@@ -328,54 +352,3 @@ def _to_floats(values: list[Any]) -> list[float]:
         torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else []
     )
     return [next(synced) if isinstance(v, torch.Tensor) else float(v) for v in values]
-
-
-def _with_ranks(
-    manifest: Manifest, model: nn.Module, parallelize: str | None, rank_checkpoints: bool
-) -> Manifest:
-    """A multi-rank run's manifest: version 2, the world, which parameters the ranks keep equal,
-    and how to shard an FSDP model."""
-    distributed = describe(model)
-    if distributed is None:
-        return manifest
-    if distributed["parallelism"] in ("none", "mixed"):
-        distributed["rank_checkpoints"] = rank_checkpoints
-    if distributed["parallelism"] == "fsdp" and parallelize is None:
-        raise DiagError(
-            None, "an FSDP run needs parallelize='pkg.mod:fn', fn(model) sharding it as yours"
-        )
-    return replace(manifest, distributed=distributed, format=FORMAT_RANKS, parallelize=parallelize)
-
-
-def _manifest(
-    model_spec: Mapping[str, Any],
-    loss: Mapping[str, Any],
-    optimizer: torch.optim.Optimizer,
-    grad_clip: float | None,
-    autocast_dtype: str | None,
-    seed: int | None,
-    optimizer_start_step: int,
-    step: str | None,
-) -> Manifest:
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    opt_kwargs = {
-        k: v
-        for k, v in optimizer.defaults.items()
-        if k in accepted and isinstance(v, int | float | bool | tuple)
-    }
-    raw = {
-        "format": "energydiag/1",
-        "model": dict(model_spec),
-        "loss": dict(loss),
-        "optimizer": {
-            "name": type(optimizer).__name__,
-            "kwargs": opt_kwargs,
-            "start_step": optimizer_start_step,
-        },
-        "grad_clip": grad_clip,
-        "autocast_dtype": autocast_dtype,
-        "seed": seed,
-    }
-    if step is not None:
-        raw["step"] = step
-    return parse_manifest(json.loads(json.dumps(raw)), "Recorder arguments")
