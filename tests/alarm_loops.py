@@ -44,6 +44,7 @@ def record(
     hidden: int = 0,
     spike: float = 1e4,
     persist: bool = False,
+    monitors: list | None = None,
 ) -> None:
     torch.manual_seed(seed)
     model = Regressor(hidden)
@@ -59,6 +60,7 @@ def record(
         checkpoint_every=50,
         on_alarm=on_alarm,
         persist_batches=persist,
+        monitors=monitors,
     ) as rec:
         for step in range(steps):
             x = torch.randn(16, D, generator=gen)

@@ -88,9 +88,15 @@ def test_replay_honours_the_skip_list(tmp_path):
 
 @pytest.mark.parametrize("seed", range(20))
 def test_healthy_runs_raise_no_alarm(tmp_path, seed):
+    from energydiag.analyses.early_warning import earliest_alarms
+    from energydiag.io.metrics import load_metrics
+
     handloop.train(tmp_path / "energy", steps=60, seed=seed, checkpoint_every=30)
     alarm_loops.record(tmp_path / "linear", 60, seed=seed)
-    assert alerts(tmp_path / "energy") == [] and alerts(tmp_path / "linear") == []
+    for run in ("energy", "linear"):
+        assert alerts(tmp_path / run) == []
+        offline, _ = earliest_alarms(load_metrics(tmp_path / run / "metrics.jsonl"))
+        assert [a.step for a in offline] == [None, None, None]
 
 
 def test_leads_on_the_growth_cases():
@@ -115,6 +121,29 @@ def test_raise_dump_and_callable(tmp_path):
     assert [(a.step, a.rule) for a in seen] == [(40, "grad_norm_band")]
     with pytest.raises(ValueError, match="on_alarm must be one of"):
         alarm_loops.record(tmp_path / "bad", 1, on_alarm="page me")
+
+
+def test_curves_applies_the_monitors_to_a_log_recorded_without_them(tmp_path):
+    """The same rule offline: the step it would have fired at is the step it fires at live."""
+    from typer.testing import CliRunner
+
+    from energydiag.analyses.early_warning import earliest_alarms
+    from energydiag.cli import app
+    from energydiag.io.metrics import load_metrics
+
+    alarm_loops.record(tmp_path / "live", 150, lr=1.5e-4, jump_at=20)
+    live = alerts(tmp_path / "live")[0]
+    offline, _ = earliest_alarms(load_metrics(tmp_path / "live" / "metrics.jsonl"))
+    assert {a.rule: a.step for a in offline}["weight_growth"] == live["step"] == 22
+    alarm_loops.record(tmp_path / "off", 70, hidden=16, spike_at=40, spike=100.0, monitors=[])
+    assert not (tmp_path / "off" / "alerts.jsonl").exists()
+    data = json.loads(CliRunner().invoke(app, ["curves", str(tmp_path / "off"), "--json"]).stdout)
+    assert data["alarms_unchecked"] == ["weight_growth"]  # max|w| was not logged
+    (found,) = [f for f in data["findings"] if f["code"] == "curve.would_alarm"]
+    assert found["title"].startswith(
+        "the live monitors would have alarmed at step 40 (grad_norm_band), 3 steps before the "
+        "first non-finite value at step 43"
+    )
 
 
 def test_the_gradient_band_learns_before_it_judges():

@@ -18,6 +18,7 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.curve_sources import run_bounds, with_ranks
 from energydiag.analyses.curves import CurveReport, analyse
+from energydiag.analyses.early_warning import with_alarms
 from energydiag.analyses.inspection import InspectReport, inspect
 from energydiag.analyses.offsets import offset_trend
 from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence
@@ -74,7 +75,8 @@ class Case:
         except DiagError as err:  # the model cannot be built here: the curve alone, said so
             self.notes.append(f"curve bounds: {err}")
             bounds = None
-        return with_ranks(analyse(self.run.metrics(), "loss", bounds=bounds), self.run)
+        frame = self.run.metrics()
+        return with_ranks(with_alarms(analyse(frame, "loss", bounds=bounds), frame), self.run)
 
     @cached_property
     def schedule(self) -> ScheduleEvidence:

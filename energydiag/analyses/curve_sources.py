@@ -8,6 +8,7 @@ from pathlib import Path
 
 from energydiag import findings as rules
 from energydiag.analyses.curves import CurveReport, analyse
+from energydiag.analyses.early_warning import with_alarms
 from energydiag.analyses.rank_logs import rank_finding, rank_logs
 from energydiag.contrastive.bounds import candidate_count, infonce_curve_bounds, scored_candidates
 from energydiag.contrastive.head import find_head
@@ -71,7 +72,7 @@ def curve_report(
     run = Run(source) if (source / MANIFEST).is_file() else None
     if bounds is None and run is not None:
         bounds = run_bounds(run)
-    report = analyse(frame, column, window, bounds)
+    report = with_alarms(analyse(frame, column, window, bounds), frame)
     return with_ranks(report, run) if run is not None else report
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from energydiag import findings as rules
+from energydiag.analyses.early_warning import OfflineAlarm
 from energydiag.analyses.rank_logs import RankLog
 from energydiag.io.metrics import metric_series
 from energydiag.schema import Report, report
@@ -58,6 +59,8 @@ class CurveReport(Report):
     findings: list[rules.Finding] = field(default_factory=list)
     display: dict[str, list[float]] = field(default_factory=dict)
     ranks: list[RankLog] = field(default_factory=list)  # a multi-rank run: each rank's own log
+    alarms: list[OfflineAlarm] = field(default_factory=list)  # the live monitors, offline
+    alarms_unchecked: list[str] = field(default_factory=list)  # rules whose column is not logged
 
 
 def analyse(

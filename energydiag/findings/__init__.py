@@ -54,6 +54,7 @@ from energydiag.findings.curves import (
     curve_unstable,
     whatif_failures,
     whatif_ranking,
+    would_have_alarmed,
 )
 from energydiag.findings.doctor import (
     context_collapse,
@@ -99,6 +100,7 @@ __all__ = [
     "not_an_energy_batch",
     "unused_negatives",
     "rank_divergence",
+    "would_have_alarmed",
     "rank_first_nonfinite",
     "rank_negatives",
     "loss_position",

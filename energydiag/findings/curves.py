@@ -216,3 +216,34 @@ def whatif_failures(results: list[dict[str, Any]]) -> Finding | None:
         else "a fix that fails is ruled out; its message says why",
         {"failed": failed},
     )
+
+
+def would_have_alarmed(
+    alarms: list[dict[str, Any]], first_nonfinite: int | None, unchecked: list[str]
+) -> Finding | None:
+    """``alarms``: each live monitor's first firing step over the log (rule, step, column)."""
+    fired = sorted((a for a in alarms if a["step"] is not None), key=lambda a: a["step"])
+    if not fired:
+        return None
+    first = fired[0]
+    others = ", ".join(f"{a['rule']} at {a['step']}" for a in fired[1:])
+    ahead = first_nonfinite is not None and first["step"] < first_nonfinite
+    lead = (
+        f", {first_nonfinite - first['step']} steps before the first non-finite value at step "
+        f"{first_nonfinite}"
+        if ahead
+        else ""
+    )
+    title = (
+        f"the live monitors would have alarmed at step {first['step']} ({first['rule']}){lead}"
+        + (f"; then {others}" if others else "")
+    )
+    evidence = {"alarms": fired, "first_nonfinite": first_nonfinite, "unchecked": unchecked}
+    return Finding(
+        "curve.would_alarm",
+        "warning" if ahead else "info",
+        title,
+        "record with the Recorder's monitors on (the default) and on_alarm='dump' to keep the "
+        "state where the alarm fired, or 'skip' for a bad batch",
+        evidence,
+    )

@@ -1,5 +1,9 @@
 """Live alarms: cheap rules over each step's scalars that fire before a run goes non-finite.
 
+Each rule is also written over a whole logged series (``first_fire``, vectorised), so ``curves``
+can say where it would have fired on a run recorded without it: the same definition, the same
+first step.
+
 Each monitor keeps its own band, learned from the run's own history, so nobody writes a
 threshold for their model: the gradient norm against an EMA of its log (a z-score, as ZClip
 bands it), and the geometric growth rate of the largest weight, extrapolated to the step at
@@ -13,6 +17,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from energydiag.schema import Record
 
@@ -30,11 +36,17 @@ class Alarm(Record):
 
 
 class Monitor:
-    """One rule with its own state; ``name`` is what silences it (``monitors=`` without it)."""
+    """One rule with its own state; ``name`` is what silences it (``monitors=`` without it).
+    ``column``: the logged scalar it reads."""
 
     name = "monitor"
+    column = "grad_norm"
 
     def observe(self, step: int, row: dict[str, float]) -> Alarm | None:
+        raise NotImplementedError
+
+    def first_fire(self, steps: np.ndarray, values: np.ndarray) -> int | None:
+        """The first step at which ``observe`` would fire over this logged series."""
         raise NotImplementedError
 
 
@@ -62,6 +74,25 @@ class GradNormBand(Monitor):
         self._learn(x)
         return None
 
+    def first_fire(self, steps: np.ndarray, values: np.ndarray) -> int | None:
+        import pandas as pd
+
+        valid = np.isfinite(values) & (values > 0)
+        x, steps = np.log(values[valid]), steps[valid]
+        if len(x) <= self.warmup:
+            return None
+        # the online recursion as exponentially weighted means (until the first alarm, every
+        # point is learned): mean_t, and var_t as the EWM of (1 - alpha)·delta_t²
+        mean = pd.Series(x).ewm(alpha=self.alpha, adjust=False).mean().to_numpy()
+        rise = x[1:] - mean[:-1]  # each point against the band before it was learned
+        delta2 = (1 - self.alpha) * np.concatenate([[0.0], rise]) ** 2
+        var = pd.Series(delta2).ewm(alpha=self.alpha, adjust=False).mean().to_numpy()
+        score = rise / (np.sqrt(var[:-1]) + 1e-3)
+        fired = (score >= self.z) & (rise >= math.log(self.ratio))
+        fired[: self.warmup - 1] = False
+        hits = np.flatnonzero(fired)
+        return int(steps[hits[0] + 1]) if len(hits) else None
+
     def _learn(self, x: float) -> None:
         if self.seen == 0:
             self.mean = x
@@ -87,12 +118,23 @@ class WeightGrowth(Monitor):
     which float32 squares of it overflow, at the measured rate."""
 
     name = "weight_growth"
+    column = "max_abs_weight"
 
     def __init__(self, window: int = 10, per_step: float = 1.05, above: float = 4.0):
         self.window, self.per_step, self.above = window, per_step, above
         self.history: deque[float] = deque(maxlen=window + 1)
         self.first: float | None = None
         self.quiet_until = -1  # one alarm per window while the growth goes on
+
+    def first_fire(self, steps: np.ndarray, values: np.ndarray) -> int | None:
+        valid = np.isfinite(values) & (values > 0)
+        v, steps = values[valid], steps[valid]
+        if len(v) <= self.window:
+            return None
+        rate = (v[self.window :] / v[: -self.window]) ** (1 / self.window)
+        fired = (rate >= self.per_step) & (v[self.window :] >= self.above * v[0])
+        hits = np.flatnonzero(fired)
+        return int(steps[hits[0] + self.window]) if len(hits) else None
 
     def observe(self, step: int, row: dict[str, float]) -> Alarm | None:
         value = row.get("max_abs_weight")
@@ -128,6 +170,17 @@ class DeadGradient(Monitor):
 
     def __init__(self, steps: int = 5):
         self.steps, self.zeros, self.flowed, self.fired = steps, 0, False, False
+
+    def first_fire(self, steps: np.ndarray, values: np.ndarray) -> int | None:
+        valid = np.isfinite(values)
+        norm, steps = values[valid], steps[valid]
+        zero = np.concatenate([[False], norm == 0, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(zero))
+        flowed = np.cumsum(norm > 0)
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
+            if end - start >= self.steps and start > 0 and flowed[start - 1] > 0:
+                return int(steps[start + self.steps - 1])
+        return None
 
     def observe(self, step: int, row: dict[str, float]) -> Alarm | None:
         norm = row.get("grad_norm")

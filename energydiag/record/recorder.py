@@ -112,22 +112,19 @@ class Recorder:
         on_alarm: OnAlarm = "warn",
     ) -> None:
         self.root = Path(run_dir)
-        if checkpoint_every < 1 or keep_batches < 1 or consistency_every < 0:
-            raise ValueError(
-                "checkpoint_every and keep_batches must be at least 1, consistency_every 0 or more"
-            )
+        if min(checkpoint_every, keep_batches) < 1 or consistency_every < 0:
+            raise ValueError("checkpoint_every, keep_batches >= 1 and consistency_every >= 0")
         self.rank, self.world = rank_and_world()
         # Every rank looks before rank 0 writes (the vote is also the barrier).
         if flagged_ranks((self.root / MANIFEST).exists() and not overwrite):
             raise DiagError(self.root, "already holds a run; pass overwrite=True to replace it")
         self.model, self.optimizer, self.scaler = unwrap(model), optimizer, scaler
         self.checkpoint_every, self.persist_batches = checkpoint_every, persist_batches
-        device = next(model.parameters()).device
         self.manifest = recorded_manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
         self.manifest = with_ranks(self.manifest, model, parallelize, rank_checkpoints)
-        self.manifest.environment.update(environment.capture(device))
+        self.manifest.environment.update(environment.capture(next(model.parameters()).device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))
         if check_spec:
@@ -136,9 +133,7 @@ class Recorder:
             maxlen=keep_batches
         )
         self.failures: list[dict[str, Any]] = []
-        self._step: int | None = None
-        self._ended = False
-        self._failing = False
+        self._step, self._ended, self._failing = None, False, False
         self.root.mkdir(parents=True, exist_ok=True)
         self.lead = self.rank == 0  # writes what is shared: manifest, checkpoints, failure.json
         if self.lead:
