@@ -83,12 +83,27 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
+def energy_recorder(
+    out: str, model: nn.Module, optimizer, loss: str = "inbatch_infonce", **options
+):
+    """The Recorder these loops open: the reference energy model at SMALL, swap InfoNCE at
+    tau 0.5; ``options`` are the Recorder's."""
+    from handloop import SMALL
+
+    from energydiag import Recorder
+
+    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
+    loss_spec = {"name": loss, "kwargs": {"tau": 0.5}}
+    return Recorder(
+        out, model=model, optimizer=optimizer, model_spec=spec, loss=loss_spec, **options
+    )
+
+
 def ddp_recorded(rank: int, out: str, plant_step: int, loss: str, sharded: bool = False) -> None:
     """A hand-written DDP (or FSDP2) loop with the Recorder; at ``plant_step`` rank 1 alone gets
     a sample whose pad_mask masks every key."""
     from handloop import SMALL
 
-    from energydiag import Recorder
     from energydiag.reference import losses
     from energydiag.reference.models import EnergyModel
     from energydiag.reference.synthetic import Task, batches
@@ -98,14 +113,12 @@ def ddp_recorded(rank: int, out: str, plant_step: int, loss: str, sharded: bool 
     model = shard(model) if sharded else nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = batches(Task(batch=4), seed=1 + rank)
-    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
     loss_fn = getattr(losses, loss)
-    with Recorder(
+    with energy_recorder(
         out,
-        model=model,
-        optimizer=optimizer,
-        model_spec=spec,
-        loss={"name": loss, "kwargs": {"tau": 0.5}},
+        model,
+        optimizer,
+        loss,
         grad_clip=1.0,
         checkpoint_every=4,
         persist_batches=True,
@@ -130,7 +143,6 @@ def unsynced_recorded(rank: int, out: str, steps: int, local: int = 3) -> None:
     slice), with its own AdamW; every rank saves its own copy."""
     from handloop import SMALL
 
-    from energydiag import Recorder
     from energydiag.reference import losses
     from energydiag.reference.models import EnergyModel
     from energydiag.reference.synthetic import Task, batches
@@ -140,16 +152,8 @@ def unsynced_recorded(rank: int, out: str, steps: int, local: int = 3) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     world = dist.get_world_size()
     data = batches(Task(batch=local * world), seed=1)
-    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
-    with Recorder(
-        out,
-        model=model,
-        optimizer=optimizer,
-        model_spec=spec,
-        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
-        grad_clip=1.0,
-        checkpoint_every=16,
-        persist_batches=True,
+    with energy_recorder(
+        out, model, optimizer, grad_clip=1.0, checkpoint_every=16, persist_batches=True
     ) as rec:
         for step in range(steps):
             whole = next(data)
@@ -168,7 +172,6 @@ def raises_on_rank_2(rank: int, out: str, at_step: int) -> None:
     are then waiting in the gradient all-reduce, where no health vote reaches them."""
     from handloop import SMALL
 
-    from energydiag import Recorder
     from energydiag.reference import losses
     from energydiag.reference.models import EnergyModel
     from energydiag.reference.synthetic import Task, batches
@@ -177,16 +180,8 @@ def raises_on_rank_2(rank: int, out: str, at_step: int) -> None:
     model = nn.parallel.DistributedDataParallel(EnergyModel(**SMALL))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = batches(Task(batch=4), seed=1 + rank)
-    spec = {"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL}
-    with Recorder(
-        out,
-        model=model,
-        optimizer=optimizer,
-        model_spec=spec,
-        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
-        checkpoint_every=4,
-        keep_batches=3,
-        peer_timeout=20.0,
+    with energy_recorder(
+        out, model, optimizer, checkpoint_every=4, keep_batches=3, peer_timeout=20.0
     ) as rec:
         for step in range(8):
             batch = next(data)

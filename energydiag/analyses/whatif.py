@@ -20,7 +20,7 @@ from energydiag.contrastive.quantities import STANDARD
 from energydiag.engine.quantities import layer_of
 from energydiag.engine.replay import plan, run_step
 from energydiag.engine.session import Session, open_session
-from energydiag.engine.simulated import joined
+from energydiag.engine.simulated import joined, played_ranks
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
 from energydiag.reference.models import make_head
@@ -135,10 +135,8 @@ def _apply(v: Variant, session: Session, head_path: str | None) -> None:
         session.grad_clip = v.clip
     if v.center:
         session.transform_batch = functools.partial(_centred, v.center)
-    if v.ranks:
-        world = session.run.manifest.world_size
-        recorded = [Run(session.run.root, rank=r) for r in range(world)]
-        session.play_ranks(recorded, together=v.ranks == "gather")
+    if v.ranks:  # one process plays every recorded rank
+        session.play_ranks(played_ranks(session.run, 1, 0), together=v.ranks == "gather")
 
 
 def _widened(batches: list[Batch], i: int, k: int) -> Batch:

@@ -1,7 +1,8 @@
 """Recorded ranks played in turn by fewer processes, down to one.
 
-A DDP step (an FSDP one, reduce-scattered) averages the ranks' gradients: each rank's backward, then the mean over ranks. A
-process that holds the model once can do the same with the ranks' logged batches in turn:
+A DDP step (an FSDP one, reduce-scattered) averages the ranks' gradients: each rank's
+backward, then the mean over ranks. A process that holds the model once can do the same with
+the ranks' logged batches in turn:
 zero the gradients, then for each rank restore its RNG, run its forward and backward of
 loss / k, and step once. Over W' processes each plays k = W / W' ranks and DDP's all-reduce
 averages the W' partial means (its own sync skipped until the last of the k). The sum runs in
