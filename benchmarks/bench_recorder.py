@@ -1,10 +1,10 @@
-"""Flight-recorder overhead per training step, with the live monitors on and off, and the bound
-on its memory.
+"""Flight-recorder overhead per training step: no Recorder, monitors off, the every-step
+monitors only, and the default set with its scheduled quantities; and the bound on its memory.
 
-    python benchmarks/bench_recorder.py [--steps N]
+    python benchmarks/bench_recorder.py [--blocks N]
 
-Cycles blocks of plain steps, recorded steps without monitors (``monitors=[]``) and recorded
-steps with the default monitors on the same model, so machine noise hits all three alike; the
+Times blocks of 10 steps (one period of the scheduled quantities, which measure every 10th
+step), cycling the modes block by block on the same model so machine noise hits all alike; the
 recorders keep 16 batches in their ring and checkpoint every 100 steps (the defaults).
 """
 
@@ -20,14 +20,21 @@ import torch
 from common import MODEL, TASK
 
 from energydiag import Recorder
+from energydiag.record.monitors import DeadGradient, GradNormBand, WeightGrowth
 from energydiag.reference.losses import inbatch_infonce
 from energydiag.reference.models import EnergyModel
 from energydiag.reference.synthetic import batches
 
-MODES = ("plain", "recorded, monitors off", "recorded, monitors on")
+PERIOD = 10
+MONITORS = {  # mode -> the Recorder's monitors (a factory: monitors keep state)
+    "recorded, monitors off": list,
+    "every-step monitors": lambda: [GradNormBand(), WeightGrowth(), DeadGradient()],
+    "all monitors (default)": lambda: None,
+}
+MODES = ("plain", *MONITORS)
 
 
-def main(steps: int, block: int = 10) -> None:
+def main(blocks: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     kwargs = TASK.model_shapes() | MODEL
@@ -37,20 +44,19 @@ def main(steps: int, block: int = 10) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         recorders = {
             mode: Recorder(
-                Path(tmp) / mode.replace(" ", "_").replace(",", ""),
+                Path(tmp) / str(i),
                 model=model,
                 optimizer=optimizer,
                 model_spec={"target": "energydiag.reference.models:EnergyModel", "kwargs": kwargs},
                 loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
                 grad_clip=1.0,
-                monitors=None if mode.endswith("on") else [],
+                monitors=monitors(),
             )
-            for mode in MODES[1:]
+            for i, (mode, monitors) in enumerate(MONITORS.items())
         }
 
-        def one_step(step: int, rec: Recorder | None) -> float:
+        def one_step(step: int, rec: Recorder | None) -> None:
             batch = next(data)
-            start = time.perf_counter()
             if rec:
                 rec.start_step(step, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -62,13 +68,15 @@ def main(steps: int, block: int = 10) -> None:
             else:
                 float(loss.detach())  # the loss.item() a plain loop logs anyway
             optimizer.step()
-            return time.perf_counter() - start
 
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for step in range(steps):
-            mode = MODES[(step // block) % len(MODES)]
-            times[mode].append(one_step(step, recorders.get(mode)))
-        rec = recorders[MODES[2]]
+        for block in range(blocks * len(MODES)):
+            mode = MODES[block % len(MODES)]
+            start = time.perf_counter()
+            for i in range(PERIOD):
+                one_step(block * PERIOD + i, recorders.get(mode))
+            times[mode].append((time.perf_counter() - start) / PERIOD)
+        rec = recorders["all monitors (default)"]
         ring_bytes = sum(
             t.numel() * t.element_size()
             for _, rec_batch, _meta in rec.ring
@@ -78,7 +86,7 @@ def main(steps: int, block: int = 10) -> None:
         for r in recorders.values():
             r.close()
     plain = statistics.median(times["plain"])
-    print(f"recorder overhead, median over {steps // len(MODES)} steps each (1 thread, CPU)")
+    print(f"recorder overhead per step, median of {blocks} blocks of {PERIOD} (1 thread, CPU)")
     for mode in MODES:
         median = statistics.median(times[mode])
         print(f"  {mode:24s} {median * 1e3:8.2f} ms   {median / plain:5.3f}x")
@@ -90,5 +98,5 @@ def main(steps: int, block: int = 10) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=600)
-    main(parser.parse_args().steps)
+    parser.add_argument("--blocks", type=int, default=30)
+    main(parser.parse_args().blocks)

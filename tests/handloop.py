@@ -40,6 +40,7 @@ def train(
     skip_nonfinite: bool = False,
     task: Task | None = None,
     seed: int = 0,
+    monitors: list | None = None,
 ) -> Recorder:
     torch.manual_seed(seed)
     kwargs = {**SMALL, **(model_kwargs or {})}
@@ -62,6 +63,7 @@ def train(
         checkpoint_every=checkpoint_every,
         keep_batches=keep_batches,
         persist_batches=persist_batches,
+        monitors=monitors,
     ) as rec:
         for step in range(steps):
             batch = next(data) | {k: torch.tensor(v) for k, v in (extra or {}).items()}

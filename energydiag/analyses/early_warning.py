@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from energydiag import findings as rules
@@ -33,12 +34,29 @@ def earliest_alarms(frame: pd.DataFrame) -> tuple[list[OfflineAlarm], list[str]]
     column is missing (not checked, said so)."""
     checked, missing = [], []
     for monitor in default_monitors():
-        if monitor.column not in frame:
+        if any(column not in frame for column in monitor.columns):
             missing.append(monitor.name)
             continue
-        step = monitor.first_fire(*metric_series(frame, monitor.column))
-        checked.append(OfflineAlarm(monitor.name, step, monitor.column))
+        step = monitor.first_fire(*aligned(frame, monitor.columns, monitor.optional))
+        checked.append(OfflineAlarm(monitor.name, step, monitor.columns[0]))
     return checked, missing
+
+
+def aligned(
+    frame: pd.DataFrame, columns: tuple[str, ...], optional: tuple[str, ...]
+) -> tuple[np.ndarray, ...]:
+    """Steps and one array per column, on the steps where every required column was logged;
+    an optional column is NaN where it was not (or is not in the log at all)."""
+    present = frame[list(columns)].notna().all(axis=1).to_numpy()
+    rows = frame[present]
+    values = [metric_series(rows, c)[1] for c in columns]
+    extra = [
+        pd.to_numeric(rows[c], errors="coerce").to_numpy(dtype=np.float64)
+        if c in rows
+        else np.full(len(rows), np.nan)
+        for c in optional
+    ]
+    return (rows["step"].to_numpy(dtype=np.int64), *values, *extra)
 
 
 def with_alarms(report: CurveReport, frame: pd.DataFrame) -> CurveReport:

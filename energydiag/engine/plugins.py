@@ -23,6 +23,12 @@ BUILTIN_LOSSES = {
     for name in ("inbatch_infonce", "gathered_infonce", "infonce_negatives", "margin")
 }
 
+# What the live monitors know of energy models (record/live.py loads them): the contrastive layer's.
+LIVE_ENERGY = {
+    "quantities": "energydiag.contrastive.live:energy_quantities",
+    "monitors": "energydiag.contrastive.live:energy_monitors",
+}
+
 
 # Runs recorded by the trainer callbacks before they moved name them where they were.
 MOVED = {"energydiag.integrations.": "energydiag.record."}

@@ -37,17 +37,65 @@ class Alarm(Record):
 
 class Monitor:
     """One rule with its own state; ``name`` is what silences it (``monitors=`` without it).
-    ``column``: the logged scalar it reads."""
+    ``columns``: the logged scalars it reads, the first the one it judges."""
 
     name = "monitor"
-    column = "grad_norm"
+    columns: tuple[str, ...] = ("grad_norm",)
+    optional: tuple[str, ...] = ()  # read when logged (NaN where not)
 
     def observe(self, step: int, row: dict[str, float]) -> Alarm | None:
         raise NotImplementedError
 
-    def first_fire(self, steps: np.ndarray, values: np.ndarray) -> int | None:
-        """The first step at which ``observe`` would fire over this logged series."""
+    def first_fire(self, steps: np.ndarray, *values: np.ndarray) -> int | None:
+        """The first step at which ``observe`` would fire over this logged series: one array per
+        column, then per optional column, on the steps where the columns were all logged."""
         raise NotImplementedError
+
+
+def first_run(steps: np.ndarray, held: np.ndarray, length: int) -> int | None:
+    """The step at which ``held`` has been true for ``length`` entries in a row."""
+    padded = np.concatenate([[0], held.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    starts, ends = edges[::2], edges[1::2]
+    long = np.flatnonzero(ends - starts >= length)
+    return int(steps[starts[long[0]] + length - 1]) if len(long) else None
+
+
+class Sustained(Monitor):
+    """A condition held for ``steps`` observations in a row (after ``after``): one alarm per
+    stretch. Subclasses say what holds (``holds``, and its vectorised ``held``) and why."""
+
+    steps, after = 3, 0
+
+    def __init__(self) -> None:
+        self.run, self.fired, self.since = 0, False, None
+
+    def holds(self, row: dict[str, float]) -> bool:
+        raise NotImplementedError
+
+    def held(self, *values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def message(self, step: int, row: dict[str, float]) -> Alarm:
+        raise NotImplementedError
+
+    def observe(self, step: int, row: dict[str, float]) -> Alarm | None:
+        if any(not math.isfinite(row.get(c, math.nan)) for c in self.columns):
+            return None  # not measured on this step
+        if step < self.after or not self.holds(row):
+            self.run, self.fired = 0, False
+            return None
+        self.since = step if self.run == 0 else self.since
+        self.run += 1
+        if self.run < self.steps or self.fired:
+            return None
+        self.fired = True
+        return self.message(step, row)
+
+    def first_fire(self, steps: np.ndarray, *values: np.ndarray) -> int | None:
+        finite = np.logical_and.reduce([np.isfinite(v) for v in values[: len(self.columns)]])
+        steps, values = steps[finite], [v[finite] for v in values]
+        return first_run(steps, self.held(*values) & (steps >= self.after), self.steps)
 
 
 class GradNormBand(Monitor):
@@ -118,7 +166,7 @@ class WeightGrowth(Monitor):
     which float32 squares of it overflow, at the measured rate."""
 
     name = "weight_growth"
-    column = "max_abs_weight"
+    columns = ("max_abs_weight",)
 
     def __init__(self, window: int = 10, per_step: float = 1.05, above: float = 4.0):
         self.window, self.per_step, self.above = window, per_step, above
@@ -159,6 +207,65 @@ class WeightGrowth(Monitor):
             f"start): at this rate float32 squares overflow in ≈ {steps:.0f} steps",
             {"max_abs_weight": value, "first": self.first, "per_step": rate},
             {"quantity": "max_abs_weight", "per_step": rate, "steps_to_overflow": steps},
+        )
+
+
+class UpdateTooLarge(Sustained):
+    """One optimizer step moved the weights by more than ``limit`` of their norm (healthy
+    training moves them by 1e-3 to 1e-2): the lr, or a gradient, is far too large. Not in the
+    first ``after`` steps, where fresh weights far from any fit take their largest steps."""
+
+    name = "update_ratio"
+    columns = ("update_ratio",)
+    steps = 1
+
+    def __init__(self, limit: float = 0.1, after: int = 25) -> None:
+        super().__init__()
+        self.limit, self.after = limit, after
+
+    def holds(self, row: dict[str, float]) -> bool:
+        return row["update_ratio"] > self.limit
+
+    def held(self, ratio: np.ndarray) -> np.ndarray:
+        return ratio > self.limit
+
+    def message(self, step: int, row: dict[str, float]) -> Alarm:
+        ratio = row["update_ratio"]
+        return Alarm(
+            step,
+            self.name,
+            f"one optimizer step changed the weights by {ratio:.3g} of their norm (healthy "
+            f"steps change them by 1e-3 to 1e-2; the limit is {self.limit:g})",
+            {"update_ratio": ratio, "limit": self.limit},
+        )
+
+
+class AdamRatioHigh(Sustained):
+    """Adam's g²/v̂ above ``limit``: this gradient is far larger than any in the optimizer's
+    memory, so its update is many lr's long."""
+
+    name = "adam_ratio"
+    columns = ("adam_ratio",)
+    steps = 1
+
+    def __init__(self, limit: float = 1e3, after: int = 10) -> None:
+        super().__init__()
+        self.limit, self.after = limit, after
+
+    def holds(self, row: dict[str, float]) -> bool:
+        return row["adam_ratio"] > self.limit
+
+    def held(self, ratio: np.ndarray) -> np.ndarray:
+        return ratio > self.limit
+
+    def message(self, step: int, row: dict[str, float]) -> Alarm:
+        ratio = row["adam_ratio"]
+        return Alarm(
+            step,
+            self.name,
+            f"the squared gradient is {ratio:.3g}× Adam's second moment (≈ 1 while gradients "
+            "resemble their history): a batch unlike any before, an update of many lr's",
+            {"adam_ratio": ratio, "limit": self.limit},
         )
 
 
@@ -203,5 +310,10 @@ class DeadGradient(Monitor):
 
 
 def default_monitors() -> list[Monitor]:
-    """A fresh set (monitors keep state): the rules on by default."""
-    return [GradNormBand(), WeightGrowth(), DeadGradient()]
+    """A fresh set (monitors keep state): the rules on by default, the energy models' with them
+    (by import string: they live in the contrastive layer, see ``record/live.py``)."""
+    from energydiag.engine.plugins import LIVE_ENERGY, resolve
+
+    energy = resolve(LIVE_ENERGY["monitors"], "energy monitors")
+    generic = [GradNormBand(), WeightGrowth(), DeadGradient(), UpdateTooLarge(), AdamRatioHigh()]
+    return [*generic, *energy()]

@@ -59,6 +59,7 @@ from energydiag.io.state import (
 )
 from energydiag.io.tensorfile import write_atomic
 from energydiag.record.alarms import AlarmDesk, OnAlarm
+from energydiag.record.live import Watched, measure_all, quantities_for
 from energydiag.record.monitors import Monitor
 from energydiag.record.peers import PeerAlarm
 from energydiag.record.peers import available as peers_available
@@ -142,6 +143,8 @@ class Recorder:
         self._lock = threading.Lock()  # the ring, between the loop and a peer's alarm
         self._join_ranks(consistency_every, peer_timeout)
         self.alarms = AlarmDesk(self.root, monitors, on_alarm, self.lead)
+        read = {column for m in self.alarms.monitors for column in m.columns}
+        self.quantities = quantities_for(read, Watched(self.model, optimizer, self.manifest))
 
     def _join_ranks(self, consistency_every: int, peer_timeout: float) -> None:
         """What only a multi-rank run has: its parallelism, the comparison of the ranks'
@@ -175,6 +178,8 @@ class Recorder:
             meta[SCALER_STATE] = json.dumps(self.scaler.state_dict())
         with self._lock:
             self.ring.append((step, record, meta))
+        for quantity in self.quantities:
+            quantity.start(step, dict(batch))
 
     def end_step(
         self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, **scalars: Any
@@ -194,8 +199,8 @@ class Recorder:
             self._write_batch(*self.ring[-1])
         names = ["loss"] + ([] if grad_norm is None else ["grad_norm"]) + list(scalars)
         values = [loss] + ([] if grad_norm is None else [grad_norm]) + list(scalars.values())
-        if self.alarms.monitors:  # measured here, synced with the rest: one host sync
-            names, values = [*names, "max_abs_weight"], [*values, _max_abs(self.model)]
+        measured = measure_all(self.quantities, self._step)  # synced with the rest: one sync
+        names, values = [*names, *measured], [*values, *measured.values()]
         row = dict(zip(names, _to_floats(values), strict=True))
         # The schedule, every step, where no ring of batches reaches: the largest group lr.
         lrs = [float(g["lr"]) for g in groups if isinstance(g.get("lr"), int | float)]
@@ -302,6 +307,8 @@ class Recorder:
             self._ranks.flush()
 
     def close(self) -> None:
+        for quantity in self.quantities:
+            quantity.close()
         if self._peers is not None:
             self._peers.close()
         self._metrics.close()
@@ -332,12 +339,6 @@ class Recorder:
 
     def _write_batch(self, step: int, record: Mapping[str, torch.Tensor], meta: dict) -> None:
         write_atomic(self._batch_path(step), record, meta)
-
-
-def _max_abs(model: nn.Module) -> torch.Tensor:
-    """The largest |w| of this rank's parameters (its shard's, under FSDP), on the device."""
-    params = [plain(p.detach()) for p in model.parameters()]
-    return torch.nn.utils.get_total_norm(params, norm_type=math.inf, foreach=True)
 
 
 def _to_floats(values: list[Any]) -> list[float]:
