@@ -109,7 +109,7 @@ def test_adam_ratio_flags_a_batch_unlike_any_before():
 
     weight = torch.nn.Parameter(torch.ones(8))
     optimizer = torch.optim.Adam([weight], lr=1e-3)
-    ratio = AdamRatio()
+    ratio = AdamRatio(every=1)  # by default every 10th step
     assert ratio.attach(Watched(torch.nn.Linear(1, 1), optimizer, None))
     rule, seen = AdamRatioHigh(), []
     for step in range(30):

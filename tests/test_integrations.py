@@ -16,7 +16,14 @@ from energydiag.io.rundir import Run
 BATCH = 8
 
 
-def fit_lightning(root, steps: int, constant_row: int | None = None, **options):
+def fit_lightning(
+    root,
+    steps: int,
+    constant_row: int | None = None,
+    ramp: float = 0.0,
+    trainer_args: dict | None = None,
+    **options,
+):
     pl = pytest.importorskip("lightning.pytorch")
     from trainer_models import LitRegressor
 
@@ -29,14 +36,13 @@ def fit_lightning(root, steps: int, constant_row: int | None = None, **options):
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        gradient_clip_val=1.0,
-        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[callback],
+        **({"logger": False, "gradient_clip_val": 1.0} | (trainer_args or {})),
     )
-    trainer.fit(LitRegressor(), loader)
+    trainer.fit(LitRegressor(ramp=ramp), loader)
     return callback
 
 
@@ -75,20 +81,29 @@ def test_lightning_refuses_what_it_cannot_replay(tmp_path):
     trainer = pl.Trainer(
         max_steps=2,
         accelerator="cpu",
-        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="value",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[EnergydiagCallback(tmp_path / "run")],
     )
-    with pytest.raises(DiagError, match="accumulate_grad_batches=2"):
+    with pytest.raises(DiagError, match="gradient_clip_algorithm='value'"):
         trainer.fit(LitRegressor(), loader)
 
 
-def fit_hf(root, steps: int, constant_row: int | None = None, max_grad_norm: float = 1.0):
+def fit_hf(
+    root,
+    steps: int,
+    constant_row: int | None = None,
+    max_grad_norm: float = 1.0,
+    ramp: float = 0.0,
+    output_dir=None,
+    **arguments,
+):
     transformers = pytest.importorskip("transformers")
-    from trainer_models import RegressionSet, Regressor
+    from trainer_models import RegressionSet, Regressor, lr_ramp
 
     from energydiag.record.hf import EnergydiagCallback
 
@@ -96,7 +111,7 @@ def fit_hf(root, steps: int, constant_row: int | None = None, max_grad_norm: flo
     spec = {"target": "trainer_models:Regressor", "kwargs": {"hidden": 16, "dropout": 0.1}}
     callback = EnergydiagCallback(root, model_spec=spec, checkpoint_every=4, persist_batches=True)
     args = transformers.TrainingArguments(
-        output_dir=str(root.parent / "hf-out"),
+        output_dir=str(output_dir or root.parent / "hf-out"),
         max_steps=steps,
         per_device_train_batch_size=BATCH,
         learning_rate=1e-2,
@@ -109,13 +124,19 @@ def fit_hf(root, steps: int, constant_row: int | None = None, max_grad_norm: flo
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
+        **arguments,
     )
     x, y = regression_data(constant_row=constant_row)
+    model = Regressor()
+    optimizers = (None, None)
+    if ramp:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        optimizers = (optimizer, lr_ramp(optimizer, ramp))
     trainer = transformers.Trainer(
-        Regressor(), args, train_dataset=RegressionSet(x, y), callbacks=[callback]
+        model, args, train_dataset=RegressionSet(x, y), callbacks=[callback], optimizers=optimizers
     )
     trainer.train()
-    return callback
+    return callback, trainer
 
 
 def test_hf_trainer_run_replays_bit_exact(tmp_path):
@@ -169,3 +190,113 @@ def test_hf_pretrained_model_needs_no_spec(tmp_path):
     assert run.manifest.model.kwargs["config"]["n_embd"] == 16
     report = replay_report(run, 0)
     assert report.fault is None and report.fidelity["bit_exact"]
+
+
+def first_nonfinite(root) -> int | None:
+    import math
+
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    return next((r["step"] for r in rows if not math.isfinite(r["loss"])), None)
+
+
+def alerts(root) -> list[dict]:
+    path = root / "alerts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_lightning_accumulation_is_recorded_and_replays_bit_exact(tmp_path):
+    """12 batches an epoch in windows of 5: 5, 5, then a short 2 (Lightning still divides by 5);
+    4 optimizer steps cross into the second epoch."""
+    fit_lightning(tmp_path / "run", steps=4, trainer_args={"accumulate_grad_batches": 5})
+    run = Run(tmp_path / "run")
+    assert run.manifest.step == "energydiag.record.accumulation:accumulated_step"
+    window = run.batch(2).tensors
+    assert sorted({k.split(".")[1] for k in window if k.startswith("micro.")}) == ["0", "1"]
+    assert float(window["energydiag.divisor"]) == 5.0
+    assert int(window["micro.1.lightning.batch_idx"]) == 11
+    report = replay_report(run, 0)
+    assert report.fault is None and report.fidelity["bit_exact"]
+    assert report.fidelity["compared"] == 4
+
+
+def test_hf_accumulation_is_recorded_and_replays_bit_exact(tmp_path):
+    """The Trainer's windows of 5 over 12 batches: 5, 5, 2, divided by 5, 5 and 2."""
+    fit_hf(tmp_path / "run", steps=4, gradient_accumulation_steps=5)
+    run = Run(tmp_path / "run")
+    divisors = [float(run.batch(s).tensors["energydiag.divisor"]) for s in range(4)]
+    assert divisors == [5.0, 5.0, 2.0, 5.0]
+    assert {"micro.4.x", "micro.4.labels"} <= set(run.batch(0).tensors)
+    report = replay_report(run, 0)
+    assert report.fault is None and report.fidelity["bit_exact"]
+
+
+def test_hf_refuses_accumulation_for_a_model_that_scales_its_own_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from energydiag.errors import DiagError
+    from energydiag.record.hf import EnergydiagCallback
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
+    data = [{"input_ids": torch.zeros(8, dtype=torch.long), "labels": torch.zeros(8)}] * 4
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    trainer = transformers.Trainer(
+        model, args, train_dataset=data, callbacks=[EnergydiagCallback()]
+    )
+    with pytest.raises(DiagError, match=r"forward takes \*\*kwargs"):
+        trainer.train()
+
+
+def test_lightning_lr_ramp_alarms_in_the_trainer_log_and_defaults_its_run_dir(tmp_path):
+    """AdamW under an lr ×1.3 per step from step 10: the callback, given no directory, records
+    into the CSV logger's version folder, and the alarm comes before the first non-finite loss
+    as a metric of that logger."""
+    pl = pytest.importorskip("lightning.pytorch")
+    logger = pl.loggers.CSVLogger(tmp_path, name="logs")
+    callback = fit_lightning(
+        None, steps=200, ramp=1.3, trainer_args={"logger": logger, "default_root_dir": tmp_path}
+    )
+    root = tmp_path / "logs" / "version_0" / "energydiag"
+    assert callback.run_dir == root and (root / "run.json").exists()
+    first = alerts(root)[0]
+    failed = first_nonfinite(root)
+    print(f"lightning lr ramp: first alarm {first['step']} ({first['rule']}), non-finite {failed}")
+    assert failed is not None and failed - first["step"] >= 10
+    logged = (root.parent / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert f"energydiag/alarm/{first['rule']}" in logged
+
+
+def test_hf_lr_ramp_alarms_in_the_trainer_log_and_defaults_its_run_dir(tmp_path):
+    callback, trainer = fit_hf(None, steps=200, ramp=1.3, output_dir=tmp_path / "out")
+    root = tmp_path / "out" / "energydiag"
+    assert callback.run_dir == root and (root / "run.json").exists()
+    first = alerts(root)[0]
+    failed = first_nonfinite(root)
+    print(f"HF lr ramp: first alarm {first['step']} ({first['rule']}), non-finite {failed}")
+    assert failed is not None and failed - first["step"] >= 10
+    logged = [e for e in trainer.state.log_history if "energydiag_alarm" in e]
+    assert logged[0] == {
+        "step": first["step"],
+        "energydiag_alarm": first["rule"],
+        "message": first["message"],
+    }
+
+
+def test_an_active_wandb_run_gets_each_alarm(monkeypatch, tmp_path):
+    """A stand-in ``wandb`` module with an active run: no network, the same calls."""
+    import sys
+    import types
+
+    import alarm_loops
+
+    sent = []
+    run = types.SimpleNamespace(alert=lambda title, text: sent.append((title, text)))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=run))
+    alarm_loops.record(tmp_path, 70, hidden=16, spike_at=40, spike=100.0)
+    assert sent[0][0] == "energydiag: grad_norm_band" and sent[0][1].startswith("step 40: ")

@@ -51,7 +51,9 @@ except ImportError:  # the lightning extra is not installed: its tests skip
 if pl is not None:
 
     class LitRegressor(pl.LightningModule):
-        def __init__(self, hidden: int = 16, dropout: float = 0.1, lr: float = 1e-2) -> None:
+        def __init__(
+            self, hidden: int = 16, dropout: float = 0.1, lr: float = 1e-2, ramp: float = 0.0
+        ) -> None:
             super().__init__()
             self.save_hyperparameters()
             self.net = Regressor(hidden, dropout)
@@ -64,8 +66,17 @@ if pl is not None:
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+            sched = lr_ramp(opt, self.hparams.ramp) or torch.optim.lr_scheduler.StepLR(
+                opt, step_size=4, gamma=0.5
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_ramp(optimizer: torch.optim.Optimizer, ramp: float):
+    """The planted lr ramp: ×``ramp`` per step from step 10 (None without one)."""
+    if not ramp:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: ramp ** max(0, s - 10))
 
 
 class RegressionSet(torch.utils.data.Dataset):

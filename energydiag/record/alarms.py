@@ -1,7 +1,8 @@
 """What the Recorder does when a live monitor fires (``on_alarm``): say it, keep evidence, skip.
 
-Every alarm is one line through ``logging`` (logger ``energydiag.alarms``) and one line of
-``RUN/alerts.jsonl``. ``dump`` also writes the ring and a pre-step checkpoint, so ``replay`` can
+Every alarm is one line through ``logging`` (logger ``energydiag.alarms``), one line of
+``RUN/alerts.jsonl``, a W&B alert when a W&B run is active, and whatever the trainer callbacks
+add to ``listeners`` (their trainer's own logger). ``dump`` also writes the ring and a pre-step checkpoint, so ``replay`` can
 start exactly there; ``skip`` drops this step's gradients (``optimizer.step()`` then leaves
 every parameter as it was) and lists the step in ``RUN/skip_batches.json``, which replay and
 what-if honour; ``raise`` raises ``Alarmed``; a callable gets the alarms.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class AlarmDesk:
         self.root, self.on_alarm, self.lead = root, on_alarm, lead
         self.monitors = default_monitors() if monitors is None else list(monitors)
         self.skipped: list[int] = []
+        self.listeners: list[Callable[[list[Alarm]], Any]] = [wandb_alert] if lead else []
 
     def check(self, step: int, row: dict[str, float]) -> list[Alarm]:
         """This rank's alarms for the step (every monitor sees every row, to keep its band)."""
@@ -64,6 +67,8 @@ class AlarmDesk:
             log.warning("energydiag: step %d: %s (%s)", step, alarm.message, alarm.rule)
         if self.lead:
             self._write(alarms, ranks, action, kept)
+        for listener in self.listeners:
+            listener(alarms)
         if action == "raise":
             raise Alarmed(f"step {step}: {alarms[0].message}")
         if callable(self.on_alarm):
@@ -77,3 +82,11 @@ class AlarmDesk:
         if action == "skip":
             text = json.dumps({"steps": self.skipped, "batch_indices": self.skipped}) + "\n"
             write_text_atomic(self.root / SKIP_BATCHES, text)
+
+
+def wandb_alert(alarms: list[Alarm]) -> None:
+    """A W&B alert per alarm when the process has an active W&B run (never imports wandb)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    for alarm in alarms if run is not None else []:
+        run.alert(title=f"energydiag: {alarm.rule}", text=f"step {alarm.step}: {alarm.message}")

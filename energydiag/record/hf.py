@@ -1,11 +1,16 @@
 """Record a Hugging Face ``Trainer`` run from its callbacks.
 
     from energydiag.record.hf import EnergydiagCallback
-    trainer = Trainer(model, args, train_dataset=ds, callbacks=[EnergydiagCallback("runs/exp1")])
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[EnergydiagCallback()])
+
+The run directory defaults to ``args.output_dir`` + ``/energydiag``.
 
 The Trainer shows callbacks neither the batch nor the loss, so the callback reads both off the
-model: a forward pre-hook takes the first forward of each step (its keyword tensors, and the RNG
-state that forward starts from) and a forward hook takes the loss it returns. The Trainer clips
+model: a forward pre-hook takes each forward of a step (its keyword tensors; the first one's
+RNG state, which the step starts from; with gradient accumulation each micro-batch, which the
+Trainer scales by 1 / their number) and a forward hook takes the loss each returns. An alarm
+is also appended to ``state.log_history`` (``{"energydiag_alarm": rule, ...}``) and asks the
+Trainer to log at that step. The Trainer clips
 before ``on_pre_optimizer_step``, the last hook before the update, so when it clips the norm the
 callback sees is the clipped one and is logged as ``clipped_grad_norm`` (a non-finite value is
 still a failure: clipping by a non-finite norm leaves non-finite gradients).
@@ -13,6 +18,7 @@ still a failure: clipping by a non-finite norm leaves non-finite gradients).
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +30,11 @@ from transformers import TrainerCallback
 
 from energydiag.engine.plugins import resolve
 from energydiag.errors import DiagError
+from energydiag.record.accumulation import DIVISOR, STEP, micro_batch
 from energydiag.record.batches import gradient_norm, import_target, tensors_only
 from energydiag.record.recorder import Recorder
+
+NAME = "energydiag"  # the run directory's name under args.output_dir
 
 
 class EnergydiagCallback(TrainerCallback):
@@ -33,25 +42,35 @@ class EnergydiagCallback(TrainerCallback):
     (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``...).
 
     ``model_spec`` defaults to a ``PreTrainedModel``'s class and config. Supported: one
-    process, no gradient accumulation, fp32 or bf16 autocast; anything else is refused when
-    training begins. An exception is not seen by Trainer callbacks: call ``callback.dump()`` from
-    your own ``except`` to write the ring.
+    process, gradient accumulation (for a model whose loss the Trainer scales: one without
+    ``**kwargs`` in ``forward``), fp32 or bf16 autocast; anything else is refused when training
+    begins. An exception is not seen by Trainer callbacks: call ``callback.dump()`` from your own
+    ``except`` to write the ring.
     """
 
     def __init__(
-        self, run_dir: str | Path, *, model_spec: Mapping[str, Any] | None = None, **options: Any
+        self,
+        run_dir: str | Path | None = None,
+        *,
+        model_spec: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        self.run_dir, self.model_spec, self.options = Path(run_dir), model_spec, options
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.model_spec, self.options = model_spec, options
         self.recorder: Recorder | None = None
         self._step: int | None = None  # set at step begin, taken by the step's first forward
-        self._loss: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._micro = -1  # the forward of the open step; -1: none yet
         self._awaiting_loss = False
+        self._alarms: list[Any] = []
         self._hooks: list[Any] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
-        _check_supported(args)
+        _check_supported(args, model)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.run_dir = self.run_dir or Path(args.output_dir) / NAME
+        self.accumulates = args.gradient_accumulation_steps > 1
         self.recorder = Recorder(
             self.run_dir,
             model=model,
@@ -61,21 +80,34 @@ class EnergydiagCallback(TrainerCallback):
             grad_clip=clip,
             autocast_dtype="bfloat16" if args.bf16 else None,
             seed=args.seed,
+            **({"step": STEP} if self.accumulates else {}),
             **self.options,
         )
+        self.recorder.alarms.listeners.append(self._alarms.extend)
         self._hooks = [
             model.register_forward_pre_hook(self._take_inputs, with_kwargs=True),
             model.register_forward_hook(self._take_loss),
         ]
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
-        self._step, self._loss = state.global_step, None
+        self._step, self._losses, self._micro = state.global_step, [], -1
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
-        if self.recorder is None or self._loss is None:
+        if self.recorder is None or not self._losses:
             return
+        count = len(self._losses)
+        if self.accumulates:  # the Trainer divides by the micro-batches in this window
+            self.recorder.add_to_step({DIVISOR: torch.tensor(float(count))})
         name = "clipped_grad_norm" if self.recorder.manifest.grad_clip else "grad_norm"
-        self.recorder.end_step(self._loss, **{name: gradient_norm(model)})
+        loss = sum(loss / count for loss in self._losses)  # in replay's order: bit-exact
+        self.recorder.end_step(loss, **{name: gradient_norm(model)})
+        self._losses, self._step = [], None
+        for alarm in self._alarms:  # the Trainer's log, and its integrations at this step
+            state.log_history.append(
+                {"step": alarm.step, "energydiag_alarm": alarm.rule, "message": alarm.message}
+            )
+        control.should_log = control.should_log or bool(self._alarms)
+        self._alarms.clear()
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         for hook in self._hooks:
@@ -92,18 +124,32 @@ class EnergydiagCallback(TrainerCallback):
             return
         if args:
             raise DiagError(None, "EnergydiagCallback records keyword inputs (model(**batch)) only")
-        self.recorder.start_step(self._step, tensors_only(kwargs))
-        self._step, self._awaiting_loss = None, True
+        self._micro += 1
+        tensors = tensors_only(kwargs)
+        if not self.accumulates:
+            self.recorder.start_step(self._step, tensors)
+            self._step = None  # later forwards in this step (an eval, a generate) are not it
+        elif self._micro == 0:
+            self.recorder.start_step(self._step, micro_batch(0, tensors))
+        else:
+            self.recorder.add_to_step(micro_batch(self._micro, tensors))
+        self._awaiting_loss = True
 
     def _take_loss(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._awaiting_loss:
-            self._loss, self._awaiting_loss = loss_of(output).detach(), False
+            self._losses.append(loss_of(output).detach())
+            self._awaiting_loss = False
 
 
-def _check_supported(args: Any) -> None:
+def _check_supported(args: Any, model: nn.Module) -> None:
+    scales_itself = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(model.forward).parameters.values()
+    )
     refusals = {
-        f"gradient_accumulation_steps={args.gradient_accumulation_steps}": (
-            args.gradient_accumulation_steps != 1
+        f"gradient_accumulation_steps={args.gradient_accumulation_steps} on a model whose "
+        "forward takes **kwargs (it scales its own loss by num_items_in_batch)": (
+            args.gradient_accumulation_steps != 1 and scales_itself
         ),
         f"world_size={args.world_size}": args.world_size != 1,
         "fp16": bool(args.fp16),

@@ -1,17 +1,24 @@
 """Record a Lightning 2.x run from the trainer's own hooks.
 
     from energydiag.record.lightning import EnergydiagCallback
-    trainer = L.Trainer(callbacks=[EnergydiagCallback("runs/exp1")], gradient_clip_val=1.0)
+    trainer = L.Trainer(callbacks=[EnergydiagCallback()], gradient_clip_val=1.0)
+
+The run directory defaults to the trainer's own: ``trainer.log_dir`` (the first logger's
+version folder, else ``default_root_dir``) + ``/energydiag``.
 
 Hooks used, in Lightning's order within one step: ``on_train_batch_start`` (RNG state and batch,
-a checkpoint every N steps), ``on_before_backward`` (the loss), ``on_before_optimizer_step``
-(after backward, before clipping and the update: the gradient norm, and a dump of the pre-step
-state when something is non-finite) and ``on_exception``. Replay rebuilds the LightningModule
-from its class and ``hparams`` and calls its ``training_step`` through :func:`training_step`.
+a checkpoint every N steps; with gradient accumulation, each later micro-batch joins the step),
+``on_before_backward`` (the loss, already divided by ``accumulate_grad_batches``),
+``on_before_optimizer_step`` (after the last backward, before clipping and the update: the
+gradient norm, and a dump of the pre-step state when something is non-finite) and
+``on_exception``. Replay rebuilds the LightningModule from its class and ``hparams`` and calls
+its ``training_step`` through :func:`training_step` (a module without ``forward`` is the norm).
+An alarm is also logged to the trainer's loggers as ``energydiag/alarm/<rule>`` = 1.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from energydiag.errors import DiagError, first_line
+from energydiag.record.accumulation import DIVISOR, STEP, micro_batch
 from energydiag.record.batches import (
     from_mapping,
     gradient_norm,
@@ -30,6 +38,7 @@ from energydiag.record.batches import (
 from energydiag.record.recorder import Recorder
 
 BATCH_INDEX = "lightning.batch_idx"
+NAME = "energydiag"  # the run directory's name under the trainer's log_dir
 AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": "bfloat16"}
 
 
@@ -38,16 +47,22 @@ class EnergydiagCallback(pl.Callback):
     (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``, ``seed``...).
 
     ``model_spec`` defaults to the LightningModule's class with its saved ``hparams``.
-    Supported: one optimizer, automatic optimization, norm clipping, 32-bit or bf16-mixed
-    precision, no gradient accumulation; anything else is refused when fitting starts.
+    Supported: one optimizer, automatic optimization, norm clipping, gradient accumulation,
+    32-bit or bf16-mixed precision; anything else is refused when fitting starts.
     """
 
     def __init__(
-        self, run_dir: str | Path, *, model_spec: Mapping[str, Any] | None = None, **options: Any
+        self,
+        run_dir: str | Path | None = None,
+        *,
+        model_spec: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        self.run_dir, self.model_spec, self.options = Path(run_dir), model_spec, options
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.model_spec, self.options = model_spec, options
         self.recorder: Recorder | None = None
         self._loss: torch.Tensor | None = None
+        self._micro = -1  # the micro-batch of the open step; -1: no step open
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_supported(trainer, pl_module)
@@ -56,6 +71,8 @@ class EnergydiagCallback(pl.Callback):
             "target": import_target(pl_module),
             "kwargs": dict(pl_module.hparams),
         }
+        self.run_dir = self.run_dir or Path(trainer.log_dir or trainer.default_root_dir) / NAME
+        accumulates = trainer.accumulate_grad_batches > 1
         self.recorder = Recorder(
             self.run_dir,
             model=pl_module,
@@ -64,26 +81,36 @@ class EnergydiagCallback(pl.Callback):
             loss={"target": "energydiag.record.lightning:training_step"},
             grad_clip=float(clip) if clip else None,
             autocast_dtype=AUTOCAST[str(trainer.precision)],
+            **({"step": STEP} if accumulates else {}),
             **self.options,
         )
+        self.recorder.alarms.listeners.append(functools.partial(_log_alarms, trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         record = to_mapping(batch) | {BATCH_INDEX: torch.tensor(batch_idx)}
-        self._loss = None
-        self._live.start_step(trainer.global_step, record)
+        self._micro += 1
+        if trainer.accumulate_grad_batches == 1:
+            self._live.start_step(trainer.global_step, record)
+        elif self._micro == 0:  # Lightning divides every micro-batch's loss by K, even a last few
+            divisor = {DIVISOR: torch.tensor(float(trainer.accumulate_grad_batches))}
+            self._live.start_step(trainer.global_step, micro_batch(0, record) | divisor)
+        else:
+            self._live.add_to_step(micro_batch(self._micro, record))
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        self._loss = loss.detach()
+        loss = loss.detach()
+        self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._loss is not None:
-            self._live.end_step(self._loss, grad_norm=gradient_norm(pl_module))
+        loss, self._loss, self._micro = self._loss, None, -1
+        if loss is not None:
+            self._live.end_step(loss, grad_norm=gradient_norm(pl_module))
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -102,14 +129,18 @@ class EnergydiagCallback(pl.Callback):
         return self.recorder
 
 
+def _log_alarms(trainer: pl.Trainer, alarms: list) -> None:
+    """Each alarm as a metric in every logger the trainer has (TensorBoard, CSV, W&B...)."""
+    metrics = {f"energydiag/alarm/{alarm.rule}": 1.0 for alarm in alarms}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
 def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     refusals = {
         "manual optimization": not pl_module.automatic_optimization,
         f"{len(trainer.optimizers)} optimizers": len(trainer.optimizers) != 1,
-        f"accumulate_grad_batches={trainer.accumulate_grad_batches}": (
-            trainer.accumulate_grad_batches != 1
-        ),
-        f"gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}": (
+        f"gradient_clip_algorithm={_named(trainer.gradient_clip_algorithm)!r}": (
             bool(trainer.gradient_clip_val)
             and trainer.gradient_clip_algorithm not in (None, "norm")
         ),
@@ -118,6 +149,11 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
     refused = [what for what, bad in refusals.items() if bad]
     if refused:
         raise DiagError(None, f"EnergydiagCallback cannot record a run with {', '.join(refused)}")
+
+
+def _named(choice: Any) -> Any:
+    """An enum member as the string a user passes to the Trainer."""
+    return getattr(choice, "value", choice)
 
 
 def training_step(model: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

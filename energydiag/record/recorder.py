@@ -181,6 +181,14 @@ class Recorder:
         for quantity in self.quantities:
             quantity.start(step, dict(batch))
 
+    def add_to_step(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """More of this step's batch, after ``start_step``: the later micro-batches of gradient
+        accumulation, which the trainer loads after the first one's forward."""
+        if self._step is None or self._ended:
+            raise RuntimeError("add_to_step() called outside a step")
+        with self._lock:
+            self.ring[-1][1].update({k: v.detach().clone() for k, v in tensors.items()})
+
     def end_step(
         self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, **scalars: Any
     ) -> bool:
