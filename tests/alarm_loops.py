@@ -45,6 +45,7 @@ def record(
     spike: float = 1e4,
     persist: bool = False,
     monitors: list | None = None,
+    checkpoint_every: int = 50,
 ) -> None:
     torch.manual_seed(seed)
     model = Regressor(hidden)
@@ -57,7 +58,7 @@ def record(
         optimizer=optimizer,
         model_spec={"target": "alarm_loops:Regressor", "kwargs": {"hidden": hidden}},
         loss={"target": "alarm_loops:mse_loss"},
-        checkpoint_every=50,
+        checkpoint_every=checkpoint_every,
         on_alarm=on_alarm,
         persist_batches=persist,
         monitors=monitors,

@@ -156,3 +156,63 @@ def test_the_gradient_band_learns_before_it_judges():
     assert [band.observe(s, {"grad_norm": 1.0 + 0.01 * s}) for s in range(5)] == [None] * 5
     assert band.observe(5, {"grad_norm": 1e3}).rule == "grad_norm_band"
     assert band.observe(6, {"grad_norm": 1.1}) is None  # the spike did not widen the band
+
+
+def test_diagnose_scores_the_recorded_forecast(tmp_path):
+    """The lr ×1e4 run: the alarm at 22 forecast ≈ 49 steps to the overflow, which took 50."""
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
+
+    alarm_loops.record(tmp_path, 150, lr=1.5e-4, jump_at=20, persist=True)
+    (found,) = [f for f in diagnose(Run(tmp_path)).findings if f.code == "alarms.recorded"]
+    assert found.title.startswith(
+        "the live monitors alarmed at step 22 (weight_growth), 50 steps before the first "
+        "non-finite value at step 72"
+    )
+    assert "its forecast of an overflow in ≈ 49 steps held: it took 50" in found.title
+    assert found.evidence["forecast"]["held"] is True and found.commands == []
+
+
+def test_a_dumped_alarm_is_where_diagnose_sends_the_replay(tmp_path):
+    from energydiag.analyses.diagnosis import diagnose
+    from energydiag.io.rundir import Run
+
+    alarm_loops.record(tmp_path, 70, hidden=16, spike_at=40, spike=100.0, on_alarm="dump")
+    (found,) = [f for f in diagnose(Run(tmp_path)).findings if f.code == "alarms.recorded"]
+    assert found.remedy.startswith("replay from step 40: the alarm's dump kept")
+    assert found.commands[0].options == {"from_step": 40}
+    assert 40 in Run(tmp_path).checkpoint_steps
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [("{not json", "is not JSON"), ('{"step": "x"}', "is not an alarm")],
+)
+def test_a_broken_alerts_file_is_one_line(tmp_path, line, problem):
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    alarm_loops.record(tmp_path, 70, hidden=16, spike_at=40, spike=100.0, persist=True)
+    path = tmp_path / "alerts.jsonl"
+    kept = path.read_text()
+    path.write_text(kept + line + "\n")
+    result = CliRunner().invoke(app, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{path}: line {len(kept.splitlines()) + 1} {problem}" in result.output
+
+
+def test_timeline_applies_weight_growth_to_checkpoints(tmp_path):
+    """Checkpoints every 10 steps of the lr ×1e4 run, recorded without monitors: the rule over
+    the checkpoints fires at 30 (live, on every step: 22), before the first broken one."""
+    from energydiag.commands import timeline
+
+    alarm_loops.record(tmp_path, 90, lr=1.5e-4, jump_at=20, monitors=[], checkpoint_every=10)
+    found = timeline.run(tmp_path).report
+    assert found.alarm.step == 30
+    (finding,) = [f for f in found.findings if f.code == "timeline.would_alarm"]
+    assert finding.title.startswith(
+        "the live weight_growth monitor would have alarmed by "
+        "checkpoint 30, before the first non-finite checkpoint at"
+    )
+    assert finding.remedy.startswith("record with the Recorder's monitors on")

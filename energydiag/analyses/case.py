@@ -24,6 +24,7 @@ from energydiag.analyses.offsets import offset_trend
 from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError
+from energydiag.io.alerts import read_alerts
 from energydiag.io.layout import checkpoint_path
 from energydiag.io.rundir import Run
 
@@ -42,7 +43,8 @@ class Case:
         paths = self.run.checkpoint_paths()
         if len(paths) < 2:
             return None
-        return timeline(paths, self.run.manifest.autocast_dtype)
+        monitored = bool(read_alerts(self.run.root))
+        return timeline(paths, self.run.manifest.autocast_dtype, monitored=monitored)
 
     @cached_property
     def inspected_step(self) -> int | None:

@@ -26,6 +26,7 @@ from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.story import tell
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError, OptionError
+from energydiag.io.alerts import read_alerts
 from energydiag.io.layout import MANIFEST
 from energydiag.io.rundir import Run
 from energydiag.schema import Report, report
@@ -92,11 +93,13 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
         ranks = rank_findings(run)
         seen |= {f.code for f in ranks}
         found = [*causes, *ranks, *(f for f in result.findings if f.code not in seen), *weights]
+        found = _superseded(found, _alarms(run))
         result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
     cause_codes = {f.code for f in causes}  # inspect names them too: said once
     inspected = [f for f in _inspected(case) if f.code not in cause_codes]
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
+    found = _superseded(found, _alarms(run))
     found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
     found = _ranks_view(found, rank_findings(run))
     found = [*tell(case, found, None, device), *found]
@@ -114,6 +117,20 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     return Diagnosis(
         str(run.root), verdict, start, end, None, rules.ranked(found), case.inspected_step
     )
+
+
+def _superseded(found: list[rules.Finding], alarms: list[rules.Finding]) -> list[rules.Finding]:
+    """What the monitors said live replaces what they would have said offline."""
+    offline = ("curve.would_alarm", "timeline.would_alarm")
+    return [f for f in found if not (alarms and f.code in offline)] + alarms
+
+
+def _alarms(run: Run) -> list[rules.Finding]:
+    """The alarms the Recorder raised, scored against the run's log."""
+    logged = run.logged()
+    last = max(logged) if logged else None
+    alarm = rules.recorded_alarms(read_alerts(run.root), run.first_failure(), last)
+    return [alarm] if alarm else []
 
 
 def _failed(run: Run, step: int, start, end, device) -> Diagnosis:

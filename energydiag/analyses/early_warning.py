@@ -15,7 +15,7 @@ import pandas as pd
 
 from energydiag import findings as rules
 from energydiag.io.metrics import metric_series
-from energydiag.record.monitors import default_monitors
+from energydiag.record.monitors import WeightGrowth, default_monitors
 from energydiag.schema import Record
 
 if TYPE_CHECKING:
@@ -57,6 +57,14 @@ def aligned(
         for c in optional
     ]
     return (rows["step"].to_numpy(dtype=np.int64), *values, *extra)
+
+
+def checkpoint_alarm(steps: list[int], max_abs: list[float]) -> OfflineAlarm:
+    """``weight_growth`` over checkpoints, each against the one before it (its growth per step
+    over the gap). The other rules need a per-step log: ``curves`` applies them."""
+    monitor = WeightGrowth(window=1)
+    step = monitor.first_fire(np.asarray(steps, dtype=np.int64), np.asarray(max_abs, dtype=float))
+    return OfflineAlarm(monitor.name, step, "max_abs")
 
 
 def with_alarms(report: CurveReport, frame: pd.DataFrame) -> CurveReport:

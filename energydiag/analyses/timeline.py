@@ -16,6 +16,7 @@ from pathlib import Path
 
 from energydiag import findings as rules
 from energydiag.analyses.checkpoint_stats import CheckpointStats, checkpoint_stats
+from energydiag.analyses.early_warning import OfflineAlarm, checkpoint_alarm
 from energydiag.engine.tensorstats import summarize
 from energydiag.errors import DiagError
 from energydiag.io.torchfiles import open_reader
@@ -65,6 +66,7 @@ class Timeline(Report):
     # momentum_buffer): the only gradient a checkpoint holds, smoothed over recent steps.
     layer_grad: dict[str, list[float | None]] = field(default_factory=dict)
     findings: list[rules.Finding] = field(default_factory=list)
+    alarm: OfflineAlarm | None = None  # where the live weight_growth rule would have fired
 
     def worst(self) -> TimelineRow | None:
         """The checkpoint to judge a run by: its first non-finite one, else its most grown one
@@ -124,7 +126,9 @@ def timeline(
     checkpoints: dict[int, Path],
     autocast_dtype: str | None = None,
     progress: Callable[[int], None] | None = None,
+    monitored: bool = False,
 ) -> Timeline:
+    """``monitored``: the run was recorded with the live monitors (it has their alarms)."""
     if not checkpoints:
         raise DiagError(None, "no checkpoints to put on a timeline")
     rows, per_row, first, previous = [], [], None, None
@@ -147,10 +151,14 @@ def timeline(
     result = Timeline(
         rows, *(_by_layer([r.get(c, {}) for r in per_row]) for c in ("max_abs", "l2", "grad"))
     )
+    readable = [r for r in rows if r.readable and math.isfinite(r.max_abs)]
+    result.alarm = checkpoint_alarm([r.step for r in readable], [r.max_abs for r in readable])
+    broken = [asdict(r) for r in rows if r.state == "non-finite"]
     result.findings = rules.ranked(
         [
             rules.timeline_exploded([asdict(r) for r in rows if r.exploded], GROWTH_LIMIT),
-            rules.timeline_nonfinite([asdict(r) for r in rows if r.state == "non-finite"]),
+            rules.timeline_nonfinite(broken),
+            rules.growth_alarm(result.alarm.step, broken[0]["step"] if broken else None, monitored),
         ]
     )
     return result

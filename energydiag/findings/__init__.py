@@ -4,6 +4,7 @@ Rules live in small modules by subject; each turns numbers an analysis computed 
 with its evidence and remedy, or None. Adding a rule is adding a function to one of them.
 """
 
+from energydiag.findings.alarms import recorded_alarms
 from energydiag.findings.base import SEVERITIES, Finding, has_code, has_error, ranked
 from energydiag.findings.batch import (
     few_negatives,
@@ -19,6 +20,7 @@ from energydiag.findings.checkpoints import (
     checkpoint_exploded,
     eps_vanishes,
     grown_since_first,
+    growth_alarm,
     log_before_checkpoints,
     non_monotone,
     nonfinite_tensors,
@@ -86,6 +88,8 @@ from energydiag.findings.schedule import decoupled_decay_unstable, lr_beyond_ref
 from energydiag.findings.story import cause_chain, remedy_verified
 
 __all__ = [
+    "growth_alarm",
+    "recorded_alarms",
     "changed_outside_steps",
     "eps_vanishes",
     "gap_below_autocast_resolution",

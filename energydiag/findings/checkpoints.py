@@ -247,3 +247,26 @@ def changed_outside_steps(outside: tuple[int, int] | None) -> Finding | None:
         "hand, a second optimizer, a loaded checkpoint, state the run directory does not hold",
         {"healthy_from": start, "bad_checkpoint": bad},
     )
+
+
+def growth_alarm(step: int | None, first_nonfinite: int | None, live: bool) -> Finding | None:
+    """The live ``weight_growth`` rule over the checkpoints: where it would have fired.
+    ``live``: the run was recorded with monitors, whose own alarms say more."""
+    if step is None:
+        return None
+    remedy = (
+        "the run's own alarms (alerts.jsonl) say when it fired live: diagnose scores them"
+        if live
+        else "record with the Recorder's monitors on (the default): it alarms on the step, with "
+        "a forecast of the overflow, and on_alarm='dump' keeps the state there"
+    )
+    ahead = first_nonfinite is not None and step < first_nonfinite
+    lead = f", before the first non-finite checkpoint at step {first_nonfinite}" if ahead else ""
+    return Finding(
+        "timeline.would_alarm",
+        "warning",
+        f"the live weight_growth monitor would have alarmed by checkpoint {step}{lead}: max|w| "
+        "grew ≥ ×1.05 per step since the checkpoint before, to ≥ 4× its first value",
+        remedy,
+        {"step": step, "first_nonfinite": first_nonfinite},
+    )

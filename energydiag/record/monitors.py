@@ -179,7 +179,9 @@ class WeightGrowth(Monitor):
         v, steps = values[valid], steps[valid]
         if len(v) <= self.window:
             return None
-        rate = (v[self.window :] / v[: -self.window]) ** (1 / self.window)
+        # per step, whatever the spacing of the series (a log every k steps, checkpoints)
+        gaps = np.maximum(steps[self.window :] - steps[: -self.window], 1)
+        rate = (v[self.window :] / v[: -self.window]) ** (1 / gaps)
         fired = (rate >= self.per_step) & (v[self.window :] >= self.above * v[0])
         hits = np.flatnonzero(fired)
         return int(steps[hits[0] + self.window]) if len(hits) else None
