@@ -3,7 +3,8 @@
     python benchmarks/bench_curves.py [--rows 10000000]
 
 Writes a CSV (a descent, a plateau, a spike, a divergence), then in a fresh subprocess reads it
-and analyses it, timing each phase and reporting the peak RSS (VmHWM).
+and analyses it as ``curves`` does (the curve, then the live monitors offline), timing each
+phase and reporting the peak RSS (VmHWM) and how much of it the imports alone took.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from common import peak_rss_mib
 from energydiag.analyses.curves import analyse
+from energydiag.analyses.early_warning import with_alarms
 from energydiag.io.metrics import load_metrics
+imports = peak_rss_mib()
 t0 = time.perf_counter()
 frame = load_metrics(Path(sys.argv[1]))
 t1 = time.perf_counter()
-report = analyse(frame, "loss")
+report = with_alarms(analyse(frame, "loss"), frame)  # what `curves` does with a log file
 t2 = time.perf_counter()
 print(json.dumps({"read_s": t1 - t0, "analyse_s": t2 - t1, "peak_rss_mib": peak_rss_mib(),
+                  "imports_mib": imports,
                   "found": sorted({f.code for f in report.findings}),
                   "plateaus": [(p.start, p.end) for p in report.plateaus], "spikes": [s["step"] for s in report.spikes],
                   "divergence": report.divergence.start if report.divergence else None}))
@@ -62,7 +66,9 @@ def main(rows: int) -> None:
     r = json.loads(out.stdout)
     print(f"{rows:,} rows ({size / 2**20:.0f} MiB CSV)")
     print(
-        f"  read {r['read_s']:.2f} s, analyse {r['analyse_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+        f"  read {r['read_s']:.2f} s, analyse {r['analyse_s']:.2f} s, peak RSS "
+        f"{r['peak_rss_mib']:.0f} MiB ({r['imports_mib']:.0f} MiB of it the imports, torch's "
+        "included)"
     )
     print(
         f"  found {r['found']}: plateaus {r['plateaus']}, spikes {r['spikes']}, divergence from {r['divergence']}"

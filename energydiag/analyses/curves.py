@@ -20,6 +20,7 @@ from energydiag.io.metrics import metric_series
 from energydiag.schema import Report, report
 
 SPIKE_Z = 8.0
+EXACT_POINTS = 200_000  # longer logs get block medians (see _block_median)
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
 NEAR_CHANCE_SPAN = 0.5  # a noisy stall at chance covers at least half the logged steps
 OSCILLATION_CHUNK = 24  # first differences per chunk of the alternation test
@@ -83,27 +84,21 @@ def _analyse(
     report = CurveReport(metric, len(values), 0, bounds=bounds)
     if not finite.all():
         report.first_nonfinite = int(steps[np.argmin(finite)])
-    steps, values = steps[finite], values[finite]
-    report.display = _display(steps, values, values)
+        steps, values = steps[finite], values[finite]
+    del finite
     if len(values) < MIN_PLATEAU_POINTS:
+        report.display = _display(steps, values, values)
         report.findings = rules.ranked([rules.curve_nonfinite(report.first_nonfinite, metric)])
         return report
-    w = window or int(np.clip(len(values) // 20, 3 if len(values) < 200 else 10, 100_000))
-    report.window = w
-    smooth = _rolling_median(values, max(3 if len(values) < 60 else 5, min(w // 2, 501)))
-    # Noise from first differences (sigma = 1.4826 * median|dx| / sqrt 2): residuals from a rolling
-    # median are exactly zero at the median point and would bias the scale low.
-    jumps = np.abs(np.diff(values, prepend=values[0]))
-    local = _rolling_median(jumps, max(11, min(w, 1001))) * (1.4826 / math.sqrt(2))
-    # A few quiet points must not make ordinary noise look like a spike: floor the local scale at
-    # half the series' typical noise.
-    noise = np.maximum(local, 0.5 * float(np.median(local)))
-    loss_like = "loss" in metric.lower()
-    report.constant = _constant(steps, values, min_len=max(MIN_PLATEAU_POINTS, w // 2))
-    report.plateaus = _plateaus(steps, smooth, noise, w)
-    if bounds and "chance" in bounds and not report.plateaus:
-        report.plateaus = _near_chance(steps, values, noise, w, bounds["chance"])
-    report.divergence = _divergence(steps, smooth, noise, w, report.first_nonfinite is not None)
+    # A longer log is shaped on the medians of its blocks (a plateau of a tenth of ten million
+    # points is a million of them); spikes and repeated values are found point by point.
+    size = -(-len(values) // EXACT_POINTS)
+    coarse = _coarse(steps, values, size) if size > 1 else (steps, values)
+    noise = _shape(report, *coarse, window and max(window // size, 3), bounds, metric)
+    if size > 1:
+        noise = _noise(values, report.window)
+    report.window *= size
+    report.constant = _constant(steps, values, min_len=max(MIN_PLATEAU_POINTS, report.window // 2))
     rise_from = report.divergence.start if report.divergence else None
     nearby = _rolling_median(values, 7)  # narrow: a wide median lags on slopes near the edges
     report.spikes = [
@@ -111,7 +106,45 @@ def _analyse(
         for p in _spikes(steps, values, nearby, noise)
         if rise_from is None or p["step"] < rise_from
     ]
-    report.oscillations = _oscillations(steps, values, smooth, w) if loss_like else []
+    report.findings = rules.ranked(
+        [
+            rules.curve_nonfinite(report.first_nonfinite, metric),
+            rules.curve_plateau(
+                report.plateaus, report.plateau_on, bounds, metric, report.left_plateau
+            ),
+            rules.curve_constant(report.constant, metric, loss_like(metric)),
+            rules.curve_divergence(report.divergence, metric),
+            rules.curve_spikes(report.spikes, metric),
+            rules.curve_oscillation(report.oscillations, metric),
+            rules.curve_unstable(report.unstable, metric),
+        ]
+    )
+    return report
+
+
+def loss_like(metric: str) -> bool:
+    return "loss" in metric.lower()
+
+
+def _shape(
+    report: CurveReport,
+    steps: np.ndarray,
+    values: np.ndarray,
+    window: int | None,
+    bounds: dict[str, float] | None,
+    metric: str,
+) -> np.ndarray:
+    """The curve's shape: plateaus, divergence, oscillation, an erratic turn. Returns the noise
+    scale per point of this series."""
+    w = window or int(np.clip(len(values) // 20, 3 if len(values) < 200 else 10, 100_000))
+    report.window = w
+    smooth = _rolling_median(values, max(3 if len(values) < 60 else 5, min(w // 2, 501)))
+    noise = _noise(values, w)
+    report.plateaus = _plateaus(steps, smooth, noise, w)
+    if bounds and "chance" in bounds and not report.plateaus:
+        report.plateaus = _near_chance(steps, values, noise, w, bounds["chance"])
+    report.divergence = _divergence(steps, smooth, noise, w, report.first_nonfinite is not None)
+    report.oscillations = _oscillations(steps, values, smooth, w) if loss_like(metric) else []
     report.unstable = _unstable(steps, values)
     report.display = _display(steps, values, smooth)
     if bounds and report.plateaus:
@@ -120,20 +153,31 @@ def _analyse(
         report.plateau_on = _which_bound(last.level, _spread(inside), bounds)
     if report.plateaus:
         report.left_plateau = _left(steps, values, report.plateaus[-1])
-    report.findings = rules.ranked(
-        [
-            rules.curve_nonfinite(report.first_nonfinite, metric),
-            rules.curve_plateau(
-                report.plateaus, report.plateau_on, bounds, metric, report.left_plateau
-            ),
-            rules.curve_constant(report.constant, metric, loss_like),
-            rules.curve_divergence(report.divergence, metric),
-            rules.curve_spikes(report.spikes, metric),
-            rules.curve_oscillation(report.oscillations, metric),
-            rules.curve_unstable(report.unstable, metric),
-        ]
-    )
-    return report
+    return noise
+
+
+def _noise(values: np.ndarray, w: int) -> np.ndarray:
+    """Noise from first differences (sigma = 1.4826 * median|dx| / sqrt 2): residuals from a
+    rolling median are exactly zero at the median point and would bias the scale low. A few
+    quiet points must not make ordinary noise look like a spike: the local scale is floored at
+    half the series' typical noise."""
+    jumps = np.diff(values, prepend=values[0])
+    np.abs(jumps, out=jumps)
+    local = _rolling_median(jumps, max(11, min(w, 1001)))
+    del jumps
+    local *= 1.4826 / math.sqrt(2)
+    return np.maximum(local, 0.5 * float(np.median(local)), out=local)
+
+
+def _coarse(steps: np.ndarray, values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of ``size`` points: each block's middle step and median value."""
+    full = len(values) // size * size
+    medians = np.median(values[:full].reshape(-1, size), axis=1)
+    middles = steps[size // 2 : full : size]
+    if full < len(values):
+        medians = np.append(medians, np.median(values[full:]))
+        middles = np.append(middles, steps[(full + len(values)) // 2])
+    return middles, medians
 
 
 def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | None:
@@ -146,7 +190,27 @@ def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | N
 
 
 def _rolling_median(values: np.ndarray, width: int) -> np.ndarray:
-    return pd.Series(values).rolling(width, center=True, min_periods=1).median().to_numpy()
+    """Exact up to EXACT_POINTS; beyond, medians of blocks (an exact rolling median of a
+    ten-million-point log takes seconds per call, and the curve's features are far wider)."""
+    if len(values) <= EXACT_POINTS:
+        rolling = pd.Series(values).rolling(width, center=True, min_periods=1)
+        return rolling.median().to_numpy(copy=True)  # writable: callers scale it in place
+    return _block_median(values, width)
+
+
+def _block_median(values: np.ndarray, width: int) -> np.ndarray:
+    """Each point gets its block's median; a wide window is a rolling median of 5 medians of
+    blocks of width / 5, so the level follows the curve at a fifth of the window's width."""
+    size = max(1, width // 5) if width > 15 else width
+    full = len(values) // size * size
+    medians = np.median(values[:full].reshape(-1, size), axis=1)
+    counts = np.full(len(medians), size)
+    if full < len(values):
+        medians = np.append(medians, np.median(values[full:]))
+        counts = np.append(counts, len(values) - full)
+    if width > 15:
+        medians = pd.Series(medians).rolling(5, center=True, min_periods=1).median().to_numpy()
+    return np.repeat(medians, counts)
 
 
 def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -175,12 +239,15 @@ def _constant(steps: np.ndarray, values: np.ndarray, min_len: int) -> list[Segme
 
 
 def _covered(flags: np.ndarray, width: int, n: int) -> np.ndarray:
-    """Points covered by any window [i, i + width) whose start i is flagged."""
-    count = np.zeros(n + 1, dtype=np.int64)
-    starts = np.flatnonzero(flags)
-    np.add.at(count, starts, 1)
-    np.add.at(count, np.minimum(starts + width, n), -1)
-    return np.cumsum(count)[:n] > 0
+    """Points covered by any window [i, i + width) whose start i is flagged: point j is when a
+    start lies in (j - width, j], a difference of running counts."""
+    counts = np.empty(n + 1, dtype=np.int64)
+    counts[0] = 0
+    np.cumsum(flags, out=counts[1 : len(flags) + 1])
+    counts[len(flags) + 1 :] = counts[len(flags)]
+    reach = min(width, n)
+    behind = np.concatenate([np.zeros(reach, dtype=np.int64), counts[1 : n + 1 - reach]])
+    return counts[1:] > behind
 
 
 def _plateaus(steps: np.ndarray, smooth: np.ndarray, noise: np.ndarray, w: int) -> list[Segment]:
@@ -234,8 +301,13 @@ def _near_chance(
 def _spikes(
     steps: np.ndarray, values: np.ndarray, reference: np.ndarray, noise: np.ndarray
 ) -> list[dict[str, float]]:
-    scale = np.maximum(noise, SPIKE_FLOOR_REL * np.maximum(np.abs(reference), 1e-12))
-    z = (values - reference) / scale
+    scale = np.abs(reference)
+    np.maximum(scale, 1e-12, out=scale)
+    scale *= SPIKE_FLOOR_REL
+    np.maximum(noise, scale, out=scale)
+    z = values - reference
+    z /= scale
+    del scale
     idx = np.flatnonzero(np.abs(z) > SPIKE_Z)
     top = idx[np.argsort(-np.abs(z[idx]))][:20]
     return [
@@ -330,11 +402,17 @@ def _which_bound(level: float, noise: float, bounds: dict[str, float]) -> str | 
 def _display(
     steps: np.ndarray, values: np.ndarray, smooth: np.ndarray, points: int = 2000
 ) -> dict[str, list[float]]:
-    """At most ``points`` bins (median of each) for plots and sparklines, whatever the log's length."""
-    bins = np.array_split(np.arange(len(values)), min(points, len(values)))
-    pick = np.array([b[len(b) // 2] for b in bins])
+    """At most ``points`` bins (median of each) for plots and sparklines, whatever the log's length.
+    The bins are ``np.array_split``'s: the first n mod k hold one point more."""
+    k = min(points, len(values))
+    size, longer = divmod(len(values), k)
+    cut = longer * (size + 1)
+    medians = [np.median(values[:cut].reshape(longer, size + 1), axis=1)] if longer else []
+    medians.append(np.median(values[cut:].reshape(k - longer, size), axis=1))
+    starts = np.concatenate([np.arange(longer) * (size + 1), cut + np.arange(k - longer) * size])
+    pick = starts + np.where(np.arange(k) < longer, (size + 1) // 2, size // 2)
     return {
         "step": steps[pick].tolist(),
-        "value": [float(np.median(values[b])) for b in bins],
+        "value": np.concatenate(medians).tolist(),
         "smooth": smooth[pick].tolist(),
     }

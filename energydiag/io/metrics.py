@@ -101,10 +101,16 @@ def _parquet(path: Path) -> pd.DataFrame:
 
 
 def _csv(path: Path) -> pd.DataFrame:
+    """Empty cells (a metric not logged at that step) are missing; a logged "NaN" is kept. With
+    pyarrow, its multi-threaded reader into Arrow-backed columns, which hold both apart (null
+    and NaN); without it, pandas' reader, where a logged "NaN" stays text."""
+    arrow = importlib.util.find_spec("pyarrow") is not None
+    options = {"engine": "pyarrow", "dtype_backend": "pyarrow"} if arrow else {}
     try:
-        # Empty cells (metric not logged at that step) become NaN; a logged "NaN" stays text.
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as err:
+        raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
+    except Exception as err:  # pyarrow's own ArrowInvalid for a ragged or binary file
         raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
 
@@ -114,16 +120,34 @@ def _with_step(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if column is None:
         raise DiagError(path, f"no step column (looked for {', '.join(STEP_COLUMNS)})")
     frame = frame.rename(columns={column: "step"})
-    steps = pd.to_numeric(frame["step"].astype(str).str.strip(), errors="coerce")
-    frame = frame[steps.notna()]
-    steps = steps[steps.notna()].to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(steps) | (steps != np.floor(steps)) | (steps < 0) | (steps >= 2.0**62)
-    if bad.any():
-        raise DiagError(path, f"step {steps[bad][0]!r} is not a whole number of steps")
+    steps = frame["step"]
+    if not pd.api.types.is_numeric_dtype(steps):  # text: "12", " 12 ", "12.0"
+        steps = pd.to_numeric(steps.astype(str).str.strip(), errors="coerce")
+    present = steps.notna().to_numpy(dtype=bool)
+    if not present.all():
+        frame, steps = frame[present], steps[present]
     if frame.empty:
         raise DiagError(path, "holds no rows with a step")
-    frame = frame.assign(step=steps.astype(np.int64)).sort_values("step", kind="stable")
+    frame = frame.assign(step=_whole_steps(steps, path))
+    if not frame["step"].is_monotonic_increasing:
+        frame = frame.sort_values("step", kind="stable")
     return frame.reset_index(drop=True)
+
+
+def _whole_steps(steps: pd.Series, path: Path) -> np.ndarray:
+    """Steps as int64; a negative, fractional, non-finite or huge one is an error. Integer
+    columns (a long log's usual case) are checked without a float copy."""
+    if pd.api.types.is_integer_dtype(steps):
+        whole = steps.to_numpy(dtype=np.int64)
+        if (whole < 0).any() or (whole >= 2**62).any():
+            bad = whole[(whole < 0) | (whole >= 2**62)][0]
+            raise DiagError(path, f"step {float(bad)!r} is not a whole number of steps")
+        return whole
+    values = steps.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values != np.floor(values)) | (values < 0) | (values >= 2.0**62)
+    if bad.any():
+        raise DiagError(path, f"step {values[bad][0]!r} is not a whole number of steps")
+    return values.astype(np.int64)
 
 
 def metric_series(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +156,14 @@ def metric_series(frame: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndar
     Missing cells are NaN; values logged as non-finite are text ("NaN", "Infinity") and are kept.
     """
     column = frame[metric]
-    present = column.notna().to_numpy()
-    kept = column[present]
+    present = column.notna().to_numpy(dtype=bool)
+    everywhere = bool(present.all())  # a long log's usual case: no copy to select
+    kept = column if everywhere else column[present]
     if not pd.api.types.is_numeric_dtype(kept):
-        kept = kept.astype(str).str.strip()
-    values = pd.to_numeric(kept, errors="coerce").to_numpy(dtype=np.float64)
-    return frame["step"].to_numpy(dtype=np.int64)[present], values
+        kept = pd.to_numeric(kept.astype(str).str.strip(), errors="coerce")
+    values = kept.to_numpy(dtype=np.float64, na_value=np.nan)
+    steps = frame["step"].to_numpy(dtype=np.int64)
+    return (steps if everywhere else steps[present]), values
 
 
 def choose_metric(frame: pd.DataFrame, wanted: str | None, source: Path | str) -> str:
