@@ -36,6 +36,25 @@ def test_plateau_spike_and_divergence_at_known_change_points():
     assert {"curve.plateau", "curve.spikes", "curve.divergence"} <= codes
 
 
+def test_a_long_log_is_shaped_on_block_medians_and_keeps_its_spike(tmp_path):
+    """600,000 points (blocks of 3): the same change points as the exact analysis finds on the
+    short series above, the one-point spike at its own step, read back from a CSV."""
+    rng = np.random.default_rng(1)
+    steps = np.arange(600_000)
+    y = np.where(steps < 160_000, 3 - 1e-5 * steps, 1.4) + rng.normal(0, 0.004, steps.size)
+    y[300_001] += 0.8
+    y = np.where(steps >= 480_000, 1.4 + 5e-5 * (steps - 480_000), y)
+    path = tmp_path / "long.csv"
+    series(y).to_csv(path, index=False)
+    report = analyse(load_metrics(path), "loss")
+    (plateau,) = report.plateaus
+    assert plateau.start == pytest.approx(160_000, abs=12_000)
+    assert plateau.end == pytest.approx(480_000, abs=12_000)
+    assert [s["step"] for s in report.spikes] == [300_001]
+    assert report.divergence.start == pytest.approx(480_000, abs=24_000)
+    assert report.points == 600_000 and len(report.display["step"]) == 2000
+
+
 def test_noisy_descent_has_no_plateau_or_spike():
     rng = np.random.default_rng(2)
     y = 3 * np.exp(-np.arange(2000) / 400) + 0.5 + rng.normal(0, 0.02, 2000)
