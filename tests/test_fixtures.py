@@ -46,7 +46,11 @@ def test_fixtures_are_small(fixtures_dir):
 def test_fixtures_regenerate(fixtures_dir, tmp_path):
     """Byte for byte where this machine computes like the recording one (same torch, CPU kernel
     level, threads); elsewhere the same files, answers and losses to float rounding."""
-    write_fixtures(tmp_path)
+    from energydiag.reference.fixtures import recorded_steps
+
+    ticks = []
+    write_fixtures(tmp_path, progress=lambda: ticks.append(1))
+    assert len(ticks) == recorded_steps() == 320  # the demo's bar: one tick a recorded step
     for name in RECIPES:
         recorded, fresh = Run(fixtures_dir / name), Run(tmp_path / name)
         if not differences(recorded.manifest.environment, capture()):

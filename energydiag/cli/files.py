@@ -145,7 +145,8 @@ def curves_cmd(
 
     if png:
         check_writable(png)
-    outcome = curves.run(metrics, metric, window, batch_size, tau, energy_span)
+    with progress("curves", json_out):  # elapsed time while a long log is read
+        outcome = curves.run(metrics, metric, window, batch_size, tau, energy_span)
     if png:
         plot.curve(outcome.report.to_json(), png)
     emit(outcome.report, json_out, render.curves)

@@ -128,7 +128,8 @@ def diagnose_cmd(
     """
     from energydiag.commands import diagnose
 
-    outcome = diagnose.run(run, device)
+    with progress("diagnose", json_out):  # elapsed time while replays run
+        outcome = diagnose.run(run, device)
     emit(outcome.report, json_out, render.diagnosis)
     return outcome.code
 
@@ -174,6 +175,7 @@ def demo_cmd(fixtures: FixturesOpt = None, json_out: JsonOpt = False) -> int:
     def announce(folder: Path) -> None:
         err.print(f"recording the demo runs into {folder} (first use only, about ten seconds)")
 
-    outcome = diagnose.demo(fixtures, announce)
+    with progress("demo", json_out) as tick:
+        outcome = diagnose.demo(fixtures, announce, lambda total: tick("recording", total))
     emit(outcome.report, json_out, render.demo)
     return outcome.code

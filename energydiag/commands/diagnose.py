@@ -25,10 +25,17 @@ def run(run_dir: Path, device: str = "cpu") -> Outcome[Diagnosis]:
     return Outcome(result, ExitCode.found_if(result.failed))
 
 
-def demo(fixtures: Path | None, announce: Callable[[Path], None]) -> Outcome[DemoReport]:
-    """The demo exits 0: its runs are meant to show failures."""
+def demo(
+    fixtures: Path | None,
+    announce: Callable[[Path], None],
+    progress: Callable[[int], None] | None = None,
+) -> Outcome[DemoReport]:
+    """The demo exits 0: its runs are meant to show failures. ``progress(total)`` after each
+    step recorded on first use."""
     from energydiag import __version__
-    from energydiag.reference.fixtures import demo_runs
+    from energydiag.reference.fixtures import demo_runs, recorded_steps
 
-    folder = fixtures if fixtures is not None else demo_runs(__version__, announce)
+    total = recorded_steps()
+    each = (lambda: progress(total)) if progress else None
+    folder = fixtures if fixtures is not None else demo_runs(__version__, announce, each)
     return Outcome(DemoReport(diagnose_folder(folder)), ExitCode.OK)

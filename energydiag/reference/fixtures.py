@@ -77,15 +77,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def write_fixtures(out: Path, announce: Callable[[Path], None] = lambda _: None) -> None:
-    """Record every recipe into ``out/<name>``, replacing what is there."""
+def write_fixtures(
+    out: Path,
+    announce: Callable[[Path], None] = lambda _: None,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Record every recipe into ``out/<name>``, replacing what is there; ``progress()`` after
+    every recorded step (``recorded_steps()`` in all)."""
     for name, recipe in RECIPES.items():
         recipe = dict(recipe)
         expected = recipe.pop("expected")
         target = out / name
         if target.exists():
             shutil.rmtree(target)
-        record_run(target, seed=0, **recipe)
+        record_run(target, seed=0, progress=progress, **recipe)
         (target / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
         announce(target)
 
@@ -98,24 +103,34 @@ def cache_folder(version: str) -> Path:
     return Path(root) / f"fixtures-{version}"
 
 
-def demo_runs(version: str, announce: Callable[[Path], None] = lambda _: None) -> Path:
-    """The checkout's fixtures, else the cached ones, recorded first when missing (announced)."""
+def recorded_steps() -> int:
+    """The steps ``write_fixtures`` records, for a progress bar's total."""
+    return sum(recipe["steps"] for recipe in RECIPES.values())
+
+
+def demo_runs(
+    version: str,
+    announce: Callable[[Path], None] = lambda _: None,
+    progress: Callable[[], None] | None = None,
+) -> Path:
+    """The checkout's fixtures, else the cached ones, recorded first when missing (announced,
+    with ``progress()`` after every recorded step)."""
     if (CHECKOUT / "make_fixtures.py").is_file():
         return CHECKOUT
     cached = cache_folder(version)
     if not all((cached / name / "expected.json").is_file() for name in RECIPES):
         announce(cached)
-        record_into(cached)
+        record_into(cached, progress)
     return cached
 
 
-def record_into(folder: Path) -> None:
+def record_into(folder: Path, progress: Callable[[], None] | None = None) -> None:
     """Record the demo runs beside ``folder`` and move them in whole, so that an interrupted
     first run never leaves half a fixture set that a later ``demo`` would trust."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        write_fixtures(staging)
+        write_fixtures(staging, progress=progress)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)

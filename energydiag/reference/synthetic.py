@@ -75,13 +75,14 @@ def record_run(
     optimizer_start_step: int = 0,
     skip_nonfinite_updates: bool = False,
     overwrite: bool = False,
+    progress: Callable[[], None] | None = None,
 ) -> Recorder:
     """Train the reference model on the synthetic task, recording everything.
 
     ``optimizer_start_step``: a warm-up that computes the loss but does not update before it.
     ``skip_nonfinite_updates``: a loop that skips the update when the step is non-finite, so the
     run can recover from a bad batch. The loop is plain PyTorch: the Recorder is its only
-    energydiag call.
+    energydiag call. ``progress()`` after every step.
     """
     torch.manual_seed(seed)
     kwargs = task.model_shapes() | (model_kwargs or {})
@@ -114,6 +115,8 @@ def record_run(
             healthy = rec.end_step(value, grad_norm=grad_norm, **scalars)
             if step >= optimizer_start_step and (healthy or not skip_nonfinite_updates):
                 optimizer.step()
+            if progress:
+                progress()
         rec.save_checkpoint(steps)
     return rec
 
