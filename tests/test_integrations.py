@@ -196,7 +196,11 @@ def first_nonfinite(root) -> int | None:
     import math
 
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    return next((r["step"] for r in rows if not math.isfinite(r["loss"])), None)
+    judged = [
+        (r["step"], [v for k, v in r.items() if k == "loss" or k.endswith("grad_norm")])
+        for r in rows
+    ]
+    return next((step for step, values in judged if not all(map(math.isfinite, values))), None)
 
 
 def alerts(root) -> list[dict]:
@@ -270,6 +274,12 @@ def test_lightning_lr_ramp_alarms_in_the_trainer_log_and_defaults_its_run_dir(tm
     assert failed is not None and failed - first["step"] >= 10
     logged = (root.parent / "metrics.csv").read_text().splitlines()[0].split(",")
     assert f"energydiag/alarm/{first['rule']}" in logged
+    # a LightningModule without forward, diagnosed from its own training_step
+    from energydiag.analyses.diagnosis import diagnose
+
+    found = diagnose(Run(root))
+    assert found.fault.step == failed and found.verdict.value == "non-finite"
+    assert {"alarms.recorded", "schedule.lr_beyond_configured"} <= {f.code for f in found.findings}
 
 
 def test_hf_lr_ramp_alarms_in_the_trainer_log_and_defaults_its_run_dir(tmp_path):
