@@ -22,6 +22,9 @@ def fit_lightning(
     constant_row: int | None = None,
     ramp: float = 0.0,
     trainer_args: dict | None = None,
+    seed: int = 0,
+    spike_row: int | None = None,
+    rows: int = 96,
     **options,
 ):
     pl = pytest.importorskip("lightning.pytorch")
@@ -29,8 +32,8 @@ def fit_lightning(
 
     from energydiag.record.lightning import EnergydiagCallback
 
-    pl.seed_everything(0, verbose=False)
-    x, y = regression_data(constant_row=constant_row)
+    pl.seed_everything(seed, verbose=False)
+    x, y = regression_data(rows, constant_row, 3 + seed, spike_row)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
     callback = EnergydiagCallback(root, checkpoint_every=4, persist_batches=True, **options)
     trainer = pl.Trainer(
@@ -100,6 +103,10 @@ def fit_hf(
     max_grad_norm: float = 1.0,
     ramp: float = 0.0,
     output_dir=None,
+    seed: int = 0,
+    spike_row: int | None = None,
+    on_alarm: str = "warn",
+    rows: int = 96,
     **arguments,
 ):
     transformers = pytest.importorskip("transformers")
@@ -107,9 +114,11 @@ def fit_hf(
 
     from energydiag.record.hf import EnergydiagCallback
 
-    transformers.set_seed(0)
+    transformers.set_seed(seed)
     spec = {"target": "trainer_models:Regressor", "kwargs": {"hidden": 16, "dropout": 0.1}}
-    callback = EnergydiagCallback(root, model_spec=spec, checkpoint_every=4, persist_batches=True)
+    callback = EnergydiagCallback(
+        root, model_spec=spec, checkpoint_every=4, persist_batches=True, on_alarm=on_alarm
+    )
     args = transformers.TrainingArguments(
         output_dir=str(output_dir or root.parent / "hf-out"),
         max_steps=steps,
@@ -123,10 +132,10 @@ def fit_hf(
         logging_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        seed=0,
+        seed=seed,
         **arguments,
     )
-    x, y = regression_data(constant_row=constant_row)
+    x, y = regression_data(rows, constant_row, 3 + seed, spike_row)
     model = Regressor()
     optimizers = (None, None)
     if ramp:

@@ -63,7 +63,7 @@ def test_wheel_holds_the_package_and_no_tests(wheel):
 def test_an_interrupted_first_recording_leaves_no_half_fixtures(tmp_path, monkeypatch):
     from energydiag.reference import fixtures
 
-    def half_then_fail(out, announce=None):
+    def half_then_fail(out, announce=None, progress=None):
         (out / "healthy").mkdir()
         raise KeyboardInterrupt
 

@@ -33,13 +33,18 @@ class Regressor(nn.Module):
         return out
 
 
-def regression_data(n: int = 96, constant_row: int | None = None, seed: int = 3):
-    """Features and targets; ``constant_row`` gets identical features (std 0)."""
+def regression_data(
+    n: int = 96, constant_row: int | None = None, seed: int = 3, spike_row: int | None = None
+):
+    """Features and targets; ``constant_row`` gets identical features (std 0), ``spike_row`` a
+    target ×1e3 (one bad label: a gradient spike each time its batch comes round)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, FEATURES, generator=g)
     y = x @ torch.linspace(-1, 1, FEATURES) + 0.1 * torch.randn(n, generator=g)
     if constant_row is not None:
         x[constant_row] = 0.5
+    if spike_row is not None:
+        y[spike_row] *= 1e3
     return x, y
 
 

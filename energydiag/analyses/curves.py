@@ -15,12 +15,12 @@ import pandas as pd
 
 from energydiag import findings as rules
 from energydiag.analyses.early_warning import OfflineAlarm
+from energydiag.analyses.medians import EXACT_POINTS, coarse, rolling_median
 from energydiag.analyses.rank_logs import RankLog
 from energydiag.io.metrics import metric_series
 from energydiag.schema import Report, report
 
 SPIKE_Z = 8.0
-EXACT_POINTS = 200_000  # longer logs get block medians (see _block_median)
 SPIKE_FLOOR_REL = 0.01  # a spike stands out by 8x the noise, and never less than 8% of the level
 NEAR_CHANCE_SPAN = 0.5  # a noisy stall at chance covers at least half the logged steps
 OSCILLATION_CHUNK = 24  # first differences per chunk of the alternation test
@@ -93,14 +93,14 @@ def _analyse(
     # A longer log is shaped on the medians of its blocks (a plateau of a tenth of ten million
     # points is a million of them); spikes and repeated values are found point by point.
     size = -(-len(values) // EXACT_POINTS)
-    coarse = _coarse(steps, values, size) if size > 1 else (steps, values)
-    noise = _shape(report, *coarse, window and max(window // size, 3), bounds, metric)
+    shaped = coarse(steps, values, size) if size > 1 else (steps, values)
+    noise = _shape(report, *shaped, window and max(window // size, 3), bounds, metric)
     if size > 1:
         noise = _noise(values, report.window)
     report.window *= size
     report.constant = _constant(steps, values, min_len=max(MIN_PLATEAU_POINTS, report.window // 2))
     rise_from = report.divergence.start if report.divergence else None
-    nearby = _rolling_median(values, 7)  # narrow: a wide median lags on slopes near the edges
+    nearby = rolling_median(values, 7)  # narrow: a wide median lags on slopes near the edges
     report.spikes = [
         p
         for p in _spikes(steps, values, nearby, noise)
@@ -138,7 +138,7 @@ def _shape(
     scale per point of this series."""
     w = window or int(np.clip(len(values) // 20, 3 if len(values) < 200 else 10, 100_000))
     report.window = w
-    smooth = _rolling_median(values, max(3 if len(values) < 60 else 5, min(w // 2, 501)))
+    smooth = rolling_median(values, max(3 if len(values) < 60 else 5, min(w // 2, 501)))
     noise = _noise(values, w)
     report.plateaus = _plateaus(steps, smooth, noise, w)
     if bounds and "chance" in bounds and not report.plateaus:
@@ -163,21 +163,10 @@ def _noise(values: np.ndarray, w: int) -> np.ndarray:
     half the series' typical noise."""
     jumps = np.diff(values, prepend=values[0])
     np.abs(jumps, out=jumps)
-    local = _rolling_median(jumps, max(11, min(w, 1001)))
+    local = rolling_median(jumps, max(11, min(w, 1001)))
     del jumps
     local *= 1.4826 / math.sqrt(2)
     return np.maximum(local, 0.5 * float(np.median(local)), out=local)
-
-
-def _coarse(steps: np.ndarray, values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks of ``size`` points: each block's middle step and median value."""
-    full = len(values) // size * size
-    medians = np.median(values[:full].reshape(-1, size), axis=1)
-    middles = steps[size // 2 : full : size]
-    if full < len(values):
-        medians = np.append(medians, np.median(values[full:]))
-        middles = np.append(middles, steps[(full + len(values)) // 2])
-    return middles, medians
 
 
 def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | None:
@@ -187,30 +176,6 @@ def trend(values: list[float], fraction: float = 0.1) -> tuple[float, float] | N
         return None
     k = max(1, int(len(finite) * fraction))
     return sum(finite[:k]) / k, sum(finite[-k:]) / k
-
-
-def _rolling_median(values: np.ndarray, width: int) -> np.ndarray:
-    """Exact up to EXACT_POINTS; beyond, medians of blocks (an exact rolling median of a
-    ten-million-point log takes seconds per call, and the curve's features are far wider)."""
-    if len(values) <= EXACT_POINTS:
-        rolling = pd.Series(values).rolling(width, center=True, min_periods=1)
-        return rolling.median().to_numpy(copy=True)  # writable: callers scale it in place
-    return _block_median(values, width)
-
-
-def _block_median(values: np.ndarray, width: int) -> np.ndarray:
-    """Each point gets its block's median; a wide window is a rolling median of 5 medians of
-    blocks of width / 5, so the level follows the curve at a fifth of the window's width."""
-    size = max(1, width // 5) if width > 15 else width
-    full = len(values) // size * size
-    medians = np.median(values[:full].reshape(-1, size), axis=1)
-    counts = np.full(len(medians), size)
-    if full < len(values):
-        medians = np.append(medians, np.median(values[full:]))
-        counts = np.append(counts, len(values) - full)
-    if width > 15:
-        medians = pd.Series(medians).rolling(5, center=True, min_periods=1).median().to_numpy()
-    return np.repeat(medians, counts)
 
 
 def _spans(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -285,7 +250,7 @@ def _near_chance(
     stays within its own error of chance for most of the run: no learning, only noise. Runs
     start at chance, so this needs half the logged steps, not a tenth."""
     width = min(max(2 * w, 15), 1001)
-    smooth = _rolling_median(values, width)
+    smooth = rolling_median(values, width)
     # within one step's noise of chance: a learning run leaves that band for good
     tolerance = max(float(np.median(noise)), 0.005 * chance)
     # below chance is where learning shows, so that side is tight; above it, B = 8 losses of

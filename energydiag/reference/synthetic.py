@@ -77,13 +77,11 @@ def record_run(
     overwrite: bool = False,
     progress: Callable[[], None] | None = None,
 ) -> Recorder:
-    """Train the reference model on the synthetic task, recording everything.
-
-    ``optimizer_start_step``: a warm-up that computes the loss but does not update before it.
-    ``skip_nonfinite_updates``: a loop that skips the update when the step is non-finite, so the
-    run can recover from a bad batch. The loop is plain PyTorch: the Recorder is its only
-    energydiag call. ``progress()`` after every step.
-    """
+    """Train the reference model on the synthetic task, recording everything; ``progress()``
+    after every step. ``optimizer_start_step``: a warm-up that computes the loss but does not
+    update before it. ``skip_nonfinite_updates``: a loop that skips the update when the step
+    is non-finite, so the run can recover from a bad batch. The loop is plain PyTorch: the
+    Recorder is its only energydiag call."""
     torch.manual_seed(seed)
     kwargs = task.model_shapes() | (model_kwargs or {})
     model = EnergyModel(**kwargs)
