@@ -36,6 +36,10 @@ MetricsArg = Annotated[
         "directory.",
     ),
 ]
+OtherRunArg = Annotated[
+    Path | None,
+    typer.Argument(metavar="[OTHER]", help="A second run directory to compare with RUN."),
+]
 SourceArg = Annotated[
     Path, typer.Argument(metavar="DIR", help="Folder holding the foreign checkpoints.")
 ]
@@ -52,6 +56,17 @@ DeviceOpt = Annotated[
 PngOpt = Annotated[
     Path | None,
     typer.Option(metavar="FILE", help="Draw this command's figure here (needs the 'plot' extra)."),
+]
+StepOpt = Annotated[
+    int, typer.Option(metavar="N", help="The step to compare (replayed from a checkpoint).")
+]
+AgainstOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="VARIANT",
+        help="Compare RUN with its own replay under threads=K or dtype=float64|float32|bfloat16|"
+        "float16.",
+    ),
 ]
 FromStepOpt = Annotated[
     int,

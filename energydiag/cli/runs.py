@@ -7,6 +7,7 @@ from typing import Any
 
 from energydiag.cli.base import emit, err, progress
 from energydiag.cli.options import (
+    AgainstOpt,
     BadOpt,
     DeviceOpt,
     EveryOpt,
@@ -18,11 +19,13 @@ from energydiag.cli.options import (
     LadderOpt,
     MetricsOutOpt,
     NprocOpt,
+    OtherRunArg,
     PatternOpt,
     PngOpt,
     PredicateOpt,
     ReportOutOpt,
     RunArg,
+    StepOpt,
     ToStepOpt,
 )
 from energydiag.errors import OptionError
@@ -178,4 +181,24 @@ def demo_cmd(fixtures: FixturesOpt = None, json_out: JsonOpt = False) -> int:
     with progress("demo", json_out) as tick:
         outcome = diagnose.demo(fixtures, announce, lambda total: tick("recording", total))
     emit(outcome.report, json_out, render.demo)
+    return outcome.code
+
+
+def diff_cmd(
+    run: RunArg,
+    other: OtherRunArg = None,
+    step: StepOpt = 0,
+    against: AgainstOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> int:
+    """The first op where two executions of one step part ways, and which side is right.
+
+    Replays the step on both sides with every op fingerprinted (float64 norm and absolute sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. Exit 1 when the sides differ beyond reduction-order noise.
+    """
+    from energydiag.commands import diff
+
+    with progress("diff", json_out):
+        outcome = diff.run(run, other, step, against, device)
+    emit(outcome.report, json_out, render.diff)
     return outcome.code

@@ -19,4 +19,5 @@ COMMANDS: list[tuple[str, str, Callable[..., int]]] = [
     ("convert", "Foreign checkpoints and logs into a run directory.", files.convert_cmd),
     ("landscape", "What inference-time refinement does under the energy.", files.landscape_cmd),
     ("report", "One self-contained HTML page about a run.", runs.report_cmd),
+    ("diff", "The first op where two executions of a step part ways.", runs.diff_cmd),
 ]

@@ -1,5 +1,6 @@
 """One namespace for the terminal views the CLI calls: ``render.replay(console, report)``."""
 
+from energydiag.report.diff_view import diff
 from energydiag.report.file_views import curves, inspect
 from energydiag.report.gate_views import check, whatif
 from energydiag.report.landscape_view import landscape
@@ -11,6 +12,7 @@ __all__ = [
     "converted",
     "curves",
     "demo",
+    "diff",
     "diagnosis",
     "inspect",
     "landscape",

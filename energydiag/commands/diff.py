@@ -1,0 +1,28 @@
+"""`diff`: the first op where two executions of one step part ways, and which side is right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from energydiag.analyses.numerics_diff import DiffReport, diff_step, parse_variant
+from energydiag.commands import Outcome
+from energydiag.engine.session import resolve_device
+from energydiag.errors import OptionError
+from energydiag.exitcodes import ExitCode
+from energydiag.io.rundir import Run
+
+AGREE = ("identical", "reduction-order noise")
+
+
+def run(
+    run_a: Path, run_b: Path | None, step: int, against: str | None, device: str = "cpu"
+) -> Outcome[DiffReport]:
+    """Two runs (each from its own checkpoint and batches), or one run against a variant of its
+    own replay. Exit 1 when the sides differ beyond reduction-order noise."""
+    if (run_b is None) == (against is None):
+        raise OptionError("give a second run, or a variant of this one's replay", "against")
+    variant = parse_variant(against) if against else None
+    found = diff_step(
+        Run(run_a), Run(run_b) if run_b else None, step, variant, resolve_device(device)
+    )
+    return Outcome(found, ExitCode.found_if(found.verdict not in AGREE))

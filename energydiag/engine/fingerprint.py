@@ -1,0 +1,101 @@
+"""Per-op fingerprints of one replayed step, for comparing two executions op by op.
+
+Each op's float outputs are reduced on the device to a float64 L2 norm and sum (two reductions
+per tensor, read back once at the end: no sync per op). Its inputs are not reduced again: an
+input an earlier op produced carries that output's fingerprint, and only leaf inputs
+(parameters, the batch, optimizer state) are reduced, once per version of their data. An op is keyed by its phase,
+module, op name and occurrence (the k-th time that op ran in that module and phase), which
+pairs the same op across two executions even when other ops differ in between. Leaf inputs
+that are parameters (or views of one) are named, so a difference that comes in through a
+weight is told from one that comes in through an activation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from energydiag.engine.instrument import OpCall
+from energydiag.engine.tensorstats import plain
+from energydiag.schema import Record
+
+Key = tuple[str, str, str, int]  # phase, module, op, occurrence
+
+
+@dataclass
+class OpPrint(Record):
+    index: int  # execution order among the fingerprinted ops
+    phase: str
+    module: str
+    op: str
+    occurrence: int
+    outputs: list[list[float]] = field(default_factory=list)  # per float output: [norm, sum]
+    inputs: list[list[float]] = field(default_factory=list)  # per float input, as it was read
+    parameters: list[str] = field(default_factory=list)  # per input: its parameter, or ""
+
+    @property
+    def key(self) -> Key:
+        return (self.phase, self.module, self.op, self.occurrence)
+
+
+class Fingerprints:
+    """An observer: every op's fingerprint, in execution order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
+        self.seen: Counter[tuple[str, str, str]] = Counter()
+        # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
+        self.known: dict[tuple[int, int], int] = {}
+        self.stats: list[torch.Tensor] = []
+        self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
+
+    def on_op(self, call: OpCall) -> None:
+        outs = _floats(call.out)
+        if not outs:
+            return
+        where = (call.phase, call.module, call.name)
+        self.seen[where] += 1
+        entry = OpPrint(len(self.entries), *where, self.seen[where])
+        ins = _floats((call.args, call.kwargs))
+        entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
+        in_slots = [self._known(t) for t in ins]
+        out_slots = [self._slot(t) for t in outs]
+        for t, slot in zip(outs, out_slots, strict=True):
+            self.known[(t.data_ptr(), t._version)] = slot
+        self.entries.append((entry, out_slots, in_slots))
+
+    def prints(self) -> list[OpPrint]:
+        """Read every reduction back at once."""
+        if not self.stats:
+            return []
+        flat = torch.stack([s.to(self.stats[0].device) for s in self.stats]).tolist()
+        for entry, outs, ins in self.entries:
+            entry.outputs = [flat[i] for i in outs]
+            entry.inputs = [flat[i] for i in ins]
+        return [entry for entry, _, _ in self.entries]
+
+    def _known(self, t: torch.Tensor) -> int:
+        """An input's slot: the output it is, else a leaf reduced once per version of its data.
+        (A view whose data pointer is not an output's is reduced as a leaf.)"""
+        where = (t.data_ptr(), t._version)
+        if where not in self.known:
+            self.known[where] = self._slot(t)
+        return self.known[where]
+
+    def _slot(self, t: torch.Tensor) -> int:
+        x = t.detach()
+        norm = torch.linalg.vector_norm(x, dtype=torch.float64)
+        self.stats.append(torch.stack([norm, x.sum(dtype=torch.float64)]))
+        return len(self.stats) - 1
+
+
+def _floats(obj: object) -> list[torch.Tensor]:
+    return [
+        plain(t)
+        for t in tree_leaves(obj)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
+    ]

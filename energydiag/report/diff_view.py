@@ -1,0 +1,61 @@
+"""The terminal view of `diff`: the verdict, the first diverging op, the modules it reached."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from energydiag.report.console import frame, key_values
+
+
+def diff(console: Console, r: dict[str, Any]) -> None:
+    against = f" against {r['against']}" if r["against"] else f" against {escape(r['b'])}"
+    console.print(f"[bold]{escape(r['a'])}[/bold] step {r['step']}{against}: {r['verdict']}")
+    first = r["first_divergence"]
+    key_values(
+        console,
+        "",
+        [
+            ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
+            ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
+            ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
+            ("parameters after", _parameters(r["parameters"])),
+        ],
+    )
+    if first is None:
+        return
+    shadow = first["shadow"] or {}
+    key_values(
+        console,
+        "First divergence",
+        [
+            (
+                "first diverging op",
+                f"{first['op']} in '{first['module']}' ({first['phase']}, "
+                f"occurrence {first['occurrence']})",
+            ),
+            ("relative difference", f"{first['relative']:.3g}"),
+            (
+                "inputs",
+                "matched"
+                if not first["differing_inputs"]
+                else ", ".join(first["differing_inputs"]) + " differ",
+            ),
+            (
+                "float64 re-run",
+                f"A off by {shadow['error_a']:.3g}, B by {shadow['error_b']:.3g}"
+                if shadow
+                else None,
+            ),
+        ],
+    )
+    rows = [(m["module"], m["largest"], m["op"]) for m in r["modules"] if m["largest"] > 0]
+    frame(console, "Largest difference per module", ["module", "relative", "op"], rows, digits=3)
+
+
+def _parameters(gap: dict[str, Any]) -> str:
+    if not gap["most_different"]:
+        return "none compared"
+    return f"{gap['most_different']} differs most ({gap['relative']:.3g} relative)"

@@ -1,0 +1,90 @@
+"""`energydiag diff` (issue 23, first part): per-op fingerprints of one replayed step on two
+sides, paired by phase, module, op and occurrence; the first pair that differs, whether its
+inputs agreed, and the float64 re-run of that op on each side's inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from energydiag.cli import app
+
+STEP = 40  # a checkpoint of the healthy fixture: both sides start from the same weights
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The healthy fixture, and a copy whose act_in.weight[0, 3] is one ulp larger at STEP."""
+    root = tmp_path_factory.mktemp("diff")
+    a, b = root / "a", root / "b"
+    shutil.copytree(FIXTURES / "healthy", a)
+    shutil.copytree(FIXTURES / "healthy", b)
+    path = b / "checkpoints" / f"step-{STEP:08d}.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weight = tensors["model.act_in.weight"].clone()
+    weight.view(-1)[3] = torch.nextafter(weight.view(-1)[3], torch.tensor(float("inf")))
+    save_file({**tensors, "model.act_in.weight": weight}, path, meta)
+    return a, b
+
+
+def diff(*args: str) -> tuple[int, dict]:
+    result = runner.invoke(app, ["diff", *args, "--step", str(STEP), "--json"])
+    return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+def test_one_ulp_in_one_weight_is_named_where_it_is_first_read(runs):
+    code, report = diff(str(runs[0]), str(runs[1]))
+    first = report["first_divergence"]
+    assert code == 1 and report["unmatched"] == [0, 0]
+    assert (first["phase"], first["module"], first["op"]) == ("forward", "act_in", "aten::addmm")
+    assert first["differing_inputs"] == ["weight 'act_in.weight'"] and first["inputs_matched"]
+    assert report["verdict"] == "the sides start apart: weight 'act_in.weight' differ"
+    assert report["replayed_from"] == [STEP, STEP]
+
+
+def test_the_same_run_twice_is_identical(runs):
+    code, report = diff(str(runs[0]), str(runs[0]))
+    assert code == 0 and report["verdict"] == "identical" and report["first_divergence"] is None
+    assert report["ops"][0] == report["aligned"] > 300
+
+
+def test_other_threads_are_reduction_order_noise(runs):
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    code, report = diff(str(runs[0]), "--against", f"threads={threads}")
+    assert code == 0 and report["verdict"] in ("identical", "reduction-order noise")
+    if report["verdict"] == "reduction-order noise":
+        first = report["first_divergence"]
+        assert first["inputs_matched"] and first["differing_inputs"] == []
+        assert max(first["shadow"].values()) < 1e-5 and first["relative"] < 1e-5
+
+
+def test_bf16_autocast_is_the_less_accurate_side(runs):
+    code, report = diff(str(runs[0]), "--against", "autocast=bf16")
+    first = report["first_divergence"]
+    assert code == 1 and report["verdict"] == "B is less accurate"
+    assert first["relative"] > report["tolerance"] == pytest.approx(2 * 2**-7)
+    assert first["shadow"]["error_b"] > 100 * first["shadow"]["error_a"]
+    assert report["unmatched"][1] > 0  # autocast's casts have no partner on the float32 side
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--against", "dtype=bf16"], "the model casts to another dtype itself"),
+        (["--against", "compile"], "use threads=K"),
+        ([], "give a second run, or a variant"),
+    ],
+)
+def test_what_diff_cannot_do_is_one_line(runs, args, problem):
+    result = runner.invoke(app, ["diff", str(runs[0]), *args, "--step", str(STEP)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert problem in result.output and len(result.output.strip().splitlines()) == 1
