@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,16 +25,8 @@ runner = CliRunner()
 def runs(tmp_path_factory):
     """The healthy fixture, and a copy whose act_in.weight[0, 3] is one ulp larger at STEP."""
     root = tmp_path_factory.mktemp("diff")
-    a, b = root / "a", root / "b"
-    shutil.copytree(FIXTURES / "healthy", a)
-    shutil.copytree(FIXTURES / "healthy", b)
-    path = b / "checkpoints" / f"step-{STEP:08d}.safetensors"
-    with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    weight = tensors["model.act_in.weight"].clone()
-    weight.view(-1)[3] = torch.nextafter(weight.view(-1)[3], torch.tensor(float("inf")))
-    save_file({**tensors, "model.act_in.weight": weight}, path, meta)
-    return a, b
+    shutil.copytree(FIXTURES / "healthy", root / "a")
+    return root / "a", perturbed_copy(root / "b", FIXTURES / "healthy", STEP)
 
 
 def diff(*args: str) -> tuple[int, dict]:
@@ -88,3 +81,48 @@ def test_what_diff_cannot_do_is_one_line(runs, args, problem):
     result = runner.invoke(app, ["diff", str(runs[0]), *args, "--step", str(STEP)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert problem in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def perturbed_copy(root, source, step: int):
+    """A copy of ``source`` whose act_in.weight[0, 3] is one ulp larger at ``step``."""
+    shutil.copytree(source, root)
+    path = root / "checkpoints" / f"step-{step:08d}.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weight = tensors["model.act_in.weight"].clone()
+    weight.view(-1)[3] = torch.nextafter(weight.view(-1)[3], torch.tensor(float("inf")))
+    save_file({**tensors, "model.act_in.weight": weight}, path, meta)
+    return root
+
+
+def test_the_numerics_baseline_holds_run_after_run_and_names_the_changed_op(runs, tmp_path):
+    """Written once; 10 comparisons in this process and 2 in fresh ones pass (backward ops are
+    keyed without their module, whose attribution varies between processes); the same run with
+    one ulp changed in the baseline step's checkpoint fails at that weight's first reader."""
+    import subprocess
+    import sys
+
+    from energydiag.analyses.numerics_baseline import numerics_gate
+    from energydiag.io.rundir import Run
+
+    baseline = tmp_path / "numerics.json"
+    base = ["check", str(runs[0]), "--numerics-baseline", str(baseline)]
+    assert runner.invoke(app, base).exit_code == 2  # no baseline yet: nothing is written
+    assert not baseline.exists()
+    assert runner.invoke(app, [*base, "--update-baseline"]).exit_code == 0
+    stored = json.loads(baseline.read_text())
+    assert stored["type"] == "numerics-baseline" and len(stored["ops"]) > 300
+    run = Run(runs[0])
+    verdicts = [numerics_gate(run, baseline, False, torch.device("cpu")) for _ in range(10)]
+    assert {v.status for v in verdicts} == {"passed"}
+    for _ in range(2):
+        fresh = [str(Path(sys.executable).with_name("energydiag")), *base, "--json"]
+        done = subprocess.run(fresh, capture_output=True, text=True, check=False)
+        (numerics,) = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "numerics"]
+        assert numerics["status"] == "passed", numerics["message"]
+    changed = perturbed_copy(tmp_path / "changed", runs[0], stored["step"])
+    result = runner.invoke(app, ["check", str(changed), "--numerics-baseline", str(baseline)])
+    assert result.exit_code == 1
+    failed = numerics_gate(Run(changed), baseline, False, torch.device("cpu"))
+    assert failed.status == "failed" and failed.evidence["first_changed"]["module"] == "act_in"
+    assert "aten::addmm in 'act_in' (forward, occurrence 1) moved by" in failed.message

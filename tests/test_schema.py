@@ -129,6 +129,7 @@ def _commands(fixtures: Path, tmp: Path) -> dict[str, list[str]]:
         "check": ["check", str(healthy)],
         "landscape": ["landscape", ckpt, "--steps", "3"],
         "report": ["report", str(healthy)],
+        "diff": ["diff", str(healthy), "--step", "40", "--against", "threads=1"],
         "convert": [
             "convert",
             str(_foreign(tmp, fixtures)),

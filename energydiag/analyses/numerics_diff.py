@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint
+from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, key_of
 from energydiag.engine.instrument import Instrument, OpCall
 from energydiag.engine.session import Session, open_session
 from energydiag.engine.step import AUTOCAST_DTYPES
@@ -123,7 +123,7 @@ def diff_step(
     variant = variant or Variant("")
     sides = [(run_a, Variant("")), (run_b or run_a, variant)]
     try:
-        played = [_fingerprint(run, step, device, v) for run, v in sides]
+        played = [fingerprint_step(run, step, device, v) for run, v in sides]
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
         if variant.dtype is None or "dtype" not in str(err):
             raise
@@ -171,9 +171,11 @@ def _session(run: Run, step: int, device: torch.device, variant: Variant) -> Ses
     return session
 
 
-def _fingerprint(
-    run: Run, step: int, device: torch.device, variant: Variant
+def fingerprint_step(
+    run: Run, step: int, device: torch.device, variant: Variant | None = None
 ) -> tuple[list[OpPrint], float, dict[str, torch.Tensor]]:
+    """The step's per-op fingerprints, its loss, and the parameters after it."""
+    variant = variant or Variant("")
     session = _session(run, step, device, variant)
     prints = Fingerprints(session.model)
     instrument = Instrument([prints])
@@ -243,7 +245,7 @@ class _Capture:
         self.key, self.seen, self.call, self.func = key, {}, None, None
 
     def on_op(self, call: OpCall) -> None:
-        where = (call.phase, call.module, call.name)
+        where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] = self.seen.get(where, 0) + 1
         if (*where, self.seen[where]) == self.key and self.call is None:
             keep = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -255,7 +257,7 @@ def _shadow(
     sides: list[tuple[Run, Variant]], step: int, device: torch.device, first: OpDifference
 ) -> dict[str, Any] | None:
     """Each side's output of the first diverging op against that op in float64 on its inputs."""
-    key = (first.phase, first.module, first.op, first.occurrence)
+    key = key_of(first.phase, first.module, first.op, first.occurrence)
     errors = []
     for run, variant in sides:
         session = _session(run, step, device, variant)

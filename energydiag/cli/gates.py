@@ -17,9 +17,11 @@ from energydiag.cli.options import (
     JsonFileOpt,
     JsonOpt,
     JunitOpt,
+    NumericsBaselineOpt,
     PngOpt,
     RunArg,
     TriesOpt,
+    UpdateBaselineOpt,
     WhatifStepsOpt,
 )
 from energydiag.io.atomic import check_writable, write_text_atomic
@@ -61,6 +63,8 @@ def check_cmd(
     config: ConfigOpt = None,
     steps: CheckStepsOpt = None,
     baseline: BaselineOpt = None,
+    numerics_baseline: NumericsBaselineOpt = None,
+    update_baseline: UpdateBaselineOpt = False,
     junit: JunitOpt = None,
     json_file: JsonFileOpt = None,
     github: GithubOpt = False,
@@ -70,16 +74,16 @@ def check_cmd(
 ) -> int:
     """Gate CI on a run: exit 0 when every check passes, 1 when one fails.
 
-    Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, weight growth, the recorded schedule, the curve's health, replay fidelity (with --steps), and no regression against a baseline. --png draws the loss curve (inlined into the --github job summary). Exit 2 on bad input or configuration.
+    Checks: no non-finite values, the loss falls, no long plateau, logit spread, energy span, saturation, gradient norms, weight growth, the recorded schedule, the curve's health, replay fidelity (with --steps), no regression against a baseline, and (with --numerics-baseline) every op of one step as it was. --png draws the loss curve (inlined into the --github job summary). Exit 2 on bad input or configuration.
     """
     from energydiag.commands import check
     from energydiag.report import ci as render_ci
 
-    for target in (junit, json_file, png):
+    for target in (junit, json_file, png, numerics_baseline if update_baseline else None):
         if target:
             check_writable(target)
     stored = read_json(baseline) if baseline else None
-    outcome = check.run(run, config, steps, stored, device)
+    outcome = check.run(run, config, steps, stored, device, numerics_baseline, update_baseline)
     data = outcome.report.to_json()
     if junit:
         write_text_atomic(junit, render_ci.junit(data))

@@ -271,6 +271,19 @@ BaselineOpt = Annotated[
     Path | None,
     typer.Option(metavar="FILE", help="A previous `check --json` report: fail on regressions."),
 ]
+NumericsBaselineOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="One step's per-op fingerprints: fail with the first op that changed since.",
+    ),
+]
+UpdateBaselineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--update-baseline", help="Write (or replace) the numerics baseline from this run."
+    ),
+]
 JunitOpt = Annotated[
     Path | None, typer.Option(metavar="FILE", help="Write JUnit XML (one test case per check).")
 ]

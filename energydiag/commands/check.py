@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from energydiag.analyses.gate import CheckReport, check
+from energydiag.analyses.numerics_baseline import numerics_gate
 from energydiag.commands import Outcome
 from energydiag.engine.session import resolve_device
+from energydiag.errors import OptionError
 from energydiag.exitcodes import ExitCode
 from energydiag.io.check_config import load_config
 from energydiag.io.rundir import Run
@@ -19,8 +21,16 @@ def run(
     steps: int | None = None,
     baseline: dict[str, Any] | None = None,
     device: str = "cpu",
+    numerics_baseline: Path | None = None,
+    update_baseline: bool = False,
 ) -> Outcome[CheckReport]:
-    """``baseline`` is a previous check report's JSON: a metric worse than it fails."""
-    thresholds = load_config(config)
-    found = check(Run(run_dir), thresholds, steps, baseline, resolve_device(device))
+    """``baseline`` is a previous check report's JSON: a metric worse than it fails.
+    ``numerics_baseline``: a file of one step's per-op fingerprints, compared op by op (or
+    written, with ``update_baseline``)."""
+    if update_baseline and numerics_baseline is None:
+        raise OptionError("give the numerics baseline file to write", "update_baseline")
+    thresholds, target, run = load_config(config), resolve_device(device), Run(run_dir)
+    found = check(run, thresholds, steps, baseline, target)
+    if numerics_baseline is not None:
+        found.checks.append(numerics_gate(run, numerics_baseline, update_baseline, target))
     return Outcome(found, ExitCode.found_if(bool(found.failed)))

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from energydiag.engine.instrument import OpCall
+from energydiag.engine.instrument import BACKWARD, OpCall
 from energydiag.engine.tensorstats import plain
 from energydiag.schema import Record
 
-Key = tuple[str, str, str, int]  # phase, module, op, occurrence
+Key = tuple[str, str, str, int]  # phase, module ("" in the backward), op, occurrence
 
 
 @dataclass
@@ -39,7 +39,11 @@ class OpPrint(Record):
 
     @property
     def key(self) -> Key:
-        return (self.phase, self.module, self.op, self.occurrence)
+        return key_of(self.phase, self.module, self.op, self.occurrence)
+
+
+def key_of(phase: str, module: str, op: str, occurrence: int) -> Key:
+    return (phase, "" if phase == BACKWARD else module, op, occurrence)
 
 
 class Fingerprints:
@@ -57,9 +61,9 @@ class Fingerprints:
         outs = _floats(call.out)
         if not outs:
             return
-        where = (call.phase, call.module, call.name)
+        where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] += 1
-        entry = OpPrint(len(self.entries), *where, self.seen[where])
+        entry = OpPrint(len(self.entries), call.phase, call.module, call.name, self.seen[where])
         ins = _floats((call.args, call.kwargs))
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
         in_slots = [self._known(t) for t in ins]

@@ -1,0 +1,120 @@
+"""A step's per-op fingerprints kept as a CI baseline, and the first op a later commit changed.
+
+``check --numerics-baseline FILE`` replays one step with every op fingerprinted and compares
+each op with the stored one (paired by phase, module, op and occurrence): a kernel, dtype or
+code change that moves any op's output beyond ``tolerance`` (0 by default: bit for bit, since
+one machine replays deterministically) fails the gate with that op. ``--update-baseline``
+writes or replaces the file; the gate never does on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from energydiag.analyses.gate import FAIL, PASS, CheckResult
+from energydiag.analyses.numerics_diff import fingerprint_step, relative
+from energydiag.engine.fingerprint import OpPrint, key_of
+from energydiag.errors import DiagError, OptionError
+from energydiag.io.atomic import write_text_atomic
+from energydiag.io.rundir import Run
+from energydiag.schema import Record, Report, SchemaError, report
+
+
+@dataclass
+class StoredOp(Record):
+    phase: str
+    module: str
+    op: str
+    occurrence: int
+    outputs: list[list[float]]
+
+
+@report("numerics-baseline")
+@dataclass
+class NumericsBaseline(Report):
+    step: int
+    torch: str
+    tolerance: float = 0.0  # relative difference an op may move by; edit the file to loosen
+    ops: list[StoredOp] = field(default_factory=list)
+
+
+def baseline_step(run: Run) -> int:
+    """The first checkpoint that has its batch: a step every later recording of the run has."""
+    steps = run.checkpoints_with_batches
+    if not steps:
+        raise DiagError(run.root, "no checkpoint has its batch logged: no step to fingerprint")
+    return steps[0]
+
+
+def capture(run: Run, device: torch.device) -> NumericsBaseline:
+    step = baseline_step(run)
+    prints, _, _ = fingerprint_step(run, step, device)
+    ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs) for p in prints]
+    return NumericsBaseline(step, torch.__version__, 0.0, ops)
+
+
+def write_baseline(path: Path, baseline: NumericsBaseline) -> None:
+    write_text_atomic(path, json.dumps(baseline.to_json()) + "\n")
+
+
+def read_baseline(path: Path) -> NumericsBaseline:
+    if not path.is_file():
+        raise OptionError("no numerics baseline here: write one", "update_baseline", path=path)
+    try:
+        return NumericsBaseline.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, SchemaError, TypeError, KeyError) as err:
+        raise DiagError(path, f"not a numerics baseline ({str(err).splitlines()[0]})") from None
+
+
+def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[str, Any]:
+    """The step replayed now against the stored fingerprints: the first op that moved beyond
+    the tolerance (None: none did), how far, and the ops only one side has."""
+    prints, _, _ = fingerprint_step(run, baseline.step, device)
+    now = {p.key: p for p in prints}
+    moved, missing = None, 0
+    for stored in baseline.ops:
+        key = key_of(stored.phase, stored.module, stored.op, stored.occurrence)
+        current: OpPrint | None = now.pop(key, None)
+        if current is None:
+            missing += 1
+            continue
+        gap = relative(stored.outputs, current.outputs)
+        if moved is None and gap > baseline.tolerance:
+            moved = {"phase": stored.phase, "module": current.module, "op": stored.op}
+            moved |= {"occurrence": stored.occurrence, "relative": gap}
+    return {
+        "step": baseline.step,
+        "first_changed": moved,
+        "missing": missing,
+        "new": len(now),
+        "recorded_with": baseline.torch,
+        "torch": torch.__version__,
+    }
+
+
+def numerics_gate(run: Run, path: Path, update: bool, device: torch.device) -> CheckResult:
+    """The gate's ``numerics`` check: write the baseline when asked, else compare with it."""
+    if update:
+        baseline = capture(run, device)
+        write_baseline(path, baseline)
+        said = f"baseline written to {path}: {len(baseline.ops)} ops of step {baseline.step}"
+        return CheckResult("numerics", PASS, said, {"step": baseline.step, "path": str(path)})
+    compared = compare(read_baseline(path), run, device)
+    moved = compared["first_changed"]
+    if moved is None and not compared["missing"] and not compared["new"]:
+        said = f"every op of step {compared['step']} as in the baseline"
+        return CheckResult("numerics", PASS, said, compared)
+    if moved is None:
+        said = f"{compared['missing']} op(s) of the baseline gone, {compared['new']} new"
+    else:
+        said = (
+            f"{moved['op']} in '{moved['module']}' ({moved['phase']}, occurrence "
+            f"{moved['occurrence']}) moved by {moved['relative']:.3g} relative"
+        )
+    versions = f"torch {compared['recorded_with']} then, {compared['torch']} now"
+    return CheckResult("numerics", FAIL, f"step {compared['step']}: {said} ({versions})", compared)
