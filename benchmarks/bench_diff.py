@@ -22,6 +22,11 @@ from energydiag.engine.session import open_session
 from energydiag.io.rundir import Run
 
 
+class Idle:
+    def on_op(self, call: object) -> None:
+        """Sees every op, computes nothing."""
+
+
 def main(rounds: int) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,6 +38,11 @@ def main(rounds: int) -> None:
         def plain() -> None:
             session.train(batch)
 
+        def instrumented() -> None:
+            """The dispatch mode and module tracker alone, with an observer that does nothing."""
+            with Instrument([Idle()]).attached(session.optimizer):
+                session.train(batch)
+
         def fingerprinted() -> None:
             prints = Fingerprints(session.model)
             with Instrument([prints]).attached(session.optimizer):
@@ -40,7 +50,12 @@ def main(rounds: int) -> None:
             counted.append(len(prints.prints()))
 
         medians = interleaved_medians(
-            {"replayed step": plain, "fingerprinted step": fingerprinted}, rounds
+            {
+                "replayed step": plain,
+                "instrumented, idle observer": instrumented,
+                "fingerprinted step": fingerprinted,
+            },
+            rounds,
         )
     report(f"diff fingerprints ({counted[-1]} ops a step, 1 thread, CPU)", medians, "replayed step")
 

@@ -126,3 +126,15 @@ def test_the_numerics_baseline_holds_run_after_run_and_names_the_changed_op(runs
     failed = numerics_gate(Run(changed), baseline, False, torch.device("cpu"))
     assert failed.status == "failed" and failed.evidence["first_changed"]["module"] == "act_in"
     assert "aten::addmm in 'act_in' (forward, occurrence 1) moved by" in failed.message
+
+
+def test_the_html_page_shows_the_first_diverging_op_and_is_not_overwritten(runs, tmp_path):
+    page = tmp_path / "diff.html"
+    args = ["diff", str(runs[0]), str(runs[1]), "--step", str(STEP), "--html", str(page)]
+    assert runner.invoke(app, args).exit_code == 1
+    text = page.read_text()
+    assert "the sides start apart: weight &#x27;act_in.weight&#x27; differ" in text
+    assert "aten::addmm in &#x27;act_in&#x27;" in text and "<svg" in text and "http" not in text
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 1

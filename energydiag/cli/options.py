@@ -57,6 +57,10 @@ PngOpt = Annotated[
     Path | None,
     typer.Option(metavar="FILE", help="Draw this command's figure here (needs the 'plot' extra)."),
 ]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option(metavar="FILE", help="Also write the comparison as one self-contained HTML page."),
+]
 StepOpt = Annotated[
     int, typer.Option(metavar="N", help="The step to compare (replayed from a checkpoint).")
 ]

@@ -15,6 +15,7 @@ from energydiag.cli.options import (
     ForceOpt,
     FromStepOpt,
     GoodOpt,
+    HtmlOpt,
     JsonOpt,
     LadderOpt,
     MetricsOutOpt,
@@ -29,7 +30,7 @@ from energydiag.cli.options import (
     ToStepOpt,
 )
 from energydiag.errors import OptionError
-from energydiag.io.atomic import check_writable
+from energydiag.io.atomic import check_writable, write_text_atomic
 from energydiag.report import render
 from energydiag.report.console import fmt
 
@@ -150,7 +151,6 @@ def report_cmd(
     """
     from energydiag.analyses.overview import PARTS
     from energydiag.commands import report
-    from energydiag.io.atomic import write_text_atomic
     from energydiag.report.html import page
 
     if out_path is None and not json_out:
@@ -189,6 +189,8 @@ def diff_cmd(
     other: OtherRunArg = None,
     step: StepOpt = 0,
     against: AgainstOpt = None,
+    html: HtmlOpt = None,
+    force: ForceOpt = False,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> int:
@@ -197,8 +199,15 @@ def diff_cmd(
     Replays the step on both sides with every op fingerprinted (float64 norm and absolute sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. Exit 1 when the sides differ beyond reduction-order noise.
     """
     from energydiag.commands import diff
+    from energydiag.report.diff_html import page
 
+    if html is not None:
+        check_writable(html)
+        if html.exists() and not force:
+            raise OptionError("already exists; pass this to replace it", "force", path=html)
     with progress("diff", json_out):
         outcome = diff.run(run, other, step, against, device)
+    if html is not None:
+        write_text_atomic(html, page(outcome.report.to_json()))
     emit(outcome.report, json_out, render.diff)
     return outcome.code

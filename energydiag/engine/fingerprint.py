@@ -54,7 +54,8 @@ class Fingerprints:
         self.seen: Counter[tuple[str, str, str]] = Counter()
         # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
         self.known: dict[tuple[int, int], int] = {}
-        self.stats: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
+        self.sums: list[torch.Tensor] = []
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
 
     def on_op(self, call: OpCall) -> None:
@@ -74,9 +75,11 @@ class Fingerprints:
 
     def prints(self) -> list[OpPrint]:
         """Read every reduction back at once."""
-        if not self.stats:
+        if not self.norms:
             return []
-        flat = torch.stack([s.to(self.stats[0].device) for s in self.stats]).tolist()
+        device = self.norms[0].device
+        norms, sums = (torch.stack([t.to(device) for t in ts]) for ts in (self.norms, self.sums))
+        flat = torch.stack([norms, sums], dim=1).tolist()
         for entry, outs, ins in self.entries:
             entry.outputs = [flat[i] for i in outs]
             entry.inputs = [flat[i] for i in ins]
@@ -91,10 +94,9 @@ class Fingerprints:
         return self.known[where]
 
     def _slot(self, t: torch.Tensor) -> int:
-        x = t.detach()
-        norm = torch.linalg.vector_norm(x, dtype=torch.float64)
-        self.stats.append(torch.stack([norm, x.sum(dtype=torch.float64)]))
-        return len(self.stats) - 1
+        self.norms.append(torch.linalg.vector_norm(t, dtype=torch.float64))
+        self.sums.append(t.sum(dtype=torch.float64))
+        return len(self.norms) - 1
 
 
 def _floats(obj: object) -> list[torch.Tensor]:
