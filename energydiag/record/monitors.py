@@ -212,24 +212,32 @@ class WeightGrowth(Monitor):
         )
 
 
-class UpdateTooLarge(Sustained):
+class AboveLimit(Sustained):
+    """The monitor's column above ``limit`` on any one check, from step ``after``."""
+
+    steps = 1
+
+    def __init__(self, limit: float, after: int) -> None:
+        super().__init__()
+        self.limit, self.after = limit, after
+
+    def holds(self, row: dict[str, float]) -> bool:
+        return row[self.columns[0]] > self.limit
+
+    def held(self, values: np.ndarray) -> np.ndarray:
+        return values > self.limit
+
+
+class UpdateTooLarge(AboveLimit):
     """One optimizer step moved the weights by more than ``limit`` of their norm (healthy
     training moves them by 1e-3 to 1e-2): the lr, or a gradient, is far too large. Not in the
     first ``after`` steps, where fresh weights far from any fit take their largest steps."""
 
     name = "update_ratio"
     columns = ("update_ratio",)
-    steps = 1
 
     def __init__(self, limit: float = 0.1, after: int = 25) -> None:
-        super().__init__()
-        self.limit, self.after = limit, after
-
-    def holds(self, row: dict[str, float]) -> bool:
-        return row["update_ratio"] > self.limit
-
-    def held(self, ratio: np.ndarray) -> np.ndarray:
-        return ratio > self.limit
+        super().__init__(limit, after)
 
     def message(self, step: int, row: dict[str, float]) -> Alarm:
         ratio = row["update_ratio"]
@@ -242,23 +250,15 @@ class UpdateTooLarge(Sustained):
         )
 
 
-class AdamRatioHigh(Sustained):
+class AdamRatioHigh(AboveLimit):
     """Adam's g²/v̂ above ``limit``: this gradient is far larger than any in the optimizer's
     memory, so its update is many lr's long."""
 
     name = "adam_ratio"
     columns = ("adam_ratio",)
-    steps = 1
 
     def __init__(self, limit: float = 1e3, after: int = 10) -> None:
-        super().__init__()
-        self.limit, self.after = limit, after
-
-    def holds(self, row: dict[str, float]) -> bool:
-        return row["adam_ratio"] > self.limit
-
-    def held(self, ratio: np.ndarray) -> np.ndarray:
-        return ratio > self.limit
+        super().__init__(limit, after)
 
     def message(self, step: int, row: dict[str, float]) -> Alarm:
         ratio = row["adam_ratio"]
