@@ -43,8 +43,13 @@ class Case:
         paths = self.run.checkpoint_paths()
         if len(paths) < 2:
             return None
-        monitored = bool(read_alerts(self.run.root))
+        monitored = bool(self.alerts)
         return timeline(paths, self.run.manifest.autocast_dtype, monitored=monitored)
+
+    @cached_property
+    def alerts(self) -> list[dict]:
+        """The live monitors' alarms as the Recorder wrote them (none: not monitored, or quiet)."""
+        return read_alerts(self.run.root)
 
     @cached_property
     def inspected_step(self) -> int | None:

@@ -26,7 +26,6 @@ from energydiag.analyses.replaying import replay_report
 from energydiag.analyses.story import tell
 from energydiag.engine.localise import Fault
 from energydiag.errors import DiagError, OptionError
-from energydiag.io.alerts import read_alerts
 from energydiag.io.layout import MANIFEST
 from energydiag.io.rundir import Run
 from energydiag.schema import Report, report
@@ -93,13 +92,13 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
         ranks = rank_findings(run)
         seen |= {f.code for f in ranks}
         found = [*causes, *ranks, *(f for f in result.findings if f.code not in seen), *weights]
-        found = _superseded(found, _alarms(run))
+        found = _superseded(found, _alarms(case))
         result.findings = rules.ranked([*tell(case, found, result.fault, device), *found])
         return result
     cause_codes = {f.code for f in causes}  # inspect names them too: said once
     inspected = [f for f in _inspected(case) if f.code not in cause_codes]
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
-    found = _superseded(found, _alarms(run))
+    found = _superseded(found, _alarms(case))
     found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
     found = _ranks_view(found, rank_findings(run))
     found = [*tell(case, found, None, device), *found]
@@ -125,11 +124,11 @@ def _superseded(found: list[rules.Finding], alarms: list[rules.Finding]) -> list
     return [f for f in found if not (alarms and f.code in offline)] + alarms
 
 
-def _alarms(run: Run) -> list[rules.Finding]:
+def _alarms(case: Case) -> list[rules.Finding]:
     """The alarms the Recorder raised, scored against the run's log."""
-    logged = run.logged()
+    logged = case.run.logged()
     last = max(logged) if logged else None
-    alarm = rules.recorded_alarms(read_alerts(run.root), run.first_failure(), last)
+    alarm = rules.recorded_alarms(case.alerts, case.run.first_failure(), last)
     return [alarm] if alarm else []
 
 

@@ -201,30 +201,30 @@ def _compare(
     prints_a: list[OpPrint], prints_b: list[OpPrint], tol: float
 ) -> tuple[OpDifference | None, list[dict[str, Any]], int]:
     by_key = {p.key: p for p in prints_b}
-    gaps: dict[Key, float] = {}
-    first, modules = None, {}
+    first, modules, aligned = None, {}, 0
     for pa in prints_a:
         pb = by_key.get(pa.key)
         if pb is None:
             continue
-        gap = gaps[pa.key] = relative(pa.outputs, pb.outputs)
+        aligned += 1
+        gap = relative(pa.outputs, pb.outputs)
         worst = modules.setdefault(pa.module or "<outside modules>", {"largest": 0.0, "op": ""})
         if gap > worst["largest"]:
             worst.update(largest=gap, op=pa.op, phase=pa.phase)
         if first is None and gap > tol:
             first = _difference(pa, pb, gap, tol)
     listed = [{"module": m, **v} for m, v in modules.items()]
-    return first, listed, len(gaps)
+    return first, listed, aligned
 
 
 def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifference:
     """Which of the op's inputs differ between the sides: a weight, or an activation."""
-    differing = [
-        f"weight {name!r}" if name else f"input {i}"
+    apart = [
+        (i, name)
         for i, (x, y, name) in enumerate(zip(pa.inputs, pb.inputs, pa.parameters, strict=False))
         if relative([x], [y]) > tol
     ]
-    activations = [d for d in differing if not d.startswith("weight")]
+    differing = [f"weight {name!r}" if name else f"input {i}" for i, name in apart]
     return OpDifference(
         pa.phase,
         pa.module,
@@ -233,7 +233,7 @@ def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifferenc
         pa.outputs,
         pb.outputs,
         gap,
-        not activations,
+        all(name for _, name in apart),  # only weights differ, no activation
         differing,
     )
 
@@ -248,8 +248,7 @@ class _Capture:
         where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] = self.seen.get(where, 0) + 1
         if (*where, self.seen[where]) == self.key and self.call is None:
-            keep = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
-            self.call = tuple(_tree(part, keep) for part in (call.args, call.kwargs, call.out))
+            self.call = tuple(_tree(part, _kept) for part in (call.args, call.kwargs, call.out))
             self.func = call.func
 
 
@@ -272,8 +271,7 @@ def _shadow(
 
 def _error(func: Any, args: Any, kwargs: Any, out: Any) -> float:
     """The op's largest relative error over its float outputs, against itself in float64."""
-    wide = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    truths = _floats(func(*_tree(args, wide), **_tree(kwargs, wide)))
+    truths = _floats(func(*_tree(args, _wide), **_tree(kwargs, _wide)))
     errors = [
         (
             torch.linalg.vector_norm(o.double() - t) / torch.linalg.vector_norm(t).clamp_min(1e-300)
@@ -281,6 +279,15 @@ def _error(func: Any, args: Any, kwargs: Any, out: Any) -> float:
         for o, t in zip(_floats(out), truths, strict=False)
     ]
     return max(errors, default=0.0)
+
+
+def _kept(t: Any) -> Any:
+    """A tensor copied out of the step (its storage may be reused or written later)."""
+    return t.detach().clone() if isinstance(t, torch.Tensor) else t
+
+
+def _wide(t: Any) -> Any:
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def _tree(obj: Any, fn: Callable[[Any], Any]) -> Any:

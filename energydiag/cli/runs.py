@@ -196,7 +196,7 @@ def diff_cmd(
 ) -> int:
     """The first op where two executions of one step part ways, and which side is right.
 
-    Replays the step on both sides with every op fingerprinted (float64 norm and absolute sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. Exit 1 when the sides differ beyond reduction-order noise.
+    Replays the step on both sides with every op fingerprinted (float64 norm and sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. Exit 1 when the sides differ beyond reduction-order noise.
     """
     from energydiag.commands import diff
     from energydiag.report.diff_html import page

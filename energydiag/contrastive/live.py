@@ -125,9 +125,6 @@ class Saturation(Sustained):
         super().__init__()
         self.level, self.steps = level, steps
 
-    def holds(self, row: dict[str, float]) -> bool:
-        return row["saturation"] >= self.level
-
     def held(self, saturation: np.ndarray) -> np.ndarray:
         return saturation >= self.level
 
@@ -154,9 +151,6 @@ class LossPinned(Sustained):
         self.tolerance, self.steps, self.after = tolerance, steps, after
         self.columns = ("loss", self.level)
 
-    def holds(self, row: dict[str, float]) -> bool:
-        return bool(self.held(np.array([row["loss"]]), np.array([row[self.level]]))[0])
-
     def held(self, loss: np.ndarray, level: np.ndarray) -> np.ndarray:
         return np.abs(loss - level) <= self.tolerance * np.maximum(np.abs(level), 1e-3)
 
@@ -167,15 +161,11 @@ class LossAtChance(LossPinned):
     name = "loss_at_chance"
     optional = ("loss_floor",)
 
-    def holds(self, row: dict[str, float]) -> bool:
-        """Not when the head's floor is itself at chance: ``loss_at_floor`` says why, then."""
-        floor = row.get("loss_floor", math.nan)
-        unreachable = math.isfinite(floor) and floor >= row["chance_loss"] * (1 - self.tolerance)
-        return not unreachable and super().holds(row)
-
-    def held(self, loss: np.ndarray, level: np.ndarray, *floor: np.ndarray) -> np.ndarray:
-        pinned = super().held(loss, level)
-        return pinned & ~(floor[0] >= level * (1 - self.tolerance)) if floor else pinned
+    def held(self, loss: np.ndarray, level: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """Not when the head's floor is itself at chance (NaN: no floor logged):
+        ``loss_at_floor`` says why, then."""
+        unreachable = floor >= level * (1 - self.tolerance)
+        return super().held(loss, level) & ~unreachable
 
     def message(self, step: int, row: dict[str, float]) -> Alarm:
         spread = row.get("logit_spread")

@@ -3,11 +3,14 @@
 Each op's float outputs are reduced on the device to a float64 L2 norm and sum (two reductions
 per tensor, read back once at the end: no sync per op). Its inputs are not reduced again: an
 input an earlier op produced carries that output's fingerprint, and only leaf inputs
-(parameters, the batch, optimizer state) are reduced, once per version of their data. An op is keyed by its phase,
-module, op name and occurrence (the k-th time that op ran in that module and phase), which
-pairs the same op across two executions even when other ops differ in between. Leaf inputs
-that are parameters (or views of one) are named, so a difference that comes in through a
-weight is told from one that comes in through an activation.
+(parameters, the batch, optimizer state) are reduced, once per version of their data.
+
+An op is keyed by its phase, module, op name and occurrence (the k-th time that op ran in that
+module and phase), which pairs the same op across two executions even when other ops differ in
+between. In the backward the module is shown but not part of the key: which module a backward
+op is credited to varies from process to process where branches meet, while the engine's order
+of the ops does not. Inputs that are parameters (or views of one) are named, so a difference
+that comes in through a weight is told from one that comes in through an activation.
 """
 
 from __future__ import annotations

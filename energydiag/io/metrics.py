@@ -108,9 +108,7 @@ def _csv(path: Path) -> pd.DataFrame:
     options = {"engine": "pyarrow", "dtype_backend": "pyarrow"} if arrow else {}
     try:
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as err:
-        raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
-    except Exception as err:  # pyarrow's own ArrowInvalid for a ragged or binary file
+    except Exception as err:  # pandas' parser errors, and pyarrow's own ArrowInvalid
         raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
 

@@ -2,10 +2,11 @@
 
 Every alarm is one line through ``logging`` (logger ``energydiag.alarms``), one line of
 ``RUN/alerts.jsonl``, a W&B alert when a W&B run is active, and whatever the trainer callbacks
-add to ``listeners`` (their trainer's own logger). ``dump`` also writes the ring and a pre-step checkpoint, so ``replay`` can
-start exactly there; ``skip`` drops this step's gradients (``optimizer.step()`` then leaves
-every parameter as it was) and lists the step in ``RUN/skip_batches.json``, which replay and
-what-if honour; ``raise`` raises ``Alarmed``; a callable gets the alarms.
+add to ``listeners`` (their trainer's own logger). ``dump`` also writes the ring and a pre-step
+checkpoint, so ``replay`` can start exactly there; ``skip`` drops this step's gradients
+(``optimizer.step()`` then leaves every parameter as it was) and lists the step in
+``RUN/skip_batches.json``, which replay and what-if honour; ``raise`` raises ``Alarmed``; a
+callable gets the alarms.
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ The run directory defaults to ``args.output_dir`` + ``/energydiag``.
 The Trainer shows callbacks neither the batch nor the loss, so the callback reads both off the
 model: a forward pre-hook takes each forward of a step (its keyword tensors; the first one's
 RNG state, which the step starts from; with gradient accumulation each micro-batch, which the
-Trainer scales by 1 / their number) and a forward hook takes the loss each returns. An alarm
-is also appended to ``state.log_history`` (``{"energydiag_alarm": rule, ...}``) and asks the
-Trainer to log at that step. The Trainer clips
-before ``on_pre_optimizer_step``, the last hook before the update, so when it clips the norm the
-callback sees is the clipped one and is logged as ``clipped_grad_norm`` (a non-finite value is
-still a failure: clipping by a non-finite norm leaves non-finite gradients).
+Trainer scales by 1 / their number) and a forward hook takes the loss each returns. The
+Trainer clips before ``on_pre_optimizer_step``, the last hook before the update, so when it
+clips the norm the callback sees is the clipped one and is logged as ``clipped_grad_norm`` (a
+non-finite value is still a failure: clipping by a non-finite norm leaves non-finite
+gradients). An alarm is also appended to ``state.log_history``
+(``{"energydiag_alarm": rule, ...}``) and asks the Trainer to log at that step.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class MaxAbsWeight(LiveQuantity):
     columns = ("max_abs_weight",)
 
     def measure(self, step: int) -> Values:
-        params = [plain(p.detach()) for p in self.watched.model.parameters()]
+        params = weights(self.watched.model)
         if params and params[0].device.type != "cpu":  # one fused multi-tensor kernel
             return {"max_abs_weight": torch.nn.utils.get_total_norm(params, math.inf, foreach=True)}
         # on the CPU the foreach inf-norm is 5x slower than a min and max per tensor
@@ -88,7 +88,7 @@ class UpdateRatio(LiveQuantity):
     def start(self, step: int, batch: dict[str, torch.Tensor]) -> None:
         if self.before is None:
             return
-        now = self._weights()
+        now = weights(self.watched.model)
         delta = torch._foreach_sub(now, self.before)
         change = torch.nn.utils.get_total_norm(delta, foreach=True)
         self.ratio = change / torch.nn.utils.get_total_norm(self.before, foreach=True).clamp_min(
@@ -99,11 +99,13 @@ class UpdateRatio(LiveQuantity):
     def measure(self, step: int) -> Values:
         ratio, self.ratio = self.ratio, None
         if step % self.every == 0:
-            self.before = [w.clone() for w in self._weights()]
+            self.before = [w.clone() for w in weights(self.watched.model)]
         return {} if ratio is None else {"update_ratio": ratio}
 
-    def _weights(self) -> list[torch.Tensor]:
-        return [plain(p.detach()) for p in self.watched.model.parameters()]
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    """This rank's parameters as plain tensors (its shards, under FSDP)."""
+    return [plain(p.detach()) for p in model.parameters()]
 
 
 class AdamRatio(LiveQuantity):

@@ -63,7 +63,9 @@ def first_run(steps: np.ndarray, held: np.ndarray, length: int) -> int | None:
 
 class Sustained(Monitor):
     """A condition held for ``steps`` observations in a row (after ``after``): one alarm per
-    stretch. Subclasses say what holds (``holds``, and its vectorised ``held``) and why."""
+    stretch. Subclasses say what holds over arrays (``held``: one per column, then per optional
+    column, NaN where not logged) and why; a live row is judged as a one-element series, so
+    online and offline share one definition."""
 
     steps, after = 3, 0
 
@@ -71,7 +73,8 @@ class Sustained(Monitor):
         self.run, self.fired, self.since = 0, False, None
 
     def holds(self, row: dict[str, float]) -> bool:
-        raise NotImplementedError
+        values = [np.array([row.get(c, math.nan)]) for c in (*self.columns, *self.optional)]
+        return bool(self.held(*values)[0])
 
     def held(self, *values: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -220,9 +223,6 @@ class AboveLimit(Sustained):
     def __init__(self, limit: float, after: int) -> None:
         super().__init__()
         self.limit, self.after = limit, after
-
-    def holds(self, row: dict[str, float]) -> bool:
-        return row[self.columns[0]] > self.limit
 
     def held(self, values: np.ndarray) -> np.ndarray:
         return values > self.limit
