@@ -89,6 +89,7 @@ def test_replay_honours_the_skip_list(tmp_path):
 @pytest.mark.parametrize("seed", range(20))
 def test_healthy_runs_raise_no_alarm(tmp_path, seed):
     from energydiag.analyses.early_warning import earliest_alarms
+    from energydiag.commands import timeline
     from energydiag.io.metrics import load_metrics
 
     handloop.train(tmp_path / "energy", steps=60, seed=seed, checkpoint_every=30)
@@ -97,6 +98,8 @@ def test_healthy_runs_raise_no_alarm(tmp_path, seed):
         assert alerts(tmp_path / run) == []
         offline, _ = earliest_alarms(load_metrics(tmp_path / run / "metrics.jsonl"))
         assert [a.step for a in offline if a.step is not None] == []
+    # the checkpoint form too (timeline), on the energy run's checkpoints every 30 steps
+    assert timeline.run(tmp_path / "energy").report.alarm.step is None
 
 
 def test_leads_on_the_growth_cases():
