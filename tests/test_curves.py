@@ -195,3 +195,47 @@ def test_a_loss_that_turns_erratic_after_an_lr_event():
     one_spike = [2.08] * 10 + [2.6, 2.08, 2.08]
     quiet = analyse(pd.DataFrame({"step": np.arange(13), "loss": one_spike}), "loss")
     assert quiet.unstable is None  # one late spike is not a regime change
+
+
+def test_a_column_first_logged_after_the_first_block_still_reads(tmp_path):
+    """The streaming reader types a column from its first 4 MiB; a metric logged only later
+    (empty there) sends the file to the whole-file reader, which still tells a missing cell
+    from a logged NaN."""
+    n = 300_000
+    steps = np.arange(n)
+    late = np.where(steps >= 250_000, steps * 0.25, np.nan)
+    frame = pd.DataFrame({"step": steps, "loss": 2 - steps / n, "late": late})
+    path = tmp_path / "late.csv"
+    frame.to_csv(path, index=False, na_rep="")
+    assert path.stat().st_size > 4 << 20
+    with path.open("a") as out:
+        out.write(f"{n},NaN,\n")
+    loaded = load_metrics(path)
+    assert loaded["late"].notna().sum() == 50_000 and float(loaded["late"].iloc[-2]) == (n - 1) / 4
+    assert analyse(loaded, "loss").first_nonfinite == n
+    assert analyse(loaded, "late").first_nonfinite is None
+
+
+def test_curves_on_a_log_file_reads_and_judges_it_without_torch(tmp_path):
+    """The offline monitors, the energy ones included, run on a log without importing torch
+    (220 MiB of a ten-million-row log's memory budget)."""
+    import subprocess
+    import sys
+
+    steps = np.arange(200)
+    saturation = np.where(steps >= 50, 0.95, 0.2)
+    log = pd.DataFrame({"step": steps, "loss": 2 - steps / 400, "saturation": saturation})
+    path = tmp_path / "metrics.csv"
+    log.to_csv(path, index=False)
+    code = (
+        "import json, sys\n"
+        f"sys.argv = ['energydiag', 'curves', {str(path)!r}, '--json']\n"
+        "from energydiag.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    text, verdict = out.stdout.rsplit("\n", 2)[0], out.stdout.strip().splitlines()[-1]
+    assert verdict == "no torch", out.stderr
+    alarms = {a["rule"]: a["step"] for a in json.loads(text)["alarms"]}
+    assert alarms["saturation"] == 52  # three checks at >= 90%, from step 50

@@ -67,13 +67,14 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
 
 
 def test_curves_on_a_reference_run_builds_no_model(fixtures_dir, monkeypatch):
-    import energydiag.analyses.curve_sources as curves
+    import energydiag.analyses.run_curves as curves
+    from energydiag.analyses.curve_sources import curve_report
 
     def refuse(*args, **kwargs):
         raise AssertionError("curves built the model")
 
     monkeypatch.setattr(curves, "build_model", refuse)
-    report = curves.curve_report(fixtures_dir / "stalled")
+    report = curve_report(fixtures_dir / "stalled")
     assert report.bounds["energy_span"] == 1.0 and report.plateau_on == "chance"
 
 

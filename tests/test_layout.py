@@ -76,23 +76,23 @@ def string_imports(path: Path) -> set[str]:
 
 
 def test_import_strings_go_downward_except_through_the_plugin_registry():
-    """Only ``engine.plugins`` may name a higher layer, and only in its registries (the
+    """Only ``engine.registry`` may name a higher layer, and only in its registries (the
     built-in losses, the energy models' live monitors), whose every entry must resolve."""
     import pkgutil
 
-    from energydiag.engine.plugins import BUILTIN_LOSSES, LIVE_ENERGY
+    from energydiag.engine.registry import BUILTIN_LOSSES, LIVE_ENERGY
 
     upward = []
     for path in PACKAGE.rglob("*.py"):
         module = "energydiag." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        if module == "energydiag.engine.plugins" or layer_of(module) == "__init__":
+        if module == "energydiag.engine.registry" or layer_of(module) == "__init__":
             continue
         here = LAYERS.index(layer_of(module))
         upward += [f"{module} -> {t}" for t in string_imports(path) if LAYERS.index(t) > here]
     assert upward == []
     targets = [*BUILTIN_LOSSES.values(), *LIVE_ENERGY.values()]
     assert all(callable(pkgutil.resolve_name(t)) for t in targets)
-    registry = PACKAGE / "engine" / "plugins.py"
+    registry = PACKAGE / "engine" / "registry.py"
     assert string_imports(registry) == {"reference", "contrastive"}
 
 

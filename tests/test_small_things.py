@@ -69,7 +69,7 @@ def test_recorded_thread_count_is_applied_and_restored():
 
 def test_runs_recorded_before_the_callbacks_moved_still_resolve():
     """A manifest written by an older callback names energydiag.integrations.*."""
-    from energydiag.engine.plugins import resolve
+    from energydiag.engine.registry import resolve
     from energydiag.record.batches import tensors_only
 
     assert resolve("energydiag.integrations.batches:tensors_only", "loss") is tensors_only

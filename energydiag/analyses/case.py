@@ -16,11 +16,11 @@ from functools import cached_property
 import torch
 
 from energydiag import findings as rules
-from energydiag.analyses.curve_sources import run_bounds, with_ranks
 from energydiag.analyses.curves import CurveReport, analyse
 from energydiag.analyses.early_warning import with_alarms
 from energydiag.analyses.inspection import InspectReport, inspect
 from energydiag.analyses.offsets import offset_trend
+from energydiag.analyses.run_curves import run_bounds, with_ranks
 from energydiag.analyses.schedule import ScheduleEvidence, schedule_causes, schedule_evidence
 from energydiag.analyses.timeline import Timeline, timeline
 from energydiag.errors import DiagError

@@ -266,14 +266,17 @@ def _near_chance(
 def _spikes(
     steps: np.ndarray, values: np.ndarray, reference: np.ndarray, noise: np.ndarray
 ) -> list[dict[str, float]]:
+    """Points ``SPIKE_Z`` scales away from the reference. Both scratch arrays are overwritten
+    (the noise becomes the scale, the reference the z-score): on a ten-million-point log each
+    copy spared is 80 MB."""
     scale = np.abs(reference)
     np.maximum(scale, 1e-12, out=scale)
     scale *= SPIKE_FLOOR_REL
-    np.maximum(noise, scale, out=scale)
-    z = values - reference
-    z /= scale
+    np.maximum(noise, scale, out=noise)
     del scale
-    idx = np.flatnonzero(np.abs(z) > SPIKE_Z)
+    z = np.subtract(values, reference, out=reference)
+    z /= noise
+    idx = np.flatnonzero((z > SPIKE_Z) | (z < -SPIKE_Z))
     top = idx[np.argsort(-np.abs(z[idx]))][:20]
     return [
         {"step": int(steps[i]), "value": float(values[i]), "z": float(z[i])} for i in sorted(top)

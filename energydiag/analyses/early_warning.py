@@ -48,7 +48,7 @@ def aligned(
     """Steps and one array per column, on the steps where every required column was logged;
     an optional column is NaN where it was not (or is not in the log at all)."""
     present = frame[list(columns)].notna().all(axis=1).to_numpy()
-    rows = frame[present]
+    rows = frame if present.all() else frame[present]  # a long log's usual case: no copy
     values = [metric_series(rows, c)[1] for c in columns]
     extra = [
         pd.to_numeric(rows[c], errors="coerce").to_numpy(dtype=np.float64)

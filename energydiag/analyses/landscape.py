@@ -17,8 +17,8 @@ import torch
 from energydiag import findings as rules
 from energydiag.analyses.inspection import find_run
 from energydiag.contrastive import landscape as land
-from energydiag.engine.plugins import resolve
 from energydiag.engine.probe import Probe
+from energydiag.engine.registry import resolve
 from energydiag.errors import DiagError, OptionError, first_line
 from energydiag.findings.landscape import RISING
 from energydiag.io.manifest import ModelSpec

@@ -10,10 +10,14 @@ step later. Rank 0's log alone would date the fault one step late and on the wro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from energydiag import findings as rules
-from energydiag.io.rundir import Run, first_nonfinite
+from energydiag.io.scalars import first_nonfinite
 from energydiag.schema import Record
+
+if TYPE_CHECKING:  # a curve's rank rows are read without torch, which the run's module imports
+    from energydiag.io.rundir import Run
 
 
 @dataclass
@@ -36,7 +40,7 @@ def rank_logs(run: Run) -> list[RankLog]:
         return []
     rows = []
     for rank in range(run.manifest.world_size):
-        logged = Run(run.root, rank).logged_series(("loss", "grad_norm"))  # one read per rank
+        logged = run.of_rank(rank).logged_series(("loss", "grad_norm"))  # one read per rank
         loss, norm = first_nonfinite(logged["loss"]), first_nonfinite(logged["grad_norm"])
         rows.append(RankLog(rank, loss, norm))
     return rows

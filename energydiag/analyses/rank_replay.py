@@ -94,7 +94,7 @@ def replay_copies(
     world = run.manifest.world_size
     saved = (run.manifest.distributed or {}).get("rank_checkpoints", False)
     reports = [
-        replay_report(Run(run.root, rank=r), from_step, to_step, target, every).summary().to_dict()
+        replay_report(run.of_rank(r), from_step, to_step, target, every).summary().to_dict()
         for r in (range(world) if saved else [0])
     ]
     note = f"each of the {world} ranks' own copies replayed in turn in one process"

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from energydiag.io.manifest import LossSpec, Manifest
-from energydiag.io.rundir import Batch
+
+if TYPE_CHECKING:  # the bounds themselves are arithmetic: `curves` on a log needs no torch
+    from energydiag.io.rundir import Batch
 
 
 class Candidates(Enum):

@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import functools
-import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from energydiag.engine.registry import BUILTIN_LOSSES, resolve
 from energydiag.errors import DiagError, first_line
-from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec, import_string
+from energydiag.io.manifest import LossSpec, ModelSpec, OptimizerSpec
 from energydiag.io.state import plain_key
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], LossOutput]
-
-# Built-in losses by import string: the engine never imports the reference package itself.
-BUILTIN_LOSSES = {
-    name: f"energydiag.reference.losses:{name}"
-    for name in ("inbatch_infonce", "gathered_infonce", "infonce_negatives", "margin")
-}
-
-# What the live monitors know of energy models (record/live.py loads them): the contrastive layer's.
-LIVE_ENERGY = {
-    "quantities": "energydiag.contrastive.live:energy_quantities",
-    "monitors": "energydiag.contrastive.live:energy_monitors",
-}
-
-
-# Runs recorded by the trainer callbacks before they moved name them where they were.
-MOVED = {"energydiag.integrations.": "energydiag.record."}
-
-
-def resolve(target: str, what: str) -> Any:
-    """``package.module:attr`` imported; the module's package must be importable (installed, or
-    on PYTHONPATH)."""
-    if not import_string(target):
-        raise DiagError(None, f"{what} {target!r} is not an import string 'package.module:name'")
-    for old, new in MOVED.items():
-        target = new + target.removeprefix(old) if target.startswith(old) else target
-    try:
-        return pkgutil.resolve_name(target)
-    except (ImportError, AttributeError, ValueError) as err:
-        hint = (
-            " (is its package installed, or on PYTHONPATH?)" if isinstance(err, ImportError) else ""
-        )
-        raise DiagError(None, f"cannot import {what} {target!r}: {err}{hint}") from None
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -109,4 +109,4 @@ def joined(parts: list[Batch]) -> Batch:
 def played_ranks(run: Run, here: int, rank: int) -> list[Run]:
     """The recorded ranks process ``rank`` of ``here`` plays: a contiguous block of W / here."""
     per = run.manifest.world_size // here
-    return [Run(run.root, rank=r) for r in range(rank * per, (rank + 1) * per)]
+    return [run.of_rank(r) for r in range(rank * per, (rank + 1) * per)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from energydiag.io.layout import METRICS
 from energydiag.io.scalars import marked
 from energydiag.io.tensorboard import event_files, read_scalars
 from energydiag.io.wandb_history import find_history, read_history
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 STEP_COLUMNS = ("step", "Step", "_step", "global_step", "trainer/global_step")
 _COMPANIONS = ("__MIN", "__MAX")
@@ -102,15 +106,61 @@ def _parquet(path: Path) -> pd.DataFrame:
 
 def _csv(path: Path) -> pd.DataFrame:
     """Empty cells (a metric not logged at that step) are missing; a logged "NaN" is kept. With
-    pyarrow, its multi-threaded reader into Arrow-backed columns, which hold both apart (null
-    and NaN); without it, pandas' reader, where a logged "NaN" stays text."""
-    arrow = importlib.util.find_spec("pyarrow") is not None
-    options = {"engine": "pyarrow", "dtype_backend": "pyarrow"} if arrow else {}
+    pyarrow, its streaming reader (a long log's text is never held whole); without it, pandas'
+    reader, where a logged "NaN" stays text."""
+    if importlib.util.find_spec("pyarrow") is None:
+        return _pandas_csv(path, {})
+    import pyarrow as pa
+
     try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
+        frame = _streamed_csv(path)
+    except (pa.ArrowException, OSError):  # a type the first block guessed wrong, or bad text
+        frame = _pandas_csv(path, {"engine": "pyarrow", "dtype_backend": "pyarrow"})
+    pa.default_memory_pool().release_unused()
+    return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
+
+
+def _pandas_csv(path: Path, options: dict[str, str]) -> pd.DataFrame:
+    """The reader that sees the whole file before it settles a column's type: a column empty
+    for the first block of rows, or whole numbers that later turn fractional, still read."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
     except Exception as err:  # pandas' parser errors, and pyarrow's own ArrowInvalid
         raise DiagError(path, f"not a readable CSV ({first_line(err)})") from None
-    return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
+
+
+def _streamed_csv(path: Path) -> pd.DataFrame:
+    """Blocks of 4 MiB, typed from the first one (an error on a later block that does not fit
+    sends the file to the whole-file reader), then one column at a time into its frame."""
+    import pyarrow as pa
+    import pyarrow.csv as csv
+
+    convert = csv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+    table = csv.open_csv(
+        path, read_options=csv.ReadOptions(block_size=4 << 20), convert_options=convert
+    ).read_all()
+    pa.default_memory_pool().release_unused()  # the parser's buffers, before the copies
+    columns = {}
+    for name in table.column_names:
+        column, table = table.column(name), table.drop_columns([name])
+        columns[name] = _column(column)
+    return pd.DataFrame(columns, copy=False)
+
+
+def _column(column: pa.ChunkedArray) -> np.ndarray | pd.Series:
+    """A numeric column with neither a missing cell nor a logged NaN becomes a plain array
+    (half the memory of Arrow chunks plus a later copy); any other stays Arrow-backed, which
+    keeps null (not logged) apart from NaN (logged non-finite)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    plain = (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and not column.null_count
+    if plain and pa.types.is_floating(kind):
+        plain = not pc.any(pc.is_nan(column)).as_py()
+    if plain:
+        return column.to_numpy()
+    return pd.Series(column, dtype=pd.ArrowDtype(kind))
 
 
 def _with_step(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -126,7 +176,9 @@ def _with_step(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         frame, steps = frame[present], steps[present]
     if frame.empty:
         raise DiagError(path, "holds no rows with a step")
-    frame = frame.assign(step=_whole_steps(steps, path))
+    whole = _whole_steps(steps, path)
+    if steps.dtype != whole.dtype:  # an int64 array already is its own steps: no frame copy
+        frame = frame.assign(step=whole)
     if not frame["step"].is_monotonic_increasing:
         frame = frame.sort_values("step", kind="stable")
     return frame.reset_index(drop=True)

@@ -7,7 +7,6 @@ naming the offending file, never as a KeyError three frames deep in a replay.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from energydiag.io.layout import (
 )
 from energydiag.io.manifest import Manifest, read_manifest
 from energydiag.io.rank_checks import read_rank_checks
+from energydiag.io.scalars import first_nonfinite
 from energydiag.io.skip_list import read_skip_list
 from energydiag.io.state import HYPERPARAMETERS, RNG_PREFIX, SCALER_STATE, split_state
 from energydiag.io.tensorfile import check_format, read_all, read_metadata
@@ -130,6 +130,10 @@ class Run:
         if rank is not None and not 0 <= rank < world:
             raise DiagError(self.manifest_path, f"rank {rank}: the run has {world} rank(s)")
         self.rank = (rank or 0) if self.manifest.distributed else None
+
+    def of_rank(self, rank: int) -> Run:
+        """The same run as another rank reads it (its own batches and log)."""
+        return Run(self.root, rank)
 
     @cached_property
     def checkpoint_steps(self) -> list[int]:
@@ -374,11 +378,6 @@ def _valid_generator_state(state: torch.Tensor) -> bool:
 def _check_step(path: Path, meta: dict[str, str], step: int) -> None:
     if meta.get("step") != str(step):
         raise DiagError(path, f"metadata says step {meta.get('step')!r}, file name says {step}")
-
-
-def first_nonfinite(series: dict[int, float]) -> int | None:
-    """The first step whose logged value is NaN or infinite."""
-    return next((s for s in sorted(series) if not math.isfinite(series[s])), None)
 
 
 def step_ranges(steps: list[int]) -> str:

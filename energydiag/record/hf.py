@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from energydiag.engine.plugins import resolve
+from energydiag.engine.registry import resolve
 from energydiag.errors import DiagError
 from energydiag.record.accumulation import DIVISOR, STEP, micro_batch
 from energydiag.record.batches import gradient_norm, import_target, tensors_only

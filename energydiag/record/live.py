@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from energydiag.engine.plugins import LIVE_ENERGY, resolve
+from energydiag.engine.registry import LIVE_ENERGY, resolve
 from energydiag.engine.tensorstats import plain
 from energydiag.io.manifest import Manifest
 

@@ -314,7 +314,7 @@ class DeadGradient(Monitor):
 def default_monitors() -> list[Monitor]:
     """A fresh set (monitors keep state): the rules on by default, the energy models' with them
     (by import string: they live in the contrastive layer, see ``record/live.py``)."""
-    from energydiag.engine.plugins import LIVE_ENERGY, resolve
+    from energydiag.engine.registry import LIVE_ENERGY, resolve
 
     energy = resolve(LIVE_ENERGY["monitors"], "energy monitors")
     generic = [GradNormBand(), WeightGrowth(), DeadGradient(), UpdateTooLarge(), AdamRatioHigh()]
