@@ -113,3 +113,46 @@ class TiedLM(nn.Module):
 def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(batch["ids"][:, :-1])
     return nn.functional.cross_entropy(logits.flatten(0, 1), batch["ids"][:, 1:].flatten())
+
+
+def swap_infonce(energy: nn.Module, batch: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
+    """The seed team's in-batch loss, written out: every context against every action, the
+    diagonal the target."""
+    h, a, mask = batch["h"], batch["a_pos"], batch["pad_mask"]
+    b = h.shape[0]
+    e = energy(h.repeat_interleave(b, 0), a.repeat(b, 1, 1), mask.repeat_interleave(b, 0))
+    return nn.functional.cross_entropy(-e.view(b, b) / tau, torch.arange(b))
+
+
+class SwapEnergy(nn.Module):
+    """An energy model as the Hugging Face Trainer sees it: ``model(**batch)["loss"]``."""
+
+    def __init__(self, tau: float = 0.5, **model_kwargs) -> None:
+        super().__init__()
+        from energydiag.reference.models import EnergyModel
+
+        self.tau, self.energy = tau, EnergyModel(**model_kwargs)
+
+    def forward(self, h, a_pos, pad_mask) -> dict[str, torch.Tensor]:
+        batch = {"h": h, "a_pos": a_pos, "pad_mask": pad_mask}
+        return {"loss": swap_infonce(self.energy, batch, self.tau)}
+
+
+if pl is not None:
+
+    class LitEnergy(pl.LightningModule):
+        """The same energy model under Lightning: no ``forward``, ``training_step`` calls the
+        submodule, AdamW at a constant lr."""
+
+        def __init__(self, lr: float = 3e-3, tau: float = 0.5, **model_kwargs) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            from energydiag.reference.models import EnergyModel
+
+            self.energy = EnergyModel(**model_kwargs)
+
+        def training_step(self, batch, batch_idx):
+            return swap_infonce(self.energy, batch, self.hparams.tau)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)

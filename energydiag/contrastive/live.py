@@ -39,13 +39,17 @@ class EnergyWatch(LiveQuantity):
         self.candidates: int | None = None
 
     def attach(self, watched: Watched) -> bool:
+        """The manifest's loss and model, unless the Recorder was told where the energy model
+        is (a trainer's step is its own loss)."""
         super().attach(watched)
-        loss = watched.manifest.loss
+        target = watched.energy
+        loss = target.loss if target else watched.manifest.loss
+        self.model = target.module if target else watched.model
         self.kind = scored_candidates(loss)
         self.tau = loss.kwargs.get("tau")
         if self.kind is None and loss.name != "margin":
             return False  # not an energy loss: the model's output is something else
-        self.hook = watched.model.register_forward_hook(self._take)
+        self.hook = self.model.register_forward_hook(self._take)
         return True
 
     def start(self, step: int, batch: dict[str, torch.Tensor]) -> None:
@@ -61,7 +65,7 @@ class EnergyWatch(LiveQuantity):
             self.candidates = candidate_count(self.kind, found, self.watched.manifest)
 
     def _find_bounds(self, batch: dict[str, torch.Tensor]) -> tuple[float, float] | None:
-        model, self.on = self.watched.model, False  # the search's forward is not the step's
+        model, self.on = self.model, False  # the search's forward is not the step's
         training = model.training
         devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
         try:

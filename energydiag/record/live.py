@@ -12,6 +12,7 @@ string from the engine's one plug-in registry, so this layer never imports that 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,18 +21,49 @@ from torch import nn
 
 from energydiag.engine.registry import LIVE_ENERGY, resolve
 from energydiag.engine.tensorstats import plain
-from energydiag.io.manifest import Manifest
+from energydiag.io.manifest import LossSpec, Manifest
 
 Values = dict[str, torch.Tensor | float]
 
 
 @dataclass
+class EnergyTarget:
+    """The energy model inside a model whose recorded loss is not an energy loss (a trainer's
+    ``training_step``): the submodule whose output is the energy, and the InfoNCE or margin
+    loss that step applies to it."""
+
+    module: nn.Module
+    loss: LossSpec
+
+
+@dataclass
 class Watched:
-    """What a live quantity may look at: the rank's module, its optimizer, the manifest."""
+    """What a live quantity may look at: the rank's module, its optimizer, the manifest, and
+    where the energy model is when the manifest's loss does not say."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     manifest: Manifest
+    energy: EnergyTarget | None = None
+
+
+def energy_target(model: nn.Module, energy: Mapping[str, Any] | None) -> EnergyTarget | None:
+    """``{"module": "energy", "loss": {"name": "inbatch_infonce", "kwargs": {"tau": 0.5}}}``:
+    the path of the energy submodule ('' for the model itself) and the loss it is trained
+    with, for the energy rules under a trainer, whose step is its own."""
+    if energy is None:
+        return None
+    unknown = set(energy) - {"module", "loss"}
+    if unknown or "loss" not in energy:
+        raise ValueError("energy= takes 'module' (a submodule path) and 'loss' (a loss spec)")
+    path, loss = energy.get("module", ""), dict(energy["loss"])
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"energy= module {path!r}: the model has no such submodule") from None
+    return EnergyTarget(
+        module, LossSpec(loss.get("name"), loss.get("target"), loss.get("kwargs", {}))
+    )
 
 
 class LiveQuantity:

@@ -59,7 +59,7 @@ from energydiag.io.state import (
 )
 from energydiag.io.tensorfile import write_atomic
 from energydiag.record.alarms import AlarmDesk, OnAlarm
-from energydiag.record.live import Watched, measure_all, quantities_for
+from energydiag.record.live import Watched, energy_target, measure_all, quantities_for
 from energydiag.record.monitors import Monitor
 from energydiag.record.peers import PeerAlarm
 from energydiag.record.peers import available as peers_available
@@ -77,6 +77,9 @@ class Recorder:
     ``step`` names the loop's own step function ('pkg.mod:fn') when it is not the built-in one.
     ``scaler``: the loop's GradScaler; its state is recorded per step, and a non-finite gradient
     norm (which it skips) is then not a failure, while a non-finite loss still is.
+    ``energy``: where the energy model is when ``loss`` is not an energy loss (a trainer's own
+    step), ``{"module": "path.in.model", "loss": {"name": "inbatch_infonce", "kwargs": {...}}}``,
+    so the energy rules (saturation, loss at chance or at the floor) watch it too.
 
     Under torchrun, create it on every rank, with whatever model the rank trains: DDP, FSDP2,
     or a plain module (each rank's own copy, nothing keeps them equal). Each rank records its own
@@ -111,6 +114,7 @@ class Recorder:
         peer_timeout: float = 30.0,
         monitors: list[Monitor] | None = None,
         on_alarm: OnAlarm = "warn",
+        energy: Mapping[str, Any] | None = None,
     ) -> None:
         self.root = Path(run_dir)
         if min(checkpoint_every, keep_batches) < 1 or consistency_every < 0:
@@ -142,9 +146,16 @@ class Recorder:
         self._metrics = metrics_path(self.root, self.rank).open("w")
         self._lock = threading.Lock()  # the ring, between the loop and a peer's alarm
         self._join_ranks(consistency_every, peer_timeout)
+        self._watch(monitors, on_alarm, energy)
+
+    def _watch(self, monitors: list[Monitor] | None, on_alarm: OnAlarm, energy: Any) -> None:
+        """The alarm desk and the quantities its monitors read, those that apply here."""
         self.alarms = AlarmDesk(self.root, monitors, on_alarm, self.lead)
         read = {column for m in self.alarms.monitors for column in m.columns}
-        self.quantities = quantities_for(read, Watched(self.model, optimizer, self.manifest))
+        target = energy_target(self.model, energy)
+        self.quantities = quantities_for(
+            read, Watched(self.model, self.optimizer, self.manifest, target)
+        )
 
     def _join_ranks(self, consistency_every: int, peer_timeout: float) -> None:
         """What only a multi-rank run has: its parallelism, the comparison of the ranks'
