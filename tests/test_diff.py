@@ -138,3 +138,35 @@ def test_the_html_page_shows_the_first_diverging_op_and_is_not_overwritten(runs,
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
     assert runner.invoke(app, [*args, "--force"]).exit_code == 1
+
+
+def test_a_step_range_reports_the_first_step_that_differs(runs, tmp_path):
+    """A copy whose batch of step STEP + 2 differs in one element by one ulp: steps STEP and
+    STEP + 1 replay identical on both sides, and step STEP + 2 is where they start apart, at
+    the first op that reads the batch."""
+    other = tmp_path / "b"
+    shutil.copytree(runs[0], other)
+    path = other / "batches" / f"step-{STEP + 2:08d}.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    h = tensors["h"].clone()
+    h.view(-1)[0] = torch.nextafter(h.view(-1)[0], torch.tensor(float("inf")))
+    save_file({**tensors, "h": h}, path, meta)
+    span = ["--steps", f"{STEP}..{STEP + 4}", "--json"]
+    result = runner.invoke(app, ["diff", str(runs[0]), str(other), *span])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and report["steps"] == [STEP, STEP + 2] == [STEP, report["step"]]
+    first = report["first_divergence"]
+    assert first["phase"] == "forward" and first["differing_inputs"] == ["input 0"]
+    assert not first["inputs_matched"]
+    same = runner.invoke(app, ["diff", str(runs[0]), str(runs[0]), *span])
+    assert same.exit_code == 0 and json.loads(same.stdout)["steps"] == [STEP, STEP + 4]
+
+
+@pytest.mark.parametrize(
+    "span, problem", [("5..2", "use N..M with N <= M"), ("150..170", "missing batches")]
+)
+def test_a_bad_step_range_is_one_line(runs, span, problem):
+    result = runner.invoke(app, ["diff", str(runs[0]), str(runs[0]), "--steps", span])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert problem in result.output and len(result.output.strip().splitlines()) == 1

@@ -114,16 +114,37 @@ class DiffReport(Report):
     loss: list[float]
     parameters: dict[str, Any]  # after the step: the most different parameter
     verdict: str
+    steps: list[int] = field(default_factory=list)  # compared: from this step to ``step``
 
 
 def diff_step(
     run_a: Run, run_b: Run | None, step: int, variant: Variant | None, device: torch.device
 ) -> DiffReport:
     """Side B is ``run_b``, or ``run_a`` under ``variant``."""
+    return diff_steps(run_a, run_b, step, step, variant, device)
+
+
+def diff_steps(
+    run_a: Run,
+    run_b: Run | None,
+    first: int,
+    last: int,
+    variant: Variant | None,
+    device: torch.device,
+) -> DiffReport:
+    """Steps ``first``..``last`` replayed side by side, each side going on from its own state;
+    the report of the first step whose fingerprints differ at all (the last one's when none
+    does): after it, every difference is inherited."""
     variant = variant or Variant("")
     sides = [(run_a, Variant("")), (run_b or run_a, variant)]
+    for run, _ in sides:
+        run.require_batches(first, last)
+    played = zip(*(_fingerprinted(run, first, last, device, v) for run, v in sides), strict=True)
     try:
-        played = [fingerprint_step(run, step, device, v) for run, v in sides]
+        for step, (side_a, side_b) in enumerate(played, start=first):
+            found = _report(sides, step, side_a, side_b, variant.tolerance, device)
+            if found.first_divergence is not None:
+                break
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
         if variant.dtype is None or "dtype" not in str(err):
             raise
@@ -132,16 +153,30 @@ def diff_step(
             f"{variant.spec}: the model casts to another dtype itself ({str(err).splitlines()[0]});"
             " compare under autocast=bf16 or fp16 instead",
         ) from None
-    (prints_a, loss_a, params_a), (prints_b, loss_b, params_b) = played
-    tol = variant.tolerance
+    found.steps = [first, found.step]
+    return found
+
+
+Played = tuple[list[OpPrint], float, dict[str, torch.Tensor]]
+
+
+def _report(
+    sides: list[tuple[Run, Variant]],
+    step: int,
+    side_a: Played,
+    side_b: Played,
+    tol: float,
+    device: torch.device,
+) -> DiffReport:
+    (prints_a, loss_a, params_a), (prints_b, loss_b, params_b) = side_a, side_b
     first, modules, aligned = _compare(prints_a, prints_b, tol)
     if first is not None:
         first.shadow = _shadow(sides, step, device, first)
-    keys_b = {p.key for p in prints_b}
-    keys_a = {p.key for p in prints_a}
+    keys_a, keys_b = {p.key for p in prints_a}, {p.key for p in prints_b}
+    (run_a, _), (run_b, variant) = sides
     return DiffReport(
         str(run_a.root),
-        str((run_b or run_a).root),
+        str(run_b.root),
         step,
         variant.spec or None,
         tol,
@@ -173,16 +208,22 @@ def _session(run: Run, step: int, device: torch.device, variant: Variant) -> Ses
 
 def fingerprint_step(
     run: Run, step: int, device: torch.device, variant: Variant | None = None
-) -> tuple[list[OpPrint], float, dict[str, torch.Tensor]]:
+) -> Played:
     """The step's per-op fingerprints, its loss, and the parameters after it."""
-    variant = variant or Variant("")
-    session = _session(run, step, device, variant)
-    prints = Fingerprints(session.model)
-    instrument = Instrument([prints])
-    with variant.applied(), instrument.attached(session.optimizer):
-        result = session.train(run.batch(step))
-    params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
-    return prints.prints(), float(result.loss), params
+    return next(_fingerprinted(run, step, step, device, variant or Variant("")))
+
+
+def _fingerprinted(
+    run: Run, first: int, last: int, device: torch.device, variant: Variant
+) -> Iterator[Played]:
+    """Each step of ``first``..``last`` in turn, one session going on from step to step."""
+    session = _session(run, first, device, variant)
+    for step in range(first, last + 1):
+        prints = Fingerprints(session.model)
+        with variant.applied(), Instrument([prints]).attached(session.optimizer):
+            result = session.train(run.batch(step))
+        params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
+        yield prints.prints(), float(result.loss), params
 
 
 def relative(a: list[list[float]], b: list[list[float]]) -> float:

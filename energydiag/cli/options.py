@@ -64,6 +64,14 @@ HtmlOpt = Annotated[
 StepOpt = Annotated[
     int, typer.Option(metavar="N", help="The step to compare (replayed from a checkpoint).")
 ]
+StepRangeOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="N..M",
+        help="Compare steps N to M, both sides going on from their own state; the first step "
+        "that differs is reported (instead of --step).",
+    ),
+]
 AgainstOpt = Annotated[
     str | None,
     typer.Option(

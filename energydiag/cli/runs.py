@@ -27,6 +27,7 @@ from energydiag.cli.options import (
     ReportOutOpt,
     RunArg,
     StepOpt,
+    StepRangeOpt,
     ToStepOpt,
 )
 from energydiag.errors import OptionError
@@ -188,6 +189,7 @@ def diff_cmd(
     run: RunArg,
     other: OtherRunArg = None,
     step: StepOpt = 0,
+    steps: StepRangeOpt = None,
     against: AgainstOpt = None,
     html: HtmlOpt = None,
     force: ForceOpt = False,
@@ -196,7 +198,7 @@ def diff_cmd(
 ) -> int:
     """The first op where two executions of one step part ways, and which side is right.
 
-    Replays the step on both sides with every op fingerprinted (float64 norm and sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. Exit 1 when the sides differ beyond reduction-order noise.
+    Replays the step on both sides with every op fingerprinted (float64 norm and sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. With --steps N..M the sides go on step after step, each from its own state, and the first step that differs at all is reported (every later difference is inherited). Exit 1 when the sides differ beyond reduction-order noise.
     """
     from energydiag.commands import diff
     from energydiag.report.diff_html import page
@@ -206,7 +208,7 @@ def diff_cmd(
         if html.exists() and not force:
             raise OptionError("already exists; pass this to replace it", "force", path=html)
     with progress("diff", json_out):
-        outcome = diff.run(run, other, step, against, device)
+        outcome = diff.run(run, other, step, against, device, steps)
     if html is not None:
         write_text_atomic(html, page(outcome.report.to_json()))
     emit(outcome.report, json_out, render.diff)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from energydiag.analyses.numerics_diff import DiffReport, diff_step, parse_variant
+from energydiag.analyses.numerics_diff import DiffReport, diff_steps, parse_variant
 from energydiag.commands import Outcome
 from energydiag.engine.session import resolve_device
 from energydiag.errors import OptionError
@@ -15,14 +15,29 @@ AGREE = ("identical", "reduction-order noise")
 
 
 def run(
-    run_a: Path, run_b: Path | None, step: int, against: str | None, device: str = "cpu"
+    run_a: Path,
+    run_b: Path | None,
+    step: int,
+    against: str | None,
+    device: str = "cpu",
+    steps: str | None = None,
 ) -> Outcome[DiffReport]:
     """Two runs (each from its own checkpoint and batches), or one run against a variant of its
-    own replay. Exit 1 when the sides differ beyond reduction-order noise."""
+    own replay; one step, or a range ``N..M`` up to its first differing step. Exit 1 when the
+    sides differ beyond reduction-order noise."""
     if (run_b is None) == (against is None):
         raise OptionError("give a second run, or a variant of this one's replay", "against")
     variant = parse_variant(against) if against else None
-    found = diff_step(
-        Run(run_a), Run(run_b) if run_b else None, step, variant, resolve_device(device)
+    first, last = step_range(steps) if steps else (step, step)
+    found = diff_steps(
+        Run(run_a), Run(run_b) if run_b else None, first, last, variant, resolve_device(device)
     )
     return Outcome(found, ExitCode.found_if(found.verdict not in AGREE))
+
+
+def step_range(text: str) -> tuple[int, int]:
+    """``N..M``, both included, N <= M."""
+    first, dots, last = text.partition("..")
+    if not (dots and first.isdigit() and last.isdigit()) or int(first) > int(last):
+        raise OptionError("use N..M with N <= M, both steps", "steps", value=repr(text))
+    return int(first), int(last)

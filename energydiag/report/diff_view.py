@@ -18,6 +18,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         console,
         "",
         [
+            *_range(r.get("steps") or [], first is None),
             ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
             ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
             ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
@@ -59,3 +60,13 @@ def _parameters(gap: dict[str, Any]) -> str:
     if not gap["most_different"]:
         return "none compared"
     return f"{gap['most_different']} differs most ({gap['relative']:.3g} relative)"
+
+
+def _range(steps: list[int], identical: bool) -> list[tuple[str, str]]:
+    """A range's line: how many steps replayed identical before the one reported."""
+    if len(steps) != 2 or steps[0] == steps[1]:
+        return []
+    if identical:
+        return [("steps", f"{steps[0]}..{steps[1]}: every step identical")]
+    same = steps[1] - steps[0]
+    return [("steps", f"{steps[0]}..{steps[1]}: the {same} before step {steps[1]} identical")]
