@@ -170,3 +170,28 @@ def test_a_bad_step_range_is_one_line(runs, span, problem):
     result = runner.invoke(app, ["diff", str(runs[0]), str(runs[0]), "--steps", span])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert problem in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_bitwise_finds_two_swapped_values_that_a_norm_and_a_sum_cannot(runs, tmp_path):
+    """Two values of the batch swapped in a copy: the float64 norm and sum of the batch agree,
+    so without --bitwise the first difference shows up downstream with its inputs 'matched'
+    (a semantic difference, misattributed); with --bitwise the first op that reads the batch
+    is named, and the batch as the input that differs."""
+    other = tmp_path / "b"
+    shutil.copytree(runs[0], other)
+    path = other / "batches" / f"step-{STEP:08d}.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    h = tensors["h"].clone()
+    h[0, 0, [0, 1]] = h[0, 0, [1, 0]]
+    save_file({**tensors, "h": h}, path, meta)
+    _, loose = diff(str(runs[0]), str(other))
+    assert loose["first_divergence"]["inputs_matched"] and loose["verdict"] == "semantic difference"
+    code, strict = diff(str(runs[0]), str(other), "--bitwise")
+    first = strict["first_divergence"]
+    assert code == 1 and strict["bitwise"] and first["relative"] == 0.0
+    assert first["differing_inputs"] == ["input 0"] and not first["inputs_matched"]
+    assert strict["verdict"] == "the sides start apart: input 0 differ"
+    assert diff(str(runs[0]), str(runs[0]), "--bitwise")[1]["verdict"] == "identical"
+    result = runner.invoke(app, ["diff", str(runs[0]), "--against", "autocast=bf16", "--bitwise"])
+    assert result.exit_code == 2 and "changes every bit by design" in result.output

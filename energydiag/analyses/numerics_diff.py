@@ -115,6 +115,7 @@ class DiffReport(Report):
     parameters: dict[str, Any]  # after the step: the most different parameter
     verdict: str
     steps: list[int] = field(default_factory=list)  # compared: from this step to ``step``
+    bitwise: bool = False  # every bit compared too, not only the norm and the sum
 
 
 def diff_step(
@@ -131,18 +132,24 @@ def diff_steps(
     last: int,
     variant: Variant | None,
     device: torch.device,
+    bitwise: bool = False,
 ) -> DiffReport:
     """Steps ``first``..``last`` replayed side by side, each side going on from its own state;
     the report of the first step whose fingerprints differ at all (the last one's when none
-    does): after it, every difference is inherited."""
+    does): after it, every difference is inherited. ``bitwise``: every bit must agree too."""
     variant = variant or Variant("")
+    if bitwise and variant.tolerance:
+        raise OptionError(f"{variant.spec} changes every bit by design", "bitwise")
     sides = [(run_a, Variant("")), (run_b or run_a, variant)]
     for run, _ in sides:
         run.require_batches(first, last)
-    played = zip(*(_fingerprinted(run, first, last, device, v) for run, v in sides), strict=True)
+    played = zip(
+        *(_fingerprinted(run, first, last, device, v, bitwise) for run, v in sides), strict=True
+    )
     try:
         for step, (side_a, side_b) in enumerate(played, start=first):
             found = _report(sides, step, side_a, side_b, variant.tolerance, device)
+            found.bitwise = bitwise
             if found.first_divergence is not None:
                 break
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
@@ -214,12 +221,12 @@ def fingerprint_step(
 
 
 def _fingerprinted(
-    run: Run, first: int, last: int, device: torch.device, variant: Variant
+    run: Run, first: int, last: int, device: torch.device, variant: Variant, bitwise: bool = False
 ) -> Iterator[Played]:
     """Each step of ``first``..``last`` in turn, one session going on from step to step."""
     session = _session(run, first, device, variant)
     for step in range(first, last + 1):
-        prints = Fingerprints(session.model)
+        prints = Fingerprints(session.model, bitwise)
         with variant.applied(), Instrument([prints]).attached(session.optimizer):
             result = session.train(run.batch(step))
         params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
@@ -252,7 +259,7 @@ def _compare(
         worst = modules.setdefault(pa.module or "<outside modules>", {"largest": 0.0, "op": ""})
         if gap > worst["largest"]:
             worst.update(largest=gap, op=pa.op, phase=pa.phase)
-        if first is None and gap > tol:
+        if first is None and (gap > tol or pa.bits != pb.bits):
             first = _difference(pa, pb, gap, tol)
     listed = [{"module": m, **v} for m, v in modules.items()]
     return first, listed, aligned
@@ -260,10 +267,11 @@ def _compare(
 
 def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifference:
     """Which of the op's inputs differ between the sides: a weight, or an activation."""
+    bitwise = bool(pa.input_bits)
     apart = [
         (i, name)
         for i, (x, y, name) in enumerate(zip(pa.inputs, pb.inputs, pa.parameters, strict=False))
-        if relative([x], [y]) > tol
+        if relative([x], [y]) > tol or (bitwise and _unequal(pa, pb, i))
     ]
     differing = [f"weight {name!r}" if name else f"input {i}" for i, name in apart]
     return OpDifference(
@@ -277,6 +285,10 @@ def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifferenc
         all(name for _, name in apart),  # only weights differ, no activation
         differing,
     )
+
+
+def _unequal(pa: OpPrint, pb: OpPrint, i: int) -> bool:
+    return i >= len(pb.input_bits) or pa.input_bits[i] != pb.input_bits[i]
 
 
 class _Capture:

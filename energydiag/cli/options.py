@@ -72,6 +72,14 @@ StepRangeOpt = Annotated[
         "that differs is reported (instead of --step).",
     ),
 ]
+BitwiseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--bitwise",
+        help="Also compare a checksum of every bit of each tensor: two values swapped, or a "
+        "change the float64 norm and sum cannot resolve, is a difference too.",
+    ),
+]
 AgainstOpt = Annotated[
     str | None,
     typer.Option(

@@ -9,6 +9,7 @@ from energydiag.cli.base import emit, err, progress
 from energydiag.cli.options import (
     AgainstOpt,
     BadOpt,
+    BitwiseOpt,
     DeviceOpt,
     EveryOpt,
     FixturesOpt,
@@ -191,6 +192,7 @@ def diff_cmd(
     step: StepOpt = 0,
     steps: StepRangeOpt = None,
     against: AgainstOpt = None,
+    bitwise: BitwiseOpt = False,
     html: HtmlOpt = None,
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
@@ -208,7 +210,7 @@ def diff_cmd(
         if html.exists() and not force:
             raise OptionError("already exists; pass this to replace it", "force", path=html)
     with progress("diff", json_out):
-        outcome = diff.run(run, other, step, against, device, steps)
+        outcome = diff.run(run, other, step, against, device, steps, bitwise)
     if html is not None:
         write_text_atomic(html, page(outcome.report.to_json()))
     emit(outcome.report, json_out, render.diff)

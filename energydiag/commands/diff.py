@@ -21,6 +21,7 @@ def run(
     against: str | None,
     device: str = "cpu",
     steps: str | None = None,
+    bitwise: bool = False,
 ) -> Outcome[DiffReport]:
     """Two runs (each from its own checkpoint and batches), or one run against a variant of its
     own replay; one step, or a range ``N..M`` up to its first differing step. Exit 1 when the
@@ -29,9 +30,8 @@ def run(
         raise OptionError("give a second run, or a variant of this one's replay", "against")
     variant = parse_variant(against) if against else None
     first, last = step_range(steps) if steps else (step, step)
-    found = diff_steps(
-        Run(run_a), Run(run_b) if run_b else None, first, last, variant, resolve_device(device)
-    )
+    runs = Run(run_a), Run(run_b) if run_b else None
+    found = diff_steps(*runs, first, last, variant, resolve_device(device), bitwise)
     return Outcome(found, ExitCode.found_if(found.verdict not in AGREE))
 
 

@@ -39,6 +39,8 @@ class OpPrint(Record):
     outputs: list[list[float]] = field(default_factory=list)  # per float output: [norm, sum]
     inputs: list[list[float]] = field(default_factory=list)  # per float input, as it was read
     parameters: list[str] = field(default_factory=list)  # per input: its parameter, or ""
+    bits: list[int] = field(default_factory=list)  # per output: its checksum (bitwise only)
+    input_bits: list[int] = field(default_factory=list)  # per input
 
     @property
     def key(self) -> Key:
@@ -50,9 +52,13 @@ def key_of(phase: str, module: str, op: str, occurrence: int) -> Key:
 
 
 class Fingerprints:
-    """An observer: every op's fingerprint, in execution order."""
+    """An observer: every op's fingerprint, in execution order; with ``bitwise``, also a
+    checksum of every bit of each tensor, which tells apart what a norm and a sum cannot (two
+    values swapped, a change below float64's resolution of the sum)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, bitwise: bool = False) -> None:
+        self.bitwise = bitwise
+        self.checksums: list[torch.Tensor] = []  # per slot, 0-d int64 on the device
         self.params = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
         self.seen: Counter[tuple[str, str, str]] = Counter()
         # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
@@ -83,9 +89,12 @@ class Fingerprints:
         device = self.norms[0].device
         norms, sums = (torch.stack([t.to(device) for t in ts]) for ts in (self.norms, self.sums))
         flat = torch.stack([norms, sums], dim=1).tolist()
+        bits = torch.stack([t.to(device) for t in self.checksums]).tolist() if self.bitwise else []
         for entry, outs, ins in self.entries:
             entry.outputs = [flat[i] for i in outs]
             entry.inputs = [flat[i] for i in ins]
+            if bits:
+                entry.bits, entry.input_bits = [bits[i] for i in outs], [bits[i] for i in ins]
         return [entry for entry, _, _ in self.entries]
 
     def _known(self, t: torch.Tensor) -> int:
@@ -99,7 +108,20 @@ class Fingerprints:
     def _slot(self, t: torch.Tensor) -> int:
         self.norms.append(torch.linalg.vector_norm(t, dtype=torch.float64))
         self.sums.append(t.sum(dtype=torch.float64))
+        if self.bitwise:
+            self.checksums.append(checksum(t))
         return len(self.norms) - 1
+
+
+WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """Each element's bits as an integer, weighted by an odd number per position (so a
+    permutation changes it too), summed with int64 wrap-around; on the device, no sync."""
+    words = t.detach().contiguous().view(WORDS[t.element_size()]).reshape(-1).to(torch.int64)
+    weights = torch.arange(1, 2 * words.numel(), 2, device=t.device, dtype=torch.int64)
+    return (words * weights).sum()
 
 
 def _floats(obj: object) -> list[torch.Tensor]:

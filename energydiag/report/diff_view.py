@@ -19,7 +19,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         "",
         [
             *_range(r.get("steps") or [], first is None),
-            ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
+            ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired{_bits(r)}"),
             ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
             ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
             ("parameters after", _parameters(r["parameters"])),
@@ -70,3 +70,7 @@ def _range(steps: list[int], identical: bool) -> list[tuple[str, str]]:
         return [("steps", f"{steps[0]}..{steps[1]}: every step identical")]
     same = steps[1] - steps[0]
     return [("steps", f"{steps[0]}..{steps[1]}: the {same} before step {steps[1]} identical")]
+
+
+def _bits(r: dict[str, Any]) -> str:
+    return ", every bit compared" if r.get("bitwise") else ""
