@@ -83,16 +83,25 @@ def test_what_diff_cannot_do_is_one_line(runs, args, problem):
     assert problem in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def perturbed_copy(root, source, step: int):
-    """A copy of ``source`` whose act_in.weight[0, 3] is one ulp larger at ``step``."""
+def edited_copy(root, source, file: str, key: str, edit):
+    """A copy of the run ``source`` whose tensor ``key`` in ``file`` is ``edit(tensor)``."""
     shutil.copytree(source, root)
-    path = root / "checkpoints" / f"step-{step:08d}.safetensors"
+    path = root / file
     with safe_open(path, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    weight = tensors["model.act_in.weight"].clone()
-    weight.view(-1)[3] = torch.nextafter(weight.view(-1)[3], torch.tensor(float("inf")))
-    save_file({**tensors, "model.act_in.weight": weight}, path, meta)
+    save_file({**tensors, key: edit(tensors[key].clone())}, path, meta)
     return root
+
+
+def one_ulp_up(t: torch.Tensor, index: int = 0) -> torch.Tensor:
+    t.view(-1)[index] = torch.nextafter(t.view(-1)[index], torch.tensor(float("inf")))
+    return t
+
+
+def perturbed_copy(root, source, step: int):
+    """A copy of ``source`` whose act_in.weight[0, 3] is one ulp larger at ``step``."""
+    checkpoint = f"checkpoints/step-{step:08d}.safetensors"
+    return edited_copy(root, source, checkpoint, "model.act_in.weight", lambda w: one_ulp_up(w, 3))
 
 
 def test_the_numerics_baseline_holds_run_after_run_and_names_the_changed_op(runs, tmp_path):
@@ -144,14 +153,8 @@ def test_a_step_range_reports_the_first_step_that_differs(runs, tmp_path):
     """A copy whose batch of step STEP + 2 differs in one element by one ulp: steps STEP and
     STEP + 1 replay identical on both sides, and step STEP + 2 is where they start apart, at
     the first op that reads the batch."""
-    other = tmp_path / "b"
-    shutil.copytree(runs[0], other)
-    path = other / "batches" / f"step-{STEP + 2:08d}.safetensors"
-    with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    h = tensors["h"].clone()
-    h.view(-1)[0] = torch.nextafter(h.view(-1)[0], torch.tensor(float("inf")))
-    save_file({**tensors, "h": h}, path, meta)
+    batch = f"batches/step-{STEP + 2:08d}.safetensors"
+    other = edited_copy(tmp_path / "b", runs[0], batch, "h", one_ulp_up)
     span = ["--steps", f"{STEP}..{STEP + 4}", "--json"]
     result = runner.invoke(app, ["diff", str(runs[0]), str(other), *span])
     report = json.loads(result.stdout)
@@ -177,14 +180,12 @@ def test_bitwise_finds_two_swapped_values_that_a_norm_and_a_sum_cannot(runs, tmp
     so without --bitwise the first difference shows up downstream with its inputs 'matched'
     (a semantic difference, misattributed); with --bitwise the first op that reads the batch
     is named, and the batch as the input that differs."""
-    other = tmp_path / "b"
-    shutil.copytree(runs[0], other)
-    path = other / "batches" / f"step-{STEP:08d}.safetensors"
-    with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    h = tensors["h"].clone()
-    h[0, 0, [0, 1]] = h[0, 0, [1, 0]]
-    save_file({**tensors, "h": h}, path, meta)
+
+    def swap(h: torch.Tensor) -> torch.Tensor:
+        h[0, 0, [0, 1]] = h[0, 0, [1, 0]]
+        return h
+
+    other = edited_copy(tmp_path / "b", runs[0], f"batches/step-{STEP:08d}.safetensors", "h", swap)
     _, loose = diff(str(runs[0]), str(other))
     assert loose["first_divergence"]["inputs_matched"] and loose["verdict"] == "semantic difference"
     code, strict = diff(str(runs[0]), str(other), "--bitwise")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from trainer_models import regression_data
+from trainer_models import hf_arguments, regression_data
 
 from energydiag.analyses.replaying import replay_report
 from energydiag.io.rundir import Run
@@ -119,18 +119,13 @@ def fit_hf(
     callback = EnergydiagCallback(
         root, model_spec=spec, checkpoint_every=4, persist_batches=True, on_alarm=on_alarm
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(output_dir or root.parent / "hf-out"),
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
+    args = hf_arguments(
+        output_dir or root.parent / "hf-out",
+        steps,
+        BATCH,
         learning_rate=1e-2,
         weight_decay=0.01,
         max_grad_norm=max_grad_norm,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
         dataloader_num_workers=0,
         seed=seed,
         **arguments,
@@ -181,16 +176,7 @@ def test_hf_pretrained_model_needs_no_spec(tmp_path):
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
     ids = torch.randint(0, 40, (32, 8), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf-out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
+    args = hf_arguments(tmp_path / "hf-out", 4, 8)
     callback = EnergydiagCallback(tmp_path / "run", checkpoint_every=2, persist_batches=True)
     model = transformers.GPT2LMHeadModel(config)
     transformers.Trainer(model, args, train_dataset=data, callbacks=[callback]).train()

@@ -51,7 +51,7 @@ def fit_lightning(root, steps: int, lr: float, head: str, tau: float, seed: int 
 
 def fit_hf(root, steps: int, lr: float, head: str, tau: float, seed: int = 0) -> None:
     transformers = pytest.importorskip("transformers")
-    from trainer_models import SwapEnergy
+    from trainer_models import SwapEnergy, hf_arguments
 
     from energydiag.record.hf import EnergydiagCallback
 
@@ -64,19 +64,14 @@ def fit_hf(root, steps: int, lr: float, head: str, tau: float, seed: int = 0) ->
         for batch in data(steps, seed)
         for i in range(Task().batch)
     ]
-    args = transformers.TrainingArguments(
-        output_dir=str(root.parent / "hf-out"),
-        max_steps=steps,
-        per_device_train_batch_size=Task().batch,
+    args = hf_arguments(
+        root.parent / "hf-out",
+        steps,
+        Task().batch,
         learning_rate=lr,
         lr_scheduler_type="constant",
         weight_decay=0.01,
         max_grad_norm=1.0,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
         dataloader_num_workers=0,
         seed=seed,
     )

@@ -115,6 +115,20 @@ def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return nn.functional.cross_entropy(logits.flatten(0, 1), batch["ids"][:, 1:].flatten())
 
 
+def hf_arguments(output_dir, steps: int, batch: int, **overrides):
+    """The Hugging Face Trainer's arguments for a short CPU run that writes nothing of its own."""
+    import transformers
+
+    quiet = {"report_to": [], "save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True}
+    return transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        use_cpu=True,
+        **(quiet | overrides),
+    )
+
+
 def swap_infonce(energy: nn.Module, batch: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
     """The seed team's in-batch loss, written out: every context against every action, the
     diagonal the target."""

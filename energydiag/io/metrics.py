@@ -114,7 +114,7 @@ def _csv(path: Path) -> pd.DataFrame:
 
     try:
         frame = _streamed_csv(path)
-    except (pa.ArrowException, OSError):  # a type the first block guessed wrong, or bad text
+    except (pa.ArrowException, OSError, ValueError):  # a type guessed wrong; bad text, bad bytes
         frame = _pandas_csv(path, {"engine": "pyarrow", "dtype_backend": "pyarrow"})
     pa.default_memory_pool().release_unused()
     return frame[[c for c in frame.columns if not str(c).endswith(_COMPANIONS)]]
