@@ -123,3 +123,19 @@ def test_wandb_history_exports(tmp_path):
     (tmp_path / "history.json").write_text(json.dumps(rows).replace("NaN", "NaN"))
     steps, loss = metric_series(load_metrics(tmp_path / "history.json"), "loss")
     assert steps.tolist() == [0, 2] and math.isnan(loss[1])
+
+
+def test_tensorboard_tags_logged_at_other_steps_are_missing_there_not_nan(tmp_path):
+    """Streamed into arrays: a tag not logged at a step is missing there, a logged NaN is a
+    value, and a step written twice in one file keeps its later write."""
+    w = writer(tmp_path)
+    for step in range(5):
+        w.add_scalar("loss", 2.0 - step / 10, step)
+    w.add_scalar("grad_norm", 1.0, 0)
+    w.add_scalar("grad_norm", math.nan, 2)
+    w.add_scalar("loss", 9.0, 4)  # step 4 again: the later write wins
+    w.close()
+    frame = load_metrics(tmp_path)
+    steps, values = metric_series(frame, "grad_norm")
+    assert steps.tolist() == [0, 2] and values[0] == 1.0 and math.isnan(values[1])
+    assert metric_series(frame, "loss")[1].tolist() == pytest.approx([2.0, 1.9, 1.8, 1.7, 9.0])

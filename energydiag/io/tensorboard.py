@@ -3,21 +3,23 @@
 A training job leaves several event files: one per restart in the same folder, one per
 sub-folder for ``add_scalars`` or a validation writer. Each file is read alone (so an error
 names it), tags from a sub-folder are prefixed with its path (``val/loss``), and when two files
-of one folder log a tag at the same step the later file wins, as TensorBoard shows it after a
-restart. Scalars come from legacy simple values and from v2 tensor summaries
-(``tf.summary.scalar``, ``add_scalar(new_style=True)``), which store a 0-d tensor instead.
+of one folder log a tag at the same step the later file wins (within a file, the later write),
+as TensorBoard shows it after a restart. Scalars come from legacy simple values and from v2
+tensor summaries (``tf.summary.scalar``, ``add_scalar(new_style=True)``), which store a 0-d
+tensor instead. Events are streamed into two arrays per tag, never held as Python objects.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from array import array
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from energydiag.errors import DiagError, first_line
-from energydiag.io.scalars import marked
 
 PATTERN = "events.out.tfevents*"
 
@@ -28,40 +30,83 @@ def event_files(folder: Path) -> list[Path]:
 
 
 def read_scalars(files: list[Path], root: Path) -> pd.DataFrame:
-    if importlib.util.find_spec("tensorboard") is None:
+    if not all(importlib.util.find_spec(name) for name in ("tensorboard", "pyarrow")):
         raise DiagError(
             root, "reading TensorBoard files needs: pip install 'energydiag[tensorboard]'"
         )
-    series: dict[str, dict[int, Any]] = {}
+    parts: dict[str, list[Points]] = {}
     for path in files:
         prefix = path.parent.relative_to(root).as_posix() if path.parent != root else ""
         for tag, points in _scalars(path).items():
-            series.setdefault(f"{prefix}/{tag}" if prefix else tag, {}).update(points)
-    if not series:
+            parts.setdefault(f"{prefix}/{tag}" if prefix else tag, []).append(points)
+    if not parts:
         raise DiagError(root, "holds no scalar summaries")
-    frame = pd.DataFrame({tag: pd.Series(points, dtype=object) for tag, points in series.items()})
-    return frame.rename_axis("step").reset_index()
+    return _frame({tag: _later_wins(found) for tag, found in parts.items()})
 
 
-def _scalars(path: Path) -> dict[str, dict[int, Any]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+Points = tuple[array, array]  # steps (int64) and values (float64), in the order logged
 
+
+def _scalars(path: Path) -> dict[str, Points]:
+    """One pass over the file's events, each scalar appended to its tag's two arrays: a long
+    log is never held as Python objects. A legacy simple value is a scalar; a v2 tensor is one
+    when its tag's plugin (named on the tag's first event only) is 'scalars'."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    found: dict[str, Points] = {}
+    plugins: dict[str, str] = {}
+    events = 0
     try:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        acc.FirstEventTimestamp()  # raises when no event could be read: garbage, not a log
-        tags = acc.Tags()
-        found = {t: {e.step: marked(e.value) for e in acc.Scalars(t)} for t in tags["scalars"]}
-        for tag in tags["tensors"]:
-            if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars":
-                found[tag] = {
-                    e.step: marked(_tensor_value(e.tensor_proto)) for e in acc.Tensors(tag)
-                }
+        for event in LegacyEventFileLoader(str(path)).Load():
+            events += 1
+            for value in event.summary.value:
+                scalar = _scalar(value, plugins)
+                if scalar is not None:
+                    steps, values = found.setdefault(value.tag, (array("q"), array("d")))
+                    steps.append(event.step)
+                    values.append(scalar)
     except Exception as err:  # TensorBoard raises its own data-loss and protobuf errors
         raise DiagError(
             path, f"not a readable TensorBoard event file ({first_line(err)})"
         ) from None
+    if not events:
+        raise DiagError(path, "not a readable TensorBoard event file (no event could be read)")
     return found
+
+
+def _later_wins(found: list[Points]) -> tuple[np.ndarray, np.ndarray]:
+    """One tag's points over its files, by step; where files overlap, the later file's value
+    (and within one file the later write), as TensorBoard shows a restarted run."""
+    steps = np.concatenate([np.frombuffer(s, dtype=np.int64) for s, _ in found])
+    values = np.concatenate([np.frombuffer(v, dtype=np.float64) for _, v in found])
+    order = np.argsort(steps[::-1], kind="stable")  # reversed: the last write comes first
+    kept, first = np.unique(steps[::-1][order], return_index=True)
+    return kept, values[::-1][order][first]
+
+
+def _frame(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """Every tag on the union of the steps: Arrow-backed, so a step a tag did not log is null
+    and a logged NaN stays a value."""
+    import pyarrow as pa
+
+    steps = np.unique(np.concatenate([s for s, _ in series.values()]))
+    columns: dict[str, object] = {"step": steps}
+    for tag, (at, values) in series.items():
+        column = np.zeros(len(steps))
+        logged = np.zeros(len(steps), dtype=bool)
+        where = np.searchsorted(steps, at)
+        column[where], logged[where] = values, True
+        columns[tag] = pd.Series(pa.array(column, mask=~logged), dtype=pd.ArrowDtype(pa.float64()))
+    return pd.DataFrame(columns)
+
+
+def _scalar(value: Any, plugins: dict[str, str]) -> float | None:
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return value.simple_value
+    plugin = value.metadata.plugin_data.plugin_name
+    plugin = plugins.setdefault(value.tag, plugin) if plugin else plugins.get(value.tag)
+    return _tensor_value(value.tensor) if kind == "tensor" and plugin == "scalars" else None
 
 
 def _tensor_value(proto: Any) -> float:
