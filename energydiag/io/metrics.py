@@ -38,7 +38,7 @@ def load_metrics(path: Path) -> pd.DataFrame:
     if "tfevents" in path.name:
         return read_scalars([path], path.parent)
     if path.suffix == ".wandb":
-        return _with_step(pd.DataFrame(read_history(path)), path)
+        return _with_step(read_history(path), path)
     if path.suffix == ".parquet":
         return _with_step(_parquet(path), path)
     frame = _json(path) if path.suffix in (".jsonl", ".json") else _csv(path)

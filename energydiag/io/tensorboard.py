@@ -16,10 +16,10 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from energydiag.errors import DiagError, first_line
+from energydiag.io.scalars import Points, later_wins, scalar_frame
 
 PATTERN = "events.out.tfevents*"
 
@@ -41,10 +41,7 @@ def read_scalars(files: list[Path], root: Path) -> pd.DataFrame:
             parts.setdefault(f"{prefix}/{tag}" if prefix else tag, []).append(points)
     if not parts:
         raise DiagError(root, "holds no scalar summaries")
-    return _frame({tag: _later_wins(found) for tag, found in parts.items()})
-
-
-Points = tuple[array, array]  # steps (int64) and values (float64), in the order logged
+    return scalar_frame({tag: later_wins(found) for tag, found in parts.items()})
 
 
 def _scalars(path: Path) -> dict[str, Points]:
@@ -72,32 +69,6 @@ def _scalars(path: Path) -> dict[str, Points]:
     if not events:
         raise DiagError(path, "not a readable TensorBoard event file (no event could be read)")
     return found
-
-
-def _later_wins(found: list[Points]) -> tuple[np.ndarray, np.ndarray]:
-    """One tag's points over its files, by step; where files overlap, the later file's value
-    (and within one file the later write), as TensorBoard shows a restarted run."""
-    steps = np.concatenate([np.frombuffer(s, dtype=np.int64) for s, _ in found])
-    values = np.concatenate([np.frombuffer(v, dtype=np.float64) for _, v in found])
-    order = np.argsort(steps[::-1], kind="stable")  # reversed: the last write comes first
-    kept, first = np.unique(steps[::-1][order], return_index=True)
-    return kept, values[::-1][order][first]
-
-
-def _frame(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
-    """Every tag on the union of the steps: Arrow-backed, so a step a tag did not log is null
-    and a logged NaN stays a value."""
-    import pyarrow as pa
-
-    steps = np.unique(np.concatenate([s for s, _ in series.values()]))
-    columns: dict[str, object] = {"step": steps}
-    for tag, (at, values) in series.items():
-        column = np.zeros(len(steps))
-        logged = np.zeros(len(steps), dtype=bool)
-        where = np.searchsorted(steps, at)
-        column[where], logged[where] = values, True
-        columns[tag] = pd.Series(pa.array(column, mask=~logged), dtype=pd.ArrowDtype(pa.float64()))
-    return pd.DataFrame(columns)
 
 
 def _scalar(value: Any, plugins: dict[str, str]) -> float | None:

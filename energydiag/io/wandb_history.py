@@ -14,12 +14,15 @@ import importlib.util
 import json
 import struct
 import zlib
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pandas as pd
+
 from energydiag.errors import DiagError
-from energydiag.io.scalars import marked
+from energydiag.io.scalars import Points, later_wins, scalar_frame
 
 MAGIC = struct.Struct("<4sHB")
 FRAME = struct.Struct("<IHB")
@@ -37,13 +40,14 @@ def find_history(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """One dict per history record: 'step' and the scalar values logged at it."""
-    if importlib.util.find_spec("wandb") is None:
+def read_history(path: Path) -> pd.DataFrame:
+    """The history: a 'step' column and one per scalar logged, streamed record by record into
+    two arrays per metric (a long run is never held as Python rows)."""
+    if not all(importlib.util.find_spec(name) for name in ("wandb", "pyarrow")):
         raise DiagError(path, "reading a W&B run needs: pip install 'energydiag[wandb]'")
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
+    series: dict[str, Points] = {}
     with path.open("rb") as f:
         for payload in _records(f, path):
             record = wandb_internal_pb2.Record()
@@ -52,10 +56,10 @@ def read_history(path: Path) -> list[dict[str, Any]]:
             except Exception:  # protobuf's DecodeError, and worse on garbage
                 raise DiagError(path, "holds a record that is not a W&B message") from None
             if record.WhichOneof("record_type") == "history":
-                rows.append(_row(record.history))
-    if not rows:
+                _append(series, record.history)
+    if not series:
         raise DiagError(path, "holds no history rows")
-    return rows
+    return scalar_frame({key: later_wins([points]) for key, points in series.items()})
 
 
 def _records(f: BinaryIO, path: Path) -> Iterator[bytes]:
@@ -94,20 +98,25 @@ def _records(f: BinaryIO, path: Path) -> Iterator[bytes]:
             raise DiagError(path, f"corrupt record at byte {pos}: type {kind}")
 
 
-def _row(history: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {}
+def _append(series: dict[str, Points], history: Any) -> None:
+    """One history row's scalars onto their metrics' arrays; a row without a step is skipped."""
+    row: dict[str, float] = {}
     for item in history.item:
-        key = item.key or "/".join(item.nested_key)
         value = _value(item)
         if value is not None:
-            row[key] = value
-    row["step"] = history.step.num if history.HasField("step") else row.get("_step")
-    return {k: v for k, v in row.items() if not k.startswith("_")}
+            row[item.key or "/".join(item.nested_key)] = value
+    step = history.step.num if history.HasField("step") else row.get("_step")
+    if step is None:
+        return
+    for key, value in row.items():
+        if not key.startswith("_"):
+            steps, values = series.setdefault(key, (array("q"), array("d")))
+            steps.append(int(step))
+            values.append(value)
 
 
-def _value(item: Any) -> object:
-    """A scalar as our other readers give it: a number, or "NaN"/"Infinity" text when logged
-    non-finite (so it stays apart from a missing value); media and tables are skipped."""
+def _value(item: Any) -> float | None:
+    """A scalar, non-finite ones included; media, tables and text are skipped."""
     kind = item.WhichOneof("value")
     if kind in ("number", "integer", "boolean"):
         value: Any = getattr(item, kind)
@@ -118,4 +127,4 @@ def _value(item: Any) -> object:
             return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return marked(float(value))
+    return float(value)
