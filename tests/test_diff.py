@@ -50,6 +50,16 @@ def test_the_same_run_twice_is_identical(runs):
     assert report["ops"][0] == report["aligned"] > 300
 
 
+def test_default_kernels_against_deterministic_ones_agree_on_the_cpu(runs):
+    """deterministic=off: side A asks torch for deterministic kernels, side B does not; the
+    CPU's kernels are deterministic either way (on CUDA the scatter and index ops differ)."""
+    code, report = diff(str(runs[0]), "--against", "deterministic=off")
+    assert (
+        code == 0 and report["verdict"] == "identical" and report["against"] == "deterministic=off"
+    )
+    assert not torch.are_deterministic_algorithms_enabled()  # both sides put it back
+
+
 def test_other_threads_are_reduction_order_noise(runs):
     threads = 1 if torch.get_num_threads() > 1 else 2
     code, report = diff(str(runs[0]), "--against", f"threads={threads}")

@@ -40,12 +40,18 @@ TOLERANCE_EPS = 2.0  # across a dtype change: outputs within 2 eps of the coarse
 @dataclass
 class Variant:
     """What side B changes: ``threads=K``, ``dtype=D`` (parameters, optimizer state and inputs
-    cast) or ``autocast=D`` (the forward under autocast, as a mixed-precision run has it)."""
+    cast), ``autocast=D`` (the forward under autocast, as a mixed-precision run has it) or
+    ``deterministic=off`` (torch's default kernels against side A's deterministic ones)."""
 
     spec: str
     threads: int | None = None
     dtype: torch.dtype | None = None
     autocast: str | None = None
+    deterministic: bool | None = None  # None: as the process has it
+
+    def baseline(self) -> Variant:
+        """Side A: the replay as it is; with deterministic kernels when B turns them off."""
+        return Variant("", deterministic=True) if self.deterministic is False else Variant("")
 
     @property
     def tolerance(self) -> float:
@@ -59,12 +65,19 @@ class Variant:
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         kept = torch.get_num_threads()
+        determinism = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.deterministic is not None:  # warn only: an op with no such kernel still runs
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         try:
             yield
         finally:
             torch.set_num_threads(kept)
+            torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
 
 
 def parse_variant(spec: str) -> Variant:
@@ -75,9 +88,11 @@ def parse_variant(spec: str) -> Variant:
         return Variant(spec, dtype=DTYPES[value])
     if name == "autocast" and DTYPES.get(value) in (torch.bfloat16, torch.float16):
         return Variant(spec, autocast=str(DTYPES[value]).replace("torch.", ""))
+    if name == "deterministic" and value == "off":
+        return Variant(spec, deterministic=False)
     raise OptionError(
-        "use threads=K, dtype=float64|float32|bfloat16|float16 or autocast=bf16|fp16 (compile, "
-        "device, ranks and deterministic are not built yet)",
+        "use threads=K, dtype=float64|float32|bfloat16|float16, autocast=bf16|fp16 or "
+        "deterministic=off (compile, device and ranks are not built yet)",
         "against",
         value=repr(spec),
     )
@@ -140,7 +155,7 @@ def diff_steps(
     variant = variant or Variant("")
     if bitwise and variant.tolerance:
         raise OptionError(f"{variant.spec} changes every bit by design", "bitwise")
-    sides = [(run_a, Variant("")), (run_b or run_a, variant)]
+    sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
     for run, _ in sides:
         run.require_batches(first, last)
     played = zip(

@@ -84,8 +84,8 @@ AgainstOpt = Annotated[
     str | None,
     typer.Option(
         metavar="VARIANT",
-        help="Compare RUN with its own replay under threads=K or dtype=float64|float32|bfloat16|"
-        "float16.",
+        help="Compare RUN with its own replay under threads=K, dtype=float64|float32|bfloat16|"
+        "float16, autocast=bf16|fp16 or deterministic=off.",
     ),
 ]
 FromStepOpt = Annotated[
