@@ -5,6 +5,8 @@ they do through a hand-written loop, and healthy runs stay quiet past every rule
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from handloop import SMALL
@@ -27,20 +29,23 @@ def data(steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [next(stream) for _ in range(steps)]
 
 
-def fit_lightning(root, steps: int, lr: float, head: str, tau: float, seed: int = 0) -> None:
+def fit_lightning(
+    root, steps: int, lr: float, head: str, tau: float, seed: int = 0, accumulate: int = 1
+) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from trainer_models import LitEnergy
 
     from energydiag.record.lightning import EnergydiagCallback
 
     pl.seed_everything(seed, verbose=False)
-    loader = torch.utils.data.DataLoader(data(steps, seed), batch_size=None)
+    loader = torch.utils.data.DataLoader(data(steps * accumulate, seed), batch_size=None)
     callback = EnergydiagCallback(root, checkpoint_every=100, energy=watching(tau))
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
         logger=False,
         gradient_clip_val=1.0,
+        accumulate_grad_batches=accumulate,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -103,6 +108,15 @@ def test_healthy_energy_runs_under_a_trainer_stay_quiet(tmp_path, trainer, seed)
     assert alerts(tmp_path / "run") == [] and offline(tmp_path / "run") == {}
     watched = rows(tmp_path / "run")[100]
     assert {"saturation", "logit_spread", "chance_loss", "loss_floor"} <= set(watched)
+
+
+def test_the_energy_rules_watch_accumulated_steps_too(tmp_path):
+    """Two micro-batches per step: the head is found on the first one, chance is log of one
+    micro-batch's B, and saturation still alarms."""
+    fit_lightning(tmp_path / "run", 80, **SATURATING, accumulate=2)
+    first = first_of(tmp_path / "run")
+    assert first["saturation"] <= 60
+    assert rows(tmp_path / "run")[0]["chance_loss"] == pytest.approx(math.log(Task().batch))
 
 
 def test_energy_names_a_submodule_the_model_has(tmp_path):

@@ -22,6 +22,7 @@ from energydiag.contrastive.alarms import NEAR
 from energydiag.contrastive.bounds import candidate_count, infonce_bounds, scored_candidates
 from energydiag.contrastive.head import find_head
 from energydiag.io.rundir import Batch
+from energydiag.record.accumulation import micro_batches
 from energydiag.record.live import LiveQuantity, Values, Watched
 
 
@@ -56,6 +57,7 @@ class EnergyWatch(LiveQuantity):
         self.on, self.taken, self.count = step % self.every == 0, [], 0
         if not self.on:
             return
+        batch = (micro_batches(batch) or [batch])[0]  # accumulated: the first micro-batch's
         if not self.searched:  # an FSDP model's forward is collective: no search on one rank
             sharded = (self.watched.manifest.distributed or {}).get("parallelism") == "fsdp"
             self.bounds = None if sharded else self._find_bounds(batch)
