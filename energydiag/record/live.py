@@ -6,7 +6,8 @@ device tensors (or floats); the Recorder stacks them with the loss and syncs the
 
 Quantities that know energy models (the bounded head's saturation, the logit spread, the loss
 against chance) live in ``energydiag.contrastive.live``; the Recorder loads them by import
-string from the engine's one plug-in registry, so this layer never imports that one.
+string from the engine's one registry (``engine/registry.py``), so this layer never imports
+that one.
 """
 
 from __future__ import annotations
