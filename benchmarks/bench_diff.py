@@ -3,13 +3,19 @@ plainly, on the benchmark model (interleaved medians, one run).
 
     python benchmarks/bench_diff.py [--rounds N]
 
-Goal (issue 23): ≤ 1.3× a plain step. Each op's outputs and float inputs are reduced to two
-float64 numbers on the device, under the instrument's dispatch mode.
+Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. Each op's outputs and float inputs
+are reduced to two float64 numbers on the device, under the instrument's dispatch mode. Memory:
+in fresh processes (Linux), the peak RSS a step adds over the session it starts from, plain,
+fingerprinted and fingerprinted with --bitwise's checksums.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +31,53 @@ from energydiag.io.rundir import Run
 class Idle:
     def on_op(self, call: object) -> None:
         """Sees every op, computes nothing."""
+
+
+def step_peak_mib(run_dir: str, how: str) -> float:
+    """In this process: the peak RSS three steps add over the opened session (VmHWM reset)."""
+    torch.set_num_threads(1)
+    run = Run(run_dir)
+    session, batch = open_session(run, 0, torch.device("cpu")), run.batch(0)
+    session.train(batch)  # the optimizer state and the allocator's pools exist before the reset
+    before = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(3):
+        prints = Fingerprints(session.model, bitwise=how == "bitwise")
+        observers = [] if how == "plain" else [prints]
+        with Instrument(observers).attached(session.optimizer):
+            session.train(batch)
+        prints.prints()
+    return _rss("VmHWM") - before
+
+
+def _rss(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
+
+
+def memory(run_dir: Path) -> None:
+    """Under glibc's default allocator, and with its mmap threshold fixed: the default raises
+    the threshold as large blocks are freed, and then keeps the float64 reductions' temporary
+    copies in a heap it does not shrink, which the peak RSS counts as if it were live."""
+    here = Path(__file__).resolve().parent
+    for label, env in (("default malloc", {}), ("MALLOC_MMAP_THRESHOLD_=131072", FIXED)):
+        peaks = {}
+        for how in ("plain", "fingerprinted", "bitwise"):
+            code = f"import bench_diff; print(bench_diff.step_peak_mib({str(run_dir)!r}, {how!r}))"
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                check=True,
+                env=os.environ | env,
+            )
+            peaks[how] = float(out.stdout.strip().splitlines()[-1])
+        print(f"  peak RSS a step adds over its session (fresh processes, {label}):")
+        for how, mib in peaks.items():
+            print(f"    {how:<14} {mib:7.1f} MiB  (+{mib - peaks['plain']:.1f} MiB over plain)")
+
+
+FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def main(rounds: int) -> None:
@@ -57,7 +110,10 @@ def main(rounds: int) -> None:
             },
             rounds,
         )
-    report(f"diff fingerprints ({counted[-1]} ops a step, 1 thread, CPU)", medians, "replayed step")
+        report(
+            f"diff fingerprints ({counted[-1]} ops a step, 1 thread, CPU)", medians, "replayed step"
+        )
+        memory(Path(tmp) / "run")
 
 
 if __name__ == "__main__":
