@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from energydiag.engine.environment import deterministic_algorithms
 from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, key_of
 from energydiag.engine.instrument import Instrument, OpCall
 from energydiag.engine.session import Session, open_session
@@ -65,19 +66,15 @@ class Variant:
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         kept = torch.get_num_threads()
-        determinism = (
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-        )
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.deterministic is not None:  # warn only: an op with no such kernel still runs
-            torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         try:
-            yield
+            with contextlib.ExitStack() as stack:
+                if self.deterministic is not None:
+                    stack.enter_context(deterministic_algorithms(self.deterministic))
+                yield
         finally:
             torch.set_num_threads(kept)
-            torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
 
 
 def parse_variant(spec: str) -> Variant:
@@ -153,6 +150,8 @@ def diff_steps(
     the report of the first step whose fingerprints differ at all (the last one's when none
     does): after it, every difference is inherited. ``bitwise``: every bit must agree too."""
     variant = variant or Variant("")
+    if first > last:
+        raise OptionError("use N..M with N <= M", "steps", value=f"{first}..{last}")
     if bitwise and variant.tolerance:
         raise OptionError(f"{variant.spec} changes every bit by design", "bitwise")
     sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]

@@ -47,17 +47,24 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
 def deterministic(found: list[str]) -> Iterator[None]:
     """Ask torch for deterministic kernels while replaying; the ops that have none are
     appended to ``found`` (torch warns about them instead of failing)."""
+    with deterministic_algorithms(True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        if "deterministic" in text and text not in found:
+            found.append(text.splitlines()[0])
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch's deterministic kernels on or off (warn only: an op with none still runs), and
+    the process's own setting back afterwards."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            text = str(w.message)
-            if "deterministic" in text and text not in found:
-                found.append(text.splitlines()[0])
+        yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 

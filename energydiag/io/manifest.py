@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,11 @@ class LossSpec:
     @property
     def label(self) -> str:
         return self.name or self.target or "?"
+
+    @classmethod
+    def from_mapping(cls, loss: Mapping[str, Any]) -> LossSpec:
+        """As the manifest writes it: ``{"name" | "target": ..., "kwargs": {...}}``."""
+        return cls(loss.get("name"), loss.get("target"), dict(loss.get("kwargs", {})))
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ def _build(raw: dict[str, Any]) -> Manifest:
         model=ModelSpec(
             model["target"], dict(model.get("kwargs", {})), dict(model.get("forward_kwargs", {}))
         ),
-        loss=LossSpec(loss.get("name"), loss.get("target"), dict(loss.get("kwargs", {}))),
+        loss=LossSpec.from_mapping(loss),
         optimizer=OptimizerSpec(
             opt["name"], dict(opt.get("kwargs", {})), int(opt.get("start_step", 0))
         ),

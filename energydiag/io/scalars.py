@@ -25,6 +25,13 @@ def first_nonfinite(series: dict[int, float]) -> int | None:
     return next((s for s in sorted(series) if not math.isfinite(series[s])), None)
 
 
+def add_point(series: dict[str, Points], metric: str, step: int, value: float) -> None:
+    """One logged scalar onto its metric's arrays."""
+    steps, values = series.setdefault(metric, (array("q"), array("d")))
+    steps.append(step)
+    values.append(value)
+
+
 def later_wins(found: list[Points]) -> tuple[np.ndarray, np.ndarray]:
     """One metric's points over its files, by step; where they overlap, the later file's value
     (and within one file the later write), as TensorBoard and W&B show a restarted run."""

@@ -12,14 +12,13 @@ tensor instead. Events are streamed into two arrays per tag, never held as Pytho
 from __future__ import annotations
 
 import importlib.util
-from array import array
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from energydiag.errors import DiagError, first_line
-from energydiag.io.scalars import Points, later_wins, scalar_frame
+from energydiag.io.scalars import Points, add_point, later_wins, scalar_frame
 
 PATTERN = "events.out.tfevents*"
 
@@ -59,9 +58,7 @@ def _scalars(path: Path) -> dict[str, Points]:
             for value in event.summary.value:
                 scalar = _scalar(value, plugins)
                 if scalar is not None:
-                    steps, values = found.setdefault(value.tag, (array("q"), array("d")))
-                    steps.append(event.step)
-                    values.append(scalar)
+                    add_point(found, value.tag, event.step, scalar)
     except Exception as err:  # TensorBoard raises its own data-loss and protobuf errors
         raise DiagError(
             path, f"not a readable TensorBoard event file ({first_line(err)})"

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import struct
 import zlib
-from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +21,7 @@ from typing import Any, BinaryIO
 import pandas as pd
 
 from energydiag.errors import DiagError
-from energydiag.io.scalars import Points, later_wins, scalar_frame
+from energydiag.io.scalars import Points, add_point, later_wins, scalar_frame
 
 MAGIC = struct.Struct("<4sHB")
 FRAME = struct.Struct("<IHB")
@@ -110,9 +109,7 @@ def _append(series: dict[str, Points], history: Any) -> None:
         return
     for key, value in row.items():
         if not key.startswith("_"):
-            steps, values = series.setdefault(key, (array("q"), array("d")))
-            steps.append(int(step))
-            values.append(value)
+            add_point(series, key, int(step), value)
 
 
 def _value(item: Any) -> float | None:

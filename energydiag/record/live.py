@@ -57,14 +57,12 @@ def energy_target(model: nn.Module, energy: Mapping[str, Any] | None) -> EnergyT
     unknown = set(energy) - {"module", "loss"}
     if unknown or "loss" not in energy:
         raise ValueError("energy= takes 'module' (a submodule path) and 'loss' (a loss spec)")
-    path, loss = energy.get("module", ""), dict(energy["loss"])
+    path = energy.get("module", "")
     try:
         module = model.get_submodule(path)
     except AttributeError:
         raise ValueError(f"energy= module {path!r}: the model has no such submodule") from None
-    return EnergyTarget(
-        module, LossSpec(loss.get("name"), loss.get("target"), loss.get("kwargs", {}))
-    )
+    return EnergyTarget(module, LossSpec.from_mapping(energy["loss"]))
 
 
 class LiveQuantity:
