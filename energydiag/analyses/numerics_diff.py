@@ -5,94 +5,30 @@ their own), every op fingerprinted (``engine/fingerprint.py``). Ops pair up by p
 and occurrence; the first pair whose outputs differ is where the divergence was born when its
 inputs agreed (or came in through a parameter that differs), inherited otherwise. That op is
 then re-run in float64 on each side's own inputs, which says which side is closer to the truth.
+Under ``torch.compile`` both sides are watched at module outputs and gradients instead
+(``engine/module_prints.py``), and a module is what is re-run in float64.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from energydiag.engine.environment import deterministic_algorithms
-from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, key_of
-from energydiag.engine.instrument import Instrument, OpCall
-from energydiag.engine.session import Session, open_session
-from energydiag.engine.step import AUTOCAST_DTYPES
+from energydiag.analyses.diff_shadow import shadow
+from energydiag.analyses.diff_variants import Variant, side_session
+from energydiag.engine.fingerprint import Fingerprints, OpPrint, key_of
+from energydiag.engine.instrument import Instrument
+from energydiag.engine.module_prints import ModulePrints
+from energydiag.engine.session import Session
+from energydiag.engine.step import StepResult
 from energydiag.errors import DiagError, OptionError
-from energydiag.io.rundir import Run
+from energydiag.io.rundir import Batch, Run
 from energydiag.schema import Record, Report, report
 
-DTYPES = {
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-TOLERANCE_EPS = 2.0  # across a dtype change: outputs within 2 eps of the coarser dtype agree
-
-
-@dataclass
-class Variant:
-    """What side B changes: ``threads=K``, ``dtype=D`` (parameters, optimizer state and inputs
-    cast), ``autocast=D`` (the forward under autocast, as a mixed-precision run has it) or
-    ``deterministic=off`` (torch's default kernels against side A's deterministic ones)."""
-
-    spec: str
-    threads: int | None = None
-    dtype: torch.dtype | None = None
-    autocast: str | None = None
-    deterministic: bool | None = None  # None: as the process has it
-
-    def baseline(self) -> Variant:
-        """Side A: the replay as it is; with deterministic kernels when B turns them off."""
-        return Variant("", deterministic=True) if self.deterministic is False else Variant("")
-
-    @property
-    def tolerance(self) -> float:
-        """Relative difference below which two fingerprints agree: 0 (bit for bit) within one
-        dtype, ``TOLERANCE_EPS`` epsilons of the coarser one across a change."""
-        changed = self.dtype or (AUTOCAST_DTYPES[self.autocast] if self.autocast else None)
-        if changed is None or torch.finfo(changed).eps <= torch.finfo(torch.float32).eps:
-            return 0.0
-        return TOLERANCE_EPS * torch.finfo(changed).eps
-
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        kept = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            with contextlib.ExitStack() as stack:
-                if self.deterministic is not None:
-                    stack.enter_context(deterministic_algorithms(self.deterministic))
-                yield
-        finally:
-            torch.set_num_threads(kept)
-
-
-def parse_variant(spec: str) -> Variant:
-    name, _, value = spec.partition("=")
-    if name == "threads" and value.isdigit() and int(value) > 0:
-        return Variant(spec, threads=int(value))
-    if name == "dtype" and value in DTYPES:
-        return Variant(spec, dtype=DTYPES[value])
-    if name == "autocast" and DTYPES.get(value) in (torch.bfloat16, torch.float16):
-        return Variant(spec, autocast=str(DTYPES[value]).replace("torch.", ""))
-    if name == "deterministic" and value == "off":
-        return Variant(spec, deterministic=False)
-    raise OptionError(
-        "use threads=K, dtype=float64|float32|bfloat16|float16, autocast=bf16|fp16 or "
-        "deterministic=off (compile, device and ranks are not built yet)",
-        "against",
-        value=repr(spec),
-    )
+AGREE = ("identical", "within tolerance", "reduction-order noise")  # the verdicts that pass
 
 
 @dataclass
@@ -128,6 +64,7 @@ class DiffReport(Report):
     verdict: str
     steps: list[int] = field(default_factory=list)  # compared: from this step to ``step``
     bitwise: bool = False  # every bit compared too, not only the norm and the sum
+    level: str = "op"  # "module": module outputs and gradients (under torch.compile)
 
 
 def diff_step(
@@ -153,7 +90,9 @@ def diff_steps(
     if first > last:
         raise OptionError("use N..M with N <= M", "steps", value=f"{first}..{last}")
     if bitwise and variant.tolerance:
-        raise OptionError(f"{variant.spec} changes every bit by design", "bitwise")
+        raise OptionError(
+            f"{variant.spec} is compared within a tolerance, not bit for bit", "bitwise"
+        )
     sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
     for run, _ in sides:
         run.require_batches(first, last)
@@ -163,7 +102,7 @@ def diff_steps(
     try:
         for step, (side_a, side_b) in enumerate(played, start=first):
             found = _report(sides, step, side_a, side_b, variant.tolerance, device)
-            found.bitwise = bitwise
+            found.bitwise, found.level = bitwise, "module" if variant.by_module else "op"
             if found.first_divergence is not None:
                 break
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
@@ -190,11 +129,16 @@ def _report(
     device: torch.device,
 ) -> DiffReport:
     (prints_a, loss_a, params_a), (prints_b, loss_b, params_b) = side_a, side_b
-    first, modules, aligned = _compare(prints_a, prints_b, tol)
+    outside = "<model>" if sides[1][1].by_module else "<outside modules>"
+    first, modules, aligned = _compare(prints_a, prints_b, tol, outside)
     if first is not None:
-        first.shadow = _shadow(sides, step, device, first)
+        key = key_of(first.phase, first.module, first.op, first.occurrence)
+        first.shadow = shadow(sides, step, device, key)
     keys_a, keys_b = {p.key for p in prints_a}, {p.key for p in prints_b}
     (run_a, _), (run_b, variant) = sides
+    verdict = _verdict(first, modules)
+    if variant.by_module and keys_a != keys_b:  # both sides run the same modules
+        verdict = f"incomplete: {len(keys_a ^ keys_b)} module outputs or gradients unpaired"
     return DiffReport(
         str(run_a.root),
         str(run_b.root),
@@ -209,22 +153,8 @@ def _report(
         modules,
         [loss_a, loss_b],
         _parameter_gap(params_a, params_b),
-        _verdict(first),
+        verdict,
     )
-
-
-def _session(run: Run, step: int, device: torch.device, variant: Variant) -> Session:
-    """A session at the start of ``step``: the checkpoint at or before it, then the steps
-    between replayed as recorded (under the variant)."""
-    session = open_session(run, step, device)
-    if variant.dtype is not None:
-        session.set_precision(variant.dtype)
-    if variant.autocast is not None:
-        session.autocast_dtype = variant.autocast
-    with variant.applied():
-        for earlier in range(session.step, step):
-            session.train(run.batch(earlier))
-    return session
 
 
 def fingerprint_step(
@@ -238,13 +168,30 @@ def _fingerprinted(
     run: Run, first: int, last: int, device: torch.device, variant: Variant, bitwise: bool = False
 ) -> Iterator[Played]:
     """Each step of ``first``..``last`` in turn, one session going on from step to step."""
-    session = _session(run, first, device, variant)
-    for step in range(first, last + 1):
-        prints = Fingerprints(session.model, bitwise)
-        with variant.applied(), Instrument([prints]).attached(session.optimizer):
-            result = session.train(run.batch(step))
-        params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
-        yield prints.prints(), float(result.loss), params
+    session, modules = side_session(run, first, device, variant)
+    try:
+        for step in range(first, last + 1):
+            result, prints = _played(session, run.batch(step), variant, modules, bitwise)
+            params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
+            yield prints, float(result.loss), params
+    finally:
+        if modules is not None:
+            modules.detach()
+
+
+def _played(
+    session: Session, batch: Batch, variant: Variant, modules: ModulePrints | None, bitwise: bool
+) -> tuple[StepResult, list[OpPrint]]:
+    """One step watched op by op, or by the hooks at module outputs and gradients."""
+    if modules is not None:
+        modules.reset()
+        with variant.applied():
+            result = session.train(batch)
+        return result, modules.prints()
+    prints = Fingerprints(session.model, bitwise)
+    with variant.applied(), Instrument([prints]).attached(session.optimizer):
+        result = session.train(batch)
+    return result, prints.prints()
 
 
 def relative(a: list[list[float]], b: list[list[float]]) -> float:
@@ -260,8 +207,9 @@ def relative(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def _compare(
-    prints_a: list[OpPrint], prints_b: list[OpPrint], tol: float
+    prints_a: list[OpPrint], prints_b: list[OpPrint], tol: float, outside: str
 ) -> tuple[OpDifference | None, list[dict[str, Any]], int]:
+    """``outside`` names path "": ops outside every module, or (by module) the model itself."""
     by_key = {p.key: p for p in prints_b}
     first, modules, aligned = None, {}, 0
     for pa in prints_a:
@@ -270,7 +218,7 @@ def _compare(
             continue
         aligned += 1
         gap = relative(pa.outputs, pb.outputs)
-        worst = modules.setdefault(pa.module or "<outside modules>", {"largest": 0.0, "op": ""})
+        worst = modules.setdefault(pa.module or outside, {"largest": 0.0, "op": ""})
         if gap > worst["largest"]:
             worst.update(largest=gap, op=pa.op, phase=pa.phase)
         if first is None and (gap > tol or pa.bits != pb.bits):
@@ -305,70 +253,6 @@ def _unequal(pa: OpPrint, pb: OpPrint, i: int) -> bool:
     return i >= len(pb.input_bits) or pa.input_bits[i] != pb.input_bits[i]
 
 
-class _Capture:
-    """The inputs and output of one keyed op, kept for its float64 re-run."""
-
-    def __init__(self, key: Key) -> None:
-        self.key, self.seen, self.call, self.func = key, {}, None, None
-
-    def on_op(self, call: OpCall) -> None:
-        where = key_of(call.phase, call.module, call.name, 0)[:3]
-        self.seen[where] = self.seen.get(where, 0) + 1
-        if (*where, self.seen[where]) == self.key and self.call is None:
-            self.call = tuple(_tree(part, _kept) for part in (call.args, call.kwargs, call.out))
-            self.func = call.func
-
-
-def _shadow(
-    sides: list[tuple[Run, Variant]], step: int, device: torch.device, first: OpDifference
-) -> dict[str, Any] | None:
-    """Each side's output of the first diverging op against that op in float64 on its inputs."""
-    key = key_of(first.phase, first.module, first.op, first.occurrence)
-    errors = []
-    for run, variant in sides:
-        session = _session(run, step, device, variant)
-        capture = _Capture(key)
-        with variant.applied(), Instrument([capture]).attached(session.optimizer):
-            session.train(run.batch(step))
-        if capture.call is None or capture.func._schema.is_mutable:
-            return None  # an in-place op's inputs are already overwritten when it is seen
-        errors.append(_error(capture.func, *capture.call))
-    return {"error_a": errors[0], "error_b": errors[1]}
-
-
-def _error(func: Any, args: Any, kwargs: Any, out: Any) -> float:
-    """The op's largest relative error over its float outputs, against itself in float64."""
-    truths = _floats(func(*_tree(args, _wide), **_tree(kwargs, _wide)))
-    errors = [
-        (
-            torch.linalg.vector_norm(o.double() - t) / torch.linalg.vector_norm(t).clamp_min(1e-300)
-        ).item()
-        for o, t in zip(_floats(out), truths, strict=False)
-    ]
-    return max(errors, default=0.0)
-
-
-def _kept(t: Any) -> Any:
-    """A tensor copied out of the step (its storage may be reused or written later)."""
-    return t.detach().clone() if isinstance(t, torch.Tensor) else t
-
-
-def _wide(t: Any) -> Any:
-    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-def _tree(obj: Any, fn: Callable[[Any], Any]) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(fn, obj)
-
-
-def _floats(obj: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _parameter_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
     gaps = {
         name: float((a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-300))
@@ -379,9 +263,9 @@ def _parameter_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> di
     return {"most_different": name, "relative": gaps.get(name, 0.0) if name else 0.0}
 
 
-def _verdict(first: OpDifference | None) -> str:
+def _verdict(first: OpDifference | None, modules: list[dict[str, Any]]) -> str:
     if first is None:
-        return "identical"
+        return "within tolerance" if any(m["largest"] for m in modules) else "identical"
     if first.differing_inputs:  # the op computed alike; what it was given was not
         return f"the sides start apart: {', '.join(first.differing_inputs)} differ"
     shadow = first.shadow or {}

@@ -200,7 +200,7 @@ def diff_cmd(
 ) -> int:
     """The first op where two executions of one step part ways, and which side is right.
 
-    Replays the step on both sides with every op fingerprinted (float64 norm and sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. With --steps N..M the sides go on step after step, each from its own state, and the first step that differs at all is reported (every later difference is inherited). Exit 1 when the sides differ beyond reduction-order noise.
+    Replays the step on both sides with every op fingerprinted (float64 norm and sum), pairs the ops by phase, module, op and occurrence, and names the first pair whose outputs differ: whether its inputs agreed (the divergence was born there) or a parameter differed; that op re-run in float64 on each side's inputs says which side is less accurate. With --against compile[=BACKEND] both sides are fingerprinted at module outputs and gradients instead (a compiled model cannot be watched op by op), and the first diverging module is re-run in float64. With --steps N..M the sides go on step after step, each from its own state, and the first step that differs at all is reported (every later difference is inherited). Exit 1 when the sides differ beyond reduction-order noise.
     """
     from energydiag.commands import diff
     from energydiag.report.diff_html import page

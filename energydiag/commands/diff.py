@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from energydiag.analyses.numerics_diff import DiffReport, diff_steps, parse_variant
+from energydiag.analyses.diff_variants import parse_variant
+from energydiag.analyses.numerics_diff import AGREE, DiffReport, diff_steps
 from energydiag.commands import Outcome
 from energydiag.engine.session import resolve_device
 from energydiag.errors import OptionError
 from energydiag.exitcodes import ExitCode
 from energydiag.io.rundir import Run
-
-AGREE = ("identical", "reduction-order noise")
 
 
 def run(

@@ -11,6 +11,8 @@ import math
 from html import escape
 from typing import Any
 
+from energydiag.analyses.numerics_diff import AGREE
+from energydiag.report.diff_view import unit, watched
 from energydiag.report.html import STYLE
 
 BAR_WIDTH = 520  # pixels for 16 decades, 1e-16 (left) to 1 (right)
@@ -24,8 +26,8 @@ def page(r: dict[str, Any]) -> str:
         f"{r['replayed_from'][0]} and {r['replayed_from'][1]}</p>",
         f'<p class="verdict {_tone(r)}">{escape(r["verdict"])}</p>',
         _summary(r),
-        "<h2>First diverging op</h2>",
-        _card(r["first_divergence"], r["tolerance"]),
+        f"<h2>First diverging {unit(r)}</h2>",
+        _card(r["first_divergence"], r["tolerance"], unit(r)),
         "<h2>Largest difference per module, in execution order</h2>",
         _bars(r["modules"], r["tolerance"]),
     ]
@@ -37,12 +39,12 @@ def page(r: dict[str, Any]) -> str:
 
 
 def _tone(r: dict[str, Any]) -> str:
-    return "healthy" if r["verdict"] in ("identical", "reduction-order noise") else "other"
+    return "healthy" if r["verdict"] in AGREE else "other"
 
 
 def _summary(r: dict[str, Any]) -> str:
     rows = [
-        ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
+        (watched(r), f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
         ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
         ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
         ("tolerance", f"{r['tolerance']:.3g} relative"),
@@ -50,13 +52,13 @@ def _summary(r: dict[str, Any]) -> str:
     return _table(rows)
 
 
-def _card(first: dict[str, Any] | None, tolerance: float) -> str:
+def _card(first: dict[str, Any] | None, tolerance: float, kind: str) -> str:
     if first is None:
-        return f'<p class="missing">no op differs by more than {tolerance:.3g}</p>'
+        return f'<p class="missing">no {kind} differs by more than {tolerance:.3g}</p>'
     shadow = first["shadow"]
     inputs = "matched" if not first["differing_inputs"] else ", ".join(first["differing_inputs"])
     rows = [
-        ("op", f"{first['op']} in '{first['module']}'"),
+        (kind, f"{first['op']} in '{first['module']}'"),
         ("phase, occurrence", f"{first['phase']}, {first['occurrence']}"),
         ("relative difference", f"{first['relative']:.3g}"),
         ("inputs", inputs if not first["differing_inputs"] else f"{inputs} differ"),
@@ -66,7 +68,8 @@ def _card(first: dict[str, Any] | None, tolerance: float) -> str:
             "float64 re-run",
             f"A off by {shadow['error_a']:.3g}, B by {shadow['error_b']:.3g}"
             if shadow
-            else "not re-run (an in-place op, or none captured)",
+            else "not re-run (an in-place op, a gradient, a module that draws random numbers "
+            "or casts itself, or none captured)",
         ),
     ]
     return f'<div class="card">{_table(rows)}</div>'

@@ -18,8 +18,8 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         console,
         "",
         [
-            *_range(r.get("steps") or [], first is None),
-            ("ops", f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired{_bits(r)}"),
+            *_range(r.get("steps") or [], None if first else r["verdict"]),
+            (watched(r), f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired{_bits(r)}"),
             ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
             ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
             ("parameters after", _parameters(r["parameters"])),
@@ -33,7 +33,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         "First divergence",
         [
             (
-                "first diverging op",
+                f"first diverging {unit(r)}",
                 f"{first['op']} in '{first['module']}' ({first['phase']}, "
                 f"occurrence {first['occurrence']})",
             ),
@@ -56,18 +56,30 @@ def diff(console: Console, r: dict[str, Any]) -> None:
     frame(console, "Largest difference per module", ["module", "relative", "op"], rows, digits=3)
 
 
+def unit(r: dict[str, Any]) -> str:
+    """What was fingerprinted and paired: every op, or (under torch.compile) every module."""
+    return "module" if r.get("level") == "module" else "op"
+
+
+def watched(r: dict[str, Any]) -> str:
+    return "module outputs and gradients" if unit(r) == "module" else "ops"
+
+
 def _parameters(gap: dict[str, Any]) -> str:
     if not gap["most_different"]:
         return "none compared"
+    if not gap["relative"]:
+        return "identical"
     return f"{gap['most_different']} differs most ({gap['relative']:.3g} relative)"
 
 
-def _range(steps: list[int], identical: bool) -> list[tuple[str, str]]:
-    """A range's line: how many steps replayed identical before the one reported."""
+def _range(steps: list[int], agreed: str | None) -> list[tuple[str, str]]:
+    """A range's line: how many steps replayed alike before the one reported (``agreed``: the
+    verdict when none differed)."""
     if len(steps) != 2 or steps[0] == steps[1]:
         return []
-    if identical:
-        return [("steps", f"{steps[0]}..{steps[1]}: every step identical")]
+    if agreed:
+        return [("steps", f"{steps[0]}..{steps[1]}: every step {agreed}")]
     same = steps[1] - steps[0]
     return [("steps", f"{steps[0]}..{steps[1]}: the {same} before step {steps[1]} identical")]
 

@@ -1,0 +1,149 @@
+"""What side B of a `diff` changes, and the tolerance that change allows.
+
+A variant is applied around each of side B's steps (threads, deterministic kernels, inductor's
+random ops) or once to its session (a dtype, autocast, ``torch.compile``). Under ``compile`` the
+per-op instrument cannot watch: a dispatch mode makes dynamo run eager, so both sides are then
+fingerprinted at module outputs and gradients instead (``engine/module_prints.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from energydiag.engine.environment import deterministic_algorithms
+from energydiag.engine.module_prints import ModulePrints
+from energydiag.engine.session import Session, open_session
+from energydiag.engine.step import AUTOCAST_DTYPES
+from energydiag.errors import OptionError
+from energydiag.io.rundir import Run
+
+DTYPES = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+TOLERANCE_EPS = 2.0  # across a dtype change: outputs within 2 eps of the coarser dtype agree
+# Compiled kernels fuse and reorder float32 sums. On the reference model inductor's module
+# outputs stay within 0.5 eps of eager and its gradients within 7.3 eps; 16 eps (1.9e-6) is
+# the allowance, and a larger gap is then judged by the float64 re-run.
+COMPILE_EPS = 16.0
+
+
+@dataclass
+class Variant:
+    """What side B changes: ``threads=K``, ``dtype=D`` (parameters, optimizer state and inputs
+    cast), ``autocast=D`` (the forward under autocast, as a mixed-precision run has it),
+    ``deterministic=off`` (torch's default kernels against side A's deterministic ones) or
+    ``compile=BACKEND`` (the model under ``torch.compile``)."""
+
+    spec: str
+    threads: int | None = None
+    dtype: torch.dtype | None = None
+    autocast: str | None = None
+    deterministic: bool | None = None  # None: as the process has it
+    compile: str | None = None  # a torch.compile backend
+    by_module: bool = False  # fingerprint module outputs and gradients, not every op
+
+    def baseline(self) -> Variant:
+        """Side A: the replay as it is, watched the way side B is; with deterministic kernels
+        when B turns them off."""
+        deterministic = True if self.deterministic is False else None
+        return Variant("", deterministic=deterministic, by_module=self.by_module)
+
+    @property
+    def tolerance(self) -> float:
+        """Relative difference below which two fingerprints agree: 0 (bit for bit) within one
+        dtype, ``TOLERANCE_EPS`` epsilons of the coarser one across a change, ``COMPILE_EPS``
+        float32 epsilons between compiled and eager kernels."""
+        if self.compile:
+            return COMPILE_EPS * torch.finfo(torch.float32).eps
+        changed = self.dtype or (AUTOCAST_DTYPES[self.autocast] if self.autocast else None)
+        if changed is None or torch.finfo(changed).eps <= torch.finfo(torch.float32).eps:
+            return 0.0
+        return TOLERANCE_EPS * torch.finfo(changed).eps
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        kept = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.deterministic is not None:
+                    stack.enter_context(deterministic_algorithms(self.deterministic))
+                if self.compile:
+                    stack.enter_context(_eager_random())
+                yield
+        finally:
+            torch.set_num_threads(kept)
+
+
+def _eager_random() -> contextlib.AbstractContextManager:
+    """Inductor draws its own random numbers unless told to call eager's generator: without
+    this every dropout mask differs by design, and nothing else can be compared."""
+    import torch._inductor.config as inductor
+
+    return inductor.patch(fallback_random=True)
+
+
+def parse_variant(spec: str) -> Variant:
+    name, _, value = spec.partition("=")
+    if name == "threads" and value.isdigit() and int(value) > 0:
+        return Variant(spec, threads=int(value))
+    if name == "dtype" and value in DTYPES:
+        return Variant(spec, dtype=DTYPES[value])
+    if name == "autocast" and DTYPES.get(value) in (torch.bfloat16, torch.float16):
+        return Variant(spec, autocast=str(DTYPES[value]).replace("torch.", ""))
+    if name == "deterministic" and value == "off":
+        return Variant(spec, deterministic=False)
+    if name == "compile":
+        return Variant(spec, compile=_backend(value or "inductor", spec), by_module=True)
+    raise OptionError(
+        "use threads=K, dtype=float64|float32|bfloat16|float16, autocast=bf16|fp16, "
+        "deterministic=off or compile[=BACKEND] (device and ranks are not built yet)",
+        "against",
+        value=repr(spec),
+    )
+
+
+def _backend(name: str, spec: str) -> str:
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if name not in known:
+        raise OptionError(
+            f"torch.compile has no backend {name!r} here (try inductor, aot_eager or eager)",
+            "against",
+            value=repr(spec),
+        )
+    return name
+
+
+def side_session(
+    run: Run, step: int, device: torch.device, variant: Variant, keep: str | None = None
+) -> tuple[Session, ModulePrints | None]:
+    """A session at the start of ``step`` under ``variant``: the checkpoint at or before it,
+    then the steps between replayed as recorded (compiled too, under ``compile``). Watched by
+    module, its hooks go on before anything is compiled: dynamo does not recompile a graph
+    for hooks added to the modules it inlined, so hooks added later would never fire."""
+    session = open_session(run, step, device)
+    if variant.dtype is not None:
+        session.set_precision(variant.dtype)
+    if variant.autocast is not None:
+        session.autocast_dtype = variant.autocast
+    prints = ModulePrints(session.model, keep) if variant.by_module else None
+    if variant.compile is not None:
+        session.model.compile(backend=variant.compile)
+    with variant.applied():
+        for earlier in range(session.step, step):
+            session.train(run.batch(earlier))
+    return session, prints
