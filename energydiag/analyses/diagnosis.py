@@ -9,6 +9,7 @@ to replay says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -98,6 +99,7 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     cause_codes = {f.code for f in causes}  # inspect names them too: said once
     inspected = [f for f in _inspected(case) if f.code not in cause_codes]
     found = (case.curve.findings if case.curve else []) + _weights(case) + inspected + causes
+    found += _never_updated(run)
     found = _superseded(found, _alarms(case))
     found += [f for f in (rules.offset_drift(case.offsets),) if f is not None]
     found = _ranks_view(found, rank_findings(run))
@@ -116,6 +118,26 @@ def diagnose(run: Run, device: torch.device | None = None, case: Case | None = N
     return Diagnosis(
         str(run.root), verdict, start, end, None, rules.ranked(found), case.inspected_step
     )
+
+
+def _never_updated(run: Run) -> list[rules.Finding]:
+    """Under a GradScaler a logged non-finite gradient norm is a skipped step, not a failure
+    (``Run.first_failure``); a run that skipped every step still trained nothing."""
+    if not run.manifest.scaler:
+        return []
+    norms = run.logged_series(("grad_norm",))["grad_norm"]
+    skipped = [step for step, norm in sorted(norms.items()) if not math.isfinite(norm)]
+    if not skipped or len(skipped) < len(norms):  # the scales are read only when it matters
+        return []
+    kept = set(run.batch_steps)
+    rows = [{"step": s, "scale": _scale_at(run, s) if s in kept else None} for s in skipped]
+    found = rules.never_updated(rows, len(norms))
+    return [found] if found else []
+
+
+def _scale_at(run: Run, step: int) -> float | None:
+    state = run.batch(step).scaler_state
+    return state.get("scale") if state else None
 
 
 def _superseded(found: list[rules.Finding], alarms: list[rules.Finding]) -> list[rules.Finding]:

@@ -57,6 +57,24 @@ class StepContext:
         self.grad_norm = clip(model, self.grad_clip)
         return self.grad_norm
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the run's GradScaler when it has one."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def finish(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The rest of the step after the last backward: unscale (with a GradScaler), clip,
+        then step and update the scale unless this is a warm-up step."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        self.clip(model)
+        if not self.update:
+            return
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
 
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], StepContext], Any]
 
@@ -76,18 +94,8 @@ def default_step(
 ) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss, _ = ctx.forward(model, batch)
-    if ctx.scaler is None:
-        loss.backward()
-        ctx.clip(model)
-        if ctx.update:
-            optimizer.step()
-        return loss
-    ctx.scaler.scale(loss).backward()
-    ctx.scaler.unscale_(optimizer)
-    ctx.clip(model)
-    if ctx.update:
-        ctx.scaler.step(optimizer)
-        ctx.scaler.update()
+    ctx.backward(loss)
+    ctx.finish(model, optimizer)
     return loss
 
 

@@ -78,6 +78,7 @@ from energydiag.findings.ranks import rank_divergence
 from energydiag.findings.replay import (
     cannot_replay,
     fidelity,
+    never_updated,
     no_batches,
     precision_verdict,
     schedule_jumps,
@@ -142,6 +143,7 @@ __all__ = [
     "offset_drift",
     "remedy_verified",
     "skipped_steps",
+    "never_updated",
     "precision_verdict",
     "cannot_replay",
     "no_batches",

@@ -107,6 +107,29 @@ def skipped_steps(rows: list[dict[str, Any]]) -> Finding | None:
     )
 
 
+def never_updated(rows: list[dict[str, Any]], logged: int) -> Finding | None:
+    """A GradScaler run whose every logged step was skipped (its gradient norm non-finite, its
+    loss finite): the scaler never found a scale, and the weights never moved."""
+    if not rows or len(rows) < logged:
+        return None
+    scales = [r["scale"] for r in rows if r.get("scale") is not None]
+    tried = f", at scales {scales[0]:g} down to {scales[-1]:g}" if scales else ""
+    searching = bool(scales) and scales[-1] >= 1.0  # the scale could still fall and fit
+    return Finding(
+        "amp.never_updated",
+        "error",
+        f"the GradScaler skipped all {logged} logged steps (gradients overflowed{tried}): "
+        "the weights never moved",
+        "the run ended while the scale was still halving towards one that fits float16: start "
+        "from a lower init_scale"
+        if searching
+        else "find the layer whose gradients overflow float16 (the precision ladder re-runs a "
+        "step)",
+        {"steps": rows, "logged": logged},
+        [] if searching else [Invocation("replay", options={"ladder": True})],
+    )
+
+
 def precision_verdict(ladder: dict[str, Any]) -> Finding | None:
     """``ladder``: the rungs, the verdict and the run's ``autocast_dtype``; the remedy follows
     from the precision the run actually used, not from a template about autocast."""

@@ -250,8 +250,10 @@ class Run:
 
     def first_failure(self) -> int | None:
         """The first step the run itself saw fail: a non-finite logged loss or gradient norm,
-        or the step failure.json names (which also covers exceptions)."""
-        firsts = map(first_nonfinite, self.logged_series(("loss", "grad_norm")).values())
+        or the step failure.json names (which also covers exceptions). Under a GradScaler an
+        overflowing gradient norm is the scaler's signal to skip the step, not a failure."""
+        watched = ("loss",) if self.manifest.scaler else ("loss", "grad_norm")
+        firsts = map(first_nonfinite, self.logged_series(watched).values())
         candidates = [step for step in firsts if step is not None]
         failure = self.failure
         if isinstance(failure, dict) and isinstance(failure.get("step"), int):

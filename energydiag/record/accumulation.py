@@ -4,8 +4,9 @@ A step's recorded batch holds every micro-batch under ``micro.<i>.`` and the div
 scaled each micro-batch's loss by (Lightning: ``accumulate_grad_batches``, even for a short last
 window; the HF Trainer: the micro-batches in this window). ``accumulated_step`` is the step
 function such runs name in their manifest: each micro-batch's forward and backward of
-loss / divisor, in order, then one clip and one optimizer step, as the trainer did (no
-GradScaler: the callbacks refuse fp16).
+loss / divisor, in order, then one clip and one optimizer step, as the trainer did; with a
+GradScaler, each micro-batch's backward is scaled and the gradients unscaled once before the
+clip, as Lightning's 16-mixed does.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ def accumulated_step(
     for part in parts:
         loss, _ = ctx.forward(model, part)
         scaled = loss / divisor
-        scaled.backward()
+        ctx.backward(scaled)
         total = total.to(loss.device) + scaled.detach()
-    ctx.clip(model)
-    if ctx.update:
-        optimizer.step()
+    ctx.finish(model, optimizer)
     return total

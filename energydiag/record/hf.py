@@ -152,7 +152,9 @@ def _check_supported(args: Any, model: nn.Module) -> None:
             args.gradient_accumulation_steps != 1 and scales_itself
         ),
         f"world_size={args.world_size}": args.world_size != 1,
-        "fp16": bool(args.fp16),
+        "fp16 (the Trainer keeps its GradScaler in its accelerator, which callbacks never see)": (
+            bool(args.fp16)
+        ),
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:

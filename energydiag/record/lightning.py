@@ -8,7 +8,8 @@ version folder, else ``default_root_dir``) + ``/energydiag``.
 
 Hooks used, in Lightning's order within one step: ``on_train_batch_start`` (RNG state and batch,
 a checkpoint every N steps; with gradient accumulation, each later micro-batch joins the step),
-``on_before_backward`` (the loss, already divided by ``accumulate_grad_batches``),
+``on_before_backward`` (the loss, already divided by ``accumulate_grad_batches``; under
+``16-mixed``, multiplied by the GradScaler's scale too, which is divided out again),
 ``on_before_optimizer_step`` (after the last backward, before clipping and the update: the
 gradient norm, and a dump of the pre-step state when something is non-finite) and
 ``on_exception``. Replay rebuilds the LightningModule from its class and ``hparams`` and calls
@@ -39,7 +40,7 @@ from energydiag.record.recorder import Recorder
 
 BATCH_INDEX = "lightning.batch_idx"
 NAME = "energydiag"  # the run directory's name under the trainer's log_dir
-AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": "bfloat16"}
+AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 class EnergydiagCallback(pl.Callback):
@@ -48,7 +49,8 @@ class EnergydiagCallback(pl.Callback):
 
     ``model_spec`` defaults to the LightningModule's class with its saved ``hparams``.
     Supported: one optimizer, automatic optimization, norm clipping, gradient accumulation,
-    32-bit or bf16-mixed precision; anything else is refused when fitting starts.
+    32-bit, bf16-mixed or 16-mixed precision (with its GradScaler, whose state is recorded per
+    step); anything else is refused when fitting starts.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class EnergydiagCallback(pl.Callback):
             loss={"target": "energydiag.record.lightning:training_step"},
             grad_clip=float(clip) if clip else None,
             autocast_dtype=AUTOCAST[str(trainer.precision)],
+            scaler=_scaler(trainer),
             **({"step": STEP} if accumulates else {}),
             **self.options,
         )
@@ -102,7 +105,8 @@ class EnergydiagCallback(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        loss = loss.detach()
+        scaler = _scaler(trainer)
+        loss = loss.detach() / scaler.get_scale() if scaler else loss.detach()  # a power of 2
         self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(
@@ -127,6 +131,12 @@ class EnergydiagCallback(pl.Callback):
         if self.recorder is None:
             raise RuntimeError("EnergydiagCallback: training began before on_fit_start")
         return self.recorder
+
+
+def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """16-mixed's GradScaler (Lightning makes one; on the CPU only through an explicit
+    ``MixedPrecision("16-mixed", "cpu")`` plugin: ``precision="16-mixed"`` becomes bf16)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def _log_alarms(trainer: pl.Trainer, alarms: list) -> None:
