@@ -30,3 +30,22 @@ def test_cuda_rng_restored_for_dropout(tmp_path):
     report = replay_report(Run(root), 0, device=torch.device("cuda"))
     assert report.fidelity["compared"] == 6
     assert report.fidelity["max_relative_deviation"] < 1e-5
+
+
+def test_diff_names_where_cuda_and_cpu_kernels_part(tmp_path):
+    """`diff --against device=cuda`: the same step on the CPU and on the GPU, op by op; CUDA's
+    kernels may part from the CPU's beyond 16 eps, and then the float64 re-run on each side
+    says whether that is rounding or one side less accurate."""
+    import json
+
+    from conftest import FIXTURES
+    from typer.testing import CliRunner
+
+    from energydiag.cli import app
+
+    args = ["diff", str(FIXTURES / "healthy"), "--step", "40", "--against", "device=cuda"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code in (0, 1) and report["aligned"] > 300
+    first = report["first_divergence"]
+    assert first is None or first["shadow"] is not None or first["phase"] != "forward"

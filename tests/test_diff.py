@@ -83,7 +83,7 @@ def test_bf16_autocast_is_the_less_accurate_side(runs):
     "args, problem",
     [
         (["--against", "dtype=bf16"], "the model casts to another dtype itself"),
-        (["--against", "device=cuda"], "use threads=K"),
+        (["--against", "ranks=2"], "use threads=K"),
         ([], "give a second run, or a variant"),
     ],
 )
@@ -206,3 +206,18 @@ def test_bitwise_finds_two_swapped_values_that_a_norm_and_a_sum_cannot(runs, tmp
     assert diff(str(runs[0]), str(runs[0]), "--bitwise")[1]["verdict"] == "identical"
     result = runner.invoke(app, ["diff", str(runs[0]), "--against", "autocast=bf16", "--bitwise"])
     assert result.exit_code == 2 and "is compared within a tolerance" in result.output
+
+
+def test_another_device_replays_side_b_there_and_allows_its_kernels_16_eps(runs):
+    """device=D: side B's session opens on D (here the CPU again, so nothing may differ; on
+    a machine with a GPU tests/test_cuda.py runs device=cuda)."""
+    code, report = diff(str(runs[0]), "--against", "device=cpu")
+    assert code == 0 and report["verdict"] == "identical" and report["against"] == "device=cpu"
+    assert report["tolerance"] == pytest.approx(16 * torch.finfo(torch.float32).eps)
+    assert report["ops"][0] == report["ops"][1] == report["aligned"] > 300
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_one_line(runs):
+    result = runner.invoke(app, ["diff", str(runs[0]), "--against", "device=cuda"])
+    assert result.exit_code == 2 and "CUDA is not available" in result.output

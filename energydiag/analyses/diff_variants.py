@@ -1,7 +1,7 @@
 """What side B of a `diff` changes, and the tolerance that change allows.
 
 A variant is applied around each of side B's steps (threads, deterministic kernels, inductor's
-random ops) or once to its session (a dtype, autocast, ``torch.compile``). Under ``compile`` the
+random ops) or once to its session (a device, a dtype, autocast, ``torch.compile``). Under ``compile`` the
 per-op instrument cannot watch: a dispatch mode makes dynamo run eager, so both sides are then
 fingerprinted at module outputs and gradients instead (``engine/module_prints.py``).
 """
@@ -32,18 +32,19 @@ DTYPES = {
     "fp16": torch.float16,
 }
 TOLERANCE_EPS = 2.0  # across a dtype change: outputs within 2 eps of the coarser dtype agree
-# Compiled kernels fuse and reorder float32 sums. On the reference model inductor's module
-# outputs stay within 0.5 eps of eager and its gradients within 7.3 eps; 16 eps (1.9e-6) is
-# the allowance, and a larger gap is then judged by the float64 re-run.
-COMPILE_EPS = 16.0
+# Compiled kernels, and another device's, fuse and reorder float32 sums. On the reference model
+# inductor's module outputs stay within 0.5 eps of eager and its gradients within 7.3 eps;
+# 16 eps (1.9e-6) is the allowance, and a larger gap is then judged by the float64 re-run.
+KERNEL_EPS = 16.0
 
 
 @dataclass
 class Variant:
     """What side B changes: ``threads=K``, ``dtype=D`` (parameters, optimizer state and inputs
     cast), ``autocast=D`` (the forward under autocast, as a mixed-precision run has it),
-    ``deterministic=off`` (torch's default kernels against side A's deterministic ones) or
-    ``compile=BACKEND`` (the model under ``torch.compile``)."""
+    ``deterministic=off`` (torch's default kernels against side A's deterministic ones),
+    ``compile=BACKEND`` (the model under ``torch.compile``) or ``device=D`` (side B replayed
+    on another device)."""
 
     spec: str
     threads: int | None = None
@@ -51,6 +52,7 @@ class Variant:
     autocast: str | None = None
     deterministic: bool | None = None  # None: as the process has it
     compile: str | None = None  # a torch.compile backend
+    device: str | None = None  # side B's device, when not side A's
     by_module: bool = False  # fingerprint module outputs and gradients, not every op
 
     def baseline(self) -> Variant:
@@ -62,10 +64,10 @@ class Variant:
     @property
     def tolerance(self) -> float:
         """Relative difference below which two fingerprints agree: 0 (bit for bit) within one
-        dtype, ``TOLERANCE_EPS`` epsilons of the coarser one across a change, ``COMPILE_EPS``
-        float32 epsilons between compiled and eager kernels."""
-        if self.compile:
-            return COMPILE_EPS * torch.finfo(torch.float32).eps
+        dtype, ``TOLERANCE_EPS`` epsilons of the coarser one across a change, ``KERNEL_EPS``
+        float32 epsilons between compiled and eager kernels or two devices' kernels."""
+        if self.compile or self.device:
+            return KERNEL_EPS * torch.finfo(torch.float32).eps
         changed = self.dtype or (AUTOCAST_DTYPES[self.autocast] if self.autocast else None)
         if changed is None or torch.finfo(changed).eps <= torch.finfo(torch.float32).eps:
             return 0.0
@@ -107,12 +109,25 @@ def parse_variant(spec: str) -> Variant:
         return Variant(spec, deterministic=False)
     if name == "compile":
         return Variant(spec, compile=_backend(value or "inductor", spec), by_module=True)
+    if name == "device" and (value in ("cpu", "cuda") or _cuda_index(value)):
+        return Variant(spec, device=_available(value, spec))
     raise OptionError(
         "use threads=K, dtype=float64|float32|bfloat16|float16, autocast=bf16|fp16, "
-        "deterministic=off or compile[=BACKEND] (device and ranks are not built yet)",
+        "deterministic=off, compile[=BACKEND] or device=cpu|cuda|cuda:N (ranks is not built "
+        "yet)",
         "against",
         value=repr(spec),
     )
+
+
+def _cuda_index(name: str) -> bool:
+    return name.startswith("cuda:") and name[5:].isdigit()
+
+
+def _available(name: str, spec: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("CUDA is not available on this machine", "against", value=repr(spec))
+    return name
 
 
 def _backend(name: str, spec: str) -> str:
@@ -135,7 +150,7 @@ def side_session(
     then the steps between replayed as recorded (compiled too, under ``compile``). Watched by
     module, its hooks go on before anything is compiled: dynamo does not recompile a graph
     for hooks added to the modules it inlined, so hooks added later would never fire."""
-    session = open_session(run, step, device)
+    session = open_session(run, step, torch.device(variant.device) if variant.device else device)
     if variant.dtype is not None:
         session.set_precision(variant.dtype)
     if variant.autocast is not None:

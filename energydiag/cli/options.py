@@ -85,8 +85,9 @@ AgainstOpt = Annotated[
     typer.Option(
         metavar="VARIANT",
         help="Compare RUN with its own replay under threads=K, dtype=float64|float32|bfloat16|"
-        "float16, autocast=bf16|fp16, deterministic=off or compile[=BACKEND] (inductor unless "
-        "named; both sides then compared at module outputs and gradients).",
+        "float16, autocast=bf16|fp16, deterministic=off, device=cpu|cuda|cuda:N (side B there) or "
+        "compile[=BACKEND] (inductor unless named; both sides then compared at module outputs "
+        "and gradients).",
     ),
 ]
 FromStepOpt = Annotated[
