@@ -83,7 +83,7 @@ def test_bf16_autocast_is_the_less_accurate_side(runs):
     "args, problem",
     [
         (["--against", "dtype=bf16"], "the model casts to another dtype itself"),
-        (["--against", "ranks=2"], "use threads=K"),
+        (["--against", "dtype=int8"], "use threads=K"),
         ([], "give a second run, or a variant"),
     ],
 )

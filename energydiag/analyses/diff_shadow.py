@@ -29,7 +29,9 @@ def shadow(
     numbers or casts to another dtype itself)."""
     errors = []
     for run, variant in sides:
-        error_of: ErrorOf = _module_error if variant.by_module else _op_error
+        if variant.watch == "gradient":
+            return None  # a gradient reduced across ranks has no op of its own to re-run
+        error_of: ErrorOf = _module_error if variant.watch == "module" else _op_error
         error = error_of(run, step, device, variant, key)
         if error is None:
             return None

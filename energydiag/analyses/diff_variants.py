@@ -36,6 +36,11 @@ TOLERANCE_EPS = 2.0  # across a dtype change: outputs within 2 eps of the coarse
 # inductor's module outputs stay within 0.5 eps of eager and its gradients within 7.3 eps;
 # 16 eps (1.9e-6) is the allowance, and a larger gap is then judged by the float64 re-run.
 KERNEL_EPS = 16.0
+# Across ranks, all gradients together: a 2-rank DDP step against one process on the same global
+# batch (gathered negatives, no dropout) was 1.4e-6 to 3.4e-6 apart over 3 seeds and 2 steps of
+# the reference model, and a loss whose negatives stay on each rank 0.4 apart. 1e-4 is the
+# allowance for reordering, calibrated there: a semantic change smaller than it reads as noise.
+RANKS_GAP = 1e-4
 
 
 @dataclass
@@ -53,13 +58,16 @@ class Variant:
     deterministic: bool | None = None  # None: as the process has it
     compile: str | None = None  # a torch.compile backend
     device: str | None = None  # side B's device, when not side A's
-    by_module: bool = False  # fingerprint module outputs and gradients, not every op
+    # What is fingerprinted: "op" (every op), "module" (module outputs and gradients, under
+    # torch.compile) or "gradient" (the gradients a step leaves, where ranks see shards)
+    watch: str = "op"
+    ranks: int | None = None  # side B's step on this many DDP processes
 
     def baseline(self) -> Variant:
         """Side A: the replay as it is, watched the way side B is; with deterministic kernels
         when B turns them off."""
         deterministic = True if self.deterministic is False else None
-        return Variant("", deterministic=deterministic, by_module=self.by_module)
+        return Variant("", deterministic=deterministic, watch=self.watch)
 
     @property
     def tolerance(self) -> float:
@@ -72,6 +80,12 @@ class Variant:
         if changed is None or torch.finfo(changed).eps <= torch.finfo(torch.float32).eps:
             return 0.0
         return TOLERANCE_EPS * torch.finfo(changed).eps
+
+    @property
+    def noise_bound(self) -> float | None:
+        """Across ranks a gradient is an average of shards' with no op to re-run in float64:
+        the gradients together apart by no more than ``RANKS_GAP`` are reordering."""
+        return RANKS_GAP if self.ranks else None
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -108,13 +122,14 @@ def parse_variant(spec: str) -> Variant:
     if name == "deterministic" and value == "off":
         return Variant(spec, deterministic=False)
     if name == "compile":
-        return Variant(spec, compile=_backend(value or "inductor", spec), by_module=True)
+        return Variant(spec, compile=_backend(value or "inductor", spec), watch="module")
+    if name == "ranks" and value.isdigit() and int(value) > 1:
+        return Variant(spec, ranks=int(value), watch="gradient")
     if name == "device" and (value in ("cpu", "cuda") or _cuda_index(value)):
         return Variant(spec, device=_available(value, spec))
     raise OptionError(
         "use threads=K, dtype=float64|float32|bfloat16|float16, autocast=bf16|fp16, "
-        "deterministic=off, compile[=BACKEND] or device=cpu|cuda|cuda:N (ranks is not built "
-        "yet)",
+        "deterministic=off, compile[=BACKEND], device=cpu|cuda|cuda:N or ranks=W (W > 1)",
         "against",
         value=repr(spec),
     )
@@ -155,7 +170,7 @@ def side_session(
         session.set_precision(variant.dtype)
     if variant.autocast is not None:
         session.autocast_dtype = variant.autocast
-    prints = ModulePrints(session.model, keep) if variant.by_module else None
+    prints = ModulePrints(session.model, keep) if variant.watch == "module" else None
     if variant.compile is not None:
         session.model.compile(backend=variant.compile)
     with variant.applied():

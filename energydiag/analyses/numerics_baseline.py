@@ -53,7 +53,7 @@ def baseline_step(run: Run) -> int:
 
 def capture(run: Run, device: torch.device) -> NumericsBaseline:
     step = baseline_step(run)
-    prints, _, _ = fingerprint_step(run, step, device)
+    prints = fingerprint_step(run, step, device).prints
     ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs) for p in prints]
     return NumericsBaseline(step, torch.__version__, 0.0, ops)
 
@@ -74,7 +74,7 @@ def read_baseline(path: Path) -> NumericsBaseline:
 def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[str, Any]:
     """The step replayed now against the stored fingerprints: the first op that moved beyond
     the tolerance (None: none did), how far, and the ops only one side has."""
-    prints, _, _ = fingerprint_step(run, baseline.step, device)
+    prints = fingerprint_step(run, baseline.step, device).prints
     now = {p.key: p for p in prints}
     moved, missing = None, 0
     for stored in baseline.ops:

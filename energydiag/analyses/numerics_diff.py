@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from energydiag.analyses.diff_ranks import played_on_ranks
 from energydiag.analyses.diff_shadow import shadow
 from energydiag.analyses.diff_variants import Variant, side_session
-from energydiag.engine.fingerprint import Fingerprints, OpPrint, key_of
+from energydiag.engine.fingerprint import Fingerprints, OpPrint, Played, key_of
 from energydiag.engine.instrument import Instrument
-from energydiag.engine.module_prints import ModulePrints
+from energydiag.engine.module_prints import ModulePrints, gradients_left, gradients_of
 from energydiag.engine.session import Session
 from energydiag.engine.step import StepResult
 from energydiag.errors import DiagError, OptionError
@@ -64,7 +65,13 @@ class DiffReport(Report):
     verdict: str
     steps: list[int] = field(default_factory=list)  # compared: from this step to ``step``
     bitwise: bool = False  # every bit compared too, not only the norm and the sum
-    level: str = "op"  # "module": module outputs and gradients (under torch.compile)
+    # "module": module outputs and gradients (under torch.compile); "gradient": the gradients
+    # the step leaves (ranks=W, whose forwards see shards)
+    level: str = "op"
+    noise_bound: float | None = None  # what judged a difference no float64 re-run could
+    # ranks: |g_A - g_B| / |g_A| over every gradient at once, which a gradient that cancels
+    # to near zero (a bias's) cannot inflate the way its own relative difference can
+    gradient_gap: float | None = None
 
 
 def diff_step(
@@ -93,6 +100,10 @@ def diff_steps(
         raise OptionError(
             f"{variant.spec} is compared within a tolerance, not bit for bit", "bitwise"
         )
+    if bitwise and variant.ranks:
+        raise OptionError(f"{variant.spec} compares gradients by norm and sum only", "bitwise")
+    if variant.ranks and first != last:
+        raise OptionError(f"{variant.spec} compares one step: use --step", "steps")
     sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
     for run, _ in sides:
         run.require_batches(first, last)
@@ -102,7 +113,8 @@ def diff_steps(
     try:
         for step, (side_a, side_b) in enumerate(played, start=first):
             found = _report(sides, step, side_a, side_b, variant.tolerance, device)
-            found.bitwise, found.level = bitwise, "module" if variant.by_module else "op"
+            found.bitwise, found.level = bitwise, variant.watch
+            found.noise_bound = variant.noise_bound
             if found.first_divergence is not None:
                 break
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
@@ -117,9 +129,6 @@ def diff_steps(
     return found
 
 
-Played = tuple[list[OpPrint], float, dict[str, torch.Tensor]]
-
-
 def _report(
     sides: list[tuple[Run, Variant]],
     step: int,
@@ -128,8 +137,8 @@ def _report(
     tol: float,
     device: torch.device,
 ) -> DiffReport:
-    (prints_a, loss_a, params_a), (prints_b, loss_b, params_b) = side_a, side_b
-    outside = "<model>" if sides[1][1].by_module else "<outside modules>"
+    prints_a, prints_b = side_a.prints, side_b.prints
+    outside = "<outside modules>" if sides[1][1].watch == "op" else "<model>"
     first, modules, aligned = _compare(prints_a, prints_b, tol, outside)
     if first is not None:
         key = key_of(first.phase, first.module, first.op, first.occurrence)
@@ -137,7 +146,10 @@ def _report(
     keys_a, keys_b = {p.key for p in prints_a}, {p.key for p in prints_b}
     (run_a, _), (run_b, variant) = sides
     verdict = _verdict(first, modules)
-    if variant.by_module and keys_a != keys_b:  # both sides run the same modules
+    gap = _gradient_gap(side_a.grads, side_b.grads)
+    if gap is not None and first is not None:  # no op to re-run: the gradients as a whole judge
+        verdict = "reduction-order noise" if gap <= variant.noise_bound else "semantic difference"
+    if variant.watch != "op" and keys_a != keys_b:  # both sides run the same modules
         verdict = f"incomplete: {len(keys_a ^ keys_b)} module outputs or gradients unpaired"
     return DiffReport(
         str(run_a.root),
@@ -151,9 +163,10 @@ def _report(
         [len(keys_a - keys_b), len(keys_b - keys_a)],
         first,
         modules,
-        [loss_a, loss_b],
-        _parameter_gap(params_a, params_b),
+        [side_a.loss, side_b.loss],
+        _parameter_gap(side_a.params, side_b.params),
         verdict,
+        gradient_gap=gap,
     )
 
 
@@ -168,12 +181,17 @@ def _fingerprinted(
     run: Run, first: int, last: int, device: torch.device, variant: Variant, bitwise: bool = False
 ) -> Iterator[Played]:
     """Each step of ``first``..``last`` in turn, one session going on from step to step."""
+    if variant.ranks:
+        yield played_on_ranks(run, first, variant.ranks)
+        return
     session, modules = side_session(run, first, device, variant)
     try:
         for step in range(first, last + 1):
             result, prints = _played(session, run.batch(step), variant, modules, bitwise)
-            params = {n: p.detach().double().cpu() for n, p in session.model.named_parameters()}
-            yield prints, float(result.loss), params
+            model = session.model
+            params = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+            grads = gradients_of(model) if variant.watch == "gradient" else None
+            yield Played(prints, float(result.loss), params, grads)
     finally:
         if modules is not None:
             modules.detach()
@@ -182,7 +200,10 @@ def _fingerprinted(
 def _played(
     session: Session, batch: Batch, variant: Variant, modules: ModulePrints | None, bitwise: bool
 ) -> tuple[StepResult, list[OpPrint]]:
-    """One step watched op by op, or by the hooks at module outputs and gradients."""
+    """One step watched op by op, by the hooks at module outputs and gradients, or by the
+    gradients it leaves."""
+    if variant.watch == "gradient":
+        return session.train(batch), gradients_left(session.model)
     if modules is not None:
         modules.reset()
         with variant.applied():
@@ -261,6 +282,16 @@ def _parameter_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> di
     }
     name = max(gaps, key=gaps.get, default=None)
     return {"most_different": name, "relative": gaps.get(name, 0.0) if name else 0.0}
+
+
+def _gradient_gap(
+    a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None
+) -> float | None:
+    if a is None or b is None or a.keys() != b.keys():
+        return None
+    apart = sum(float((a[n] - b[n]).square().sum()) for n in a)
+    scale = sum(float(a[n].square().sum()) for n in a)
+    return (apart / scale) ** 0.5 if scale else float(apart > 0)
 
 
 def _verdict(first: OpDifference | None, modules: list[dict[str, Any]]) -> str:

@@ -12,27 +12,23 @@ localise together; the report names the first rank, step, phase, module and op.
 from __future__ import annotations
 
 import gc
-import logging
 import os
-import signal
-import uuid
 from dataclasses import replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from energydiag.analyses.launch import launch
 from energydiag.analyses.rank_logs import negatives
 from energydiag.analyses.replaying import RankOutcome, ReplaySummary, replay_report
 from energydiag.engine.localise import PHASES, Fault
 from energydiag.engine.ranks import gather
 from energydiag.engine.replay import plan
 from energydiag.engine.session import resolve_device
-from energydiag.errors import DiagError, OptionError
+from energydiag.errors import OptionError
 from energydiag.io.rundir import Run
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
 
 
@@ -109,46 +105,13 @@ def replay_copies(
 def _launch(
     run: Run, from_step: int, to_step: int | None, nproc: int, kind: str, every: int, note
 ) -> ReplaySummary:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,
-        monitor_interval=0.1,
-    )
-    # All ranks are on this machine: gloo over loopback, whatever interface the hostname names.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    quiet = logging.getLogger("torch.distributed.elastic")
-    level, quiet.level = quiet.level, logging.CRITICAL  # a rank's failure is reported below
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    try:
-        results = elastic_launch(config, rank_worker)(
-            str(run.root), from_step, to_step, kind, every
-        )
-    except ChildFailedError as err:
-        raise DiagError(None, _first_failure(err)) from None
-    finally:
-        quiet.setLevel(level)
-        for sig, handler in handlers.items():  # the launcher leaves its own handlers installed
-            signal.signal(sig, handler)
+    results = launch(nproc, rank_worker, str(run.root), from_step, to_step, kind, every)
     return merge(run, results[min(results)], note)
 
 
 def _with_negatives(run: Run, summary: ReplaySummary) -> ReplaySummary:
     found = negatives(run)
     return replace(summary, findings=[*summary.findings, *([found] if found else [])])
-
-
-def _first_failure(err: ChildFailedError) -> str:
-    rank, failure = min(err.failures.items())
-    message = failure.message
-    text = message.get("message", "") if isinstance(message, dict) else str(message)
-    return f"replay rank {rank} failed: " + (text.removeprefix("DiagError: ") or "no message")
 
 
 def rank_worker(

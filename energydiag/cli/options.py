@@ -85,9 +85,10 @@ AgainstOpt = Annotated[
     typer.Option(
         metavar="VARIANT",
         help="Compare RUN with its own replay under threads=K, dtype=float64|float32|bfloat16|"
-        "float16, autocast=bf16|fp16, deterministic=off, device=cpu|cuda|cuda:N (side B there) or "
+        "float16, autocast=bf16|fp16, deterministic=off, device=cpu|cuda|cuda:N (side B there), "
         "compile[=BACKEND] (inductor unless named; both sides then compared at module outputs "
-        "and gradients).",
+        "and gradients) or ranks=W (W DDP processes on shards of the batch; the gradients "
+        "compared).",
     ),
 ]
 FromStepOpt = Annotated[

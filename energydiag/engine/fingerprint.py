@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +46,16 @@ class OpPrint(Record):
     @property
     def key(self) -> Key:
         return key_of(self.phase, self.module, self.op, self.occurrence)
+
+
+class Played(NamedTuple):
+    """One side's step: its fingerprints, its loss, the parameters after it and, where the
+    gradients are what is compared, the gradients it left (float64, on the CPU)."""
+
+    prints: list[OpPrint]
+    loss: float
+    params: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] | None = None
 
 
 def key_of(phase: str, module: str, op: str, occurrence: int) -> Key:

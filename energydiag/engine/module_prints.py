@@ -120,3 +120,24 @@ def _copied(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _copied(v) for k, v in obj.items()}
     return obj
+
+
+def gradients_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every gradient the step left, whole, in float64 on the CPU."""
+    return {
+        n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def gradients_left(model: nn.Module) -> list[OpPrint]:
+    """The gradients a step leaves in ``.grad`` (averaged across ranks under DDP, clipped when
+    the run clips): what two executions still share when their ranks saw different shards."""
+    entries = []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        owner = name.rpartition(".")[0]
+        entry = OpPrint(len(entries), BACKWARD, owner, f"grad {name}", 1)
+        entry.outputs = _reduced([param.grad]).tolist()
+        entries.append(entry)
+    return entries

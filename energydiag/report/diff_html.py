@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from energydiag.analyses.numerics_diff import AGREE
-from energydiag.report.diff_view import unit, watched
+from energydiag.report.diff_view import rerun, unit, watched
 from energydiag.report.html import STYLE
 
 BAR_WIDTH = 520  # pixels for 16 decades, 1e-16 (left) to 1 (right)
@@ -27,7 +27,7 @@ def page(r: dict[str, Any]) -> str:
         f'<p class="verdict {_tone(r)}">{escape(r["verdict"])}</p>',
         _summary(r),
         f"<h2>First diverging {unit(r)}</h2>",
-        _card(r["first_divergence"], r["tolerance"], unit(r)),
+        _card(r),
         "<h2>Largest difference per module, in execution order</h2>",
         _bars(r["modules"], r["tolerance"]),
     ]
@@ -52,9 +52,10 @@ def _summary(r: dict[str, Any]) -> str:
     return _table(rows)
 
 
-def _card(first: dict[str, Any] | None, tolerance: float, kind: str) -> str:
+def _card(r: dict[str, Any]) -> str:
+    first, kind = r["first_divergence"], unit(r)
     if first is None:
-        return f'<p class="missing">no {kind} differs by more than {tolerance:.3g}</p>'
+        return f'<p class="missing">no {kind} differs by more than {r["tolerance"]:.3g}</p>'
     shadow = first["shadow"]
     inputs = "matched" if not first["differing_inputs"] else ", ".join(first["differing_inputs"])
     rows = [
@@ -66,9 +67,8 @@ def _card(first: dict[str, Any] | None, tolerance: float, kind: str) -> str:
         ("B output [norm, sum]", ", ".join(_pair(o) for o in first["b"])),
         (
             "float64 re-run",
-            f"A off by {shadow['error_a']:.3g}, B by {shadow['error_b']:.3g}"
-            if shadow
-            else "not re-run (an in-place op, a gradient, a module that draws random numbers "
+            rerun(r, shadow)
+            or "not re-run (an in-place op, a gradient, a module that draws random numbers "
             "or casts itself, or none captured)",
         ),
     ]

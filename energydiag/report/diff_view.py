@@ -44,25 +44,37 @@ def diff(console: Console, r: dict[str, Any]) -> None:
                 if not first["differing_inputs"]
                 else ", ".join(first["differing_inputs"]) + " differ",
             ),
-            (
-                "float64 re-run",
-                f"A off by {shadow['error_a']:.3g}, B by {shadow['error_b']:.3g}"
-                if shadow
-                else None,
-            ),
+            ("float64 re-run", rerun(r, shadow)),
         ],
     )
     rows = [(m["module"], m["largest"], m["op"]) for m in r["modules"] if m["largest"] > 0]
     frame(console, "Largest difference per module", ["module", "relative", "op"], rows, digits=3)
 
 
+UNITS = {"module": "module", "gradient": "gradient"}  # level -> what one pair is
+WATCHED = {"module": "module outputs and gradients", "gradient": "gradients the step left"}
+
+
 def unit(r: dict[str, Any]) -> str:
-    """What was fingerprinted and paired: every op, or (under torch.compile) every module."""
-    return "module" if r.get("level") == "module" else "op"
+    """What was fingerprinted and paired: every op, every module (under torch.compile), or the
+    gradients (across ranks)."""
+    return UNITS.get(r.get("level", "op"), "op")
 
 
 def watched(r: dict[str, Any]) -> str:
-    return "module outputs and gradients" if unit(r) == "module" else "ops"
+    return WATCHED.get(r.get("level", "op"), "ops")
+
+
+def rerun(r: dict[str, Any], shadow: dict[str, Any] | None) -> str | None:
+    """The float64 re-run's line, or what judged the difference instead."""
+    if shadow:
+        return f"A off by {shadow['error_a']:.3g}, B by {shadow['error_b']:.3g}"
+    if r.get("noise_bound") is not None and r.get("gradient_gap") is not None:
+        return (
+            f"none (an average across ranks): all gradients {r['gradient_gap']:.3g} apart, "
+            f"reordering allows {r['noise_bound']:.3g}"
+        )
+    return None
 
 
 def _parameters(gap: dict[str, Any]) -> str:
