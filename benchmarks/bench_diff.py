@@ -4,7 +4,8 @@ plainly, on the benchmark model (interleaved medians, one run).
     python benchmarks/bench_diff.py [--rounds N]
 
 Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. Each op's outputs and float inputs
-are reduced to two float64 numbers on the device, under the instrument's dispatch mode. Memory:
+are reduced to two float64 numbers on the device, under the instrument's dispatch mode; under
+``--against compile`` hooks reduce each module's output and each gradient instead. Memory:
 in fresh processes (Linux), the peak RSS a step adds over the session it starts from, plain,
 fingerprinted and fingerprinted with --bitwise's checksums.
 """
@@ -24,6 +25,7 @@ from common import interleaved_medians, record, report
 
 from energydiag.engine.fingerprint import Fingerprints
 from energydiag.engine.instrument import Instrument
+from energydiag.engine.module_prints import ModulePrints
 from energydiag.engine.session import open_session
 from energydiag.io.rundir import Run
 
@@ -102,11 +104,22 @@ def main(rounds: int) -> None:
                 session.train(batch)
             counted.append(len(prints.prints()))
 
+        def by_module() -> None:
+            """What --against compile (and its eager side) watches: module outputs and
+            gradients, by hooks, no dispatch mode; here eager."""
+            prints = ModulePrints(session.model)
+            try:
+                session.train(batch)
+                prints.prints()
+            finally:
+                prints.detach()
+
         medians = interleaved_medians(
             {
                 "replayed step": plain,
                 "instrumented, idle observer": instrumented,
                 "fingerprinted step": fingerprinted,
+                "module hooks (compile's watch)": by_module,
             },
             rounds,
         )

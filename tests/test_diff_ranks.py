@@ -58,7 +58,7 @@ def test_a_loss_whose_negatives_stay_on_each_rank_is_a_semantic_difference(runs)
     "args, problem",
     [
         (["--step", "40", "--against", "ranks=3"], "a batch of 8 does not split into 3"),
-        (["--steps", "40..41", "--against", "ranks=2"], "compares one step"),
+        (["--steps", "40..41", "--against", "ranks=2"], "compares one step, not a range"),
         (["--step", "40", "--against", "ranks=2", "--bitwise"], "by norm and sum only"),
         (["--step", "40", "--against", "ranks=1"], "use threads=K"),
     ],

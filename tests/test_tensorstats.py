@@ -64,3 +64,17 @@ def test_float64_beyond_float64_squares():
     assert s.l2 == pytest.approx(math.sqrt(2) * 1e300) and s.std == pytest.approx(
         math.sqrt(2) * 1e300
     )
+
+
+def test_tensors_in_walks_an_ops_arguments_in_pytree_order():
+    """The instrument's hand-rolled walk must see what pytree sees, in the same order: the
+    fingerprints pair inputs by position."""
+    from torch.utils._pytree import tree_leaves
+
+    from energydiag.engine.tensorstats import tensors_in
+
+    a, b, c, d = (torch.full((2,), float(i)) for i in range(4))
+    args = ((a, [b, (c, 1.5)], None, "x"), {"alpha": 2, "out": d, "more": [a]})
+    expected = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
+    assert [id(t) for t in tensors_in(args)] == [id(t) for t in expected]
+    assert len(expected) == 5

@@ -103,7 +103,7 @@ def diff_steps(
     if bitwise and variant.ranks:
         raise OptionError(f"{variant.spec} compares gradients by norm and sum only", "bitwise")
     if variant.ranks and first != last:
-        raise OptionError(f"{variant.spec} compares one step: use --step", "steps")
+        raise OptionError(f"{variant.spec} compares one step, not a range", "steps")
     sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
     for run, _ in sides:
         run.require_batches(first, last)

@@ -21,10 +21,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from energydiag.engine.instrument import BACKWARD, OpCall
-from energydiag.engine.tensorstats import plain
+from energydiag.engine.tensorstats import plain, tensors_in
 from energydiag.schema import Record
 
 Key = tuple[str, str, str, int]  # phase, module ("" in the backward), op, occurrence
@@ -136,8 +135,4 @@ def checksum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _floats(obj: object) -> list[torch.Tensor]:
-    return [
-        plain(t)
-        for t in tree_leaves(obj)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
-    ]
+    return [plain(t) for t in tensors_in(obj) if t.is_floating_point() and t.numel()]
