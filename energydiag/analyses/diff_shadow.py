@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from energydiag.analyses.diff_variants import Variant, side_session
 from energydiag.engine.fingerprint import Key, key_of
 from energydiag.engine.instrument import FORWARD, Instrument, OpCall
+from energydiag.engine.tensorstats import float_tensors
 from energydiag.io.rundir import Run
 
 ErrorOf = Callable[[Run, int, torch.device, Variant, Key], float | None]
@@ -76,6 +77,8 @@ def _module_error(
         return None  # a gradient has no module of its own to re-run
     session, prints = side_session(run, step, device, variant, keep=name)
     module = session.model.get_submodule(name)
+    if _draws_random(module):
+        return None
     as_read = {k: v.detach().clone() for k, v in module.state_dict().items()}
     prints.reset()
     try:
@@ -83,7 +86,7 @@ def _module_error(
             session.train(run.batch(step))
     finally:
         prints.detach()
-    if len(prints.kept) < occurrence or _draws_random(module):
+    if len(prints.kept) < occurrence:
         return None
     args, kwargs, out = prints.kept[occurrence - 1]
     try:
@@ -119,7 +122,7 @@ def _error(out: Any, truth: Any) -> float:
         (
             torch.linalg.vector_norm(o.double() - t) / torch.linalg.vector_norm(t).clamp_min(1e-300)
         ).item()
-        for o, t in zip(_floats(out), _floats(truth), strict=False)
+        for o, t in zip(float_tensors(out), float_tensors(truth), strict=False)
     ]
     return max(errors, default=0.0)
 
@@ -131,7 +134,3 @@ def _kept(t: Any) -> Any:
 
 def _wide(t: Any) -> Any:
     return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-def _floats(obj: Any) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]

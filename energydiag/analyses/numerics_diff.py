@@ -6,7 +6,8 @@ and occurrence; the first pair whose outputs differ is where the divergence was 
 inputs agreed (or came in through a parameter that differs), inherited otherwise. That op is
 then re-run in float64 on each side's own inputs, which says which side is closer to the truth.
 Under ``torch.compile`` both sides are watched at module outputs and gradients instead
-(``engine/module_prints.py``), and a module is what is re-run in float64.
+(``engine/module_prints.py``), and a module is what is re-run in float64; across ranks, whose
+forwards see shards, by the gradients the step leaves (``analyses/diff_ranks.py``).
 """
 
 from __future__ import annotations
@@ -72,13 +73,6 @@ class DiffReport(Report):
     # ranks: |g_A - g_B| / |g_A| over every gradient at once, which a gradient that cancels
     # to near zero (a bias's) cannot inflate the way its own relative difference can
     gradient_gap: float | None = None
-
-
-def diff_step(
-    run_a: Run, run_b: Run | None, step: int, variant: Variant | None, device: torch.device
-) -> DiffReport:
-    """Side B is ``run_b``, or ``run_a`` under ``variant``."""
-    return diff_steps(run_a, run_b, step, step, variant, device)
 
 
 def diff_steps(
