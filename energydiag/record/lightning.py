@@ -48,9 +48,9 @@ class EnergydiagCallback(pl.Callback):
     (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``, ``seed``...).
 
     ``model_spec`` defaults to the LightningModule's class with its saved ``hparams``.
-    Supported: one optimizer, automatic optimization, norm clipping, gradient accumulation,
-    32-bit, bf16-mixed or 16-mixed precision (with its GradScaler, whose state is recorded per
-    step); anything else is refused when fitting starts.
+    Supported: one process, one optimizer, automatic optimization, norm clipping, gradient
+    accumulation, 32-bit, bf16-mixed or 16-mixed precision (with its GradScaler, whose state is
+    recorded per step); anything else is refused when fitting starts.
     """
 
     def __init__(
@@ -155,6 +155,9 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
             and trainer.gradient_clip_algorithm not in (None, "norm")
         ),
         f"precision={trainer.precision!r}": str(trainer.precision) not in AUTOCAST,
+        # Each rank would record the LightningModule as its own copy, and replay would play
+        # DDP's ranks as unrelated ones: refused until DDP is recorded as DDP.
+        f"{trainer.world_size} processes": trainer.world_size != 1,
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:

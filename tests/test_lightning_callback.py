@@ -1,4 +1,4 @@
-"""Lightning's 16-mixed with its GradScaler, recorded (issue 24, item 7). On the CPU Lightning
+"""The Lightning callback: 16-mixed with its GradScaler, recorded (issue 24, item 7), and what it refuses. On the CPU Lightning
 turns ``precision="16-mixed"`` into bf16, so these runs pass ``MixedPrecision("16-mixed",
 "cpu")`` explicitly: real float16 autocast and a real scaler, the path a GPU run takes."""
 
@@ -87,3 +87,25 @@ def test_16_mixed_with_accumulation_replays_bit_exact(tmp_path):
     report = replay_report(run, 0).summary()
     assert report.fault is None and report.fidelity["bit_exact"]
     assert report.fidelity["compared"] == 4
+
+
+def test_several_lightning_processes_are_refused_in_one_line():
+    """Under DDP each rank would record the LightningModule as its own copy and replay would
+    play the ranks as unrelated: refused, not recorded wrong. (A stand-in trainer: launching
+    Lightning's DDP needs a script of its own.)"""
+    from types import SimpleNamespace
+
+    from trainer_models import LitRegressor
+
+    from energydiag.errors import DiagError
+    from energydiag.record.lightning import _check_supported
+
+    trainer = SimpleNamespace(
+        optimizers=[object()],
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="norm",
+        precision="32-true",
+        world_size=2,
+    )
+    with pytest.raises(DiagError, match="2 processes"):
+        _check_supported(trainer, LitRegressor())
