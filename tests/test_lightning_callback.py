@@ -1,6 +1,7 @@
-"""The Lightning callback: 16-mixed with its GradScaler, recorded (issue 24, item 7), and what it refuses. On the CPU Lightning
-turns ``precision="16-mixed"`` into bf16, so these runs pass ``MixedPrecision("16-mixed",
-"cpu")`` explicitly: real float16 autocast and a real scaler, the path a GPU run takes."""
+"""The Lightning callback: 16-mixed with its GradScaler, recorded (issue 24, item 7), and what
+it refuses. On the CPU Lightning turns ``precision="16-mixed"`` into bf16, so these runs pass
+``MixedPrecision("16-mixed", "cpu")`` explicitly: real float16 autocast and a real scaler, the
+path a GPU run takes."""
 
 from __future__ import annotations
 
