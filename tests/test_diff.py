@@ -221,3 +221,28 @@ def test_another_device_replays_side_b_there_and_allows_its_kernels_16_eps(runs)
 def test_a_device_this_machine_lacks_is_one_line(runs):
     result = runner.invoke(app, ["diff", str(runs[0]), "--against", "device=cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.output
+
+
+def test_a_value_computed_by_other_ops_pairs_by_statistics_and_the_rest_is_reported(tmp_path):
+    """Side B's act_in sums its inner product in two halves (mm, mm, add, add) where A runs one
+    addmm: A's addmm pairs with B's final add by statistics (as many elements, fingerprints
+    close), the extra ops are listed as unpaired stretches in act_in only, and the 1e-8 they
+    part by is rounding by the float64 re-run of each side's own op."""
+    other = tmp_path / "split"
+    shutil.copytree(FIXTURES / "healthy", other)
+    manifest = json.loads((other / "run.json").read_text())
+    manifest["model"]["target"] = "trainer_models:SplitEnergyModel"
+    (other / "run.json").write_text(json.dumps(manifest))
+    code, report = diff(str(FIXTURES / "healthy"), str(other))
+    first = report["first_divergence"]
+    assert code == 0 and report["verdict"] == "reduction-order noise"
+    assert (first["module"], first["op"], first["b_op"]) == ("act_in", "aten::addmm", "aten::add")
+    assert first["paired_by"] == "statistics" and 0 < first["relative"] < 1e-6
+    assert report["by_statistics"] > 0 and report["unmatched"][0] == 0
+    stretches = report["unmatched_stretches"]
+    assert sum(s["count"] for s in stretches) == report["unmatched"][1]
+    # the backward's module credit varies where branches meet (see the fingerprints), so only
+    # the forward's stretch is held to act_in
+    assert {s["module"] for s in stretches if s["phase"] == "forward"} == {"act_in"}
+    split = {"aten::mm", "aten::_unsafe_view", "aten::add", "aten::slice_backward"}
+    assert {op for s in stretches for op in s["ops"]} <= split

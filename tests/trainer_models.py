@@ -6,8 +6,12 @@ equal has std 0, so (x - mean) / std is 0/0 in module 'norm' — the fault the t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from energydiag.reference.models import EnergyModel
 
 FEATURES = 6
 
@@ -143,8 +147,6 @@ class SwapEnergy(nn.Module):
 
     def __init__(self, tau: float = 0.5, **model_kwargs) -> None:
         super().__init__()
-        from energydiag.reference.models import EnergyModel
-
         self.tau, self.energy = tau, EnergyModel(**model_kwargs)
 
     def forward(self, h, a_pos, pad_mask) -> dict[str, torch.Tensor]:
@@ -161,8 +163,6 @@ if pl is not None:
         def __init__(self, lr: float = 3e-3, tau: float = 0.5, **model_kwargs) -> None:
             super().__init__()
             self.save_hyperparameters()
-            from energydiag.reference.models import EnergyModel
-
             self.energy = EnergyModel(**model_kwargs)
 
         def training_step(self, batch, batch_idx):
@@ -170,3 +170,23 @@ if pl is not None:
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
+
+
+class SplitLinear(nn.Linear):
+    """A Linear whose inner product is summed in two halves (``mm``, ``mm``, ``add``, ``add``)
+    where ``nn.Linear`` runs one fused ``addmm``: the same weights and the same function, other
+    ops, another rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.in_features // 2
+        low = x[..., :half] @ self.weight[:, :half].T
+        return low + x[..., half:] @ self.weight[:, half:].T + self.bias
+
+
+class SplitEnergyModel(EnergyModel):
+    """The reference energy model with ``act_in`` split, as another torch version or a
+    refactor might compute it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.act_in = SplitLinear(self.act_in.in_features, self.act_in.out_features)

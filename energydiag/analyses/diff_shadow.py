@@ -23,13 +23,13 @@ ErrorOf = Callable[[Run, int, torch.device, Variant, Key], float | None]
 
 
 def shadow(
-    sides: list[tuple[Run, Variant]], step: int, device: torch.device, key: Key
+    sides: list[tuple[Run, Variant]], step: int, device: torch.device, keys: tuple[Key, Key]
 ) -> dict[str, float] | None:
     """Each side's output of the first divergence against its own float64 re-run; None when
     one side's cannot be re-run (an in-place op, a gradient, a module that draws random
     numbers or casts to another dtype itself)."""
     errors = []
-    for run, variant in sides:
+    for (run, variant), key in zip(sides, keys, strict=True):
         if variant.watch == "gradient":
             return None  # a gradient reduced across ranks has no op of its own to re-run
         error_of: ErrorOf = _module_error if variant.watch == "module" else _op_error

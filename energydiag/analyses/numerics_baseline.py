@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from energydiag.analyses.diff_alignment import relative
 from energydiag.analyses.gate import FAIL, PASS, CheckResult
-from energydiag.analyses.numerics_diff import fingerprint_step, relative
+from energydiag.analyses.numerics_diff import fingerprint_step
 from energydiag.engine.fingerprint import OpPrint, key_of
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.atomic import write_text_atomic

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from energydiag.analyses.diff_alignment import Pair, align, relative
 from energydiag.analyses.diff_ranks import played_on_ranks
 from energydiag.analyses.diff_shadow import shadow
 from energydiag.analyses.diff_variants import Variant, side_session
-from energydiag.engine.fingerprint import Fingerprints, OpPrint, Played, key_of
+from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, Played, key_of
 from energydiag.engine.instrument import Instrument
 from energydiag.engine.module_prints import ModulePrints, gradients_left, gradients_of
 from energydiag.engine.session import Session
@@ -30,6 +31,9 @@ from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
 from energydiag.schema import Record, Report, report
 
+# Pairing by statistics: one value computed by other ops agrees at least this closely (or within
+# 8 tolerances across a dtype change, whose values are that much apart anyway).
+STATISTICS_CLOSE = 1e-3
 AGREE = ("identical", "within tolerance", "reduction-order noise")  # the verdicts that pass
 
 
@@ -45,6 +49,16 @@ class OpDifference(Record):
     inputs_matched: bool
     differing_inputs: list[str] = field(default_factory=list)  # "weight 'l1.weight'", "input 0"
     shadow: dict[str, Any] | None = None  # the float64 re-run of this op on each side's inputs
+    paired_by: str = "key"  # or "statistics": B computed the value with another op
+    b_op: str = ""  # B's op and occurrence when paired by statistics
+    b_occurrence: int = 0
+
+    def keys(self) -> tuple[Key, Key]:
+        """Each side's key of this op (another op on B when paired by statistics)."""
+        key_a = key_of(self.phase, self.module, self.op, self.occurrence)
+        if self.paired_by == "key":
+            return key_a, key_a
+        return key_a, key_of(self.phase, self.module, self.b_op, self.b_occurrence)
 
 
 @report("diff")
@@ -57,7 +71,7 @@ class DiffReport(Report):
     tolerance: float
     replayed_from: list[int]  # each side's checkpoint: the steps before ``step`` replay first
     ops: list[int]  # fingerprinted ops on A and on B
-    aligned: int
+    aligned: int  # pairs, by key and by statistics
     unmatched: list[int]  # ops of A with no partner on B, and of B with none on A
     first_divergence: OpDifference | None
     modules: list[dict[str, Any]]  # per module, in execution order: its largest difference
@@ -70,6 +84,8 @@ class DiffReport(Report):
     # the step leaves (ranks=W, whose forwards see shards)
     level: str = "op"
     noise_bound: float | None = None  # what judged a difference no float64 re-run could
+    by_statistics: int = 0  # of ``aligned``: pairs of one value computed by other ops
+    unmatched_stretches: list[dict[str, Any]] = field(default_factory=list)  # side, where, ops
     # ranks: |g_A - g_B| / |g_A| over every gradient at once, which a gradient that cancels
     # to near zero (a bias's) cannot inflate the way its own relative difference can
     gradient_gap: float | None = None
@@ -131,20 +147,19 @@ def _report(
     tol: float,
     device: torch.device,
 ) -> DiffReport:
-    prints_a, prints_b = side_a.prints, side_b.prints
-    outside = "<outside modules>" if sides[1][1].watch == "op" else "<model>"
-    first, modules, aligned = _compare(prints_a, prints_b, tol, outside)
-    if first is not None:
-        key = key_of(first.phase, first.module, first.op, first.occurrence)
-        first.shadow = shadow(sides, step, device, key)
-    keys_a, keys_b = {p.key for p in prints_a}, {p.key for p in prints_b}
     (run_a, _), (run_b, variant) = sides
+    aligned = align(side_a.prints, side_b.prints, max(STATISTICS_CLOSE, 8 * tol))
+    outside = "<outside modules>" if variant.watch == "op" else "<model>"
+    first, modules = _compare(aligned.pairs, tol, outside)
+    if first is not None:
+        first.shadow = shadow(sides, step, device, first.keys())
+    unpaired = len(aligned.unpaired_a) + len(aligned.unpaired_b)
     verdict = _verdict(first, modules)
     gap = _gradient_gap(side_a.grads, side_b.grads)
     if gap is not None and first is not None:  # no op to re-run: the gradients as a whole judge
         verdict = "reduction-order noise" if gap <= variant.noise_bound else "semantic difference"
-    if variant.watch != "op" and keys_a != keys_b:  # both sides run the same modules
-        verdict = f"incomplete: {len(keys_a ^ keys_b)} module outputs or gradients unpaired"
+    if variant.watch != "op" and unpaired:  # both sides run the same modules
+        verdict = f"incomplete: {unpaired} module outputs or gradients unpaired"
     return DiffReport(
         str(run_a.root),
         str(run_b.root),
@@ -152,15 +167,17 @@ def _report(
         variant.spec or None,
         tol,
         [run.checkpoint_at_or_before(step) for run, _ in sides],
-        [len(prints_a), len(prints_b)],
-        aligned,
-        [len(keys_a - keys_b), len(keys_b - keys_a)],
+        [len(side_a.prints), len(side_b.prints)],
+        len(aligned.pairs),
+        [len(aligned.unpaired_a), len(aligned.unpaired_b)],
         first,
         modules,
         [side_a.loss, side_b.loss],
         _parameter_gap(side_a.params, side_b.params),
         verdict,
         gradient_gap=gap,
+        by_statistics=aligned.by_statistics,
+        unmatched_stretches=aligned.stretches(),
     )
 
 
@@ -209,46 +226,33 @@ def _played(
     return result, prints.prints()
 
 
-def relative(a: list[list[float]], b: list[list[float]]) -> float:
-    """The largest relative difference between two ops' output fingerprints: of the norms, and
-    of the sums against |sum| + norm (a sum near zero cancels; its norm does not)."""
-    if len(a) != len(b):
-        return float("inf")
-    gaps = [0.0]
-    for (norm_a, sum_a), (norm_b, sum_b) in zip(a, b, strict=True):
-        scale = max(abs(norm_a), abs(norm_b), 1e-300)
-        gaps += [abs(norm_a - norm_b) / scale, abs(sum_a - sum_b) / (scale + abs(sum_a))]
-    return max(gaps)
-
-
 def _compare(
-    prints_a: list[OpPrint], prints_b: list[OpPrint], tol: float, outside: str
-) -> tuple[OpDifference | None, list[dict[str, Any]], int]:
+    pairs: list[Pair], tol: float, outside: str
+) -> tuple[OpDifference | None, list[dict[str, Any]]]:
     """``outside`` names path "": ops outside every module, or (by module) the model itself."""
-    by_key = {p.key: p for p in prints_b}
-    first, modules, aligned = None, {}, 0
-    for pa in prints_a:
-        pb = by_key.get(pa.key)
-        if pb is None:
-            continue
-        aligned += 1
+    first, modules = None, {}
+    for pair in pairs:
+        pa, pb = pair.a, pair.b
         gap = relative(pa.outputs, pb.outputs)
         worst = modules.setdefault(pa.module or outside, {"largest": 0.0, "op": ""})
         if gap > worst["largest"]:
             worst.update(largest=gap, op=pa.op, phase=pa.phase)
         if first is None and (gap > tol or pa.bits != pb.bits):
-            first = _difference(pa, pb, gap, tol)
-    listed = [{"module": m, **v} for m, v in modules.items()]
-    return first, listed, aligned
+            first = _difference(pair, gap, tol)
+    return first, [{"module": m, **v} for m, v in modules.items()]
 
 
-def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifference:
+def _difference(pair: Pair, gap: float, tol: float) -> OpDifference:
     """Which of the op's inputs differ between the sides: a weight, or an activation."""
+    pa, pb = pair.a, pair.b
     bitwise = bool(pa.input_bits)
+    # By statistics the two ops take different inputs, which cannot be compared one by one;
+    # every pair before this one agreed, so what fed it did too.
+    comparable = pair.by == "key"
     apart = [
         (i, name)
         for i, (x, y, name) in enumerate(zip(pa.inputs, pb.inputs, pa.parameters, strict=False))
-        if relative([x], [y]) > tol or (bitwise and _unequal(pa, pb, i))
+        if comparable and (relative([x], [y]) > tol or (bitwise and _unequal(pa, pb, i)))
     ]
     differing = [f"weight {name!r}" if name else f"input {i}" for i, name in apart]
     return OpDifference(
@@ -261,6 +265,9 @@ def _difference(pa: OpPrint, pb: OpPrint, gap: float, tol: float) -> OpDifferenc
         gap,
         all(name for _, name in apart),  # only weights differ, no activation
         differing,
+        paired_by=pair.by,
+        b_op=pb.op if pair.by == "statistics" else "",
+        b_occurrence=pb.occurrence if pair.by == "statistics" else 0,
     )
 
 

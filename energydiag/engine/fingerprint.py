@@ -41,6 +41,7 @@ class OpPrint(Record):
     parameters: list[str] = field(default_factory=list)  # per input: its parameter, or ""
     bits: list[int] = field(default_factory=list)  # per output: its checksum (bitwise only)
     input_bits: list[int] = field(default_factory=list)  # per input
+    numels: list[int] = field(default_factory=list)  # per output: its elements (to pair by)
 
     @property
     def key(self) -> Key:
@@ -86,6 +87,7 @@ class Fingerprints:
         entry = OpPrint(len(self.entries), call.phase, call.module, call.name, self.seen[where])
         ins = _floats((call.args, call.kwargs))
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
+        entry.numels = [t.numel() for t in outs]
         in_slots = [self._known(t) for t in ins]
         out_slots = [self._slot(t) for t in outs]
         for t, slot in zip(outs, out_slots, strict=True):

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from energydiag.analyses.numerics_diff import AGREE
-from energydiag.report.diff_view import rerun, unit, watched
+from energydiag.report.diff_view import paired, partner, rerun, unit, watched
 from energydiag.report.html import STYLE
 
 BAR_WIDTH = 520  # pixels for 16 decades, 1e-16 (left) to 1 (right)
@@ -30,6 +30,7 @@ def page(r: dict[str, Any]) -> str:
         _card(r),
         "<h2>Largest difference per module, in execution order</h2>",
         _bars(r["modules"], r["tolerance"]),
+        *_unpaired(r.get("unmatched_stretches") or []),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -44,7 +45,7 @@ def _tone(r: dict[str, Any]) -> str:
 
 def _summary(r: dict[str, Any]) -> str:
     rows = [
-        (watched(r), f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired"),
+        (watched(r), paired(r)),
         ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
         ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
         ("tolerance", f"{r['tolerance']:.3g} relative"),
@@ -61,6 +62,7 @@ def _card(r: dict[str, Any]) -> str:
     rows = [
         (kind, f"{first['op']} in '{first['module']}'"),
         ("phase, occurrence", f"{first['phase']}, {first['occurrence']}"),
+        *([("paired with", partner(first))] if partner(first) else []),
         ("relative difference", f"{first['relative']:.3g}"),
         ("inputs", inputs if not first["differing_inputs"] else f"{inputs} differ"),
         ("A output [norm, sum]", ", ".join(_pair(o) for o in first["a"])),
@@ -73,6 +75,17 @@ def _card(r: dict[str, Any]) -> str:
         ),
     ]
     return f'<div class="card">{_table(rows)}</div>'
+
+
+def _unpaired(stretches: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        (
+            f"{s['side'].upper()}, {s['phase']}, '{s['module']}'",
+            f"{s['count']}: {', '.join(s['ops'])}",
+        )
+        for s in stretches
+    ]
+    return ["<h2>Unpaired, in stretches</h2>", _table(rows)] if rows else []
 
 
 def _bars(modules: list[dict[str, Any]], tolerance: float) -> str:

@@ -19,7 +19,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         "",
         [
             *_range(r.get("steps") or [], None if first else r["verdict"]),
-            (watched(r), f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired{_bits(r)}"),
+            (watched(r), f"{paired(r)}{_bits(r)}"),
             ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
             ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
             ("parameters after", _parameters(r["parameters"])),
@@ -37,6 +37,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
                 f"{first['op']} in '{first['module']}' ({first['phase']}, "
                 f"occurrence {first['occurrence']})",
             ),
+            ("paired with", partner(first)),
             ("relative difference", f"{first['relative']:.3g}"),
             (
                 "inputs",
@@ -49,6 +50,29 @@ def diff(console: Console, r: dict[str, Any]) -> None:
     )
     rows = [(m["module"], m["largest"], m["op"]) for m in r["modules"] if m["largest"] > 0]
     frame(console, "Largest difference per module", ["module", "relative", "op"], rows, digits=3)
+    _stretches(console, r.get("unmatched_stretches") or [])
+
+
+def paired(r: dict[str, Any]) -> str:
+    stats = r.get("by_statistics") or 0
+    by = f" ({stats} by statistics)" if stats else ""
+    return f"{r['ops'][0]} and {r['ops'][1]}, {r['aligned']} paired{by}"
+
+
+def partner(first: dict[str, Any]) -> str | None:
+    """B's op, when it is another one that computed the same value."""
+    if first.get("paired_by") != "statistics":
+        return None
+    return f"B's {first['b_op']} (occurrence {first['b_occurrence']}), by statistics"
+
+
+def _stretches(console: Console, stretches: list[dict[str, Any]]) -> None:
+    rows = [
+        (s["side"].upper(), s["phase"], s["module"], s["count"], ", ".join(s["ops"]))
+        for s in stretches
+    ]
+    if rows:
+        frame(console, "Unpaired", ["side", "phase", "module", "ops", "first ops"], rows)
 
 
 UNITS = {"module": "module", "gradient": "gradient"}  # level -> what one pair is
