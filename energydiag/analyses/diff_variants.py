@@ -1,9 +1,11 @@
 """What side B of a `diff` changes, and the tolerance that change allows.
 
 A variant is applied around each of side B's steps (threads, deterministic kernels, inductor's
-random ops) or once to its session (a device, a dtype, autocast, ``torch.compile``). Under ``compile`` the
-per-op instrument cannot watch: a dispatch mode makes dynamo run eager, so both sides are then
-fingerprinted at module outputs and gradients instead (``engine/module_prints.py``).
+random ops) or once to its session (a device, a dtype, autocast, ``torch.compile``); ``ranks``
+plays side B on other processes (``analyses/diff_ranks.py``). Under ``compile`` the per-op
+instrument cannot watch: a dispatch mode makes dynamo run eager, so both sides are then
+fingerprinted at module outputs and gradients instead (``engine/module_prints.py``); across
+ranks, whose forwards see shards, by the gradients the step leaves.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class Variant:
     """What side B changes: ``threads=K``, ``dtype=D`` (parameters, optimizer state and inputs
     cast), ``autocast=D`` (the forward under autocast, as a mixed-precision run has it),
     ``deterministic=off`` (torch's default kernels against side A's deterministic ones),
-    ``compile=BACKEND`` (the model under ``torch.compile``) or ``device=D`` (side B replayed
-    on another device)."""
+    ``compile=BACKEND`` (the model under ``torch.compile``), ``device=D`` (side B replayed on
+    another device) or ``ranks=W`` (side B's step on W DDP processes, a shard of the batch
+    each)."""
 
     spec: str
     threads: int | None = None
