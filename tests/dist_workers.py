@@ -6,7 +6,6 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -18,21 +17,23 @@ def init(rank: int, world: int, port: int) -> None:
     # A rank stuck in a collective prints where and exits, instead of hanging the test run.
     faulthandler.dump_traceback_later(90, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous() -> dist.TCPStore:
+    """The ranks' store, served by the launching process on a port it keeps bound: a port found
+    free and released could be taken by another test's launch before rank 0 bound it."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def spawn(world: int, loop, *args) -> None:
     """Run ``loop(rank, *args)`` on ``world`` gloo ranks, as torchrun would start them."""
     import torch.multiprocessing as mp
 
-    mp.spawn(run_rank, args=(world, free_port(), loop, *args), nprocs=world, join=True)
+    store = rendezvous()
+    mp.spawn(run_rank, args=(world, store.port, loop, *args), nprocs=world, join=True)
 
 
 def run_rank(rank: int, world: int, port: int, loop, *args) -> None:

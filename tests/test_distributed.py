@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from energydiag.errors import DiagError
 from energydiag.io.torchfiles import discover, open_reader
@@ -34,12 +33,7 @@ def fsdp_checkpoints(tmp_path_factory):
     import dist_workers
 
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(
-        dist_workers.run_rank,
-        args=(2, free_port(), dist_workers.fsdp_with_dcp_checkpoints, str(out), 6),
-        nprocs=2,
-        join=True,
-    )
+    dist_workers.spawn(2, dist_workers.fsdp_with_dcp_checkpoints, str(out), 6)
     return out
 
 
