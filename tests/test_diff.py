@@ -147,6 +147,41 @@ def test_the_numerics_baseline_holds_run_after_run_and_names_the_changed_op(runs
     assert "aten::addmm in 'act_in' (forward, occurrence 1) moved by" in failed.message
 
 
+def split_copy(root: Path) -> Path:
+    """The healthy fixture with act_in summed in two halves (trainer_models.SplitLinear)."""
+    shutil.copytree(FIXTURES / "healthy", root)
+    manifest = json.loads((root / "run.json").read_text())
+    manifest["model"]["target"] = "trainer_models:SplitEnergyModel"
+    (root / "run.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_baseline_pairs_by_statistics_and_reads_baselines_without_element_counts(tmp_path):
+    """A baseline written before element counts were stored still passes on the unchanged run;
+    against a model that computes act_in with other ops, the gate names act_in's addmm, now
+    computed by B's add, instead of only counting ops gone and new."""
+    from energydiag.analyses.numerics_baseline import numerics_gate
+    from energydiag.io.rundir import Run
+
+    baseline = tmp_path / "numerics.json"
+    base = ["check", str(FIXTURES / "healthy"), "--numerics-baseline", str(baseline)]
+    assert runner.invoke(app, [*base, "--update-baseline"]).exit_code == 0
+    stored = json.loads(baseline.read_text())
+    for op in stored["ops"]:
+        del op["numels"]
+    baseline.write_text(json.dumps(stored))
+    assert (
+        numerics_gate(Run(FIXTURES / "healthy"), baseline, False, torch.device("cpu")).status
+        == "passed"
+    )
+    split = split_copy(tmp_path / "split")
+    failed = numerics_gate(Run(split), baseline, False, torch.device("cpu"))
+    assert failed.status == "failed" and failed.evidence["by_statistics"] > 0
+    assert "aten::addmm in 'act_in' (forward, occurrence 1) moved by" in failed.message
+    assert "now computed by aten::add" in failed.message
+    assert failed.evidence["new"] == 9 and failed.evidence["missing"] == 0
+
+
 def test_the_html_page_shows_the_first_diverging_op_and_is_not_overwritten(runs, tmp_path):
     page = tmp_path / "diff.html"
     args = ["diff", str(runs[0]), str(runs[1]), "--step", str(STEP), "--html", str(page)]
@@ -228,12 +263,7 @@ def test_a_value_computed_by_other_ops_pairs_by_statistics_and_the_rest_is_repor
     addmm: A's addmm pairs with B's final add by statistics (as many elements, fingerprints
     close), the extra ops are listed as unpaired stretches in act_in only, and the 1e-8 they
     part by is rounding by the float64 re-run of each side's own op."""
-    other = tmp_path / "split"
-    shutil.copytree(FIXTURES / "healthy", other)
-    manifest = json.loads((other / "run.json").read_text())
-    manifest["model"]["target"] = "trainer_models:SplitEnergyModel"
-    (other / "run.json").write_text(json.dumps(manifest))
-    code, report = diff(str(FIXTURES / "healthy"), str(other))
+    code, report = diff(str(FIXTURES / "healthy"), str(split_copy(tmp_path / "split")))
     first = report["first_divergence"]
     assert code == 0 and report["verdict"] == "reduction-order noise"
     assert (first["module"], first["op"], first["b_op"]) == ("act_in", "aten::addmm", "aten::add")

@@ -17,6 +17,7 @@ from typing import Any
 from energydiag.engine.fingerprint import OpPrint
 from energydiag.engine.instrument import BACKWARD
 
+CLOSE = 1e-3  # pairing by statistics: one value computed by other ops agrees this closely
 STRETCHES = 10  # unpaired stretches listed per side
 SHOWN = 6  # op names shown per stretch
 
@@ -62,7 +63,18 @@ def _same_op(pa: OpPrint, by_key: dict) -> bool:
     """A key pairs the k-th run of one op; an op that only B runs (a split matmul's second
     ``mm``) shifts B's later occurrences, and the pair it makes holds another count of elements."""
     pb = by_key.get(pa.key)
-    return pb is not None and pb.numels == pa.numels
+    return pb is not None and _sized_alike(pa, pb)
+
+
+def _sized_alike(pa: OpPrint, pb: OpPrint) -> bool:
+    """As many elements per output; fingerprints stored before the counts were kept (a
+    numerics baseline from an earlier version) have none, and pair as they always did."""
+    return not pa.numels or not pb.numels or pa.numels == pb.numels
+
+
+def close_for(tolerance: float) -> float:
+    """Across a dtype change the values are apart by up to the tolerance anyway."""
+    return max(CLOSE, 8 * tolerance)
 
 
 def relative(a: list[list[float]], b: list[list[float]]) -> float:
@@ -85,7 +97,7 @@ def _by_statistics(left_a: list[OpPrint], left_b: list[OpPrint], close: float) -
     for pa in left_a:
         candidates = waiting.get(_where(pa), [])
         for i, pb in enumerate(candidates):
-            if pb.numels == pa.numels and relative(pa.outputs, pb.outputs) <= close:
+            if _sized_alike(pa, pb) and relative(pa.outputs, pb.outputs) <= close:
                 pairs.append(Pair(pa, pb, "statistics"))
                 del candidates[: i + 1]  # order kept: B's skipped entries stay unpaired
                 break

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from energydiag.analyses.diff_alignment import relative
+from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
 from energydiag.analyses.gate import FAIL, PASS, CheckResult
 from energydiag.analyses.numerics_diff import fingerprint_step
-from energydiag.engine.fingerprint import OpPrint, key_of
+from energydiag.engine.fingerprint import OpPrint
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.rundir import Run
@@ -33,6 +33,20 @@ class StoredOp(Record):
     op: str
     occurrence: int
     outputs: list[list[float]]
+    numels: list[int] = field(
+        default_factory=list
+    )  # absent from baselines of 2026-12-01 and before
+
+    def fingerprint(self, index: int) -> OpPrint:
+        return OpPrint(
+            index,
+            self.phase,
+            self.module,
+            self.op,
+            self.occurrence,
+            self.outputs,
+            numels=self.numels,
+        )
 
 
 @report("numerics-baseline")
@@ -55,7 +69,7 @@ def baseline_step(run: Run) -> int:
 def capture(run: Run, device: torch.device) -> NumericsBaseline:
     step = baseline_step(run)
     prints = fingerprint_step(run, step, device).prints
-    ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs) for p in prints]
+    ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs, p.numels) for p in prints]
     return NumericsBaseline(step, torch.__version__, 0.0, ops)
 
 
@@ -76,26 +90,42 @@ def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[
     """The step replayed now against the stored fingerprints: the first op that moved beyond
     the tolerance (None: none did), how far, and the ops only one side has."""
     prints = fingerprint_step(run, baseline.step, device).prints
-    now = {p.key: p for p in prints}
-    moved, missing = None, 0
-    for stored in baseline.ops:
-        key = key_of(stored.phase, stored.module, stored.op, stored.occurrence)
-        current: OpPrint | None = now.pop(key, None)
-        if current is None:
-            missing += 1
-            continue
-        gap = relative(stored.outputs, current.outputs)
-        if moved is None and gap > baseline.tolerance:
-            moved = {"phase": stored.phase, "module": current.module, "op": stored.op}
-            moved |= {"occurrence": stored.occurrence, "relative": gap}
+    stored = [op.fingerprint(i) for i, op in enumerate(baseline.ops)]
+    aligned = align(stored, prints, close_for(baseline.tolerance))
+    moved = next(
+        (
+            _moved(pair, gap)
+            for pair in aligned.pairs
+            if (gap := relative(pair.a.outputs, pair.b.outputs)) > baseline.tolerance
+        ),
+        None,
+    )
     return {
         "step": baseline.step,
         "first_changed": moved,
-        "missing": missing,
-        "new": len(now),
+        "missing": len(aligned.unpaired_a),
+        "new": len(aligned.unpaired_b),
+        "by_statistics": aligned.by_statistics,
+        "unpaired": aligned.stretches(),  # side "a": the baseline's, "b": now
         "recorded_with": baseline.torch,
         "torch": torch.__version__,
     }
+
+
+def _moved(pair: Pair, gap: float) -> dict[str, Any]:
+    stored, current = pair.a, pair.b
+    moved = {"phase": stored.phase, "module": current.module, "op": stored.op}
+    moved |= {"occurrence": stored.occurrence, "relative": gap}
+    return moved | ({"now": current.op} if pair.by == "statistics" else {})
+
+
+def _where(stretches: list[dict[str, Any]]) -> str:
+    """Where the op sequence changed first: the earliest unpaired stretch."""
+    if not stretches:
+        return ""
+    s = stretches[0]
+    side = "gone" if s["side"] == "a" else "new"
+    return f", first {side} in '{s['module']}' ({s['phase']}): {', '.join(s['ops'])}"
 
 
 def numerics_gate(run: Run, path: Path, update: bool, device: torch.device) -> CheckResult:
@@ -112,10 +142,12 @@ def numerics_gate(run: Run, path: Path, update: bool, device: torch.device) -> C
         return CheckResult("numerics", PASS, said, compared)
     if moved is None:
         said = f"{compared['missing']} op(s) of the baseline gone, {compared['new']} new"
+        said += _where(compared["unpaired"])
     else:
         said = (
             f"{moved['op']} in '{moved['module']}' ({moved['phase']}, occurrence "
             f"{moved['occurrence']}) moved by {moved['relative']:.3g} relative"
         )
+        said += f", now computed by {moved['now']}" if "now" in moved else ""
     versions = f"torch {compared['recorded_with']} then, {compared['torch']} now"
     return CheckResult("numerics", FAIL, f"step {compared['step']}: {said} ({versions})", compared)

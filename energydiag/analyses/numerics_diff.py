@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from energydiag.analyses.diff_alignment import Pair, align, relative
+from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
 from energydiag.analyses.diff_ranks import played_on_ranks
 from energydiag.analyses.diff_shadow import shadow
 from energydiag.analyses.diff_variants import Variant, side_session
@@ -31,9 +31,6 @@ from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
 from energydiag.schema import Record, Report, report
 
-# Pairing by statistics: one value computed by other ops agrees at least this closely (or within
-# 8 tolerances across a dtype change, whose values are that much apart anyway).
-STATISTICS_CLOSE = 1e-3
 AGREE = ("identical", "within tolerance", "reduction-order noise")  # the verdicts that pass
 
 
@@ -148,7 +145,7 @@ def _report(
     device: torch.device,
 ) -> DiffReport:
     (run_a, _), (run_b, variant) = sides
-    aligned = align(side_a.prints, side_b.prints, max(STATISTICS_CLOSE, 8 * tol))
+    aligned = align(side_a.prints, side_b.prints, close_for(tol))
     outside = "<outside modules>" if variant.watch == "op" else "<model>"
     first, modules = _compare(aligned.pairs, tol, outside)
     if first is not None:
