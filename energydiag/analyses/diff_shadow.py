@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 from energydiag.analyses.diff_variants import Variant, side_session
 from energydiag.engine.fingerprint import Key, key_of
 from energydiag.engine.instrument import FORWARD, Instrument, OpCall
+from energydiag.engine.module_prints import copied
 from energydiag.engine.tensorstats import float_tensors
 from energydiag.io.rundir import Run
 
@@ -50,7 +51,7 @@ class _Capture:
         where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] = self.seen.get(where, 0) + 1
         if (*where, self.seen[where]) == self.key and self.call is None:
-            self.call = tuple(tree_map(_kept, part) for part in (call.args, call.kwargs, call.out))
+            self.call = tuple(copied(part) for part in (call.args, call.kwargs, call.out))
             self.func = call.func
 
 
@@ -125,11 +126,6 @@ def _error(out: Any, truth: Any) -> float:
         for o, t in zip(float_tensors(out), float_tensors(truth), strict=False)
     ]
     return max(errors, default=0.0)
-
-
-def _kept(t: Any) -> Any:
-    """A tensor copied out of the step (its storage may be reused or written later)."""
-    return t.detach().clone() if isinstance(t, torch.Tensor) else t
 
 
 def _wide(t: Any) -> Any:

@@ -83,7 +83,7 @@ class ModulePrints:
                 return
             self.calls.append((index, _reduced(outs), _reduced(_floats(args))))
             if keep:
-                self.kept.append((_copied(args), _copied(kwargs), _copied(out)))
+                self.kept.append((copied(args), copied(kwargs), copied(out)))
 
         return hook
 
@@ -112,13 +112,15 @@ def _reduced(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(rows).detach()
 
 
-def _copied(obj: Any) -> Any:
+def copied(obj: Any) -> Any:
+    """Tensors copied out of a step (their storage may be reused or written later), in the
+    tuples, lists and dicts that hold them: plain code, which dynamo traces in a hook."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_copied(o) for o in obj)
+        return type(obj)(copied(o) for o in obj)
     if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
+        return {k: copied(v) for k, v in obj.items()}
     return obj
 
 
