@@ -119,9 +119,7 @@ def diff_steps(
     )
     try:
         for step, (side_a, side_b) in enumerate(played, start=first):
-            found = _report(sides, step, side_a, side_b, variant.tolerance, device)
-            found.bitwise, found.level = bitwise, variant.watch
-            found.noise_bound = variant.noise_bound
+            found = _report(sides, step, side_a, side_b, device, bitwise)
             if found.first_divergence is not None:
                 break
     except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
@@ -141,10 +139,11 @@ def _report(
     step: int,
     side_a: Played,
     side_b: Played,
-    tol: float,
     device: torch.device,
+    bitwise: bool,
 ) -> DiffReport:
     (run_a, _), (run_b, variant) = sides
+    tol = variant.tolerance
     aligned = align(side_a.prints, side_b.prints, close_for(tol))
     outside = "<outside modules>" if variant.watch == "op" else "<model>"
     first, modules = _compare(aligned.pairs, tol, outside)
@@ -172,6 +171,9 @@ def _report(
         [side_a.loss, side_b.loss],
         _parameter_gap(side_a.params, side_b.params),
         verdict,
+        bitwise=bitwise,
+        level=variant.watch,
+        noise_bound=variant.noise_bound,
         gradient_gap=gap,
         by_statistics=aligned.by_statistics,
         unmatched_stretches=aligned.stretches(),
