@@ -10,10 +10,8 @@ them with safetensors for the launching process to read: nothing crosses by pick
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,14 +19,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from energydiag.analyses.launch import launch
+from energydiag.analyses.launch import launch, process_group
 from energydiag.engine.fingerprint import OpPrint, Played
 from energydiag.engine.module_prints import gradients_left, gradients_of
 from energydiag.engine.session import open_session
 from energydiag.errors import DiagError
 from energydiag.io.rundir import Run
-
-TIMEOUT = timedelta(minutes=5)
 
 
 def played_on_ranks(run: Run, step: int, world: int) -> Played:
@@ -58,14 +54,10 @@ def shard(
 
 def ranks_worker(root: str, step: int, out: str) -> None:
     """One rank, in torchrun's environment."""
-    dist.init_process_group("gloo", timeout=TIMEOUT)
-    try:
+    with process_group("gloo"):
         played = _play_shard(Run(root), step)
         if dist.get_rank() == 0:
             _write(Path(out), played)
-    finally:
-        gc.collect()  # DDP's reducer goes before its group: one freed after can wait forever
-        dist.destroy_process_group()
 
 
 def _play_shard(run: Run, step: int) -> Played:

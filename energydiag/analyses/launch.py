@@ -6,18 +6,23 @@ is the same code a user's torchrun would start. A rank that fails is one line na
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from energydiag.errors import DiagError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
 
 
 def launch(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
@@ -47,6 +52,18 @@ def launch(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]
         quiet.setLevel(level)
         for sig, handler in handlers.items():  # the launcher leaves its own handlers installed
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def process_group(backend: str) -> Iterator[None]:
+    """A worker's process group, from torchrun's environment. The worker's DDP/FSDP objects
+    are freed before the group is destroyed: one freed after its group can wait forever."""
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _first_failure(err: ChildFailedError) -> str:

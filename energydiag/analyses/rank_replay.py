@@ -11,15 +11,13 @@ localise together; the report names the first rank, step, phase, module and op.
 
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import replace
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from energydiag.analyses.launch import launch
+from energydiag.analyses.launch import launch, process_group
 from energydiag.analyses.rank_logs import negatives
 from energydiag.analyses.replaying import RankOutcome, ReplaySummary, replay_report
 from energydiag.engine.localise import PHASES, Fault
@@ -28,8 +26,6 @@ from energydiag.engine.replay import plan
 from energydiag.engine.session import resolve_device
 from energydiag.errors import OptionError
 from energydiag.io.rundir import Run
-
-TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at most this long
 
 
 def launched_by_torchrun() -> bool:
@@ -123,17 +119,12 @@ def rank_worker(
     target = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(target)
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT)
-    try:
+    with process_group("nccl" if kind == "cuda" else "gloo"):
         per = Run(root).manifest.world_size // dist.get_world_size()
         run = Run(root, rank=dist.get_rank() * per)  # the first of the recorded ranks it plays
         return gather(
             replay_report(run, from_step, to_step, device=target, every=every).summary().to_dict()
         )
-    finally:
-        # The replay's DDP/FSDP objects go first: one freed after its group can wait forever.
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def merge(run: Run, gathered: list[dict], note: str | None) -> ReplaySummary:
