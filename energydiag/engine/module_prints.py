@@ -70,10 +70,7 @@ class ModulePrints:
         for i, grad in self.grads:
             name = self.parameters[i]
             seen[name] += 1
-            owner = name.rpartition(".")[0]
-            entry = OpPrint(len(entries), BACKWARD, owner, f"grad {name}", seen[name])
-            entry.outputs = [grad.tolist()]
-            entries.append(entry)
+            entries.append(_gradient(len(entries), name, seen[name], [grad.tolist()]))
         return entries
 
     def _forward(self, index: int, keep: bool):
@@ -134,12 +131,15 @@ def gradients_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def gradients_left(model: nn.Module) -> list[OpPrint]:
     """The gradients a step leaves in ``.grad`` (averaged across ranks under DDP, clipped when
     the run clips): what two executions still share when their ranks saw different shards."""
-    entries = []
+    entries: list[OpPrint] = []
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        owner = name.rpartition(".")[0]
-        entry = OpPrint(len(entries), BACKWARD, owner, f"grad {name}", 1)
-        entry.outputs = _reduced([param.grad]).tolist()
-        entries.append(entry)
+        if param.grad is not None:
+            entries.append(_gradient(len(entries), name, 1, _reduced([param.grad]).tolist()))
     return entries
+
+
+def _gradient(index: int, name: str, occurrence: int, reduced: list[list[float]]) -> OpPrint:
+    """A parameter's gradient as a backward entry of its owning module."""
+    entry = OpPrint(index, BACKWARD, name.rpartition(".")[0], f"grad {name}", occurrence)
+    entry.outputs = reduced
+    return entry
