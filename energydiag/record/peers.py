@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 WATCH = timedelta(days=365)  # a watcher waits for the whole run
+JOIN = 10.0  # seconds a closing rank waits for its watcher (which may be dumping the ring)
 CLOSED = b"closed"
 _RECORDERS = itertools.count()  # created in the same order on every rank: the same keys
 
@@ -53,9 +54,13 @@ class PeerAlarm:
         return silent
 
     def close(self) -> None:
-        """Wake this rank's watcher so that it ends (a failing peer may have woken it first)."""
+        """Wake this rank's watcher and let it end (a failing peer may have woken it first).
+        A process that exits while the watcher is still inside the store's C++ client aborts
+        ("terminate called without an active exception"), so the thread is joined."""
         with contextlib.suppress(RuntimeError):  # the group, and its store, may be gone
             self.store.set(self._key(self.rank), CLOSED)
+        if threading.current_thread() is not self.thread:  # a dump the watcher runs may close
+            self.thread.join(JOIN)
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/raised/{rank}"
