@@ -90,10 +90,10 @@ def test_16_mixed_with_accumulation_replays_bit_exact(tmp_path):
     assert report.fidelity["compared"] == 4
 
 
-def test_several_lightning_processes_are_refused_in_one_line():
-    """Under DDP each rank would record the LightningModule as its own copy and replay would
-    play the ranks as unrelated: refused, not recorded wrong. (A stand-in trainer: launching
-    Lightning's DDP needs a script of its own.)"""
+def test_several_processes_without_ddp_around_the_module_are_refused_in_one_line():
+    """DDP is recorded as DDP (tests/test_lightning_ddp.py); a strategy that wraps the module
+    otherwise (FSDP, DeepSpeed) would have each rank record its shard or copy as the model:
+    refused, not recorded wrong. (A stand-in trainer: those strategies need GPUs.)"""
     from types import SimpleNamespace
 
     from trainer_models import LitRegressor
@@ -101,12 +101,17 @@ def test_several_lightning_processes_are_refused_in_one_line():
     from energydiag.errors import DiagError
     from energydiag.record.lightning import _check_supported
 
+    class FSDPStrategy(SimpleNamespace):
+        pass
+
+    module = LitRegressor()
     trainer = SimpleNamespace(
         optimizers=[object()],
         gradient_clip_val=1.0,
         gradient_clip_algorithm="norm",
         precision="32-true",
         world_size=2,
+        strategy=FSDPStrategy(model=module),
     )
-    with pytest.raises(DiagError, match="2 processes"):
-        _check_supported(trainer, LitRegressor())
+    with pytest.raises(DiagError, match="with 2 processes under FSDPStrategy$"):
+        _check_supported(trainer, module)

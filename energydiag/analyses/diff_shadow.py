@@ -60,7 +60,7 @@ def _op_error(
 ) -> float | None:
     session, _ = side_session(run, step, device, variant)
     capture = _Capture(key)
-    with variant.applied(), Instrument([capture]).attached(session.optimizer):
+    with variant.applied(), Instrument([capture]).attached(session.optimizer, session.model):
         session.train(run.batch(step))
     if capture.call is None or capture.func._schema.is_mutable:
         return None  # an in-place op's inputs are already overwritten when it is seen

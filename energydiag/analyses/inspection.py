@@ -146,7 +146,7 @@ def _forward(model, loss_fn, batch, data, casting, observers, outputs):
     head, the loss, the energy matrix, whether its positives come first)."""
     head = find_head(model, data)
     restore_rng(batch.rng)
-    with outputs.attached(), Instrument(observers).attached(), casting:
+    with outputs.attached(), Instrument(observers).attached(model=model), casting:
         loss, diagnostics = loss_fn(model, data)
     if loss.requires_grad:
         loss.backward()

@@ -220,7 +220,7 @@ def _played(
             result = session.train(batch)
         return result, modules.prints()
     prints = Fingerprints(session.model, bitwise)
-    with variant.applied(), Instrument([prints]).attached(session.optimizer):
+    with variant.applied(), Instrument([prints]).attached(session.optimizer, session.model):
         result = session.train(batch)
     return result, prints.prints()
 

@@ -151,7 +151,15 @@ class Instrument(TorchDispatchMode):
         return plain_key(path) if path else "<model>"  # DDP's 'module.' is not the user's name
 
     @contextlib.contextmanager
-    def attached(self, optimizer: torch.optim.Optimizer | None = None) -> Iterator[Instrument]:
+    def attached(
+        self, optimizer: torch.optim.Optimizer | None = None, model: nn.Module | None = None
+    ) -> Iterator[Instrument]:
+        """``model``: the root the module paths are relative to, named before anything runs.
+        ModuleTracker names a module from the first one it sees called, so a step that calls a
+        submodule without calling the root (a LightningModule's ``training_step`` calling
+        ``self.net``) would name ``net.norm`` as ``norm``."""
+        if model is not None:
+            self.tracker._get_mod_name(model)  # names the whole tree from the root down
         with self.tracker, self.clock.watching(optimizer), self:
             yield self
 

@@ -110,7 +110,7 @@ def localise(session: Session, batch: Batch) -> Fault | None:
     masked = all_masked_samples(data)
     # A torch.compile'd model is observed op by op through the module it wraps (same parameters).
     model = getattr(session.model, "_orig_mod", session.model)
-    with instrument.attached(session.optimizer):
+    with instrument.attached(session.optimizer, session.model):
         try:
             result = run_step_fn(session.step_fn, model, session.optimizer, data, ctx)
         except Exception as err:  # a model that guards itself raises instead of returning NaN

@@ -30,13 +30,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def describe(model: nn.Module) -> dict[str, Any] | None:
+def describe(model: nn.Module, in_ddp: bool = False) -> dict[str, Any] | None:
     """The manifest's ``distributed`` entry for a model trained by several ranks: which of its
-    parameters are kept equal across ranks, and how (a plain module is each rank's own copy)."""
+    parameters are kept equal across ranks, and how (a plain module is each rank's own copy).
+    ``in_ddp``: ``model`` is the module a DDP wrapper out of sight keeps equal (a trainer's)."""
     rank, world = rank_and_world()
     if world == 1:
         return None
-    sync = synchronisation(model)
+    sync = {"": "ddp"} if in_ddp else synchronisation(model)
     kinds = set(sync.values())
     parallelism = kinds.pop() if len(kinds) == 1 else "mixed"
     return {

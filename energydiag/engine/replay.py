@@ -168,7 +168,7 @@ def run_step(
     for q in measured:
         q.before(session.model)
     observers = [o for o in (q.observer() for q in measured) if o is not None]
-    observe = (lambda: Instrument(observers).attached()) if observers else None
+    observe = (lambda: Instrument(observers).attached(model=session.model)) if observers else None
     scale = session.scaler.get_scale() if session.scaler else None
     try:
         result = session.train(batch, observe=observe, update=update)

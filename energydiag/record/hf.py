@@ -42,7 +42,7 @@ class EnergydiagCallback(TrainerCallback):
     (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``...).
 
     ``model_spec`` defaults to a ``PreTrainedModel``'s class and config. Supported: one
-    process, gradient accumulation (for a model whose loss the Trainer scales: one without
+    process or DDP under torchrun (each rank records its own batches), gradient accumulation (for a model whose loss the Trainer scales: one without
     ``**kwargs`` in ``forward``), fp32 or bf16 autocast; anything else is refused when training
     begins. An exception is not seen by Trainer callbacks: call ``callback.dump()`` from your own
     ``except`` to write the ring.
@@ -80,6 +80,7 @@ class EnergydiagCallback(TrainerCallback):
             grad_clip=clip,
             autocast_dtype="bfloat16" if args.bf16 else None,
             seed=args.seed,
+            in_ddp=args.world_size > 1,  # the Trainer's DDP, which callbacks are never shown
             **({"step": STEP} if self.accumulates else {}),
             **self.options,
         )
@@ -151,7 +152,11 @@ def _check_supported(args: Any, model: nn.Module) -> None:
         "forward takes **kwargs (it scales its own loss by num_items_in_batch)": (
             args.gradient_accumulation_steps != 1 and scales_itself
         ),
-        f"world_size={args.world_size}": args.world_size != 1,
+        # under torchrun the Trainer wraps the model in DDP, unless one of these shards it
+        f"world_size={args.world_size} under FSDP or DeepSpeed": (
+            args.world_size != 1 and bool(args.fsdp or args.deepspeed)
+        ),
+        f"{args.n_gpu} GPUs in one process (DataParallel)": args.n_gpu > 1,
         "fp16 (the Trainer keeps its GradScaler in its accelerator, which callbacks never see)": (
             bool(args.fp16)
         ),

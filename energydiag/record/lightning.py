@@ -13,7 +13,8 @@ a checkpoint every N steps; with gradient accumulation, each later micro-batch j
 ``on_before_optimizer_step`` (after the last backward, before clipping and the update: the
 gradient norm, and a dump of the pre-step state when something is non-finite) and
 ``on_exception``. Replay rebuilds the LightningModule from its class and ``hparams`` and calls
-its ``training_step`` through :func:`training_step` (a module without ``forward`` is the norm).
+its ``training_step`` through :func:`training_step` (a module without ``forward`` is the norm;
+a DDP replay routes the step through DDP's forward, as Lightning does, so it all-reduces).
 An alarm is also logged to the trainer's loggers as ``energydiag/alarm/<rule>`` = 1.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from energydiag.errors import DiagError, first_line
 from energydiag.record.accumulation import DIVISOR, STEP, micro_batch
@@ -48,9 +50,10 @@ class EnergydiagCallback(pl.Callback):
     (``checkpoint_every``, ``keep_batches``, ``persist_batches``, ``overwrite``, ``seed``...).
 
     ``model_spec`` defaults to the LightningModule's class with its saved ``hparams``.
-    Supported: one process, one optimizer, automatic optimization, norm clipping, gradient
-    accumulation, 32-bit, bf16-mixed or 16-mixed precision (with its GradScaler, whose state is
-    recorded per step); anything else is refused when fitting starts.
+    Supported: one process or DDP (each rank records its own batches, rank 0 the checkpoints, as
+    the Recorder does under torchrun), one optimizer, automatic optimization, norm clipping,
+    gradient accumulation, 32-bit, bf16-mixed or 16-mixed precision (with its GradScaler, whose
+    state is recorded per step); anything else is refused when fitting starts.
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class EnergydiagCallback(pl.Callback):
         accumulates = trainer.accumulate_grad_batches > 1
         self.recorder = Recorder(
             self.run_dir,
-            model=pl_module,
+            model=trainer.strategy.model,  # DDP around the module, under several processes
             optimizer=trainer.optimizers[0],
             model_spec=spec,
             loss={"target": "energydiag.record.lightning:training_step"},
@@ -155,9 +158,10 @@ def _check_supported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None
             and trainer.gradient_clip_algorithm not in (None, "norm")
         ),
         f"precision={trainer.precision!r}": str(trainer.precision) not in AUTOCAST,
-        # Each rank would record the LightningModule as its own copy, and replay would play
-        # DDP's ranks as unrelated ones: refused until DDP is recorded as DDP.
-        f"{trainer.world_size} processes": trainer.world_size != 1,
+        # DDP is recorded as DDP; another strategy's wrapping (FSDP, DeepSpeed) is not
+        f"{trainer.world_size} processes under {type(trainer.strategy).__name__}": (
+            trainer.world_size != 1 and not isinstance(trainer.strategy.model, DDP)
+        ),
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:
@@ -175,5 +179,24 @@ def training_step(model: pl.LightningModule, batch: Mapping[str, torch.Tensor]) 
     index = int(tensors.pop(BATCH_INDEX, torch.tensor(0)))
     with warnings.catch_warnings():  # self.log() without a trainer warns once per call
         warnings.simplefilter("ignore")
-        out = model.training_step(from_mapping(tensors), index)
+        out = _through_wrapper(model, from_mapping(tensors), index)
     return out["loss"] if isinstance(out, Mapping) else out
+
+
+def _through_wrapper(model: torch.nn.Module, batch: Any, index: int) -> Any:
+    """``training_step`` called through DDP's forward, where its reducer learns that a step
+    began (called around it, backward would not all-reduce): as Lightning does, the step
+    stands in for the module's ``forward`` for that one call."""
+    if not isinstance(model, DDP):
+        return model.training_step(batch, index)
+    module = model.module
+
+    def step_once(*args: Any) -> Any:
+        module.__dict__.pop("forward")  # the step may call the module's real forward
+        return module.training_step(*args)
+
+    module.forward = step_once
+    try:
+        return model(batch, index)
+    finally:
+        module.__dict__.pop("forward", None)

@@ -87,6 +87,8 @@ class Recorder:
     unless ``rank_checkpoints=False``), and the ranks vote on every step's health, so a NaN on
     one rank dumps them all. Every ``consistency_every`` steps (and at each checkpoint) the ranks
     compare fingerprints of their parameters; rank 0 logs where they differ (``ranks.jsonl``).
+    ``in_ddp``: ``model`` is the module a DDP wrapper the loop cannot reach keeps equal (the HF
+    Trainer hands callbacks its unwrapped model), so the run is recorded as DDP.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Recorder:
         check_spec: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         parallelize: str | None = None,
+        in_ddp: bool = False,
         rank_checkpoints: bool = True,
         consistency_every: int = 10,
         peer_timeout: float = 30.0,
@@ -128,7 +131,7 @@ class Recorder:
         self.manifest = recorded_manifest(
             model_spec, loss, optimizer, grad_clip, autocast_dtype, seed, optimizer_start_step, step
         )
-        self.manifest = with_ranks(self.manifest, model, parallelize, rank_checkpoints)
+        self.manifest = with_ranks(self.manifest, model, parallelize, rank_checkpoints, in_ddp)
         self.manifest.environment.update(environment.capture(next(model.parameters()).device))
         if scaler is not None:
             self.manifest = replace(self.manifest, scaler=scaler_settings(scaler))

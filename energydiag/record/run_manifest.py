@@ -18,11 +18,15 @@ from energydiag.io.manifest import Manifest, parse_manifest
 
 
 def with_ranks(
-    manifest: Manifest, model: nn.Module, parallelize: str | None, rank_checkpoints: bool
+    manifest: Manifest,
+    model: nn.Module,
+    parallelize: str | None,
+    rank_checkpoints: bool,
+    in_ddp: bool = False,
 ) -> Manifest:
     """A multi-rank run's manifest: version 2, the world, which parameters the ranks keep equal,
     and how to shard an FSDP model."""
-    distributed = describe(model)
+    distributed = describe(model, in_ddp)
     if distributed is None:
         return manifest
     if distributed["parallelism"] in ("none", "mixed"):
