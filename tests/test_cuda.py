@@ -49,3 +49,17 @@ def test_diff_names_where_cuda_and_cpu_kernels_part(tmp_path):
     assert result.exit_code in (0, 1) and report["aligned"] > 300
     first = report["first_divergence"]
     assert first is None or first["shadow"] is not None or first["phase"] != "forward"
+
+
+def test_hf_fp16_on_cuda_records_accelerates_scaler(tmp_path):
+    """The HF Trainer's real fp16 path: accelerate's GradScaler and float16 autocast on a GPU
+    (the CPU tests stand a CPU scaler in for it, tests/test_hf_fp16.py)."""
+    pytest.importorskip("transformers")
+    from test_integrations import fit_hf
+
+    fit_hf(tmp_path / "run", steps=10, fp16=True, use_cpu=False)
+    run = Run(tmp_path / "run")
+    assert run.manifest.autocast_dtype == "float16" and run.manifest.scaler is not None
+    report = replay_report(run, 0, device=torch.device("cuda"))
+    assert report.fault is None and report.fidelity["compared"] == 10
+    assert report.fidelity["max_relative_deviation"] < 1e-5

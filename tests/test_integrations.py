@@ -108,8 +108,11 @@ def fit_hf(
     spike_row: int | None = None,
     on_alarm: str = "warn",
     rows: int = 96,
+    scaler: torch.amp.GradScaler | None = None,
     **arguments,
 ):
+    """``scaler`` stands in for the GradScaler accelerate makes for ``fp16=True`` on a GPU only:
+    with it (and ``fp16=True``) a CPU run takes the GPU's path, float16 autocast included."""
     transformers = pytest.importorskip("transformers")
     from trainer_models import RegressionSet, Regressor, lr_ramp
 
@@ -140,6 +143,8 @@ def fit_hf(
     trainer = transformers.Trainer(
         model, args, train_dataset=RegressionSet(x, y), callbacks=[callback], optimizers=optimizers
     )
+    if scaler is not None:
+        trainer.accelerator.scaler, trainer.accelerator.native_amp = scaler, True
     trainer.train()
     return callback, trainer
 

@@ -103,8 +103,8 @@ def test_a_healthy_ddp_run_under_either_trainer_comes_out_healthy(tmp_path, trai
         ({"fsdp": "full_shard"}, "world_size=2 under FSDP or DeepSpeed"),
         ({"deepspeed": "ds.json"}, "world_size=2 under FSDP or DeepSpeed"),
         ({"world_size": 1, "n_gpu": 2}, "2 GPUs in one process (DataParallel)"),
-        ({"fp16": True}, "fp16"),
         ({}, None),  # plain DDP under torchrun: recorded
+        ({"fp16": True}, None),  # with accelerate's GradScaler (tests/test_hf_fp16.py)
     ],
 )
 def test_the_hf_callback_refuses_what_would_not_be_ddp_in_one_line(changes, refused):
@@ -116,7 +116,7 @@ def test_the_hf_callback_refuses_what_would_not_be_ddp_in_one_line(changes, refu
     from energydiag.errors import DiagError
     from energydiag.record.hf import _check_supported
 
-    args = {"gradient_accumulation_steps": 1, "world_size": 2, "n_gpu": 0, "fp16": False}
+    args = {"gradient_accumulation_steps": 1, "world_size": 2, "n_gpu": 0}
     args = SimpleNamespace(**(args | {"fsdp": "", "deepspeed": None} | changes))
     if refused is None:
         _check_supported(args, Regressor())

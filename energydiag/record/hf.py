@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from transformers import TrainerCallback
 
 from energydiag.engine.registry import resolve
@@ -43,7 +44,8 @@ class EnergydiagCallback(TrainerCallback):
 
     ``model_spec`` defaults to a ``PreTrainedModel``'s class and config. Supported: one
     process or DDP under torchrun (each rank records its own batches), gradient accumulation (for a model whose loss the Trainer scales: one without
-    ``**kwargs`` in ``forward``), fp32 or bf16 autocast; anything else is refused when training
+    ``**kwargs`` in ``forward``), fp32, bf16 autocast, or fp16 with accelerate's GradScaler (on a
+    GPU: on the CPU accelerate runs ``fp16=True`` in fp32); anything else is refused when training
     begins. An exception is not seen by Trainer callbacks: call ``callback.dump()`` from your own
     ``except`` to write the ring.
     """
@@ -58,6 +60,7 @@ class EnergydiagCallback(TrainerCallback):
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.model_spec, self.options = model_spec, options
         self.recorder: Recorder | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self._step: int | None = None  # set at step begin, taken by the step's first forward
         self._losses: list[torch.Tensor] = []
         self._micro = -1  # the forward of the open step; -1: none yet
@@ -67,6 +70,7 @@ class EnergydiagCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         _check_supported(args, model)
+        self.scaler = getattr(optimizer, "scaler", None)  # accelerate's, only for fp16 on a GPU
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
         self.run_dir = self.run_dir or Path(args.output_dir) / NAME
@@ -78,7 +82,8 @@ class EnergydiagCallback(TrainerCallback):
             model_spec=self.model_spec or default_spec(model),
             loss={"target": "energydiag.record.hf:model_loss"},
             grad_clip=clip,
-            autocast_dtype="bfloat16" if args.bf16 else None,
+            autocast_dtype=_autocast_dtype(args, self.scaler),
+            scaler=self.scaler,
             seed=args.seed,
             in_ddp=args.world_size > 1,  # the Trainer's DDP, which callbacks are never shown
             **({"step": STEP} if self.accumulates else {}),
@@ -101,7 +106,7 @@ class EnergydiagCallback(TrainerCallback):
             self.recorder.add_to_step({DIVISOR: torch.tensor(float(count))})
         name = "clipped_grad_norm" if self.recorder.manifest.grad_clip else "grad_norm"
         loss = sum(loss / count for loss in self._losses)  # in replay's order: bit-exact
-        self.recorder.end_step(loss, **{name: gradient_norm(model)})
+        self.recorder.end_step(loss, **{name: self._unscaled_norm(model)})
         self._losses, self._step = [], None
         for alarm in self._alarms:  # the Trainer's log, and its integrations at this step
             state.log_history.append(
@@ -119,6 +124,18 @@ class EnergydiagCallback(TrainerCallback):
     def dump(self, reason: str = "exception", **evidence: Any) -> None:
         if self.recorder is not None:
             self.recorder.dump(reason, **evidence)
+
+    def _unscaled_norm(self, model: nn.Module) -> torch.Tensor:
+        """The Trainer unscales before clipping (transformers 5 always, to log the norm); where
+        it did not, the gradients still carry the loss scale. The scaler's own per-optimizer
+        stage says which: there is no public accessor for it."""
+        norm = gradient_norm(model)
+        if self.scaler is None:
+            return norm
+        state = self.scaler._per_optimizer_states.get(id(self.recorder.optimizer), {})
+        if state.get("stage") is OptState.UNSCALED:
+            return norm
+        return norm / self.scaler.get_scale()  # a power of 2: exact
 
     def _take_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._step is None or self.recorder is None:
@@ -157,13 +174,18 @@ def _check_supported(args: Any, model: nn.Module) -> None:
             args.world_size != 1 and bool(args.fsdp or args.deepspeed)
         ),
         f"{args.n_gpu} GPUs in one process (DataParallel)": args.n_gpu > 1,
-        "fp16 (the Trainer keeps its GradScaler in its accelerator, which callbacks never see)": (
-            bool(args.fp16)
-        ),
     }
     refused = [what for what, bad in refusals.items() if bad]
     if refused:
         raise DiagError(None, f"EnergydiagCallback cannot record a run with {', '.join(refused)}")
+
+
+def _autocast_dtype(args: Any, scaler: torch.amp.GradScaler | None) -> str | None:
+    """What accelerate autocasts to: float16 only where it made a scaler for it, because on the
+    CPU it runs ``fp16=True`` with neither."""
+    if args.fp16 and scaler is not None:
+        return "float16"
+    return "bfloat16" if args.bf16 else None
 
 
 def loss_of(output: Any) -> torch.Tensor:
