@@ -4,7 +4,8 @@ plainly, on the benchmark model (interleaved medians, one run).
     python benchmarks/bench_diff.py [--rounds N]
 
 Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. Each op's outputs and float inputs
-are reduced to two float64 numbers on the device, under the instrument's dispatch mode; under
+are reduced to two float64 numbers on the device (cast in chunks into one reused buffer),
+under the instrument's dispatch mode; under
 ``--against compile`` hooks reduce each module's output and each gradient instead. Memory:
 in fresh processes (Linux), the peak RSS a step adds over the session it starts from, plain,
 fingerprinted and fingerprinted with --bitwise's checksums.
@@ -58,8 +59,8 @@ def _rss(field: str) -> float:
 
 def memory(run_dir: Path) -> None:
     """Under glibc's default allocator, and with its mmap threshold fixed: the default raises
-    the threshold as large blocks are freed, and then keeps the float64 reductions' temporary
-    copies in a heap it does not shrink, which the peak RSS counts as if it were live."""
+    the threshold as large blocks are freed and then serves them from a heap it does not
+    shrink, which the peak RSS counts as if it were live, so its numbers move from run to run."""
     here = Path(__file__).resolve().parent
     for label, env in (("default malloc", {}), ("MALLOC_MMAP_THRESHOLD_=131072", FIXED)):
         peaks = {}

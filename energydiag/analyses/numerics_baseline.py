@@ -19,7 +19,7 @@ import torch
 from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
 from energydiag.analyses.gate import FAIL, PASS, CheckResult
 from energydiag.analyses.numerics_diff import fingerprint_step
-from energydiag.engine.fingerprint import OpPrint
+from energydiag.engine.fingerprint import METHOD, OpPrint
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.rundir import Run
@@ -33,9 +33,7 @@ class StoredOp(Record):
     op: str
     occurrence: int
     outputs: list[list[float]]
-    numels: list[int] = field(
-        default_factory=list
-    )  # absent from baselines of 2026-12-01 and before
+    numels: list[int]
 
     def fingerprint(self, index: int) -> OpPrint:
         return OpPrint(
@@ -56,6 +54,7 @@ class NumericsBaseline(Report):
     torch: str
     tolerance: float = 0.0  # relative difference an op may move by; edit the file to loosen
     ops: list[StoredOp] = field(default_factory=list)
+    method: int = 1  # how the fingerprints were reduced (engine/fingerprint.METHOD); 1 if absent
 
 
 def baseline_step(run: Run) -> int:
@@ -70,7 +69,7 @@ def capture(run: Run, device: torch.device) -> NumericsBaseline:
     step = baseline_step(run)
     prints = fingerprint_step(run, step, device).prints
     ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs, p.numels) for p in prints]
-    return NumericsBaseline(step, torch.__version__, 0.0, ops)
+    return NumericsBaseline(step, torch.__version__, 0.0, ops, METHOD)
 
 
 def write_baseline(path: Path, baseline: NumericsBaseline) -> None:
@@ -81,9 +80,16 @@ def read_baseline(path: Path) -> NumericsBaseline:
     if not path.is_file():
         raise OptionError("no numerics baseline here: write one", "update_baseline", path=path)
     try:
-        return NumericsBaseline.from_json(json.loads(path.read_text()))
+        baseline = NumericsBaseline.from_json(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, SchemaError, TypeError, KeyError) as err:
         raise DiagError(path, f"not a numerics baseline ({str(err).splitlines()[0]})") from None
+    if baseline.method != METHOD:  # every op would move by float64 rounding, none by the code
+        problem = (
+            f"fingerprinted by method {baseline.method}, and this energydiag reduces by method "
+            f"{METHOD}, which rounds differently in float64: write the baseline again"
+        )
+        raise OptionError(problem, "update_baseline", path=path)
+    return baseline
 
 
 def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[str, Any]:

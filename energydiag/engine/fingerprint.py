@@ -1,7 +1,7 @@
 """Per-op fingerprints of one replayed step, for comparing two executions op by op.
 
-Each op's float outputs are reduced on the device to a float64 L2 norm and sum (two reductions
-per tensor, read back once at the end: no sync per op). Its inputs are not reduced again: an
+Each op's float outputs are reduced on the device to a float64 L2 norm and sum (read back once
+at the end: no sync per op), cast to float64 a chunk at a time (``reduce64``). Its inputs are not reduced again: an
 input an earlier op produced carries that output's fingerprint, and only leaf inputs
 (parameters, the batch, optimizer state) are reduced, once per version of their data.
 
@@ -15,6 +15,7 @@ that comes in through a weight is told from one that comes in through an activat
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -74,8 +75,9 @@ class Fingerprints:
         self.seen: Counter[tuple[str, str, str]] = Counter()
         # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
         self.known: dict[tuple[int, int], int] = {}
-        self.norms: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
+        self.squares: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
         self.sums: list[torch.Tensor] = []
+        self.scratch = torch.empty(CHUNK, dtype=torch.float64)  # reduce64's, on the CPU
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
 
     def on_op(self, call: OpCall) -> None:
@@ -96,11 +98,13 @@ class Fingerprints:
 
     def prints(self) -> list[OpPrint]:
         """Read every reduction back at once."""
-        if not self.norms:
+        if not self.squares:
             return []
-        device = self.norms[0].device
-        norms, sums = (torch.stack([t.to(device) for t in ts]) for ts in (self.norms, self.sums))
-        flat = torch.stack([norms, sums], dim=1).tolist()
+        device = self.squares[0].device
+        squares, sums = (
+            torch.stack([t.to(device) for t in ts]) for ts in (self.squares, self.sums)
+        )
+        flat = torch.stack([squares.sqrt(), sums], dim=1).tolist()
         bits = torch.stack([t.to(device) for t in self.checksums]).tolist() if self.bitwise else []
         for entry, outs, ins in self.entries:
             entry.outputs = [flat[i] for i in outs]
@@ -118,22 +122,67 @@ class Fingerprints:
         return self.known[where]
 
     def _slot(self, t: torch.Tensor) -> int:
-        self.norms.append(torch.linalg.vector_norm(t, dtype=torch.float64))
-        self.sums.append(t.sum(dtype=torch.float64))
+        scratch = self.scratch if t.device.type == "cpu" else None
+        squares, total = reduce64(t, scratch)
+        self.squares.append(squares)
+        self.sums.append(total)
         if self.bitwise:
-            self.checksums.append(checksum(t))
-        return len(self.norms) - 1
+            self.checksums.append(checksum(t, scratch))
+        return len(self.squares) - 1
+
+
+CHUNK = 1 << 16  # elements widened at once on the CPU (512 KiB as float64 or int64)
+METHOD = 2  # stored with numerics baselines: 1 reduced whole tensors, 2 reduces by CHUNK
+
+
+def reduce64(
+    t: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 sum of squares and sum of a tensor's elements. On the CPU a float64 reduction
+    of float32 data first casts a whole copy, once per reduction; this casts once per chunk,
+    into ``scratch`` (CHUNK float64 elements, reused: a fresh copy each time is fresh pages to
+    fault in), so the fingerprints' extra memory is one chunk, not copies of the largest
+    tensor."""
+    squares = total = None
+    for part in _chunks(t):
+        d = part.to(torch.float64) if scratch is None else scratch[: part.numel()].copy_(part)
+        part_squares = torch.linalg.vector_norm(d).square()
+        squares = part_squares if squares is None else squares + part_squares
+        total = d.sum() if total is None else total + d.sum()
+    return squares, total
 
 
 WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-def checksum(t: torch.Tensor) -> torch.Tensor:
+def checksum(t: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Each element's bits as an integer, weighted by an odd number per position (so a
-    permutation changes it too), summed with int64 wrap-around; on the device, no sync."""
-    words = t.detach().contiguous().view(WORDS[t.element_size()]).reshape(-1).to(torch.int64)
-    weights = torch.arange(1, 2 * words.numel(), 2, device=t.device, dtype=torch.int64)
-    return (words * weights).sum()
+    permutation changes it too), summed with int64 wrap-around; on the device, no sync. A
+    chunk's weights are ``first + 2i``, summed as ``first * sum(w) + 2 * sum(i * w)``: int64
+    wraps the same in any grouping, and the words are widened into ``scratch`` (reduce64's,
+    as int64)."""
+    total, first = None, 1  # the weight of the chunk's first element
+    for part in _chunks(t):
+        n, ints = part.numel(), part.view(WORDS[t.element_size()])
+        wide = torch.empty(n, dtype=torch.int64, device=t.device) if scratch is None else scratch
+        words = wide.view(torch.int64)[:n].copy_(ints)  # a copy: weighted in place below
+        positions = _positions()[:n] if t.device.type == "cpu" else torch.arange(n, device=t.device)
+        part_sum = words.sum() * first + words.mul_(positions).sum() * 2
+        total = part_sum if total is None else total + part_sum
+        first += 2 * n
+    return total
+
+
+@functools.cache
+def _positions() -> torch.Tensor:
+    return torch.arange(CHUNK)
+
+
+def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensor's elements in order, flat and contiguous, in CHUNK pieces on the CPU; on other
+    devices a chunk costs kernel launches and saves no cache, so there is one."""
+    flat = t.detach().reshape(-1)
+    return flat.split(CHUNK if t.device.type == "cpu" else flat.numel())
 
 
 def _floats(obj: object) -> list[torch.Tensor]:
