@@ -21,10 +21,10 @@ def tensors() -> list[torch.Tensor]:
 @pytest.mark.parametrize("t", tensors(), ids=lambda t: f"{t.dtype}{list(t.shape)}")
 def test_chunked_reductions_are_float64_accurate(t):
     exact = t.double()
-    squares, total = reduce64(t)
-    assert (squares, total) == reduce64(t, torch.empty(CHUNK, dtype=torch.float64))
-    assert squares.dtype == total.dtype == torch.float64
-    assert squares.sqrt().item() == pytest.approx(exact.norm().item(), rel=1e-13)
+    norm, total = reduce64(t)
+    assert (norm, total) == reduce64(t, torch.empty(CHUNK, dtype=torch.float64))
+    assert norm.dtype == total.dtype == torch.float64
+    assert norm.item() == pytest.approx(exact.norm().item(), rel=1e-13)
     assert total.item() == pytest.approx(exact.sum().item(), rel=1e-12, abs=1e-9)
 
 

@@ -75,7 +75,7 @@ class Fingerprints:
         self.seen: Counter[tuple[str, str, str]] = Counter()
         # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
         self.known: dict[tuple[int, int], int] = {}
-        self.squares: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
+        self.norms: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
         self.sums: list[torch.Tensor] = []
         self.scratch = torch.empty(CHUNK, dtype=torch.float64)  # reduce64's, on the CPU
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
@@ -98,13 +98,11 @@ class Fingerprints:
 
     def prints(self) -> list[OpPrint]:
         """Read every reduction back at once."""
-        if not self.squares:
+        if not self.norms:
             return []
-        device = self.squares[0].device
-        squares, sums = (
-            torch.stack([t.to(device) for t in ts]) for ts in (self.squares, self.sums)
-        )
-        flat = torch.stack([squares.sqrt(), sums], dim=1).tolist()
+        device = self.norms[0].device
+        norms, sums = (torch.stack([t.to(device) for t in ts]) for ts in (self.norms, self.sums))
+        flat = torch.stack([norms, sums], dim=1).tolist()
         bits = torch.stack([t.to(device) for t in self.checksums]).tolist() if self.bitwise else []
         for entry, outs, ins in self.entries:
             entry.outputs = [flat[i] for i in outs]
@@ -123,12 +121,12 @@ class Fingerprints:
 
     def _slot(self, t: torch.Tensor) -> int:
         scratch = self.scratch if t.device.type == "cpu" else None
-        squares, total = reduce64(t, scratch)
-        self.squares.append(squares)
+        norm, total = reduce64(t, scratch)
+        self.norms.append(norm)
         self.sums.append(total)
         if self.bitwise:
             self.checksums.append(checksum(t, scratch))
-        return len(self.squares) - 1
+        return len(self.norms) - 1
 
 
 CHUNK = 1 << 16  # elements widened at once on the CPU (512 KiB as float64 or int64)
@@ -138,18 +136,18 @@ METHOD = 2  # stored with numerics baselines: 1 reduced whole tensors, 2 reduces
 def reduce64(
     t: torch.Tensor, scratch: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 sum of squares and sum of a tensor's elements. On the CPU a float64 reduction
-    of float32 data first casts a whole copy, once per reduction; this casts once per chunk,
-    into ``scratch`` (CHUNK float64 elements, reused: a fresh copy each time is fresh pages to
-    fault in), so the fingerprints' extra memory is one chunk, not copies of the largest
-    tensor."""
-    squares = total = None
+    """The float64 L2 norm and sum of a tensor's elements. On the CPU a float64 reduction of
+    float32 data first casts a whole copy, once per reduction; this casts once per chunk, into
+    ``scratch`` (CHUNK float64 elements, reused: a fresh copy each time is fresh pages to fault
+    in), so the fingerprints' extra memory is one chunk, not copies of the largest tensor."""
+    norms, sums = [], []
     for part in _chunks(t):
         d = part.to(torch.float64) if scratch is None else scratch[: part.numel()].copy_(part)
-        part_squares = torch.linalg.vector_norm(d).square()
-        squares = part_squares if squares is None else squares + part_squares
-        total = d.sum() if total is None else total + d.sum()
-    return squares, total
+        norms.append(torch.linalg.vector_norm(d))
+        sums.append(d.sum())
+    if len(norms) == 1:
+        return norms[0], sums[0]
+    return torch.linalg.vector_norm(torch.stack(norms)), torch.stack(sums).sum()
 
 
 WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
@@ -182,7 +180,7 @@ def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensor's elements in order, flat and contiguous, in CHUNK pieces on the CPU; on other
     devices a chunk costs kernel launches and saves no cache, so there is one."""
     flat = t.detach().reshape(-1)
-    return flat.split(CHUNK if t.device.type == "cpu" else flat.numel())
+    return flat.split(CHUNK) if t.device.type == "cpu" and flat.numel() > CHUNK else (flat,)
 
 
 def _floats(obj: object) -> list[torch.Tensor]:

@@ -57,6 +57,10 @@ class OpCall:
 
 
 class Observer(Protocol):
+    """Sees every op. One that judges an in-place op by what it wrote as it was before
+    (``OpCall.written_were_finite``) says so with a class attribute ``reads_written_before =
+    True``: the instrument checks those tensors (a reduction each) only for such observers."""
+
     def on_op(self, call: OpCall) -> None: ...
 
 
@@ -107,6 +111,7 @@ class Instrument(TorchDispatchMode):
     def __init__(self, observers: list[Observer], clock: PhaseClock | None = None) -> None:
         super().__init__()
         self.observers = observers
+        self.written_before = any(getattr(o, "reads_written_before", False) for o in observers)
         self.clock = clock or PhaseClock()
         self.tracker = ModuleTracker()
         self.calls: list[OpCall] = []  # only the ones an observer kept, for phase resolution
@@ -119,7 +124,9 @@ class Instrument(TorchDispatchMode):
         kwargs = kwargs or {}
         skip = func.is_view or _uninitialised(func) or not self.observers
         before = (
-            None if skip or not func._schema.is_mutable else _written_finite(func, args, kwargs)
+            _written_finite(func, args, kwargs)
+            if self.written_before and not skip and func._schema.is_mutable
+            else None
         )
         out = func(*args, **kwargs)
         self.order += 1

@@ -46,6 +46,8 @@ class OpEvent(Record):
 class Origins:
     """Every place a non-finite value began, in execution order."""
 
+    reads_written_before = True  # an in-place op is judged by the inputs it overwrote
+
     def __init__(self) -> None:
         self.events: list[OpEvent] = []
         self.masked: list[OpEvent] = []
