@@ -196,39 +196,44 @@ def raises_on_rank_2(rank: int, out: str, at_step: int) -> None:
             optimizer.step()
 
 
-def lightning_ddp(rank: int, out: str, steps: int, constant_row: int | None) -> None:
+Runs = list[tuple[str, int, int | None]]  # each run's directory, steps and planted row
+
+
+def lightning_ddp(rank: int, runs: Runs) -> None:
     """Lightning's own DDP on these ranks, as under torchrun (LOCAL_RANK set: Lightning starts
-    no processes and joins the group that is there); its sampler gives each rank every other
-    row, so ``constant_row`` (a std-0 row) lands on rank ``constant_row % 2``."""
+    no processes and joins the group that is there), one fit per run in the same processes;
+    its sampler gives each rank every other row, so a planted std-0 row lands on rank
+    ``row % 2``."""
     import lightning.pytorch as pl
     from trainer_models import LitRegressor, regression_data
 
     from energydiag.record.lightning import EnergydiagCallback
 
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(dist.get_world_size()))
-    pl.seed_everything(0, verbose=False)
-    x, y = regression_data(64, constant_row)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    callback = EnergydiagCallback(out, checkpoint_every=4, persist_batches=True)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=dist.get_world_size(),
-        strategy="ddp",
-        logger=False,
-        gradient_clip_val=1.0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    trainer.fit(LitRegressor(), loader)
+    for out, steps, constant_row in runs:
+        pl.seed_everything(0, verbose=False)
+        x, y = regression_data(64, constant_row)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+        callback = EnergydiagCallback(out, checkpoint_every=4, persist_batches=True)
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=dist.get_world_size(),
+            strategy="ddp",
+            logger=False,
+            gradient_clip_val=1.0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback],
+        )
+        trainer.fit(LitRegressor(), loader)
 
 
-def hf_ddp(rank: int, out: str, steps: int, constant_row: int | None) -> None:
+def hf_ddp(rank: int, runs: Runs) -> None:
     """The Hugging Face Trainer's own DDP on these ranks, as under torchrun: accelerate finds
     the group that is there, the Trainer wraps the model in DDP and shards the data with a
-    DistributedSampler (shuffled, seeded alike on every rank)."""
+    DistributedSampler (shuffled, seeded alike on every rank); one Trainer per run."""
     import transformers
     from trainer_models import RegressionSet, Regressor, hf_arguments, regression_data
 
@@ -236,14 +241,17 @@ def hf_ddp(rank: int, out: str, steps: int, constant_row: int | None) -> None:
 
     world = dist.get_world_size()
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    transformers.set_seed(0)
     spec = {"target": "trainer_models:Regressor", "kwargs": {"hidden": 16, "dropout": 0.1}}
-    callback = EnergydiagCallback(out, model_spec=spec, checkpoint_every=4, persist_batches=True)
-    args = hf_arguments(
-        Path(out).parent / "hf-out", steps, 4, learning_rate=1e-2, max_grad_norm=1.0, seed=0
-    )
-    x, y = regression_data(64, constant_row)
-    trainer = transformers.Trainer(
-        Regressor(), args, train_dataset=RegressionSet(x, y), callbacks=[callback]
-    )
-    trainer.train()
+    for out, steps, constant_row in runs:
+        transformers.set_seed(0)
+        callback = EnergydiagCallback(
+            out, model_spec=spec, checkpoint_every=4, persist_batches=True
+        )
+        args = hf_arguments(
+            Path(out).parent / "hf-out", steps, 4, learning_rate=1e-2, max_grad_norm=1.0, seed=0
+        )
+        x, y = regression_data(64, constant_row)
+        trainer = transformers.Trainer(
+            Regressor(), args, train_dataset=RegressionSet(x, y), callbacks=[callback]
+        )
+        trainer.train()

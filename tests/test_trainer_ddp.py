@@ -17,18 +17,31 @@ PLANTED_ROW = 41  # Lightning's sampler does not shuffle: odd rows are rank 1's,
 DDP = {"world_size": 2, "backend": "gloo", "parallelism": "ddp", "sync": {"": "ddp"}}
 
 
-def record(root, trainer: str, steps: int, constant_row: int | None = None) -> Run:
+def record(root, trainer: str) -> tuple[Run, Run]:
+    """A planted run of 8 steps and a healthy one of 6, in one set of processes (each start
+    costs seconds of imports)."""
     import dist_workers
 
     pytest.importorskip({"lightning": "lightning.pytorch", "hf": "transformers"}[trainer])
     loop = {"lightning": dist_workers.lightning_ddp, "hf": dist_workers.hf_ddp}[trainer]
-    dist_workers.spawn(2, loop, str(root), steps, constant_row)
-    return Run(root)
+    planted, healthy = root / "planted", root / "healthy"
+    dist_workers.spawn(2, loop, [(str(planted), 8, PLANTED_ROW), (str(healthy), 6, None)])
+    return Run(planted), Run(healthy)
 
 
 @pytest.fixture(scope="module")
-def lightning_planted(tmp_path_factory):
-    return record(tmp_path_factory.mktemp("lightning_ddp") / "run", "lightning", 8, PLANTED_ROW)
+def lightning_runs(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("lightning_ddp"), "lightning")
+
+
+@pytest.fixture(scope="module")
+def lightning_planted(lightning_runs):
+    return lightning_runs[0]
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("hf_ddp"), "hf")
 
 
 def planted_where(run: Run) -> list[tuple[int, int]]:
@@ -72,11 +85,11 @@ def test_one_process_playing_both_lightning_ranks_names_the_same_rank(lightning_
     assert (fault["rank"], fault["step"], fault["module"]) == (1, 5, "net.norm")
 
 
-def test_the_hf_trainers_ddp_is_recorded_as_ddp_and_replays_to_the_planted_row(tmp_path):
+def test_the_hf_trainers_ddp_is_recorded_as_ddp_and_replays_to_the_planted_row(hf_runs):
     """The Trainer hands callbacks the unwrapped model; the run is still DDP's, and replaying it
     with the all-reduce matches the recorded parameters bit for bit (replaying two unsynced
     copies would not)."""
-    run = record(tmp_path / "run", "hf", 8, PLANTED_ROW)
+    run = hf_runs[0]
     assert run.manifest.distributed == DDP
     [(rank, step)] = planted_where(run)  # the sampler shuffled it there; one epoch: once
     failure = json.loads((run.root / "failure.json").read_text())
@@ -90,8 +103,8 @@ def test_the_hf_trainers_ddp_is_recorded_as_ddp_and_replays_to_the_planted_row(t
 
 
 @pytest.mark.parametrize("trainer", ["lightning", "hf"])
-def test_a_healthy_ddp_run_under_either_trainer_comes_out_healthy(tmp_path, trainer):
-    run = record(tmp_path / "run", trainer, 6)
+def test_a_healthy_ddp_run_under_either_trainer_comes_out_healthy(request, trainer):
+    run = request.getfixturevalue(f"{trainer}_runs")[1]
     assert run.manifest.distributed == DDP and run.first_failure() is None
     found = diagnose(run)
     assert found.verdict == Verdict.HEALTHY and not found.failed
