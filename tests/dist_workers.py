@@ -28,12 +28,26 @@ def rendezvous() -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
+PRELOADED = ["torch", "dist_workers", "energydiag.record.recorder"]
+
+
 def spawn(world: int, loop, *args) -> None:
-    """Run ``loop(rank, *args)`` on ``world`` gloo ranks, as torchrun would start them."""
+    """Run ``loop(rank, *args)`` on ``world`` gloo ranks, fresh processes as torchrun starts
+    them; forked from a server that has imported torch and this module once (it runs no op, so
+    no thread pool is forked), which saves each rank seconds of imports."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(PRELOADED)
     store = rendezvous()
-    mp.spawn(run_rank, args=(world, store.port, loop, *args), nprocs=world, join=True)
+    mp.start_processes(
+        run_rank,
+        args=(world, store.port, loop, *args),
+        nprocs=world,
+        join=True,
+        start_method="forkserver",
+    )
 
 
 def run_rank(rank: int, world: int, port: int, loop, *args) -> None:

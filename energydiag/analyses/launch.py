@@ -26,8 +26,15 @@ TIMEOUT = timedelta(minutes=5)  # a rank that died leaves the others waiting at 
 
 
 def launch(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
-    """``worker(*args)`` on ``nproc`` local processes; each rank's return value."""
+    """``worker(*args)`` on ``nproc`` local processes; each rank's return value. The processes
+    are forked from multiprocessing's fork server, a fresh process that has imported torch and
+    the worker's module (it runs no op: no thread pool or CUDA context is forked) and stays up,
+    so a command that launches several replays (whatif's variants) imports them once."""
+    import multiprocessing
+
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    multiprocessing.set_forkserver_preload(["torch", worker.__module__])
 
     config = LaunchConfig(
         min_nodes=1,
@@ -38,6 +45,7 @@ def launch(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
         monitor_interval=0.1,
+        start_method="forkserver",
     )
     # All ranks are on this machine: gloo over loopback, whatever interface the hostname names.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
