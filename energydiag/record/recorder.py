@@ -179,7 +179,6 @@ class Recorder:
         return self.failures[0]["step"] if self.failures else None
 
     def start_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> None:
-        self._step, self._ended = step, False
         if step % self.checkpoint_every == 0:
             self.save_checkpoint(step)
         if self.consistency_every and (
@@ -190,8 +189,9 @@ class Recorder:
         meta = {"kind": "batch", "step": str(step)}
         if self.scaler is not None:
             meta[SCALER_STATE] = json.dumps(self.scaler.state_dict())
-        with self._lock:
+        with self._lock:  # a peer's dump, on the watcher thread, sees a step with its batch
             self.ring.append((step, record, meta))
+            self._step, self._ended = step, False
         for quantity in self.quantities:
             quantity.start(step, dict(batch))
 
