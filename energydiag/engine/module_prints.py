@@ -102,11 +102,13 @@ def _reduced(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """[k, 2]: each tensor's float64 L2 norm and sum, as the per-op fingerprints have them."""
     if not tensors:
         return None
-    rows = [
-        torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64), t.sum(dtype=torch.float64)])
-        for t in tensors
-    ]
-    return torch.stack(rows).detach()
+    rows = [_norm_and_sum(t.detach().to(torch.float64)) for t in tensors]
+    return torch.stack(rows)
+
+
+def _norm_and_sum(wide: torch.Tensor) -> torch.Tensor:
+    """From one float64 copy: a reduction with ``dtype=`` casts its own copy, each."""
+    return torch.stack([torch.linalg.vector_norm(wide), wide.sum()])
 
 
 def copied(obj: Any) -> Any:
