@@ -33,7 +33,8 @@ def build_wheel(out: Path) -> Path:
 
 
 def fresh_venv(folder: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    """Without ensurepip's copy of pip (seconds): ``pip_into`` installs with this one."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
     python = folder / "bin" / "python"
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -44,6 +45,11 @@ def fresh_venv(folder: Path) -> Path:
     # This environment's packages, after the venv's own: the editable checkout is not on it.
     Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
+
+
+def pip_into(python: Path) -> list[str]:
+    """This environment's pip, installing into another interpreter's environment."""
+    return [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +86,7 @@ def test_an_interrupted_first_recording_leaves_no_half_fixtures(tmp_path, monkey
 
 def test_demo_from_the_installed_wheel(wheel, tmp_path):
     python = fresh_venv(tmp_path / "venv")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        check=True,
-    )
+    subprocess.run([*pip_into(python), "--no-deps", "--no-index", str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "ENERGYDIAG_CACHE": str(tmp_path / "cache")}
@@ -130,10 +133,9 @@ def test_other_pythons_compile_and_start_the_cli(wheel, tmp_path, version):
     python = find_python(version)
     if python is None:
         pytest.skip(f"no Python {version} on this machine")
-    # without ensurepip's copy of pip (seconds per interpreter): this pip installs into it
     subprocess.run([str(python), "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     venv = tmp_path / "venv" / "bin"
-    pip = [sys.executable, "-m", "pip", "--python", str(venv / "python"), "install", "-q"]
+    pip = pip_into(venv / "python")
     subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
     if subprocess.run([*pip, "typer", "rich"], capture_output=True).returncode != 0:
         pytest.skip(f"typer and rich do not install for Python {version} here")
