@@ -29,7 +29,7 @@ def launch(nproc: int, worker: Callable[..., Any], *args: Any) -> dict[int, Any]
     """``worker(*args)`` on ``nproc`` local processes; each rank's return value. The processes
     are forked from multiprocessing's fork server, a fresh process that has imported torch and
     the worker's module (it runs no op: no thread pool or CUDA context is forked) and stays up,
-    so a command that launches several replays (whatif's variants) imports them once."""
+    so a process that launches more than once imports them once."""
     import multiprocessing
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
