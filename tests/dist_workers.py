@@ -219,7 +219,8 @@ def lightning_ddp(rank: int, runs: Runs) -> None:
     its sampler gives each rank every other row, so a planted std-0 row lands on rank
     ``row % 2``."""
     import lightning.pytorch as pl
-    from trainer_models import LitRegressor, regression_data
+    from lit_models import LitRegressor
+    from trainer_models import regression_data
 
     from energydiag.record.lightning import EnergydiagCallback
 

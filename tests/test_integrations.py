@@ -28,7 +28,7 @@ def fit_lightning(
     **options,
 ):
     pl = pytest.importorskip("lightning.pytorch")
-    from trainer_models import LitRegressor
+    from lit_models import LitRegressor
 
     from energydiag.record.lightning import EnergydiagCallback
 
@@ -52,7 +52,7 @@ def fit_lightning(
 def test_lightning_run_replays_bit_exact(tmp_path):
     fit_lightning(tmp_path / "run", steps=10)
     run = Run(tmp_path / "run")
-    assert run.manifest.model.target == "trainer_models:LitRegressor"
+    assert run.manifest.model.target == "lit_models:LitRegressor"
     assert run.manifest.grad_clip == 1.0 and run.checkpoint_steps == [0, 4, 8]
     lrs = [run.batch(s).hyperparameters[0]["lr"] for s in (3, 4, 9)]
     assert lrs == pytest.approx([1e-2, 5e-3, 2.5e-3])  # the step schedule, recorded per step
@@ -75,7 +75,7 @@ def test_lightning_planted_fault_is_dumped_and_localised(tmp_path):
 
 def test_lightning_refuses_what_it_cannot_replay(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from trainer_models import LitRegressor
+    from lit_models import LitRegressor
 
     from energydiag.errors import DiagError
     from energydiag.record.lightning import EnergydiagCallback

@@ -13,12 +13,17 @@ from energydiag.analyses.diagnosis import Verdict, diagnose
 from energydiag.analyses.replaying import replay_report
 from energydiag.io.rundir import Run
 
-pytest.importorskip("lightning.pytorch")
-from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+def fp16_plugin(**kwargs):
+    """Imported here, not at collection: lightning takes seconds to import."""
+    pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", **kwargs)
 
 
 def fit_fp16(root, steps: int, seed: int = 0, **trainer_args):
-    plugin = MixedPrecision("16-mixed", "cpu")
+    plugin = fp16_plugin()
     return fit_lightning(root, steps, trainer_args={"plugins": [plugin], **trainer_args}, seed=seed)
 
 
@@ -66,7 +71,7 @@ def test_an_overflowing_scale_skips_steps_that_replay_skips_too(tmp_path):
     """A scale of 2**30 overflows float16 gradients: the scaler halves it and skips the step,
     step after step. Those steps are expected, not faults, and replay skips the same ones;
     but a run that skipped every step trained nothing, and diagnose says so."""
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", 2.0**30))
+    plugin = fp16_plugin(scaler=torch.amp.GradScaler("cpu", 2.0**30))
     fit_lightning(tmp_path / "run", 10, trainer_args={"plugins": [plugin]})
     run = Run(tmp_path / "run")
     report = replay_report(run, 0).summary()
@@ -91,12 +96,13 @@ def test_16_mixed_with_accumulation_replays_bit_exact(tmp_path):
 
 
 def test_several_processes_without_ddp_around_the_module_are_refused_in_one_line():
-    """DDP is recorded as DDP (tests/test_lightning_ddp.py); a strategy that wraps the module
+    """DDP is recorded as DDP (tests/test_trainer_ddp.py); a strategy that wraps the module
     otherwise (FSDP, DeepSpeed) would have each rank record its shard or copy as the model:
     refused, not recorded wrong. (A stand-in trainer: those strategies need GPUs.)"""
     from types import SimpleNamespace
 
-    from trainer_models import LitRegressor
+    pytest.importorskip("lightning.pytorch")
+    from lit_models import LitRegressor
 
     from energydiag.errors import DiagError
     from energydiag.record.lightning import _check_supported

@@ -33,7 +33,7 @@ def fit_lightning(
     root, steps: int, lr: float, head: str, tau: float, seed: int = 0, accumulate: int = 1
 ) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    from trainer_models import LitEnergy
+    from lit_models import LitEnergy
 
     from energydiag.record.lightning import EnergydiagCallback
 
