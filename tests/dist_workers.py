@@ -219,7 +219,7 @@ def lightning_ddp(rank: int, runs: Runs) -> None:
     its sampler gives each rank every other row, so a planted std-0 row lands on rank
     ``row % 2``."""
     import lightning.pytorch as pl
-    from lit_models import LitRegressor
+    from lit_models import LitRegressor, quiet_trainer
     from trainer_models import regression_data
 
     from energydiag.record.lightning import EnergydiagCallback
@@ -230,16 +230,11 @@ def lightning_ddp(rank: int, runs: Runs) -> None:
         x, y = regression_data(64, constant_row)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
         callback = EnergydiagCallback(out, checkpoint_every=4, persist_batches=True)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             max_steps=steps,
-            accelerator="cpu",
             devices=dist.get_world_size(),
             strategy="ddp",
-            logger=False,
             gradient_clip_val=1.0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             callbacks=[callback],
         )
         trainer.fit(LitRegressor(), loader)

@@ -11,6 +11,12 @@ from trainer_models import Regressor, lr_ramp, swap_infonce
 from energydiag.reference.models import EnergyModel
 
 
+def quiet_trainer(**options) -> pl.Trainer:
+    """A CPU Trainer that writes and prints nothing of its own; ``options`` override."""
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(accelerator="cpu", **(quiet | {"enable_model_summary": False} | options))
+
+
 class LitRegressor(pl.LightningModule):
     def __init__(
         self, hidden: int = 16, dropout: float = 0.1, lr: float = 1e-2, ramp: float = 0.0

@@ -28,7 +28,7 @@ def fit_lightning(
     **options,
 ):
     pl = pytest.importorskip("lightning.pytorch")
-    from lit_models import LitRegressor
+    from lit_models import LitRegressor, quiet_trainer
 
     from energydiag.record.lightning import EnergydiagCallback
 
@@ -36,14 +36,10 @@ def fit_lightning(
     x, y = regression_data(rows, constant_row, 3 + seed, spike_row)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
     callback = EnergydiagCallback(root, checkpoint_every=4, persist_batches=True, **options)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[callback],
-        **({"logger": False, "gradient_clip_val": 1.0} | (trainer_args or {})),
+        **({"gradient_clip_val": 1.0} | (trainer_args or {})),
     )
     trainer.fit(LitRegressor(ramp=ramp), loader)
     return callback
@@ -74,23 +70,18 @@ def test_lightning_planted_fault_is_dumped_and_localised(tmp_path):
 
 
 def test_lightning_refuses_what_it_cannot_replay(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from lit_models import LitRegressor
+    pytest.importorskip("lightning.pytorch")
+    from lit_models import LitRegressor, quiet_trainer
 
     from energydiag.errors import DiagError
     from energydiag.record.lightning import EnergydiagCallback
 
     x, y = regression_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
-        accelerator="cpu",
         gradient_clip_val=1.0,
         gradient_clip_algorithm="value",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[EnergydiagCallback(tmp_path / "run")],
     )
     with pytest.raises(DiagError, match="gradient_clip_algorithm='value'"):

@@ -33,22 +33,17 @@ def fit_lightning(
     root, steps: int, lr: float, head: str, tau: float, seed: int = 0, accumulate: int = 1
 ) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    from lit_models import LitEnergy
+    from lit_models import LitEnergy, quiet_trainer
 
     from energydiag.record.lightning import EnergydiagCallback
 
     pl.seed_everything(seed, verbose=False)
     loader = torch.utils.data.DataLoader(data(steps * accumulate, seed), batch_size=None)
     callback = EnergydiagCallback(root, checkpoint_every=100, energy=watching(tau))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
         gradient_clip_val=1.0,
         accumulate_grad_batches=accumulate,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[callback],
     )
     trainer.fit(LitEnergy(lr=lr, tau=tau, **SMALL, head=head), loader)
