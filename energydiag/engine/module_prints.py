@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from energydiag.engine.fingerprint import OpPrint
+from energydiag.engine.fingerprint import OpPrint, reduce64
 from energydiag.engine.instrument import BACKWARD, FORWARD
 
 Called = tuple[tuple[Any, ...], dict[str, Any], Any]  # a module call's args, kwargs, output
@@ -99,16 +99,11 @@ def _floats(obj: Any) -> list[torch.Tensor]:
 
 
 def _reduced(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """[k, 2]: each tensor's float64 L2 norm and sum, as the per-op fingerprints have them."""
+    """[k, 2]: each tensor's float64 L2 norm and sum, reduced as the per-op fingerprints are
+    (without their reused buffer: under compile it would be a global the graph writes)."""
     if not tensors:
         return None
-    rows = [_norm_and_sum(t.detach().to(torch.float64)) for t in tensors]
-    return torch.stack(rows)
-
-
-def _norm_and_sum(wide: torch.Tensor) -> torch.Tensor:
-    """From one float64 copy: a reduction with ``dtype=`` casts its own copy, each."""
-    return torch.stack([torch.linalg.vector_norm(wide), wide.sum()])
+    return torch.stack([torch.stack(reduce64(t)) for t in tensors])
 
 
 def copied(obj: Any) -> Any:
