@@ -1,9 +1,10 @@
 """Per-op fingerprints of one replayed step, for comparing two executions op by op.
 
-Each op's float outputs are reduced on the device to a float64 L2 norm and sum (read back once
-at the end: no sync per op), cast to float64 a chunk at a time (``reduce64``). Its inputs are not reduced again: an
-input an earlier op produced carries that output's fingerprint, and only leaf inputs
-(parameters, the batch, optimizer state) are reduced, once per version of their data.
+Each op's float outputs are reduced on the device to a float64 L2 norm and sum, cast to
+float64 a chunk at a time (``reduce64``) and read back once at the end: no sync per op. Its
+inputs are not reduced again: an input an earlier op produced carries that output's
+fingerprint, and only leaf inputs (parameters, the batch, optimizer state) are reduced, once per
+version of their data.
 
 An op is keyed by its phase, module, op name and occurrence (the k-th time that op ran in that
 module and phase), which pairs the same op across two executions even when other ops differ in
@@ -163,7 +164,7 @@ def checksum(t: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tens
     for part in _chunks(t):
         n, ints = part.numel(), part.view(WORDS[t.element_size()])
         wide = torch.empty(n, dtype=torch.int64, device=t.device) if scratch is None else scratch
-        words = wide.view(torch.int64)[:n].copy_(ints)  # a copy: weighted in place below
+        words = wide.view(torch.int64)[:n].copy_(ints)  # a copy (scratch is float64's bytes)
         positions = _positions()[:n] if t.device.type == "cpu" else torch.arange(n, device=t.device)
         part_sum = words.sum() * first + words.mul_(positions).sum() * 2
         total = part_sum if total is None else total + part_sum

@@ -167,7 +167,8 @@ def open_session(run: Run, step: int, device: torch.device, **loss_overrides: ob
         loss_fn = build_loss(manifest.loss, **loss_overrides)
         step_fn = resolve(manifest.step, "step function") if manifest.step else default_step
     if manifest.parallelize:
-        from energydiag.engine.sharded import load_sharded  # DCP takes ~0.6 s to import: FSDP only
+        # DCP takes ~0.6 s to import: imported by FSDP runs only
+        from energydiag.engine.sharded import load_sharded
 
         load_sharded(ckpt.path, model, optimizer)
     else:

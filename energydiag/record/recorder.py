@@ -310,11 +310,10 @@ class Recorder:
     def save_checkpoint(self, step: int) -> Path | None:
         """Rank 0 writes a DDP run's (replicas are equal); every rank its shard of an FSDP one."""
         if self.sharded:
-            folder = checkpoint_path(self.root, step).with_suffix("")
-            from energydiag.engine.sharded import (
-                save_sharded,
-            )  # DCP takes ~0.6 s to import: FSDP only
+            # DCP takes ~0.6 s to import: imported by FSDP runs only
+            from energydiag.engine.sharded import save_sharded
 
+            folder = checkpoint_path(self.root, step).with_suffix("")
             return save_sharded(folder, step, self.model, self.optimizer, self.lead)
         if not (self.lead or self.own_copies):
             return None
