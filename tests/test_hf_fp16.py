@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_integrations import fit_hf
 
+from energydiag.analyses.diagnosis import Verdict, diagnose
 from energydiag.analyses.replaying import replay_report
 from energydiag.io.rundir import Run
 
@@ -22,9 +23,9 @@ from energydiag.record.hf import EnergydiagCallback  # noqa: E402
 STEPS = 10
 
 
-def fit_fp16(root, max_grad_norm: float):
+def fit_fp16(root, max_grad_norm: float, seed: int = 0):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    return fit_hf(root, STEPS, max_grad_norm=max_grad_norm, fp16=True, scaler=scaler)
+    return fit_hf(root, STEPS, max_grad_norm=max_grad_norm, fp16=True, scaler=scaler, seed=seed)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
@@ -41,6 +42,19 @@ def test_an_fp16_run_records_its_scaler_and_replays_bit_exact(tmp_path, max_grad
     # 2**16 overflows float16 gradients on the first step: the scaler skipped it, and so did replay
     assert [s["step"] for s in report.skipped_steps] == [0]
     assert (tmp_path / "run" / "failure.json").exists() is False
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_healthy_fp16_runs_are_healthy_though_the_scaler_skipped_steps(tmp_path, seed):
+    """The healthy control: the skipped first steps log a non-finite gradient norm, which is
+    no failure under a GradScaler, and diagnose says healthy."""
+    fit_fp16(tmp_path / "run", max_grad_norm=1.0, seed=seed)
+    run = Run(tmp_path / "run")
+    assert replay_report(run, 0).summary().skipped_steps  # the control is meaningful
+    assert run.first_failure() is None
+    found = diagnose(run)
+    assert found.verdict == Verdict.HEALTHY and not found.failed
+    assert "amp.never_updated" not in [f.code for f in found.findings]
 
 
 def test_the_recorded_gradient_norm_is_the_unscaled_one(tmp_path):
