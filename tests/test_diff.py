@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from energydiag.cli import app
+from energydiag.engine.reductions import METHOD
 
 STEP = 40  # a checkpoint of the healthy fixture: both sides start from the same weights
 runner = CliRunner()
@@ -173,20 +174,25 @@ def test_a_baseline_pairs_by_statistics(tmp_path):
     assert failed.evidence["new"] == 9 and failed.evidence["missing"] == 0
 
 
-def test_a_baseline_of_the_whole_tensor_reductions_asks_to_be_written_again(tmp_path):
-    """Baselines before METHOD 2 reduced each tensor whole: float64 rounds otherwise than in
-    chunks, so every op would seem to move; the gate says so in one line instead."""
+@pytest.mark.parametrize("method", [1, 2])
+def test_a_baseline_of_an_earlier_reduction_asks_to_be_written_again(tmp_path, method):
+    """Method 1 reduced each tensor whole and method 2 every tensor in chunks, where METHOD 3
+    reduces small ones in rows: float64 rounds otherwise, so every op would seem to move; the
+    gate says so in one line instead. A baseline without the field is method 1's."""
     baseline = tmp_path / "numerics.json"
     base = ["check", str(FIXTURES / "healthy"), "--numerics-baseline", str(baseline)]
     assert runner.invoke(app, [*base, "--update-baseline"]).exit_code == 0
     stored = json.loads(baseline.read_text())
-    assert stored["method"] == 2
-    del stored["method"]
+    assert stored["method"] == METHOD == 3
+    if method == 1:
+        del stored["method"]
+    else:
+        stored["method"] = method
     baseline.write_text(json.dumps(stored))
     result = runner.invoke(app, base)
     assert result.exit_code == 2 and "Traceback" not in result.output
     line = " ".join(result.output.split())
-    assert f"{baseline}: fingerprinted by method 1" in line and "(--update-baseline)" in line
+    assert f"{baseline}: fingerprinted by method {method}" in line and "(--update-baseline)" in line
 
 
 def test_the_html_page_shows_the_first_diverging_op_and_is_not_overwritten(runs, tmp_path):

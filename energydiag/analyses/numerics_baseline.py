@@ -19,7 +19,8 @@ import torch
 from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
 from energydiag.analyses.gate import FAIL, PASS, CheckResult
 from energydiag.analyses.numerics_diff import fingerprint_step
-from energydiag.engine.fingerprint import METHOD, OpPrint
+from energydiag.engine.fingerprint import OpPrint
+from energydiag.engine.reductions import METHOD
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.atomic import write_text_atomic
 from energydiag.io.rundir import Run

@@ -1,10 +1,11 @@
 """Per-op fingerprints of one replayed step, for comparing two executions op by op.
 
-Each op's float outputs are reduced on the device to a float64 L2 norm and sum, cast to
-float64 a chunk at a time (``reduce64``) and read back once at the end: no sync per op. Its
-inputs are not reduced again: an input an earlier op produced carries that output's
-fingerprint, and only leaf inputs (parameters, the batch, optimizer state) are reduced, once per
-version of their data.
+Each op's float outputs are reduced on the device to a float64 L2 norm and sum
+(``engine/reductions.py``) and read back once at the end: no sync per op. Its inputs are not
+reduced again: an input an earlier op produced carries that output's fingerprint, and only leaf
+inputs (parameters, the batch, optimizer state) are reduced, once per version of their data. An
+op that only copies its input (``clone``, ``_unsafe_view``, a ``_to_copy`` that keeps the
+dtype) carries its input's fingerprint too: a fifth of a step's elements are such copies.
 
 An op is keyed by its phase, module, op name and occurrence (the k-th time that op ran in that
 module and phase), which pairs the same op across two executions even when other ops differ in
@@ -16,7 +17,6 @@ that comes in through a weight is told from one that comes in through an activat
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from energydiag.engine.instrument import BACKWARD, OpCall
+from energydiag.engine.instrument import BACKWARD, OpCall, written
+from energydiag.engine.reductions import Reductions
 from energydiag.engine.tensorstats import plain, tensors_in
 from energydiag.schema import Record
 
@@ -71,18 +72,20 @@ class Fingerprints:
 
     def __init__(self, model: nn.Module, bitwise: bool = False) -> None:
         self.bitwise = bitwise
-        self.checksums: list[torch.Tensor] = []  # per slot, 0-d int64 on the device
         self.params = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
         self.seen: Counter[tuple[str, str, str]] = Counter()
         # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
         self.known: dict[tuple[int, int], int] = {}
-        self.norms: list[torch.Tensor] = []  # per slot, 0-d float64 on the device
-        self.sums: list[torch.Tensor] = []
-        self.scratch = torch.empty(CHUNK, dtype=torch.float64)  # reduce64's, on the CPU
+        # What an in-place op wrote, keyed once the op has returned: the autograd layer above
+        # the dispatch mode bumps the version after the mode has seen the op.
+        self.unsettled: list[tuple[torch.Tensor, int]] = []
+        self.reductions = Reductions(bitwise)
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
 
     def on_op(self, call: OpCall) -> None:
-        outs = _floats(call.out)
+        self._settle()
+        mutable = call.func._schema.is_mutable
+        outs = _outputs(call, mutable)
         if not outs:
             return
         where = key_of(call.phase, call.module, call.name, 0)[:3]
@@ -92,19 +95,24 @@ class Fingerprints:
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
         entry.numels = [t.numel() for t in outs]
         in_slots = [self._known(t) for t in ins]
-        out_slots = [self._slot(t) for t in outs]
+        copied = self._copied(call.name, ins, in_slots, outs)
+        out_slots = [self.reductions.add(t) for t in outs] if copied is None else [copied]
         for t, slot in zip(outs, out_slots, strict=True):
-            self.known[(t.data_ptr(), t._version)] = slot
+            if mutable:
+                self.unsettled.append((t, slot))
+            else:
+                self.known[(t.data_ptr(), t._version)] = slot
         self.entries.append((entry, out_slots, in_slots))
+
+    def _settle(self) -> None:
+        """Key what the last in-place op wrote by the version it now has."""
+        for t, slot in self.unsettled:
+            self.known[(t.data_ptr(), t._version)] = slot
+        self.unsettled.clear()
 
     def prints(self) -> list[OpPrint]:
         """Read every reduction back at once."""
-        if not self.norms:
-            return []
-        device = self.norms[0].device
-        norms, sums = (torch.stack([t.to(device) for t in ts]) for ts in (self.norms, self.sums))
-        flat = torch.stack([norms, sums], dim=1).tolist()
-        bits = torch.stack([t.to(device) for t in self.checksums]).tolist() if self.bitwise else []
+        flat, bits = self.reductions.read()
         for entry, outs, ins in self.entries:
             entry.outputs = [flat[i] for i in outs]
             entry.inputs = [flat[i] for i in ins]
@@ -117,71 +125,34 @@ class Fingerprints:
         (A view whose data pointer is not an output's is reduced as a leaf.)"""
         where = (t.data_ptr(), t._version)
         if where not in self.known:
-            self.known[where] = self._slot(t)
+            self.known[where] = self.reductions.add(t)
         return self.known[where]
 
-    def _slot(self, t: torch.Tensor) -> int:
-        scratch = self.scratch if t.device.type == "cpu" else None
-        norm, total = reduce64(t, scratch)
-        self.norms.append(norm)
-        self.sums.append(total)
-        if self.bitwise:
-            self.checksums.append(checksum(t, scratch))
-        return len(self.norms) - 1
+    def _copied(
+        self, op: str, ins: list[torch.Tensor], in_slots: list[int], outs: list[torch.Tensor]
+    ) -> int | None:
+        """The slot of the input an op only copies, when that slot holds these very elements:
+        contiguous from the same address, as many, of one dtype (a slice that starts where its
+        base does shares the base's slot, and must not lend it)."""
+        if op not in COPIES or len(outs) != 1 or not ins:
+            return None
+        src, out, slot = ins[0], outs[0], in_slots[0]
+        alike = (
+            src.dtype == out.dtype and src.numel() == out.numel() == self.reductions.numels[slot]
+        )
+        return slot if alike and src.is_contiguous() else None
 
 
-CHUNK = 1 << 16  # elements widened at once on the CPU (512 KiB as float64 or int64)
-METHOD = 2  # stored with numerics baselines: 1 reduced whole tensors, 2 reduces by CHUNK
+COPIES = frozenset({"aten::clone", "aten::_unsafe_view", "aten::_to_copy"})
 
 
-def reduce64(
-    t: torch.Tensor, scratch: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 L2 norm and sum of a tensor's elements. On the CPU a float64 reduction of
-    float32 data first casts a whole copy, once per reduction; this casts once per chunk, into
-    ``scratch`` (CHUNK float64 elements, reused: a fresh copy each time is fresh pages to fault
-    in), so the fingerprints' extra memory is one chunk, not copies of the largest tensor."""
-    norms, sums = [], []
-    for part in _chunks(t):
-        d = part.to(torch.float64) if scratch is None else scratch[: part.numel()].copy_(part)
-        norms.append(torch.linalg.vector_norm(d))
-        sums.append(d.sum())
-    if len(norms) == 1:
-        return norms[0], sums[0]
-    return torch.linalg.vector_norm(torch.stack(norms)), torch.stack(sums).sum()
-
-
-WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
-
-
-def checksum(t: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Each element's bits as an integer, weighted by an odd number per position (so a
-    permutation changes it too), summed with int64 wrap-around; on the device, no sync. A
-    chunk's weights are ``first + 2i``, summed as ``first * sum(w) + 2 * sum(i * w)``: int64
-    wraps the same in any grouping, and the words are widened into ``scratch`` (reduce64's,
-    as int64)."""
-    total, first = None, 1  # the weight of the chunk's first element
-    for part in _chunks(t):
-        n, ints = part.numel(), part.view(WORDS[t.element_size()])
-        wide = torch.empty(n, dtype=torch.int64, device=t.device) if scratch is None else scratch
-        words = wide.view(torch.int64)[:n].copy_(ints)  # a copy (scratch is float64's bytes)
-        positions = _positions()[:n] if t.device.type == "cpu" else torch.arange(n, device=t.device)
-        part_sum = words.sum() * first + words.mul_(positions).sum() * 2
-        total = part_sum if total is None else total + part_sum
-        first += 2 * n
-    return total
-
-
-@functools.cache
-def _positions() -> torch.Tensor:
-    return torch.arange(CHUNK)
-
-
-def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensor's elements in order, flat and contiguous, in CHUNK pieces on the CPU; on other
-    devices a chunk costs kernel launches and saves no cache, so there is one."""
-    flat = t.detach().reshape(-1)
-    return flat.split(CHUNK) if t.device.type == "cpu" and flat.numel() > CHUNK else (flat,)
+def _outputs(call: OpCall, mutable: bool) -> list[torch.Tensor]:
+    """An op's float outputs; for an in-place op that returns nothing (``_foreach_mul_``, as
+    ``clip_grad_norm_`` scales the gradients with it), what it wrote."""
+    outs = _floats(call.out)
+    if outs or not mutable:
+        return outs
+    return _floats(written(call.func, call.args, call.kwargs))
 
 
 def _floats(obj: object) -> list[torch.Tensor]:

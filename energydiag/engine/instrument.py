@@ -27,6 +27,7 @@ from torch.utils.module_tracker import ModuleTracker
 from energydiag.io.state import plain_key
 
 FORWARD, BACKWARD, CLIP, OPTIMIZER = "forward", "backward", "clip", "optimizer"
+PLAIN_TYPES = frozenset({torch.Tensor, nn.Parameter})  # what the instrument dispatches itself
 _AFTER_BACKWARD = "after-backward"  # resolved to clip or forward once the step is over
 
 
@@ -116,13 +117,16 @@ class Instrument(TorchDispatchMode):
         self.tracker = ModuleTracker()
         self.calls: list[OpCall] = []  # only the ones an observer kept, for phase resolution
         self.order = 0
+        self.skipped: dict[Any, bool] = {}  # per op overload: whether observers never see it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t is not torch.Tensor and t is not nn.Parameter for t in types):
+        if not PLAIN_TYPES.issuperset(types):
             # A tensor subclass (an FSDP DTensor) desugars first; its shards come back here.
             return NotImplemented
         kwargs = kwargs or {}
-        skip = func.is_view or _uninitialised(func) or not self.observers
+        skip = self.skipped.get(func)
+        if skip is None:
+            skip = self.skipped[func] = func.is_view or _uninitialised(func) or not self.observers
         before = (
             _written_finite(func, args, kwargs)
             if self.written_before and not skip and func._schema.is_mutable
@@ -175,13 +179,18 @@ def _written_finite(func: Any, args: tuple, kwargs: dict) -> bool:
     """Whether the float tensors an in-place op is about to write are finite now."""
     from energydiag.engine.tensorstats import all_finite, float_tensors
 
+    return all_finite(float_tensors(written(func, args, kwargs)))
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The arguments an op writes into (``x`` of ``x.add_(y)``, every list of ``_foreach_add_``,
+    an ``out=``), by its schema."""
     schema = func._schema.arguments
-    written = [
+    return [
         (args[i] if i < len(args) else kwargs.get(a.name))
         for i, a in enumerate(schema)
         if a.alias_info is not None and a.alias_info.is_write
     ]
-    return all_finite(float_tensors(written))
 
 
 def _uninitialised(func: Any) -> bool:

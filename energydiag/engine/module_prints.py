@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from energydiag.engine.fingerprint import OpPrint, reduce64
+from energydiag.engine.fingerprint import OpPrint
 from energydiag.engine.instrument import BACKWARD, FORWARD
+from energydiag.engine.reductions import reduce64
 
 Called = tuple[tuple[Any, ...], dict[str, Any], Any]  # a module call's args, kwargs, output
 
