@@ -4,8 +4,9 @@ plainly, on the benchmark model (interleaved medians, one run).
     python benchmarks/bench_diff.py [--rounds N]
 
 Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. Each op's outputs and float inputs
-are reduced to two float64 numbers on the device (cast in chunks into one reused buffer),
-under the instrument's dispatch mode; under
+are reduced to two float64 numbers on the device (``engine/reductions.py``: large tensors cast
+in chunks into one reused buffer, small ones in rows of a block), under the instrument's
+dispatch mode; under
 ``--against compile`` hooks reduce each module's output and each gradient instead. Memory:
 in fresh processes (Linux), the peak RSS a step adds over the session it starts from, plain,
 fingerprinted and fingerprinted with --bitwise's checksums.
