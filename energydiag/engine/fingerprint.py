@@ -4,8 +4,9 @@ Each op's float outputs are reduced on the device to a float64 L2 norm and sum
 (``engine/reductions.py``) and read back once at the end: no sync per op. Its inputs are not
 reduced again: an input an earlier op produced carries that output's fingerprint, and only leaf
 inputs (parameters, the batch, optimizer state) are reduced, once per version of their data. An
-op that only copies its input (``clone``, ``_unsafe_view``, a ``_to_copy`` that keeps the
-dtype) carries its input's fingerprint too: a fifth of a step's elements are such copies.
+op that only copies a contiguous input (``clone``, ``_unsafe_view``, a ``_to_copy`` that
+keeps the dtype) carries its input's fingerprint too: on the benchmark step a fifth of the
+elements are outputs of these ops, and half of those copy a contiguous input.
 
 An op is keyed by its phase, module, op name and occurrence (the k-th time that op ran in that
 module and phase), which pairs the same op across two executions even when other ops differ in

@@ -39,8 +39,9 @@ class Reductions:
         """Reduce ``t`` as it is now; its slot."""
         scratch = self.scratch if t.device.type == "cpu" else None
         if t.numel() <= ROW:
-            block = self.blocks.get(t.device) or self.blocks.setdefault(t.device, _Block(t.device))
-            self.where.append((t.device, block.add(t)))
+            if t.device not in self.blocks:
+                self.blocks[t.device] = _Block(t.device)
+            self.where.append((t.device, self.blocks[t.device].add(t)))
         else:
             norm, total = reduce64(t, scratch)
             self.where.append((None, len(self.norms)))
