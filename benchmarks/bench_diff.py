@@ -1,15 +1,16 @@
-"""What `diff`'s fingerprints cost: one fingerprinted replay step against the same step replayed
-plainly, on the benchmark model (interleaved medians, one run).
+"""What `diff`'s fingerprints cost: each way of watching a replayed step against the same step
+replayed plainly, on the benchmark model (interleaved medians, one run).
 
     python benchmarks/bench_diff.py [--rounds N]
 
-Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. Each op's outputs and float inputs
-are reduced to two float64 numbers on the device (``engine/reductions.py``: large tensors cast
-in chunks into one reused buffer, small ones in rows of a block), under the instrument's
-dispatch mode; under
-``--against compile`` hooks reduce each module's output and each gradient instead. Memory:
-in fresh processes (Linux), the peak RSS a step adds over the session it starts from, plain,
-fingerprinted and fingerprinted with --bitwise's checksums.
+Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. `diff` watches every step by
+module hooks (outputs, the loss, gradients, then the parameters and optimizer state the step
+left: ``engine/module_prints.py``), with no dispatch mode; only the step where the sides part is
+played once more with the ops of one phase fingerprinted under the instrument's dispatch mode
+(each op's outputs and float inputs reduced to two float64 numbers on the device:
+``engine/reductions.py``). Every op of a step is fingerprinted for ``--bitwise`` and for
+``check --numerics-baseline``. Memory: in fresh processes (Linux), the peak RSS a step adds over
+the session it starts from, plain, with every op fingerprinted, and with --bitwise's checksums.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 from common import interleaved_medians, record, report
 
+from energydiag.analyses.numerics_diff import NAMED_IN
 from energydiag.engine.fingerprint import Fingerprints
-from energydiag.engine.instrument import Instrument
+from energydiag.engine.instrument import FORWARD, Instrument
 from energydiag.engine.module_prints import ModulePrints
 from energydiag.engine.session import open_session
 from energydiag.io.rundir import Run
@@ -100,19 +102,19 @@ def main(rounds: int) -> None:
             with Instrument([Idle()]).attached(session.optimizer):
                 session.train(batch)
 
-        def fingerprinted() -> None:
-            prints = Fingerprints(session.model)
+        def fingerprinted(phases: frozenset[str] | None = None) -> None:
+            prints = Fingerprints(session.model, phases=phases)
             with Instrument([prints]).attached(session.optimizer):
                 session.train(batch)
             counted.append(len(prints.prints()))
 
-        def by_module() -> None:
-            """What --against compile (and its eager side) watches: module outputs and
-            gradients, by hooks, no dispatch mode; here eager."""
-            prints = ModulePrints(session.model)
+        def watched() -> None:
+            """What `diff` watches every step with: module outputs, the loss and gradients by
+            hooks, no dispatch mode, then the parameters and optimizer state the step left."""
+            prints = ModulePrints(session.model, compiled=False)
             try:
-                session.train(batch)
-                prints.prints()
+                loss = session.train(batch).loss
+                prints.prints(float(loss), session.optimizer)
             finally:
                 prints.detach()
 
@@ -120,8 +122,9 @@ def main(rounds: int) -> None:
             {
                 "replayed step": plain,
                 "instrumented, idle observer": instrumented,
-                "fingerprinted step": fingerprinted,
-                "module hooks (compile's watch)": by_module,
+                "watched by module (every step)": watched,
+                "forward ops fingerprinted": lambda: fingerprinted(NAMED_IN[FORWARD]),
+                "every op fingerprinted": fingerprinted,
             },
             rounds,
         )

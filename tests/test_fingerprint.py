@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from energydiag.engine.fingerprint import Fingerprints
-from energydiag.engine.instrument import Instrument
+from energydiag.engine.instrument import AFTER_BACKWARD, BACKWARD, FORWARD, OPTIMIZER, Instrument
+from energydiag.engine.module_prints import ModulePrints
 from energydiag.engine.reductions import CHUNK, ROW, ROWS, WORDS, Reductions, checksum, reduce64
+
+PHASES = (FORWARD, BACKWARD, AFTER_BACKWARD, OPTIMIZER)  # as the instrument names them
 
 SHAPES = [(), (5,), (3 * CHUNK + 17,), (700, 300)]
 
@@ -146,3 +149,63 @@ def test_the_clips_in_place_scaling_of_every_gradient_is_fingerprinted():
     for (norm, total), p in zip(scaled[0].outputs, model.parameters(), strict=True):
         exact = p.grad.double()
         assert (norm, total) == pytest.approx((exact.norm().item(), exact.sum().item()))
+
+
+def test_fingerprints_of_some_phases_are_the_whole_steps_in_those_phases():
+    """`diff` names an op by fingerprinting only the phase where its watch saw the sides part:
+    those entries must be the ones a whole step's fingerprints hold there, keys (occurrences
+    counted within the phase) and values alike, as a plain loop runs them side by side."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    whole = Fingerprints(model)
+    parts = {phase: Fingerprints(model, phases=frozenset({phase})) for phase in PHASES}
+    with Instrument([whole, *parts.values()]).attached(optimizer, model):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(16, 6)).square().mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+    everything = whole.prints()
+    for phase, part in parts.items():
+        expected = [(e.key, e.outputs, e.inputs) for e in everything if e.phase == phase]
+        assert expected and [(e.key, e.outputs, e.inputs) for e in part.prints()] == expected
+
+
+def test_an_in_place_op_reads_a_leaf_as_it_was_before_it_wrote():
+    """A leaf first seen by an in-place op (Adam's moments are) is reduced before the op runs:
+    reduced after, its input would read as what the op wrote."""
+    x = torch.full((4,), 2.0)
+    (entry,) = fingerprinted(lambda: x.mul_(3)).prints()
+    assert entry.inputs == [[4.0, 8.0]] and entry.outputs == [[12.0, 24.0]]
+
+
+def watched_step(compiled: bool) -> tuple[list, int]:
+    """A hand-written step of a small MLP under module hooks; the entries, and how many tensors
+    were reduced."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    prints = ModulePrints(model, compiled=compiled)
+    loss = model(torch.randn(16, 6)).square().mean()
+    loss.backward()
+    optimizer.step()
+    entries = prints.prints(loss.item(), optimizer)
+    prints.detach()
+    reduced = len(prints.reducer.slots.reductions.numels) if not compiled else 0
+    return [(e.key, e.outputs, e.inputs) for e in entries], reduced
+
+
+def test_the_eager_watch_reduces_a_tensor_once_and_agrees_with_the_traced_one():
+    """Each module's input is the output before it (the Sequential's, the first Linear's): the
+    eager watch reduces x, three outputs, four gradients and 4 x 3 tensors the step left (each
+    parameter, Adam's two moments; the step counts too), and its values are the traced watch's
+    to float64 rounding."""
+    eager, reduced = watched_step(compiled=False)
+    traced, _ = watched_step(compiled=True)
+    assert [key for key, _, _ in eager] == [key for key, _, _ in traced]
+    assert reduced == 1 + 3 + 4 + 4 * 4
+    flat = [[v for pair in [*outs, *ins] for v in pair] for _, outs, ins in eager]
+    assert flat == [
+        pytest.approx([v for p in [*o, *i] for v in p], rel=1e-12) for _, o, i in traced
+    ]

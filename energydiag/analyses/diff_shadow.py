@@ -73,9 +73,9 @@ def _module_error(
 ) -> float | None:
     """The module's call, copied out of the step, re-run by a float64 copy of the module with
     the weights it read (the optimizer moves them at the end of the step)."""
-    phase, name, _, occurrence = key
-    if phase != FORWARD:
-        return None  # a gradient has no module of its own to re-run
+    phase, name, op, occurrence = key
+    if phase != FORWARD or op == "loss":
+        return None  # a gradient, a parameter or the loss has no module of its own to re-run
     session, prints = side_session(run, step, device, variant, keep=name)
     module = session.model.get_submodule(name)
     if _draws_random(module):

@@ -65,6 +65,11 @@ class Variant:
     # torch.compile) or "gradient" (the gradients a step leaves, where ranks see shards)
     watch: str = "op"
     ranks: int | None = None  # side B's step on this many DDP processes
+    # Watched by module where both sides run eager (`diff`'s watch before it names an op): the
+    # hooks keep one store, so a tensor seen again keeps its slot, and the parameters and
+    # optimizer state the step leaves are watched too. Under torch.compile neither: hooks are
+    # traced, and Adam turns the kernels' rounding of a zero gradient into a real move.
+    eager_watch: bool = False
 
     def baseline(self) -> Variant:
         """Side A: the replay as it is, watched the way side B is; with deterministic kernels
@@ -173,7 +178,8 @@ def side_session(
         session.set_precision(variant.dtype)
     if variant.autocast is not None:
         session.autocast_dtype = variant.autocast
-    prints = ModulePrints(session.model, keep) if variant.watch == "module" else None
+    watched = variant.watch == "module"
+    prints = ModulePrints(session.model, keep, not variant.eager_watch) if watched else None
     if variant.compile is not None:
         session.model.compile(backend=variant.compile)
     with variant.applied():

@@ -1,19 +1,23 @@
 """Where two executions of one training step part ways, op by op, before anything is NaN.
 
-Both sides replay the same step from a checkpoint over its recorded batch (or two runs over
-their own), every op fingerprinted (``engine/fingerprint.py``). Ops pair up by phase, module, op
-and occurrence; the first pair whose outputs differ is where the divergence was born when its
+Both sides replay the same steps from a checkpoint over the recorded batches (or two runs over
+their own), watched by hooks at every module output, the loss, every gradient and every
+parameter the step leaves (``engine/module_prints.py``): cheap enough for every step of a range.
+The first step where the sides part is replayed once more on each side with every op of the
+phase where they parted fingerprinted (``engine/fingerprint.py``). Ops pair up by phase, module,
+op and occurrence; the first pair whose outputs differ is where the divergence was born when its
 inputs agreed (or came in through a parameter that differs), inherited otherwise. That op is
 then re-run in float64 on each side's own inputs, which says which side is closer to the truth.
-Under ``torch.compile`` both sides are watched at module outputs and gradients instead
-(``engine/module_prints.py``), and a module is what is re-run in float64; across ranks, whose
-forwards see shards, by the gradients the step leaves (``analyses/diff_ranks.py``).
+Under ``torch.compile`` the watch is all there is (a dispatch mode would make the compiled model
+run eager), and a module is what is re-run in float64; across ranks, whose forwards see shards,
+the gradients the step leaves are compared (``analyses/diff_ranks.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +27,13 @@ from energydiag.analyses.diff_ranks import played_on_ranks
 from energydiag.analyses.diff_shadow import shadow
 from energydiag.analyses.diff_variants import Variant, side_session
 from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, Played, key_of
-from energydiag.engine.instrument import Instrument
+from energydiag.engine.instrument import (
+    AFTER_BACKWARD,
+    BACKWARD,
+    FORWARD,
+    OPTIMIZER,
+    Instrument,
+)
 from energydiag.engine.module_prints import ModulePrints, gradients_left, gradients_of
 from energydiag.engine.session import Session
 from energydiag.engine.step import StepResult
@@ -86,6 +96,11 @@ class DiffReport(Report):
     # ranks: |g_A - g_B| / |g_A| over every gradient at once, which a gradient that cancels
     # to near zero (a bias's) cannot inflate the way its own relative difference can
     gradient_gap: float | None = None
+    # When an op is named: the entries the watch compared on A and on B (module outputs, the
+    # loss, gradients, parameters), and the phase it saw the sides part in, whose ops were then
+    # fingerprinted (``ops``)
+    watched: list[int] = field(default_factory=list)
+    named_in: str | None = None
 
 
 def diff_steps(
@@ -98,9 +113,30 @@ def diff_steps(
     bitwise: bool = False,
 ) -> DiffReport:
     """Steps ``first``..``last`` replayed side by side, each side going on from its own state;
-    the report of the first step whose fingerprints differ at all (the last one's when none
-    does): after it, every difference is inherited. ``bitwise``: every bit must agree too."""
+    the report of the first step whose sides differ at all (the last one's when none does):
+    after it, every difference is inherited. Each step is watched at module outputs, the loss,
+    gradients and the parameters it leaves; the step where the sides part is replayed once more,
+    op by op in the phase where they parted, which names the op. ``bitwise`` (every bit must
+    agree too) fingerprints every op of every step."""
     variant = variant or Variant("")
+    _refuse(variant, first, last, bitwise)
+    sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
+    for run, _ in sides:
+        run.require_batches(first, last)
+    by_module = variant.watch == "op" and not bitwise
+    watched = [(run, replace(v, watch="module", eager_watch=True)) for run, v in sides]
+    watch = watched if by_module else sides
+    with _own_casts_refused(run_a, variant):
+        found = _first_apart(watch, first, last, device, bitwise)
+        if found.first_divergence is not None:
+            found = (
+                _named(sides, watch, found, device) if by_module else _judged(found, watch, device)
+            )
+    found.steps = [first, found.step]
+    return found
+
+
+def _refuse(variant: Variant, first: int, last: int, bitwise: bool) -> None:
     if first > last:
         raise OptionError("use N..M with N <= M", "steps", value=f"{first}..{last}")
     if bitwise and variant.tolerance:
@@ -111,52 +147,85 @@ def diff_steps(
         raise OptionError(f"{variant.spec} compares gradients by norm and sum only", "bitwise")
     if variant.ranks and first != last:
         raise OptionError(f"{variant.spec} compares one step, not a range", "steps")
-    sides = [(run_a, variant.baseline()), (run_b or run_a, variant)]
-    for run, _ in sides:
-        run.require_batches(first, last)
-    played = zip(
-        *(_fingerprinted(run, first, last, device, v, bitwise) for run, v in sides), strict=True
-    )
+
+
+@contextlib.contextmanager
+def _own_casts_refused(run: Run, variant: Variant) -> Iterator[None]:
+    """The model casts inside its own code: ``dtype=`` cannot hold, autocast can."""
     try:
-        for step, (side_a, side_b) in enumerate(played, start=first):
-            found = _report(sides, step, side_a, side_b, device, bitwise)
-            if found.first_divergence is not None:
-                break
-    except RuntimeError as err:  # the model casts inside its own code: dtype= cannot hold
+        yield
+    except RuntimeError as err:
         if variant.dtype is None or "dtype" not in str(err):
             raise
         raise DiagError(
-            run_a.manifest_path,
+            run.manifest_path,
             f"{variant.spec}: the model casts to another dtype itself ({str(err).splitlines()[0]});"
             " compare under autocast=bf16 or fp16 instead",
         ) from None
-    found.steps = [first, found.step]
+
+
+def _first_apart(
+    sides: list[tuple[Run, Variant]], first: int, last: int, device: torch.device, bitwise: bool
+) -> DiffReport:
+    played = zip(
+        *(_fingerprinted(run, first, last, device, v, bitwise) for run, v in sides), strict=True
+    )
+    for step, (side_a, side_b) in enumerate(played, start=first):
+        found = _report(sides, step, side_a, side_b, bitwise)
+        if found.first_divergence is not None:
+            break
+    return found
+
+
+# Where the watch saw the sides part -> the phases then fingerprinted op by op. Ops after a
+# backward pass are a later micro-batch's forward or the clip: which one is known only once the
+# step is over, so they are fingerprinted with either.
+NAMED_IN = {
+    FORWARD: frozenset({FORWARD, AFTER_BACKWARD}),
+    BACKWARD: frozenset({BACKWARD}),
+    OPTIMIZER: frozenset({AFTER_BACKWARD, OPTIMIZER}),
+}
+
+
+def _named(
+    sides: list[tuple[Run, Variant]],
+    watch: list[tuple[Run, Variant]],
+    watched: DiffReport,
+    device: torch.device,
+) -> DiffReport:
+    """The step the watch saw part replayed once more on each side, its ops fingerprinted in
+    that phase only: the first op apart there is the one named (and re-run in float64). The
+    per-module differences stay the watch's, which saw the whole step."""
+    where = watched.first_divergence.phase
+    phases, step = NAMED_IN[where], watched.step
+    side_a, side_b = (
+        next(_fingerprinted(run, step, step, device, v, phases=phases)) for run, v in sides
+    )
+    named = _report(sides, step, side_a, side_b, False)
+    if named.first_divergence is None:  # the second replay did not part where the first did
+        return _judged(watched, watch, device)
+    named.modules, named.watched, named.named_in = watched.modules, watched.ops, where
+    return _judged(named, sides, device)
+
+
+def _judged(
+    found: DiffReport, sides: list[tuple[Run, Variant]], device: torch.device
+) -> DiffReport:
+    """The first divergence re-run in float64 on each side's inputs, and the verdict it gives."""
+    found.first_divergence.shadow = shadow(sides, found.step, device, found.first_divergence.keys())
+    found.verdict = _verdict(found)
     return found
 
 
 def _report(
-    sides: list[tuple[Run, Variant]],
-    step: int,
-    side_a: Played,
-    side_b: Played,
-    device: torch.device,
-    bitwise: bool,
+    sides: list[tuple[Run, Variant]], step: int, side_a: Played, side_b: Played, bitwise: bool
 ) -> DiffReport:
     (run_a, _), (run_b, variant) = sides
     tol = variant.tolerance
     aligned = align(side_a.prints, side_b.prints, close_for(tol))
     outside = "<outside modules>" if variant.watch == "op" else "<model>"
     first, modules = _compare(aligned.pairs, tol, outside)
-    if first is not None:
-        first.shadow = shadow(sides, step, device, first.keys())
-    unpaired = len(aligned.unpaired_a) + len(aligned.unpaired_b)
-    verdict = _verdict(first, modules)
-    gap = _gradient_gap(side_a.grads, side_b.grads)
-    if gap is not None and first is not None:  # no op to re-run: the gradients as a whole judge
-        verdict = "reduction-order noise" if gap <= variant.noise_bound else "semantic difference"
-    if variant.watch != "op" and unpaired:  # both sides run the same modules
-        verdict = f"incomplete: {unpaired} module outputs or gradients unpaired"
-    return DiffReport(
+    found = DiffReport(
         str(run_a.root),
         str(run_b.root),
         step,
@@ -170,14 +239,16 @@ def _report(
         modules,
         [side_a.loss, side_b.loss],
         _parameter_gap(side_a.params, side_b.params),
-        verdict,
+        "",
         bitwise=bitwise,
         level=variant.watch,
         noise_bound=variant.noise_bound,
-        gradient_gap=gap,
+        gradient_gap=_gradient_gap(side_a.grads, side_b.grads),
         by_statistics=aligned.by_statistics,
         unmatched_stretches=aligned.stretches(),
     )
+    found.verdict = _verdict(found)
+    return found
 
 
 def fingerprint_step(
@@ -188,16 +259,25 @@ def fingerprint_step(
 
 
 def _fingerprinted(
-    run: Run, first: int, last: int, device: torch.device, variant: Variant, bitwise: bool = False
+    run: Run,
+    first: int,
+    last: int,
+    device: torch.device,
+    variant: Variant,
+    bitwise: bool = False,
+    phases: frozenset[str] | None = None,
 ) -> Iterator[Played]:
-    """Each step of ``first``..``last`` in turn, one session going on from step to step."""
+    """Each step of ``first``..``last`` in turn, one session going on from step to step; op by
+    op, only the ops of ``phases`` (every op when None)."""
     if variant.ranks:
         yield played_on_ranks(run, first, variant.ranks)
         return
     session, modules = side_session(run, first, device, variant)
     try:
         for step in range(first, last + 1):
-            result, prints = _played(session, run.batch(step), variant, modules, bitwise)
+            with variant.applied():
+                watcher = modules or Fingerprints(session.model, bitwise, phases)
+                result, prints = _played(session, run.batch(step), variant, watcher)
             model = session.model
             params = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
             grads = gradients_of(model) if variant.watch == "gradient" else None
@@ -208,21 +288,20 @@ def _fingerprinted(
 
 
 def _played(
-    session: Session, batch: Batch, variant: Variant, modules: ModulePrints | None, bitwise: bool
+    session: Session, batch: Batch, variant: Variant, watcher: ModulePrints | Fingerprints
 ) -> tuple[StepResult, list[OpPrint]]:
     """One step watched op by op, by the hooks at module outputs and gradients, or by the
     gradients it leaves."""
     if variant.watch == "gradient":
         return session.train(batch), gradients_left(session.model)
-    if modules is not None:
-        modules.reset()
-        with variant.applied():
-            result = session.train(batch)
-        return result, modules.prints()
-    prints = Fingerprints(session.model, bitwise)
-    with variant.applied(), Instrument([prints]).attached(session.optimizer, session.model):
+    if isinstance(watcher, ModulePrints):
+        watcher.reset()
         result = session.train(batch)
-    return result, prints.prints()
+        optimizer = session.optimizer if variant.eager_watch else None
+        return result, watcher.prints(float(result.loss), optimizer)
+    with Instrument([watcher]).attached(session.optimizer, session.model):
+        result = session.train(batch)
+    return result, watcher.prints()
 
 
 def _compare(
@@ -294,9 +373,15 @@ def _gradient_gap(
     return (apart / scale) ** 0.5 if scale else float(apart > 0)
 
 
-def _verdict(first: OpDifference | None, modules: list[dict[str, Any]]) -> str:
+def _verdict(found: DiffReport) -> str:
+    first, unpaired = found.first_divergence, sum(found.unmatched)
+    if found.level != "op" and unpaired:  # both sides run the same modules
+        return f"incomplete: {unpaired} module outputs or gradients unpaired"
     if first is None:
-        return "within tolerance" if any(m["largest"] for m in modules) else "identical"
+        return "within tolerance" if any(m["largest"] for m in found.modules) else "identical"
+    if found.gradient_gap is not None:  # no op to re-run: the gradients as a whole judge
+        noise = found.gradient_gap <= found.noise_bound
+        return "reduction-order noise" if noise else "semantic difference"
     if first.differing_inputs:  # the op computed alike; what it was given was not
         return f"the sides start apart: {', '.join(first.differing_inputs)} differ"
     shadow = first.shadow or {}

@@ -3,7 +3,8 @@
 Each op's float outputs are reduced on the device to a float64 L2 norm and sum
 (``engine/reductions.py``) and read back once at the end: no sync per op. Its inputs are not
 reduced again: an input an earlier op produced carries that output's fingerprint, and only leaf
-inputs (parameters, the batch, optimizer state) are reduced, once per version of their data. An
+inputs (parameters, the batch, optimizer state) are reduced, once per version of their data
+(``engine/slots.py``); what an in-place op writes is reduced before it runs, as it reads it. An
 op that only copies a contiguous input (``clone``, ``_unsafe_view``, a ``_to_copy`` that
 keeps the dtype) carries its input's fingerprint too: on the benchmark step a fifth of the
 elements are outputs of these ops, and half of those copy a contiguous input.
@@ -14,19 +15,24 @@ between. In the backward the module is shown but not part of the key: which modu
 op is credited to varies from process to process where branches meet, while the engine's order
 of the ops does not. Inputs that are parameters (or views of one) are named, so a difference
 that comes in through a weight is told from one that comes in through an activation.
+
+Given ``phases``, only ops of those phases are fingerprinted: `diff` watches every step at
+module outputs first (``engine/module_prints.py``) and then names the op in the one phase where
+the sides came apart. An op's occurrence counts only its own phase's ops, so it is the same
+either way.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from energydiag.engine.instrument import BACKWARD, OpCall, written
-from energydiag.engine.reductions import Reductions
+from energydiag.engine.slots import Slots
 from energydiag.engine.tensorstats import plain, tensors_in
 from energydiag.schema import Record
 
@@ -71,21 +77,33 @@ class Fingerprints:
     checksum of every bit of each tensor, which tells apart what a norm and a sum cannot (two
     values swapped, a change below float64's resolution of the sum)."""
 
-    def __init__(self, model: nn.Module, bitwise: bool = False) -> None:
-        self.bitwise = bitwise
+    def __init__(
+        self, model: nn.Module, bitwise: bool = False, phases: frozenset[str] | None = None
+    ) -> None:
+        self.bitwise, self.phases = bitwise, phases
         self.params = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters()}
         self.seen: Counter[tuple[str, str, str]] = Counter()
-        # (data pointer, version) -> the slot of its fingerprint: an op's output, or a leaf
-        self.known: dict[tuple[int, int], int] = {}
         # What an in-place op wrote, keyed once the op has returned: the autograd layer above
         # the dispatch mode bumps the version after the mode has seen the op.
         self.unsettled: list[tuple[torch.Tensor, int]] = []
-        self.reductions = Reductions(bitwise)
+        self.slots = Slots(bitwise)  # an op's output, or a leaf, by the tensor it was taken of
+        self.reductions = self.slots.reductions
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
+
+    def before_write(self, func: Any, args: tuple, kwargs: dict, phase: str) -> None:
+        """What an in-place op is about to write, reduced while it holds what the op reads (a
+        leaf seen first when the op has run, as optimizer state is, would be read as written)."""
+        if self.phases is None or phase in self.phases:
+            self._settle()
+            for t in _floats(written(func, args, kwargs)):
+                self.slots.of(t)
 
     def on_op(self, call: OpCall) -> None:
         self._settle()
-        mutable = call.func._schema.is_mutable
+        if self.phases is not None and call.phase not in self.phases:
+            self.slots.forget()
+            return
+        mutable = call.mutable
         outs = _outputs(call, mutable)
         if not outs:
             return
@@ -95,20 +113,20 @@ class Fingerprints:
         ins = _floats((call.args, call.kwargs))
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
         entry.numels = [t.numel() for t in outs]
-        in_slots = [self._known(t) for t in ins]
+        in_slots = [self.slots.of(t) for t in ins]
         copied = self._copied(call.name, ins, in_slots, outs)
         out_slots = [self.reductions.add(t) for t in outs] if copied is None else [copied]
         for t, slot in zip(outs, out_slots, strict=True):
             if mutable:
                 self.unsettled.append((t, slot))
             else:
-                self.known[(t.data_ptr(), t._version)] = slot
+                self.slots.remember(t, slot)
         self.entries.append((entry, out_slots, in_slots))
 
     def _settle(self) -> None:
         """Key what the last in-place op wrote by the version it now has."""
         for t, slot in self.unsettled:
-            self.known[(t.data_ptr(), t._version)] = slot
+            self.slots.remember(t, slot)
         self.unsettled.clear()
 
     def prints(self) -> list[OpPrint]:
@@ -120,14 +138,6 @@ class Fingerprints:
             if bits:
                 entry.bits, entry.input_bits = [bits[i] for i in outs], [bits[i] for i in ins]
         return [entry for entry, _, _ in self.entries]
-
-    def _known(self, t: torch.Tensor) -> int:
-        """An input's slot: the output it is, else a leaf reduced once per version of its data.
-        (A view whose data pointer is not an output's is reduced as a leaf.)"""
-        where = (t.data_ptr(), t._version)
-        if where not in self.known:
-            self.known[where] = self.reductions.add(t)
-        return self.known[where]
 
     def _copied(
         self, op: str, ins: list[torch.Tensor], in_slots: list[int], outs: list[torch.Tensor]

@@ -28,7 +28,7 @@ from energydiag.io.state import plain_key
 
 FORWARD, BACKWARD, CLIP, OPTIMIZER = "forward", "backward", "clip", "optimizer"
 PLAIN_TYPES = frozenset({torch.Tensor, nn.Parameter})  # what the instrument dispatches itself
-_AFTER_BACKWARD = "after-backward"  # resolved to clip or forward once the step is over
+AFTER_BACKWARD = "after-backward"  # resolved to clip or forward once the step is over
 
 
 @dataclass
@@ -47,6 +47,7 @@ class OpCall:
     # For ops that write into their inputs (x.add_(y), the optimizer's _foreach_addcdiv_): the
     # written inputs are already changed when observers look, so their state before is kept here.
     written_were_finite: bool | None = None
+    mutable: bool = False  # the op writes into an argument
 
     @property
     def name(self) -> str:
@@ -60,7 +61,9 @@ class OpCall:
 class Observer(Protocol):
     """Sees every op. One that judges an in-place op by what it wrote as it was before
     (``OpCall.written_were_finite``) says so with a class attribute ``reads_written_before =
-    True``: the instrument checks those tensors (a reduction each) only for such observers."""
+    True``: the instrument checks those tensors (a reduction each) only for such observers. One
+    with a ``before_write(func, args, kwargs, phase)`` method is called with an in-place op
+    before it runs, while what it writes still holds its old values."""
 
     def on_op(self, call: OpCall) -> None: ...
 
@@ -90,7 +93,7 @@ class PhaseClock:
             self.backwards += 1
         if self.in_optimizer:
             return OPTIMIZER
-        return _AFTER_BACKWARD if self.backwards else FORWARD
+        return AFTER_BACKWARD if self.backwards else FORWARD
 
     @contextlib.contextmanager
     def watching(self, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
@@ -117,21 +120,21 @@ class Instrument(TorchDispatchMode):
         self.tracker = ModuleTracker()
         self.calls: list[OpCall] = []  # only the ones an observer kept, for phase resolution
         self.order = 0
-        self.skipped: dict[Any, bool] = {}  # per op overload: whether observers never see it
+        self.before_write = [o.before_write for o in observers if hasattr(o, "before_write")]
+        # per op overload: whether observers never see it, and whether it writes an argument
+        self.kinds: dict[Any, tuple[bool, bool]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not PLAIN_TYPES.issuperset(types):
             # A tensor subclass (an FSDP DTensor) desugars first; its shards come back here.
             return NotImplemented
         kwargs = kwargs or {}
-        skip = self.skipped.get(func)
-        if skip is None:
-            skip = self.skipped[func] = func.is_view or _uninitialised(func) or not self.observers
-        before = (
-            _written_finite(func, args, kwargs)
-            if self.written_before and not skip and func._schema.is_mutable
-            else None
-        )
+        kind = self.kinds.get(func)
+        if kind is None:
+            skip = func.is_view or _uninitialised(func) or not self.observers
+            kind = self.kinds[func] = (skip, func._schema.is_mutable)
+        skip, mutable = kind
+        before = self._before(func, args, kwargs) if mutable and not skip else None
         out = func(*args, **kwargs)
         self.order += 1
         if skip:
@@ -148,10 +151,20 @@ class Instrument(TorchDispatchMode):
             self.clock.micro_batch,
             _autograd_node(),
             before,
+            mutable,
         )
         for observer in self.observers:
             observer.on_op(call)
         return out
+
+    def _before(self, func: Any, args: tuple, kwargs: dict) -> bool | None:
+        """An in-place op about to run: whether what it writes is finite (when an observer
+        asks), and the observers that look at it first."""
+        if self.before_write:
+            phase = self.clock.current()
+            for look in self.before_write:
+                look(func, args, kwargs, phase)
+        return _written_finite(func, args, kwargs) if self.written_before else None
 
     def module(self) -> str:
         """The innermost running module as a state-dict path ('' root becomes '<model>')."""
@@ -211,6 +224,6 @@ def _autograd_node() -> str | None:
 def resolve_phase(phase: str, micro_batch: int, backwards: int) -> str:
     """An op after a backward is gradient processing (clip) unless another backward pass
     followed it (``backwards`` counts them all), in which case it was that micro-batch's forward."""
-    if phase != _AFTER_BACKWARD:
+    if phase != AFTER_BACKWARD:
         return phase
     return FORWARD if micro_batch <= backwards else CLIP

@@ -8,33 +8,45 @@ it differ (fused against decomposed), which is what pairs a compiled side with a
 
 The hooks only append to lists: anything more (counting, reading a data pointer) would break
 the graph and change what is compiled. Occurrences are counted when the lists are read back.
-Gradients are taken where each one is accumulated, in the autograd engine's own order.
+Gradients are taken where each one is accumulated, in the autograd engine's own order. The
+loss (computed outside the model, as a rule), the parameters and the optimizer's state are read
+when the step has ended: with them, a difference born anywhere in a step shows, and shows in
+its phase, which is where `diff` then looks op by op. (Under ``torch.compile`` these are left
+out: Adam divides a gradient by its own size, so where a gradient is only rounding
+noise, as a key projection's bias is, the compiled side's reordered sums move that parameter
+otherwise, 6e-4 relative on the reference model, with every gradient within the kernels'
+tolerance.)
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from energydiag.engine.fingerprint import OpPrint
-from energydiag.engine.instrument import BACKWARD, FORWARD
+from energydiag.engine.instrument import BACKWARD, FORWARD, OPTIMIZER
 from energydiag.engine.reductions import reduce64
+from energydiag.engine.slots import Slots
 
 Called = tuple[tuple[Any, ...], dict[str, Any], Any]  # a module call's args, kwargs, output
 
 
 class ModulePrints:
     """Hooks on every module and parameter of ``model`` until ``detach``. With ``keep``, the
-    calls of that module (args, kwargs and output, copied) are kept for a float64 re-run."""
+    calls of that module (args, kwargs and output, copied) are kept for a float64 re-run.
+    ``compiled``: the hooks are traced into a graph, and reduce as plain tensor code."""
 
-    def __init__(self, model: nn.Module, keep: str | None = None) -> None:
+    def __init__(self, model: nn.Module, keep: str | None = None, compiled: bool = True) -> None:
         self.modules = [(name, type(m).__name__) for name, m in model.named_modules()]
-        self.parameters = [name for name, _ in model.named_parameters()]
-        self.calls: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-        self.grads: list[tuple[int, torch.Tensor]] = []
+        self.parameters = list(model.named_parameters())
+        self.compiled = compiled
+        self.reducer: _Traced | _Eager = _Traced() if compiled else _Eager()
+        self.calls: list[tuple[int, Any, Any]] = []  # module, its outputs', its inputs' handles
+        self.grads: list[tuple[int, Any]] = []
         self.kept: list[Called] = []
         self.handles = [
             module.register_forward_hook(self._forward(i, name == keep), with_kwargs=True)
@@ -50,28 +62,36 @@ class ModulePrints:
         self.calls.clear()
         self.grads.clear()
         self.kept.clear()
+        self.reducer = _Traced() if self.compiled else _Eager()
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
 
-    def prints(self) -> list[OpPrint]:
-        """The step's module outputs in the order they finished, then its gradients in the
-        order they were accumulated; read back at once."""
+    def prints(self, loss: float, optimizer: torch.optim.Optimizer | None = None) -> list[OpPrint]:
+        """The step's module outputs in the order they finished, its ``loss``, its gradients in
+        the order they were accumulated, then (given the ``optimizer``) each parameter and its
+        optimizer state as the step left them; read back at once."""
+        left = _left(self.parameters, optimizer) if optimizer else []
+        left_at = self.reducer.reduce([t for _, _, t in left])
+        values = self.reducer.read()
         seen: Counter[str] = Counter()
         entries = []
         for i, outs, ins in self.calls:
             name, kind = self.modules[i]
             seen[name] += 1
             entry = OpPrint(len(entries), FORWARD, name, kind, seen[name])
-            entry.outputs = outs.tolist()
-            entry.inputs = [] if ins is None else ins.tolist()
+            entry.outputs, entry.inputs = values(outs), values(ins)
             entry.parameters = [""] * len(entry.inputs)
             entries.append(entry)
+        entries.append(OpPrint(len(entries), FORWARD, "", "loss", 1, [[abs(loss), loss]]))
         for i, grad in self.grads:
-            name = self.parameters[i]
+            name = self.parameters[i][0]
             seen[name] += 1
-            entries.append(_gradient(len(entries), name, seen[name], [grad.tolist()]))
+            entries.append(_gradient(len(entries), name, seen[name], values(grad)))
+        for (op, name, _), reduced in zip(left, values(left_at), strict=True):
+            owner = name.rpartition(".")[0]
+            entries.append(OpPrint(len(entries), OPTIMIZER, owner, op, 1, [reduced]))
         return entries
 
     def _forward(self, index: int, keep: bool):
@@ -79,7 +99,8 @@ class ModulePrints:
             outs = _floats(out)
             if not outs:
                 return
-            self.calls.append((index, _reduced(outs), _reduced(_floats(args))))
+            reduce = self.reducer.reduce
+            self.calls.append((index, reduce(outs), reduce(_floats(args))))
             if keep:
                 self.kept.append((copied(args), copied(kwargs), copied(out)))
 
@@ -87,9 +108,50 @@ class ModulePrints:
 
     def _accumulated(self, index: int):
         def hook(param: torch.Tensor) -> None:
-            self.grads.append((index, _reduced([param.grad])[0]))
+            self.grads.append((index, self.reducer.reduce([param.grad])))
 
         return hook
+
+
+class _Traced:
+    """Reductions a compiled graph can hold: plain tensor code, no state read between calls (a
+    reused buffer would be a global the graph writes). Each call's values are a [k, 2] tensor."""
+
+    def reduce(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        return _reduced(tensors)
+
+    def read(self) -> Callable[[torch.Tensor | None], list[list[float]]]:
+        return lambda handle: [] if handle is None else handle.tolist()
+
+
+class _Eager:
+    """Reductions into one store (``engine/slots.py``), read back once: a tensor seen again as
+    it was, a module's input that an earlier module output or a parent's own input, keeps its
+    slot, which on the benchmark step halves the elements reduced."""
+
+    def __init__(self) -> None:
+        self.slots = Slots()
+
+    def reduce(self, tensors: list[torch.Tensor]) -> list[int]:
+        return [self.slots.of(t) for t in tensors]
+
+    def read(self) -> Callable[[list[int]], list[list[float]]]:
+        table, _ = self.slots.reductions.read()
+        return lambda handle: [table[i] for i in handle]
+
+
+def _left(
+    parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer
+) -> list[tuple[str, str, torch.Tensor]]:
+    """Each parameter as the step left it, and its optimizer state (Adam's moments), with the
+    entry's op and the parameter's name. A moment can differ while the parameter it moved does
+    not yet (a change below the parameter's float32 resolution)."""
+    return [
+        (f"{what} {name}", name, t.detach())
+        for name, p in parameters
+        for what, t in [("parameter", p), *optimizer.state.get(p, {}).items()]
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
 
 
 def _floats(obj: Any) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from energydiag.analyses.numerics_diff import AGREE
-from energydiag.report.diff_view import paired, partner, rerun, unit, watched
+from energydiag.report.diff_view import compared, partner, rerun, unit
 from energydiag.report.html import STYLE
 
 BAR_WIDTH = 520  # pixels for 16 decades, 1e-16 (left) to 1 (right)
@@ -45,7 +45,7 @@ def _tone(r: dict[str, Any]) -> str:
 
 def _summary(r: dict[str, Any]) -> str:
     rows = [
-        (watched(r), paired(r)),
+        *compared(r),
         ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
         ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
         ("tolerance", f"{r['tolerance']:.3g} relative"),

@@ -19,7 +19,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         "",
         [
             *_range(r.get("steps") or [], None if first else r["verdict"]),
-            (watched(r), f"{paired(r)}{_bits(r)}"),
+            *compared(r),
             ("unpaired", f"{r['unmatched'][0]} on A, {r['unmatched'][1]} on B"),
             ("loss", f"{r['loss'][0]:.9g} and {r['loss'][1]:.9g}"),
             ("parameters after", _parameters(r["parameters"])),
@@ -53,6 +53,17 @@ def diff(console: Console, r: dict[str, Any]) -> None:
     _stretches(console, r.get("unmatched_stretches") or [])
 
 
+def compared(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """What was compared: the watch of the step and, where it saw the sides part, the ops of
+    that phase."""
+    rows = [(watched(r), f"{paired(r)}{_bits(r)}")]
+    if r.get("named_in"):
+        a, b = r["watched"]
+        rows.insert(0, (_by_module(r), f"{a} and {b}, apart in the {r['named_in']}"))
+        rows[1] = (f"ops of the {r['named_in']}", rows[1][1])
+    return rows
+
+
 def paired(r: dict[str, Any]) -> str:
     stats = r.get("by_statistics") or 0
     by = f" ({stats} by statistics)" if stats else ""
@@ -76,7 +87,7 @@ def _stretches(console: Console, stretches: list[dict[str, Any]]) -> None:
 
 
 UNITS = {"module": "module", "gradient": "gradient"}  # level -> what one pair is
-WATCHED = {"module": "module outputs and gradients", "gradient": "gradients the step left"}
+WATCHED = {"gradient": "gradients the step left"}
 
 
 def unit(r: dict[str, Any]) -> str:
@@ -86,7 +97,15 @@ def unit(r: dict[str, Any]) -> str:
 
 
 def watched(r: dict[str, Any]) -> str:
-    return WATCHED.get(r.get("level", "op"), "ops")
+    level = r.get("level", "op")
+    return _by_module(r) if level == "module" else WATCHED.get(level, "ops")
+
+
+def _by_module(r: dict[str, Any]) -> str:
+    """A compiled side is watched without the state the step leaves (Adam moves a parameter
+    whose gradient is rounding noise otherwise, by design)."""
+    compiled = (r["against"] or "").startswith("compile")
+    return "module outputs, loss, gradients" + ("" if compiled else ", parameters, state")
 
 
 def rerun(r: dict[str, Any], shadow: dict[str, Any] | None) -> str | None:
