@@ -10,7 +10,8 @@ played once more with the ops of one phase fingerprinted under the instrument's 
 (each op's outputs and float inputs reduced to two float64 numbers on the device:
 ``engine/reductions.py``). Every op of a step is fingerprinted for ``--bitwise`` and for
 ``check --numerics-baseline``. Memory: in fresh processes (Linux), the peak RSS a step adds over
-the session it starts from, plain, with every op fingerprinted, and with --bitwise's checksums.
+the session it starts from, plain, watched, with every op fingerprinted, and with --bitwise's
+checksums.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from energydiag.analyses.numerics_diff import NAMED_IN
 from energydiag.engine.fingerprint import Fingerprints
 from energydiag.engine.instrument import FORWARD, Instrument
 from energydiag.engine.module_prints import ModulePrints
-from energydiag.engine.session import open_session
-from energydiag.io.rundir import Run
+from energydiag.engine.session import Session, open_session
+from energydiag.io.rundir import Batch, Run
 
 
 class Idle:
@@ -48,12 +49,27 @@ def step_peak_mib(run_dir: str, how: str) -> float:
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     for _ in range(3):
-        prints = Fingerprints(session.model, bitwise=how == "bitwise")
-        observers = [] if how == "plain" else [prints]
-        with Instrument(observers).attached(session.optimizer):
+        if how == "plain":
             session.train(batch)
-        prints.prints()
+        elif how == "watched":
+            watch(session, batch)
+        else:
+            prints = Fingerprints(session.model, bitwise=how == "bitwise")
+            with Instrument([prints]).attached(session.optimizer):
+                session.train(batch)
+            prints.prints()
     return _rss("VmHWM") - before
+
+
+def watch(session: Session, batch: Batch) -> None:
+    """What `diff` watches every step with: module outputs, the loss and gradients by hooks,
+    no dispatch mode, then the parameters and optimizer state the step left."""
+    prints = ModulePrints(session.model, compiled=False)
+    try:
+        loss = session.train(batch).loss
+        prints.prints(float(loss), session.optimizer)
+    finally:
+        prints.detach()
 
 
 def _rss(field: str) -> float:
@@ -67,7 +83,7 @@ def memory(run_dir: Path) -> None:
     here = Path(__file__).resolve().parent
     for label, env in (("default malloc", {}), ("MALLOC_MMAP_THRESHOLD_=131072", FIXED)):
         peaks = {}
-        for how in ("plain", "fingerprinted", "bitwise"):
+        for how in ("plain", "watched", "fingerprinted", "bitwise"):
             code = f"import bench_diff; print(bench_diff.step_peak_mib({str(run_dir)!r}, {how!r}))"
             out = subprocess.run(
                 [sys.executable, "-c", code],
@@ -108,21 +124,11 @@ def main(rounds: int) -> None:
                 session.train(batch)
             counted.append(len(prints.prints()))
 
-        def watched() -> None:
-            """What `diff` watches every step with: module outputs, the loss and gradients by
-            hooks, no dispatch mode, then the parameters and optimizer state the step left."""
-            prints = ModulePrints(session.model, compiled=False)
-            try:
-                loss = session.train(batch).loss
-                prints.prints(float(loss), session.optimizer)
-            finally:
-                prints.detach()
-
         medians = interleaved_medians(
             {
                 "replayed step": plain,
                 "instrumented, idle observer": instrumented,
-                "watched by module (every step)": watched,
+                "watched by module (every step)": lambda: watch(session, batch),
                 "forward ops fingerprinted": lambda: fingerprinted(NAMED_IN[FORWARD]),
                 "every op fingerprinted": fingerprinted,
             },
