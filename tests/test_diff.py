@@ -83,21 +83,46 @@ def test_a_step_is_fingerprinted_op_by_op_only_where_the_watch_saw_the_sides_par
     assert report["ops"] == [len(forward), len(forward)] and len(forward) < len(whole) / 3
 
 
-def test_a_difference_born_in_the_optimizer_is_named_there(runs, tmp_path):
-    """One ulp in act_in.weight's Adam moment: forward and backward agree to the bit, the watch
-    sees the sides part at the parameter the step leaves, and the optimizer's ops are then
-    fingerprinted: the first to read that moment is named, the moment as the input that
-    differs."""
+@pytest.fixture(scope="module")
+def moment_apart(runs, tmp_path_factory):
+    """The healthy fixture with act_in.weight's first Adam moment one ulp larger at STEP."""
     checkpoint = f"checkpoints/step-{STEP:08d}.safetensors"
     key = "optim.act_in.weight.exp_avg"
-    other = edited_copy(tmp_path / "b", runs[0], checkpoint, key, one_ulp_up)
-    code, report = diff(str(runs[0]), str(other))
+    return edited_copy(
+        tmp_path_factory.mktemp("moment") / "b", runs[0], checkpoint, key, one_ulp_up
+    )
+
+
+def test_a_difference_born_in_the_optimizer_is_named_there(runs, moment_apart):
+    """One ulp in act_in.weight's Adam moment: forward, backward and the parameter it moves
+    agree to the bit (the change is below the weight's float32 resolution), the watch sees the
+    sides part at the moment the step leaves, and the optimizer's ops are then fingerprinted:
+    the first to read that moment is named, the moment as the input that differs."""
+    code, report = diff(str(runs[0]), str(moment_apart))
     first = report["first_divergence"]
     assert code == 1 and report["named_in"] == "optimizer" and first["phase"] == "optimizer"
     assert not first["inputs_matched"] and first["differing_inputs"]
     assert report["verdict"].startswith("the sides start apart: input")
     apart = {m["module"]: m["phase"] for m in report["modules"] if m["largest"] > 0}
     assert apart == {"act_in": "optimizer"}
+
+
+def test_a_part_the_second_replay_does_not_repeat_is_reported_as_the_watch_saw_it(
+    runs, moment_apart, monkeypatch
+):
+    """Should every op of the phase the watch saw part agree when replayed (a kernel that is not
+    deterministic), no op is named: the watch's own first difference is the answer, its entry
+    and phase, with no float64 re-run (a moment has no module to re-run)."""
+    monkeypatch.setitem(numerics_diff.NAMED_IN, "optimizer", frozenset({"forward"}))
+    code, report = diff(str(runs[0]), str(moment_apart))
+    first = report["first_divergence"]
+    assert code == 1 and report["level"] == "module" and report["named_in"] is None
+    assert (first["phase"], first["module"], first["op"]) == (
+        "optimizer",
+        "act_in",
+        "exp_avg act_in.weight",
+    )
+    assert first["shadow"] is None and report["verdict"] == "differ (no float64 re-run)"
 
 
 def test_default_kernels_against_deterministic_ones_agree_on_the_cpu(runs):
