@@ -83,6 +83,28 @@ def test_a_step_is_fingerprinted_op_by_op_only_where_the_watch_saw_the_sides_par
     assert report["ops"] == [len(forward), len(forward)] and len(forward) < len(whole) / 3
 
 
+def test_an_op_born_in_the_module_the_watch_saw_is_found_in_two_replays_a_side(runs, monkeypatch):
+    """Watched, then the forward op by op: act_in's own ops are copied on that second replay,
+    so its addmm is re-run in float64 from there, with no third replay to capture it."""
+    from energydiag.analyses import diff_shadow, diff_variants
+
+    opened = []
+    real = diff_variants.side_session
+
+    def counted(run, step, *args, **kwargs):
+        opened.append(step)
+        return real(run, step, *args, **kwargs)
+
+    monkeypatch.setattr(numerics_diff, "side_session", counted)
+    monkeypatch.setattr(diff_shadow, "side_session", counted)
+    code, report = diff(str(runs[0]), str(runs[1]))
+    shadow = report["first_divergence"]["shadow"]
+    assert code == 1 and opened == [STEP] * 4
+    assert (
+        shadow["error_a"] == pytest.approx(shadow["error_b"], rel=0.1) and shadow["error_a"] < 1e-7
+    )
+
+
 @pytest.fixture(scope="module")
 def moment_apart(runs, tmp_path_factory):
     """The healthy fixture with act_in.weight's first Adam moment one ulp larger at STEP."""

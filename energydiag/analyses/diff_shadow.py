@@ -6,6 +6,7 @@ they compute, not in how precisely."""
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -21,51 +22,67 @@ from energydiag.engine.tensorstats import float_tensors
 from energydiag.io.rundir import Run
 
 ErrorOf = Callable[[Run, int, torch.device, Variant, Key], float | None]
+Called = tuple[Any, tuple[Any, Any, Any]]  # an op, and its args, kwargs and output as copied
+Kept = dict[Key, Called]
 
 
 def shadow(
-    sides: list[tuple[Run, Variant]], step: int, device: torch.device, keys: tuple[Key, Key]
+    sides: list[tuple[Run, Variant]],
+    step: int,
+    device: torch.device,
+    keys: tuple[Key, Key],
+    kept: tuple[Kept, Kept] = ({}, {}),
 ) -> dict[str, float] | None:
     """Each side's output of the first divergence against its own float64 re-run; None when
     one side's cannot be re-run (an in-place op, a gradient, a module that draws random
-    numbers or casts to another dtype itself)."""
+    numbers or casts to another dtype itself). An op ``kept`` by the replay that named it is
+    re-run from there; any other is captured by one more replay."""
     errors = []
-    for (run, variant), key in zip(sides, keys, strict=True):
+    for (run, variant), key, calls in zip(sides, keys, kept, strict=True):
         if variant.watch == "gradient":
             return None  # a gradient reduced across ranks has no op of its own to re-run
-        error_of: ErrorOf = _module_error if variant.watch == "module" else _op_error
-        error = error_of(run, step, device, variant, key)
+        if key in calls:
+            error = _rerun(calls[key])
+        else:
+            error_of: ErrorOf = _module_error if variant.watch == "module" else _op_error
+            error = error_of(run, step, device, variant, key)
         if error is None:
             return None
         errors.append(error)
     return {"error_a": errors[0], "error_b": errors[1]}
 
 
-class _Capture:
-    """The inputs and output of one keyed op, kept for its float64 re-run."""
+class Capture:
+    """The inputs and output of the ops ``wanted`` picks by key, copied as the ops are seen, for
+    their float64 re-run; not of in-place ops, whose inputs are already overwritten then."""
 
-    def __init__(self, key: Key) -> None:
-        self.key, self.seen, self.call, self.func = key, {}, None, None
+    def __init__(self, wanted: Callable[[Key], bool]) -> None:
+        self.wanted, self.seen, self.calls = wanted, Counter(), {}
 
     def on_op(self, call: OpCall) -> None:
         where = key_of(call.phase, call.module, call.name, 0)[:3]
-        self.seen[where] = self.seen.get(where, 0) + 1
-        if (*where, self.seen[where]) == self.key and self.call is None:
-            self.call = tuple(copied(part) for part in (call.args, call.kwargs, call.out))
-            self.func = call.func
+        self.seen[where] += 1
+        key = (*where, self.seen[where])
+        if not call.mutable and self.wanted(key):
+            self.calls[key] = (
+                call.func,
+                tuple(copied(p) for p in (call.args, call.kwargs, call.out)),
+            )
 
 
 def _op_error(
     run: Run, step: int, device: torch.device, variant: Variant, key: Key
 ) -> float | None:
     session, _ = side_session(run, step, device, variant)
-    capture = _Capture(key)
+    capture = Capture(lambda seen: seen == key)
     with variant.applied(), Instrument([capture]).attached(session.optimizer, session.model):
         session.train(run.batch(step))
-    if capture.call is None or capture.func._schema.is_mutable:
-        return None  # an in-place op's inputs are already overwritten when it is seen
-    args, kwargs, out = capture.call
-    return _error(out, capture.func(*tree_map(_wide, args), **tree_map(_wide, kwargs)))
+    return _rerun(capture.calls[key]) if key in capture.calls else None
+
+
+def _rerun(called: Called) -> float:
+    func, (args, kwargs, out) = called
+    return _error(out, func(*tree_map(_wide, args), **tree_map(_wide, kwargs)))
 
 
 def _module_error(

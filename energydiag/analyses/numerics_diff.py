@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
+from energydiag.analyses.diff_alignment import align, close_for
+from energydiag.analyses.diff_compare import OpDifference, compare, gradient_gap, parameter_gap
 from energydiag.analyses.diff_ranks import played_on_ranks
-from energydiag.analyses.diff_shadow import shadow
+from energydiag.analyses.diff_shadow import Capture, Kept, shadow
 from energydiag.analyses.diff_variants import Variant, side_session
-from energydiag.engine.fingerprint import Fingerprints, Key, OpPrint, Played, key_of
+from energydiag.engine.fingerprint import Fingerprints, OpPrint, Played
 from energydiag.engine.instrument import (
     AFTER_BACKWARD,
     BACKWARD,
@@ -39,33 +40,9 @@ from energydiag.engine.session import Session
 from energydiag.engine.step import StepResult
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Batch, Run
-from energydiag.schema import Record, Report, report
+from energydiag.schema import Report, report
 
 AGREE = ("identical", "within tolerance", "reduction-order noise")  # the verdicts that pass
-
-
-@dataclass
-class OpDifference(Record):
-    phase: str
-    module: str
-    op: str
-    occurrence: int
-    a: list[list[float]]  # per output: [norm, sum]
-    b: list[list[float]]
-    relative: float
-    inputs_matched: bool
-    differing_inputs: list[str] = field(default_factory=list)  # "weight 'l1.weight'", "input 0"
-    shadow: dict[str, Any] | None = None  # the float64 re-run of this op on each side's inputs
-    paired_by: str = "key"  # or "statistics": B computed the value with another op
-    b_op: str = ""  # B's op and occurrence when paired by statistics
-    b_occurrence: int = 0
-
-    def keys(self) -> tuple[Key, Key]:
-        """Each side's key of this op (another op on B when paired by statistics)."""
-        key_a = key_of(self.phase, self.module, self.op, self.occurrence)
-        if self.paired_by == "key":
-            return key_a, key_a
-        return key_a, key_of(self.phase, self.module, self.b_op, self.b_occurrence)
 
 
 @report("diff")
@@ -196,23 +173,38 @@ def _named(
     """The step the watch saw part replayed once more on each side, its ops fingerprinted in
     that phase only: the first op apart there is the one named (and re-run in float64). The
     per-module differences stay the watch's, which saw the whole step."""
-    where = watched.first_divergence.phase
-    phases, step = NAMED_IN[where], watched.step
+    where, step = watched.first_divergence.phase, watched.step
+    own = _own_ops(watched.first_divergence)
     side_a, side_b = (
-        next(_fingerprinted(run, step, step, device, v, phases=phases)) for run, v in sides
+        next(_fingerprinted(run, step, step, device, v, phases=NAMED_IN[where], keep=own))
+        for run, v in sides
     )
     named = _report(sides, step, side_a, side_b, False)
     if named.first_divergence is None:  # the second replay did not part where the first did
         return _judged(watched, watch, device)
     named.modules, named.watched, named.named_in = watched.modules, watched.ops, where
-    return _judged(named, sides, device)
+    return _judged(named, sides, device, (side_a.kept, side_b.kept))
+
+
+def _own_ops(first: OpDifference) -> str | None:
+    """A module whose inputs matched while its output did not, after every module inside it
+    agreed: the op is one of its own (not its children's), as the instrument names them (the
+    root's ``<model>``, and the loss's ``""``, outside every module). None elsewhere."""
+    if first.phase != FORWARD or not first.inputs_matched:
+        return None
+    return "<model>" if first.module == "" and first.op != "loss" else first.module
 
 
 def _judged(
-    found: DiffReport, sides: list[tuple[Run, Variant]], device: torch.device
+    found: DiffReport,
+    sides: list[tuple[Run, Variant]],
+    device: torch.device,
+    kept: tuple[Kept, Kept] = ({}, {}),
 ) -> DiffReport:
-    """The first divergence re-run in float64 on each side's inputs, and the verdict it gives."""
-    found.first_divergence.shadow = shadow(sides, found.step, device, found.first_divergence.keys())
+    """The first divergence re-run in float64 on each side's inputs (as ``kept`` by the replay
+    that named it, else captured by another), and the verdict it gives."""
+    first = found.first_divergence
+    first.shadow = shadow(sides, found.step, device, first.keys(), kept)
     found.verdict = _verdict(found)
     return found
 
@@ -224,7 +216,7 @@ def _report(
     tol = variant.tolerance
     aligned = align(side_a.prints, side_b.prints, close_for(tol))
     outside = "<outside modules>" if variant.watch == "op" else "<model>"
-    first, modules = _compare(aligned.pairs, tol, outside)
+    first, modules = compare(aligned.pairs, tol, outside)
     found = DiffReport(
         str(run_a.root),
         str(run_b.root),
@@ -238,12 +230,12 @@ def _report(
         first,
         modules,
         [side_a.loss, side_b.loss],
-        _parameter_gap(side_a.params, side_b.params),
+        parameter_gap(side_a.params, side_b.params),
         "",
         bitwise=bitwise,
         level=variant.watch,
         noise_bound=variant.noise_bound,
-        gradient_gap=_gradient_gap(side_a.grads, side_b.grads),
+        gradient_gap=gradient_gap(side_a.grads, side_b.grads),
         by_statistics=aligned.by_statistics,
         unmatched_stretches=aligned.stretches(),
     )
@@ -266,32 +258,42 @@ def _fingerprinted(
     variant: Variant,
     bitwise: bool = False,
     phases: frozenset[str] | None = None,
+    keep: str | None = None,
 ) -> Iterator[Played]:
     """Each step of ``first``..``last`` in turn, one session going on from step to step; op by
-    op, only the ops of ``phases`` (every op when None)."""
+    op, only the ops of ``phases`` (every op when None), and with ``keep`` the first
+    micro-batch's forward ops of that module (its own, not its children's) copied for a float64
+    re-run."""
     if variant.ranks:
         yield played_on_ranks(run, first, variant.ranks)
         return
     session, modules = side_session(run, first, device, variant)
     try:
         for step in range(first, last + 1):
+            watcher = modules or Fingerprints(session.model, bitwise, phases)
+            capture = None if keep is None else Capture(lambda key: key[:2] == (FORWARD, keep))
             with variant.applied():
-                watcher = modules or Fingerprints(session.model, bitwise, phases)
-                result, prints = _played(session, run.batch(step), variant, watcher)
+                result, prints = _played(session, run.batch(step), variant, watcher, capture)
             model = session.model
             params = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
             grads = gradients_of(model) if variant.watch == "gradient" else None
-            yield Played(prints, float(result.loss), params, grads)
+            yield Played(
+                prints, float(result.loss), params, grads, capture.calls if capture else {}
+            )
     finally:
         if modules is not None:
             modules.detach()
 
 
 def _played(
-    session: Session, batch: Batch, variant: Variant, watcher: ModulePrints | Fingerprints
+    session: Session,
+    batch: Batch,
+    variant: Variant,
+    watcher: ModulePrints | Fingerprints,
+    capture: Capture | None,
 ) -> tuple[StepResult, list[OpPrint]]:
-    """One step watched op by op, by the hooks at module outputs and gradients, or by the
-    gradients it leaves."""
+    """One step watched op by op (the ops ``capture`` wants copied as well), by the hooks at
+    module outputs and gradients, or by the gradients it leaves."""
     if variant.watch == "gradient":
         return session.train(batch), gradients_left(session.model)
     if isinstance(watcher, ModulePrints):
@@ -299,78 +301,10 @@ def _played(
         result = session.train(batch)
         optimizer = session.optimizer if variant.eager_watch else None
         return result, watcher.prints(float(result.loss), optimizer)
-    with Instrument([watcher]).attached(session.optimizer, session.model):
+    observers = [watcher] if capture is None else [watcher, capture]
+    with Instrument(observers).attached(session.optimizer, session.model):
         result = session.train(batch)
     return result, watcher.prints()
-
-
-def _compare(
-    pairs: list[Pair], tol: float, outside: str
-) -> tuple[OpDifference | None, list[dict[str, Any]]]:
-    """``outside`` names path "": ops outside every module, or (by module) the model itself."""
-    first, modules = None, {}
-    for pair in pairs:
-        pa, pb = pair.a, pair.b
-        gap = relative(pa.outputs, pb.outputs)
-        worst = modules.setdefault(pa.module or outside, {"largest": 0.0, "op": ""})
-        if gap > worst["largest"]:
-            worst.update(largest=gap, op=pa.op, phase=pa.phase)
-        if first is None and (gap > tol or pa.bits != pb.bits):
-            first = _difference(pair, gap, tol)
-    return first, [{"module": m, **v} for m, v in modules.items()]
-
-
-def _difference(pair: Pair, gap: float, tol: float) -> OpDifference:
-    """Which of the op's inputs differ between the sides: a weight, or an activation."""
-    pa, pb = pair.a, pair.b
-    bitwise = bool(pa.input_bits)
-    # By statistics the two ops take different inputs, which cannot be compared one by one;
-    # every pair before this one agreed, so what fed it did too.
-    comparable = pair.by == "key"
-    apart = [
-        (i, name)
-        for i, (x, y, name) in enumerate(zip(pa.inputs, pb.inputs, pa.parameters, strict=False))
-        if comparable and (relative([x], [y]) > tol or (bitwise and _unequal(pa, pb, i)))
-    ]
-    differing = [f"weight {name!r}" if name else f"input {i}" for i, name in apart]
-    return OpDifference(
-        pa.phase,
-        pa.module,
-        pa.op,
-        pa.occurrence,
-        pa.outputs,
-        pb.outputs,
-        gap,
-        all(name for _, name in apart),  # only weights differ, no activation
-        differing,
-        paired_by=pair.by,
-        b_op=pb.op if pair.by == "statistics" else "",
-        b_occurrence=pb.occurrence if pair.by == "statistics" else 0,
-    )
-
-
-def _unequal(pa: OpPrint, pb: OpPrint, i: int) -> bool:
-    return i >= len(pb.input_bits) or pa.input_bits[i] != pb.input_bits[i]
-
-
-def _parameter_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
-    gaps = {
-        name: float((a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-300))
-        for name in a
-        if name in b and a[name].shape == b[name].shape
-    }
-    name = max(gaps, key=gaps.get, default=None)
-    return {"most_different": name, "relative": gaps.get(name, 0.0) if name else 0.0}
-
-
-def _gradient_gap(
-    a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None
-) -> float | None:
-    if a is None or b is None or a.keys() != b.keys():
-        return None
-    apart = sum(float((a[n] - b[n]).square().sum()) for n in a)
-    scale = sum(float(a[n].square().sum()) for n in a)
-    return (apart / scale) ** 0.5 if scale else float(apart > 0)
 
 
 def _verdict(found: DiffReport) -> str:

@@ -60,12 +60,14 @@ class OpPrint(Record):
 
 class Played(NamedTuple):
     """One side's step: its fingerprints, its loss, the parameters after it and, where the
-    gradients are what is compared, the gradients it left (float64, on the CPU)."""
+    gradients are what is compared, the gradients it left (float64, on the CPU); the ops it
+    kept for a float64 re-run, by key: the op and its args, kwargs and output as copied."""
 
     prints: list[OpPrint]
     loss: float
     params: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor] | None = None
+    kept: dict[Key, tuple[Any, tuple[Any, Any, Any]]] = {}
 
 
 def key_of(phase: str, module: str, op: str, occurrence: int) -> Key:
