@@ -101,8 +101,11 @@ def diff_steps(
     for run, _ in sides:
         run.require_batches(first, last)
     by_module = variant.watch == "op" and not bitwise  # else watched as compared, throughout
-    watch = [(run, replace(v, watch="module", eager_watch=True)) for run, v in sides]
-    watch = watch if by_module else sides
+    watch = (
+        [(run, replace(v, watch="module", eager_watch=True)) for run, v in sides]
+        if by_module
+        else sides
+    )
     with _own_casts_refused(run_a, variant):
         found = _first_apart(watch, first, last, device, bitwise)
         if found.first_divergence is not None:

@@ -43,8 +43,8 @@ class ModulePrints:
     def __init__(self, model: nn.Module, keep: str | None = None, compiled: bool = True) -> None:
         self.modules = [(name, type(m).__name__) for name, m in model.named_modules()]
         self.parameters = list(model.named_parameters())
-        self.compiled = compiled
-        self.reducer: _Traced | _Eager = _Traced() if compiled else _Eager()
+        self.reducing = _Traced if compiled else _Eager
+        self.reducer: _Traced | _Eager = self.reducing()
         self.calls: list[tuple[int, Any, Any]] = []  # module, its outputs', its inputs' handles
         self.grads: list[tuple[int, Any]] = []
         self.kept: list[Called] = []
@@ -62,7 +62,7 @@ class ModulePrints:
         self.calls.clear()
         self.grads.clear()
         self.kept.clear()
-        self.reducer = _Traced() if self.compiled else _Eager()
+        self.reducer = self.reducing()
 
     def detach(self) -> None:
         for handle in self.handles:

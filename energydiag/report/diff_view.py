@@ -56,12 +56,11 @@ def diff(console: Console, r: dict[str, Any]) -> None:
 def compared(r: dict[str, Any]) -> list[tuple[str, str]]:
     """What was compared: the watch of the step and, where it saw the sides part, the ops of
     that phase."""
-    rows = [(watched(r), f"{paired(r)}{_bits(r)}")]
-    if r.get("named_in"):
-        a, b = r["watched"]
-        rows.insert(0, (_by_module(r), f"{a} and {b}, apart in the {r['named_in']}"))
-        rows[1] = (f"ops of the {r['named_in']}", rows[1][1])
-    return rows
+    pairs, phase = f"{paired(r)}{_bits(r)}", r.get("named_in")
+    if not phase:
+        return [(watched(r), pairs)]
+    a, b = r["watched"]
+    return [(_by_module(r), f"{a} and {b}, apart in the {phase}"), (f"ops of the {phase}", pairs)]
 
 
 def paired(r: dict[str, Any]) -> str:
