@@ -21,6 +21,7 @@ from energydiag.cli import app
 from energydiag.engine.reductions import METHOD
 from energydiag.io.rundir import Run
 from energydiag.reference import models
+from energydiag.reference.synthetic import Task
 
 STEP = 40  # a checkpoint of the healthy fixture: both sides start from the same weights
 runner = CliRunner()
@@ -83,20 +84,26 @@ def test_a_step_is_fingerprinted_op_by_op_only_where_the_watch_saw_the_sides_par
     assert report["ops"] == [len(forward), len(forward)] and len(forward) < len(whole) / 3
 
 
-def test_an_op_born_in_the_module_the_watch_saw_is_found_in_two_replays_a_side(runs, monkeypatch):
-    """Watched, then the forward op by op: act_in's own ops are copied on that second replay,
-    so its addmm is re-run in float64 from there, with no third replay to capture it."""
+@pytest.fixture
+def opened(monkeypatch) -> list[int]:
+    """The step of every side's session `diff` opens (each one a replay)."""
     from energydiag.analyses import diff_shadow, diff_variants
 
-    opened = []
+    steps = []
     real = diff_variants.side_session
 
     def counted(run, step, *args, **kwargs):
-        opened.append(step)
+        steps.append(step)
         return real(run, step, *args, **kwargs)
 
     monkeypatch.setattr(numerics_diff, "side_session", counted)
     monkeypatch.setattr(diff_shadow, "side_session", counted)
+    return steps
+
+
+def test_an_op_born_in_the_module_the_watch_saw_is_found_in_two_replays_a_side(runs, opened):
+    """Watched, then the forward op by op: act_in's own ops are copied on that second replay,
+    so its addmm is re-run in float64 from there, with no third replay to capture it."""
     code, report = diff(str(runs[0]), str(runs[1]))
     shadow = report["first_divergence"]["shadow"]
     assert code == 1 and opened == [STEP] * 4
@@ -115,14 +122,16 @@ def moment_apart(runs, tmp_path_factory):
     )
 
 
-def test_a_difference_born_in_the_optimizer_is_named_there(runs, moment_apart):
+def test_a_difference_born_in_the_optimizer_is_named_there(runs, moment_apart, opened):
     """One ulp in act_in.weight's Adam moment: forward, backward and the parameter it moves
     agree to the bit (the change is below the weight's float32 resolution), the watch sees the
     sides part at the moment the step leaves, and the optimizer's ops are then fingerprinted:
-    the first to read that moment is named, the moment as the input that differs."""
+    the first to read that moment is named, the moment as the input that differs. The sides
+    started apart, so no third replay captures the op for a float64 re-run."""
     code, report = diff(str(runs[0]), str(moment_apart))
     first = report["first_divergence"]
     assert code == 1 and report["named_in"] == "optimizer" and first["phase"] == "optimizer"
+    assert opened == [STEP] * 4 and first["shadow"] is None
     assert not first["inputs_matched"] and first["differing_inputs"]
     assert report["verdict"].startswith("the sides start apart: input")
     apart = {m["module"]: m["phase"] for m in report["modules"] if m["largest"] > 0}
@@ -165,6 +174,35 @@ def test_other_threads_are_reduction_order_noise(runs):
         first = report["first_divergence"]
         assert first["inputs_matched"] and first["differing_inputs"] == []
         assert max(first["shadow"].values()) < 1e-5 and first["relative"] < 1e-5
+
+
+def test_two_threads_part_from_one_in_the_backward_as_reduction_order_noise(tmp_path, opened):
+    """A model wide enough for two threads to split its reductions (the benchmark's), recorded by
+    a plain loop: the step parts in the backward, where a layer norm's backward sums over the
+    rows in another order. The op is copied as it runs on the second replay (it is credited to
+    the module whose gradient the watch saw apart), so its float64 re-run takes no third."""
+    from handloop import train
+
+    model = {
+        "d_model": 128,
+        "n_heads": 4,
+        "n_blocks": 2,
+        "d_context": 256,
+        "d_action": 7,
+        "horizon": 8,
+    }
+    task = Task(batch=8, seq=32, d_context=256, horizon=8, d_action=7)
+    root = train(tmp_path / "run", steps=1, checkpoint_every=1, model_kwargs=model, task=task).root
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    args = ["diff", str(root), "--against", f"threads={threads}", "--step", "0", "--json"]
+    result = runner.invoke(app, args)
+    report = json.loads(result.stdout)
+    first = report["first_divergence"]
+    assert result.exit_code == 0 and report["verdict"] == "reduction-order noise"
+    assert (report["named_in"], first["phase"]) == ("backward", "backward")
+    assert first["inputs_matched"] and not first["differing_inputs"]
+    assert 0 < first["relative"] < 1e-5 and max(first["shadow"].values()) < 1e-5
+    assert opened == [0] * 4
 
 
 def test_bf16_autocast_is_the_less_accurate_side(runs):

@@ -32,17 +32,20 @@ def shadow(
     device: torch.device,
     keys: tuple[Key, Key],
     kept: tuple[Kept, Kept] = ({}, {}),
+    replay: bool = True,
 ) -> dict[str, float] | None:
     """Each side's output of the first divergence against its own float64 re-run; None when
     one side's cannot be re-run (an in-place op, a gradient, a module that draws random
     numbers or casts to another dtype itself). An op ``kept`` by the replay that named it is
-    re-run from there; any other is captured by one more replay."""
+    re-run from there; any other is captured by one more replay, unless not to ``replay``."""
     errors = []
     for (run, variant), key, calls in zip(sides, keys, kept, strict=True):
         if variant.watch == "gradient":
             return None  # a gradient reduced across ranks has no op of its own to re-run
         if key in calls:
             error = _rerun(calls[key])
+        elif not replay:
+            return None
         else:
             error_of: ErrorOf = _module_error if variant.watch == "module" else _op_error
             error = error_of(run, step, device, variant, key)
@@ -53,17 +56,18 @@ def shadow(
 
 
 class Capture:
-    """The inputs and output of the ops ``wanted`` picks by key, copied as the ops are seen, for
-    their float64 re-run; not of in-place ops, whose inputs are already overwritten then."""
+    """The inputs and output of the ops ``wanted`` picks (by the call, and its key), copied as
+    the ops are seen, for their float64 re-run; not of in-place ops, whose inputs are already
+    overwritten then."""
 
-    def __init__(self, wanted: Callable[[Key], bool]) -> None:
+    def __init__(self, wanted: Callable[[OpCall, Key], bool]) -> None:
         self.wanted, self.seen, self.calls = wanted, Counter(), {}
 
     def on_op(self, call: OpCall) -> None:
         where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] += 1
         key = (*where, self.seen[where])
-        if not call.mutable and self.wanted(key):
+        if not call.mutable and self.wanted(call, key):
             self.calls[key] = (
                 call.func,
                 tuple(copied(p) for p in (call.args, call.kwargs, call.out)),
@@ -74,7 +78,7 @@ def _op_error(
     run: Run, step: int, device: torch.device, variant: Variant, key: Key
 ) -> float | None:
     session, _ = side_session(run, step, device, variant)
-    capture = Capture(lambda seen: seen == key)
+    capture = Capture(lambda _, seen: seen == key)
     with variant.applied(), Instrument([capture]).attached(session.optimizer, session.model):
         session.train(run.batch(step))
     return _rerun(capture.calls[key]) if key in capture.calls else None

@@ -177,9 +177,9 @@ def _named(
     that phase only: the first op apart there is the one named (and re-run in float64). The
     per-module differences stay the watch's, which saw the whole step."""
     where, step = watched.first_divergence.phase, watched.step
-    own = _own_ops(watched.first_divergence)
+    kept = _where_born(watched.first_divergence)
     side_a, side_b = (
-        next(_fingerprinted(run, step, step, device, v, phases=NAMED_IN[where], keep=own))
+        next(_fingerprinted(run, step, step, device, v, phases=NAMED_IN[where], keep=kept))
         for run, v in sides
     )
     named = _report(sides, step, side_a, side_b, False)
@@ -189,13 +189,19 @@ def _named(
     return _judged(named, sides, device, (side_a.kept, side_b.kept))
 
 
-def _own_ops(first: OpDifference) -> str | None:
-    """A module whose inputs matched while its output did not, after every module inside it
-    agreed: the op is one of its own (not its children's), as the instrument names them (the
-    root's ``<model>``, and the loss's ``""``, outside every module). None elsewhere."""
+def _where_born(first: OpDifference) -> tuple[str, str] | None:
+    """Where the op that was born apart probably ran, as the instrument names a phase and a
+    module (the root's ``<model>``, and the loss's ``""``, outside every module), so that its
+    ops are copied for the float64 re-run as they run. In the forward: a module whose inputs
+    matched while its output did not, after every module inside it agreed (the op is one of its
+    own). In the backward: the module whose gradient the watch first saw apart (its backward
+    computes its weights' gradients and its input's). None elsewhere; an op born elsewhere is
+    captured by one more replay."""
+    if first.phase == BACKWARD:
+        return BACKWARD, first.module or "<model>"
     if first.phase != FORWARD or not first.inputs_matched:
         return None
-    return "<model>" if first.module == "" and first.op != "loss" else first.module
+    return FORWARD, "<model>" if first.module == "" and first.op != "loss" else first.module
 
 
 def _judged(
@@ -205,9 +211,12 @@ def _judged(
     kept: tuple[Kept, Kept] = ({}, {}),
 ) -> DiffReport:
     """The first divergence re-run in float64 on each side's inputs (as ``kept`` by the replay
-    that named it, else captured by another), and the verdict it gives."""
+    that named it, else captured by another), and the verdict it gives. Given inputs that
+    differ, which side computed more precisely cannot change the verdict (the sides started
+    apart), so no replay is spent on it; what was kept is still re-run."""
     first = found.first_divergence
-    first.shadow = shadow(sides, found.step, device, first.keys(), kept)
+    replay = not first.differing_inputs
+    first.shadow = shadow(sides, found.step, device, first.keys(), kept, replay)
     found.verdict = _verdict(found)
     return found
 
@@ -261,12 +270,11 @@ def _fingerprinted(
     variant: Variant,
     bitwise: bool = False,
     phases: frozenset[str] | None = None,
-    keep: str | None = None,
+    keep: tuple[str, str] | None = None,
 ) -> Iterator[Played]:
     """Each step of ``first``..``last`` in turn, one session going on from step to step; op by
-    op, only the ops of ``phases`` (every op when None), and with ``keep`` the first
-    micro-batch's forward ops of that module (its own, not its children's) copied for a float64
-    re-run."""
+    op, only the ops of ``phases`` (every op when None), and with ``keep`` the ops of that phase
+    and module (its own, not its children's) copied for a float64 re-run."""
     if variant.ranks:
         yield played_on_ranks(run, first, variant.ranks)
         return
@@ -274,7 +282,9 @@ def _fingerprinted(
     try:
         for step in range(first, last + 1):
             watcher = modules or Fingerprints(session.model, bitwise, phases)
-            capture = None if keep is None else Capture(lambda key: key[:2] == (FORWARD, keep))
+            capture = (
+                None if keep is None else Capture(lambda call, _: (call.phase, call.module) == keep)
+            )
             with variant.applied():
                 result, prints = _played(session, run.batch(step), variant, watcher, capture)
             model = session.model
