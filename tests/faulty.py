@@ -159,3 +159,11 @@ def eval_refiner(model, h, a0, pad_mask):
         a = (a - 0.1 * grad).detach()
         chain.append(a)
     return chain
+
+
+class OwnFloat32Model(EnergyModel):
+    """Multiplies by a float32 matrix it makes itself, whatever dtype its weights are in: `diff
+    --against dtype=` cannot make it run in another dtype (autocast can)."""
+
+    def forward(self, h, a, pad_mask=None):
+        return super().forward(h, a, pad_mask) @ torch.ones(1, 1)

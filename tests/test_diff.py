@@ -214,10 +214,31 @@ def test_bf16_autocast_is_the_less_accurate_side(runs):
     assert report["unmatched"][1] > 0  # autocast's casts have no partner on the float32 side
 
 
+def test_bf16_weights_and_inputs_are_the_less_accurate_side(runs):
+    """dtype=bf16 casts B's parameters, optimizer state and batch: the first op whose output
+    leaves float32's tolerance (2 bf16 eps) is named with matched inputs, and its float64
+    re-run says bf16 is the less accurate side."""
+    code, report = diff(str(runs[0]), "--against", "dtype=bf16")
+    first = report["first_divergence"]
+    assert code == 1 and report["verdict"] == "B is less accurate"
+    assert (first["phase"], first["op"]) == ("forward", "aten::addmm") and first["inputs_matched"]
+    assert first["relative"] > report["tolerance"] == pytest.approx(2 * 2**-7)
+    assert first["shadow"]["error_b"] > 100 * first["shadow"]["error_a"]
+
+
+def test_a_model_that_casts_to_float32_itself_is_refused_dtype_in_one_line(tmp_path):
+    from handloop import train
+
+    root = train(tmp_path / "run", steps=1, checkpoint_every=1, model="faulty:OwnFloat32Model").root
+    result = runner.invoke(app, ["diff", str(root), "--against", "dtype=bf16", "--step", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the model casts to another dtype itself" in result.output
+    assert "autocast=bf16" in result.output and len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args, problem",
     [
-        (["--against", "dtype=bf16"], "the model casts to another dtype itself"),
         (["--against", "dtype=int8"], "use threads=K"),
         ([], "give a second run, or a variant"),
     ],

@@ -136,8 +136,9 @@ class EnergyModel(nn.Module):
     def forward(
         self, h: torch.Tensor, a: torch.Tensor, pad_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        context = self.ctx_enc(self.ctx_in(h.float()))
-        query = self.act_in(a.float())
+        dtype = self.ctx_in.weight.dtype  # the model's own: float32 as trained, or as replayed
+        context = self.ctx_enc(self.ctx_in(h.to(dtype)))
+        query = self.act_in(a.to(dtype))
         if self.positions is not None:
             query = query + self.positions[: query.shape[1]]
         query = self.act_enc(self.pos_drop(query))
