@@ -33,6 +33,14 @@ def _command_built_once() -> None:
 _command_built_once()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist each worker takes whole modules (``--dist loadscope``) in the order they are
+    collected. The few modules marked ``heavy`` (ranks in processes, wheels, whole stories: most
+    of a minute each) go first, so that neither worker ends the suite running one of them alone
+    while the other is idle; the many small ones then even out the finish."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from energydiag.cli import app
 from energydiag.reference import models
 
+pytestmark = pytest.mark.heavy
+
 STEP = 40  # a checkpoint of the healthy fixture
 runner = CliRunner()
 

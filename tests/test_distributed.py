@@ -17,9 +17,12 @@ from energydiag.errors import DiagError
 from energydiag.io.torchfiles import discover, open_reader
 from energydiag.report.console import command_line
 
-pytestmark = pytest.mark.skipif(
-    not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
-)
+pytestmark = [
+    pytest.mark.heavy,
+    pytest.mark.skipif(
+        not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
+    ),
+]
 
 
 def free_port() -> int:

@@ -13,9 +13,12 @@ from energydiag.cli import app
 from energydiag.errors import DiagError, OptionError
 from energydiag.io.rundir import Run
 
-pytestmark = pytest.mark.skipif(
-    not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
-)
+pytestmark = [
+    pytest.mark.heavy,
+    pytest.mark.skipif(
+        not __import__("torch").distributed.is_gloo_available(), reason="no gloo backend"
+    ),
+]
 WORLD = 4
 
 

@@ -19,6 +19,8 @@ from energydiag.reference.losses import inbatch_infonce
 from energydiag.reference.models import EnergyModel
 from energydiag.reference.synthetic import Task, batches
 
+pytestmark = pytest.mark.heavy
+
 runner = CliRunner()
 
 

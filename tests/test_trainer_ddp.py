@@ -13,6 +13,8 @@ from energydiag.analyses.diagnosis import Verdict, diagnose
 from energydiag.analyses.rank_replay import replay_ranks
 from energydiag.io.rundir import Run
 
+pytestmark = pytest.mark.heavy
+
 PLANTED_ROW = 41  # Lightning's sampler does not shuffle: odd rows are rank 1's, 40-47 step 5
 DDP = {"world_size": 2, "backend": "gloo", "parallelism": "ddp", "sync": {"": "ddp"}}
 
