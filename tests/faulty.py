@@ -117,8 +117,9 @@ def two_losses(model, micro, tau=0.5):
 
 
 def split(batch, parts=MICRO_BATCHES):
+    """Each micro-batch sliced as it is used, as a loader's would arrive."""
     size = batch["h"].shape[0] // parts
-    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+    return ({k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts))
 
 
 def accumulating_step(model, optimizer, batch, ctx):

@@ -86,3 +86,46 @@ def train(
                 sched.step()
         rec.save_checkpoint(steps)
     return rec
+
+
+def train_accumulating(
+    run_dir: Path,
+    plant: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    steps: int = 10,
+) -> Path:
+    """Two losses over 4 micro-batches, accumulated, clipped, then one AdamW step: the loop
+    that ``faulty:accumulating_step`` mirrors for replay. ``plant`` may edit a step's batch."""
+    from faulty import MICRO_BATCHES, split, two_losses
+
+    from energydiag.reference.models import EnergyModel
+
+    torch.manual_seed(0)
+    model = EnergyModel(**SMALL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = batches(Task(batch=16), seed=1)
+    with Recorder(
+        run_dir,
+        model=model,
+        optimizer=optimizer,
+        model_spec={"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL},
+        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
+        grad_clip=1.0,
+        step="faulty:accumulating_step",
+        checkpoint_every=4,
+        persist_batches=True,
+    ) as rec:
+        for step in range(steps):
+            batch = next(data)
+            if plant:
+                plant(step, batch)
+            rec.start_step(step, batch)
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in split(batch):
+                loss = two_losses(model, micro) / MICRO_BATCHES
+                loss.backward()
+                total = total + loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rec.end_step(total, grad_norm=norm)
+            optimizer.step()
+    return run_dir

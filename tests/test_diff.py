@@ -46,7 +46,7 @@ def test_one_ulp_in_one_weight_is_named_where_it_is_first_read(runs):
     assert code == 1 and report["unmatched"] == [0, 0]
     assert (first["phase"], first["module"], first["op"]) == ("forward", "act_in", "aten::addmm")
     assert first["differing_inputs"] == ["weight 'act_in.weight'"] and first["inputs_matched"]
-    assert report["verdict"] == "the sides start apart: weight 'act_in.weight' differ"
+    assert report["verdict"] == "the sides start apart: weight 'act_in.weight' differs"
     assert report["replayed_from"] == [STEP, STEP]
 
 
@@ -110,6 +110,34 @@ def test_an_op_born_in_the_module_the_watch_saw_is_found_in_two_replays_a_side(r
     assert (
         shadow["error_a"] == pytest.approx(shadow["error_b"], rel=0.1) and shadow["error_a"] < 1e-7
     )
+
+
+def test_a_difference_in_a_later_micro_batch_is_named_with_it(tmp_path):
+    """Gradient accumulation over 4 micro-batches (a hand-written loop): one ulp more in a
+    value of sample 9, which only micro-batch 3 reads, at step 6. Both runs replay from their
+    checkpoint 4; the first op apart is the loss's B x B replication of micro-batch 3's contexts
+    (a slice is a view, with no op of its own), after two backward passes, with those contexts
+    as the input that differs."""
+    from handloop import train_accumulating
+
+    def nudged(step, batch):
+        if step == 6:
+            one_ulp_up(batch["h"][9, 0])  # in place: h[9, 0, 0]
+
+    a = train_accumulating(tmp_path / "a", steps=7)
+    b = train_accumulating(tmp_path / "b", nudged, steps=7)
+    result = runner.invoke(app, ["diff", str(a), str(b), "--step", "6", "--json"])
+    report, first = json.loads(result.stdout), json.loads(result.stdout)["first_divergence"]
+    assert result.exit_code == 1 and report["replayed_from"] == [4, 4]
+    assert (first["phase"], first["micro_batch"], first["module"], first["op"]) == (
+        "after-backward",
+        3,
+        "",
+        "aten::clone",
+    )
+    assert first["differing_inputs"] == ["input 0"]
+    shown = runner.invoke(app, ["diff", str(a), str(b), "--step", "6"]).stdout
+    assert "aten::clone, outside every module (after-backward, micro-batch 3, occurrence" in shown
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +383,7 @@ def test_the_html_page_shows_the_first_diverging_op_and_is_not_overwritten(runs,
     args = ["diff", str(runs[0]), str(runs[1]), "--step", str(STEP), "--html", str(page)]
     assert runner.invoke(app, args).exit_code == 1
     text = page.read_text()
-    assert "the sides start apart: weight &#x27;act_in.weight&#x27; differ" in text
+    assert "the sides start apart: weight &#x27;act_in.weight&#x27; differs" in text
     assert "aten::addmm in &#x27;act_in&#x27;" in text and "<svg" in text and "http" not in text
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
@@ -405,7 +433,7 @@ def test_bitwise_finds_two_swapped_values_that_a_norm_and_a_sum_cannot(runs, tmp
     first = strict["first_divergence"]
     assert code == 1 and strict["bitwise"] and first["relative"] == 0.0
     assert first["differing_inputs"] == ["input 0"] and not first["inputs_matched"]
-    assert strict["verdict"] == "the sides start apart: input 0 differ"
+    assert strict["verdict"] == "the sides start apart: input 0 differs"
     assert diff(str(runs[0]), str(runs[0]), "--bitwise")[1]["verdict"] == "identical"
     result = runner.invoke(app, ["diff", str(runs[0]), "--against", "autocast=bf16", "--bitwise"])
     assert result.exit_code == 2 and "is compared within a tolerance" in result.output

@@ -5,8 +5,7 @@ a hand-written loop; replay must reproduce it and localise what was planted."""
 from __future__ import annotations
 
 import torch
-from faulty import MICRO_BATCHES, split, two_losses
-from handloop import SMALL, train
+from handloop import SMALL, train, train_accumulating
 
 from energydiag import Recorder
 from energydiag.analyses.replaying import replay_report
@@ -35,46 +34,23 @@ def test_cosine_schedule_with_warmup_replays_bit_exact(tmp_path):
     assert report.findings == []
 
 
-def accumulating_run(root, plant_step=None, plant_sample=None):
-    """The hand-written loop the step function above mirrors."""
-    torch.manual_seed(0)
-    model = EnergyModel(**SMALL)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = batches(Task(batch=16), seed=1)
-    with Recorder(
-        root,
-        model=model,
-        optimizer=optimizer,
-        model_spec={"target": "energydiag.reference.models:EnergyModel", "kwargs": SMALL},
-        loss={"name": "inbatch_infonce", "kwargs": {"tau": 0.5}},
-        grad_clip=1.0,
-        step="faulty:accumulating_step",
-        checkpoint_every=4,
-        persist_batches=True,
-    ) as rec:
-        for step in range(10):
-            batch = next(data)
-            if step == plant_step:
-                batch["pad_mask"][plant_sample] = True
-            rec.start_step(step, batch)
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in split(batch):
-                loss = two_losses(model, micro) / MICRO_BATCHES
-                loss.backward()
-                total = total + loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            rec.end_step(total, grad_norm=norm)
-            optimizer.step()
+def masking(at_step: int, sample: int):
+    """A plant for ``train_accumulating``: every key of one sample of one step masked."""
+
+    def plant(step, batch):
+        if step == at_step:
+            batch["pad_mask"][sample] = True
+
+    return plant
 
 
 def test_user_step_with_accumulation_replays_and_names_the_micro_batch(tmp_path):
     clean = tmp_path / "clean"
-    accumulating_run(clean)
+    train_accumulating(clean)
     assert Run(clean).manifest.step == "faulty:accumulating_step"
     assert replay_report(Run(clean), 0).fidelity["bit_exact"]
     planted = tmp_path / "planted"
-    accumulating_run(planted, plant_step=6, plant_sample=9)  # sample 9 is in micro-batch 3
+    train_accumulating(planted, masking(6, 9))  # sample 9 is in micro-batch 3
     report = replay_report(Run(planted), 4)
     fault = report.fault
     assert (fault.step, fault.phase, fault.micro_batch) == (6, "forward", 3)

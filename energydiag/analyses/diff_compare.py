@@ -29,6 +29,7 @@ class OpDifference(Record):
     paired_by: str = "key"  # or "statistics": B computed the value with another op
     b_op: str = ""  # B's op and occurrence when paired by statistics
     b_occurrence: int = 0
+    micro_batch: int | None = None  # A's, where its ops were fingerprinted
 
     def keys(self) -> tuple[Key, Key]:
         """Each side's key of this op (another op on B when paired by statistics)."""
@@ -80,7 +81,13 @@ def _difference(pair: Pair, gap: float, tol: float) -> OpDifference:
         paired_by=pair.by,
         b_op=pb.op if pair.by == "statistics" else "",
         b_occurrence=pb.occurrence if pair.by == "statistics" else 0,
+        micro_batch=pa.micro_batch,
     )
+
+
+def differ(inputs: list[str]) -> str:
+    """``weight 'l1.weight' differs``, ``input 0, input 1 differ``."""
+    return ", ".join(inputs) + (" differs" if len(inputs) == 1 else " differ")
 
 
 def _unequal(pa: OpPrint, pb: OpPrint, i: int) -> bool:

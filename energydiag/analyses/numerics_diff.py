@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from energydiag.analyses.diff_alignment import align, close_for
-from energydiag.analyses.diff_compare import OpDifference, compare, gradient_gap, parameter_gap
+from energydiag.analyses.diff_compare import (
+    OpDifference,
+    compare,
+    differ,
+    gradient_gap,
+    parameter_gap,
+)
 from energydiag.analyses.diff_ranks import played_on_ranks
 from energydiag.analyses.diff_shadow import Capture, Kept, shadow
 from energydiag.analyses.diff_variants import Variant, side_session
@@ -330,7 +336,7 @@ def _verdict(found: DiffReport) -> str:
         noise = found.gradient_gap <= found.noise_bound
         return "reduction-order noise" if noise else "semantic difference"
     if first.differing_inputs:  # the op computed alike; what it was given was not
-        return f"the sides start apart: {', '.join(first.differing_inputs)} differ"
+        return f"the sides start apart: {differ(first.differing_inputs)}"
     shadow = first.shadow or {}
     a, b = shadow.get("error_a"), shadow.get("error_b")
     if a is None or b is None:

@@ -52,6 +52,9 @@ class OpPrint(Record):
     bits: list[int] = field(default_factory=list)  # per output: its checksum (bitwise only)
     input_bits: list[int] = field(default_factory=list)  # per input
     numels: list[int] = field(default_factory=list)  # per output: its elements (to pair by)
+    # A backward pass ends a micro-batch: ops after one are a later micro-batch's forward (or,
+    # after the last, the clip). None where the watch's hooks saw the entry: they keep no count.
+    micro_batch: int | None = None
 
     @property
     def key(self) -> Key:
@@ -112,6 +115,7 @@ class Fingerprints:
         where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] += 1
         entry = OpPrint(len(self.entries), call.phase, call.module, call.name, self.seen[where])
+        entry.micro_batch = call.micro_batch
         ins = _floats((call.args, call.kwargs))
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
         entry.numels = [t.numel() for t in outs]

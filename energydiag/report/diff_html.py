@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from energydiag.analyses.numerics_diff import AGREE
-from energydiag.report.diff_view import compared, partner, rerun, unit
+from energydiag.report.diff_view import compared, inputs, located, partner, rerun, unit, where
 from energydiag.report.html import STYLE
 
 BAR_WIDTH = 520  # pixels for 16 decades, 1e-16 (left) to 1 (right)
@@ -58,20 +58,19 @@ def _card(r: dict[str, Any]) -> str:
     if first is None:
         return f'<p class="missing">no {kind} differs by more than {r["tolerance"]:.3g}</p>'
     shadow = first["shadow"]
-    inputs = "matched" if not first["differing_inputs"] else ", ".join(first["differing_inputs"])
     rows = [
-        (kind, f"{first['op']} in '{first['module']}'"),
-        ("phase, occurrence", f"{first['phase']}, {first['occurrence']}"),
+        (kind, located(first)),
+        ("where", where(first)),
         *([("paired with", partner(first))] if partner(first) else []),
         ("relative difference", f"{first['relative']:.3g}"),
-        ("inputs", inputs if not first["differing_inputs"] else f"{inputs} differ"),
+        ("inputs", inputs(first)),
         ("A output [norm, sum]", ", ".join(_pair(o) for o in first["a"])),
         ("B output [norm, sum]", ", ".join(_pair(o) for o in first["b"])),
         (
             "float64 re-run",
             rerun(r, shadow)
-            or "not re-run (an in-place op, a gradient, a module that draws random numbers "
-            "or casts itself, or none captured)",
+            or "not re-run (its inputs differed, or an in-place op, a gradient, a module that "
+            "draws random numbers or casts itself)",
         ),
     ]
     return f'<div class="card">{_table(rows)}</div>'

@@ -34,16 +34,13 @@ def diff(console: Console, r: dict[str, Any]) -> None:
         [
             (
                 f"first diverging {unit(r)}",
-                f"{first['op']} in '{first['module']}' ({first['phase']}, "
-                f"occurrence {first['occurrence']})",
+                f"{located(first)} ({where(first)})",
             ),
             ("paired with", partner(first)),
             ("relative difference", f"{first['relative']:.3g}"),
             (
                 "inputs",
-                "matched"
-                if not first["differing_inputs"]
-                else ", ".join(first["differing_inputs"]) + " differ",
+                inputs(first),
             ),
             ("float64 re-run", rerun(r, shadow)),
         ],
@@ -105,6 +102,29 @@ def _by_module(r: dict[str, Any]) -> str:
     whose gradient is rounding noise otherwise, by design)."""
     compiled = (r["against"] or "").startswith("compile")
     return "module outputs, loss, gradients" + ("" if compiled else ", parameters, state")
+
+
+def inputs(first: dict[str, Any]) -> str:
+    apart = first["differing_inputs"]
+    return f"apart: {', '.join(apart)}" if apart else "matched"
+
+
+def located(first: dict[str, Any]) -> str:
+    """The op and its module; the loss's own ops run outside every module."""
+    module = first["module"]
+    return f"{first['op']} in '{module}'" if module else f"{first['op']}, outside every module"
+
+
+def where(first: dict[str, Any]) -> str:
+    """Its phase, micro-batch (where known: ops fingerprinted) and occurrence."""
+    micro = first.get("micro_batch")
+    return ", ".join(
+        [
+            first["phase"],
+            *([f"micro-batch {micro}"] if micro else []),
+            f"occurrence {first['occurrence']}",
+        ]
+    )
 
 
 def rerun(r: dict[str, Any], shadow: dict[str, Any] | None) -> str | None:
