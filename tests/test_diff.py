@@ -45,6 +45,7 @@ def test_one_ulp_in_one_weight_is_named_where_it_is_first_read(runs):
     first = report["first_divergence"]
     assert code == 1 and report["unmatched"] == [0, 0]
     assert (first["phase"], first["module"], first["op"]) == ("forward", "act_in", "aten::addmm")
+    assert first["micro_batch"] == 1
     assert first["differing_inputs"] == ["weight 'act_in.weight'"] and first["inputs_matched"]
     assert report["verdict"] == "the sides start apart: weight 'act_in.weight' differs"
     assert report["replayed_from"] == [STEP, STEP]
@@ -160,6 +161,7 @@ def test_a_difference_born_in_the_optimizer_is_named_there(runs, moment_apart, o
     first = report["first_divergence"]
     assert code == 1 and report["named_in"] == "optimizer" and first["phase"] == "optimizer"
     assert opened == [STEP] * 4 and first["shadow"] is None
+    assert first["micro_batch"] is None  # after the last backward pass: of no micro-batch
     assert not first["inputs_matched"] and first["differing_inputs"]
     assert report["verdict"].startswith("the sides start apart: input")
     apart = {m["module"]: m["phase"] for m in report["modules"] if m["largest"] > 0}

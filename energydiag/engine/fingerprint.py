@@ -52,8 +52,9 @@ class OpPrint(Record):
     bits: list[int] = field(default_factory=list)  # per output: its checksum (bitwise only)
     input_bits: list[int] = field(default_factory=list)  # per input
     numels: list[int] = field(default_factory=list)  # per output: its elements (to pair by)
-    # A backward pass ends a micro-batch: ops after one are a later micro-batch's forward (or,
-    # after the last, the clip). None where the watch's hooks saw the entry: they keep no count.
+    # A backward pass ends a micro-batch: ops after one are a later micro-batch's forward. None
+    # after the last (the clip, the optimizer), and where the watch's hooks, which keep no
+    # count, saw the entry.
     micro_batch: int | None = None
 
     @property
@@ -94,6 +95,7 @@ class Fingerprints:
         self.slots = Slots(bitwise)  # an op's output, or a leaf, by the tensor it was taken of
         self.reductions = self.slots.reductions
         self.entries: list[tuple[OpPrint, list[int], list[int]]] = []
+        self.micro_batches = 0  # seen to end in a backward pass
 
     def before_write(self, func: Any, args: tuple, kwargs: dict, phase: str) -> None:
         """What an in-place op is about to write, reduced while it holds what the op reads (a
@@ -105,6 +107,8 @@ class Fingerprints:
 
     def on_op(self, call: OpCall) -> None:
         self._settle()
+        if call.phase == BACKWARD:
+            self.micro_batches = max(self.micro_batches, call.micro_batch)
         if self.phases is not None and call.phase not in self.phases:
             self.slots.forget()
             return
@@ -139,6 +143,8 @@ class Fingerprints:
         """Read every reduction back at once."""
         flat, bits = self.reductions.read()
         for entry, outs, ins in self.entries:
+            if entry.micro_batch > self.micro_batches:
+                entry.micro_batch = None  # after the last backward pass
             entry.outputs = [flat[i] for i in outs]
             entry.inputs = [flat[i] for i in ins]
             if bits:

@@ -116,15 +116,10 @@ def located(first: dict[str, Any]) -> str:
 
 
 def where(first: dict[str, Any]) -> str:
-    """Its phase, micro-batch (where known: ops fingerprinted) and occurrence."""
-    micro = first.get("micro_batch")
-    return ", ".join(
-        [
-            first["phase"],
-            *([f"micro-batch {micro}"] if micro else []),
-            f"occurrence {first['occurrence']}",
-        ]
-    )
+    """Its phase, micro-batch (a later one's only: the first is every step's) and occurrence."""
+    micro = first.get("micro_batch") or 1
+    shown = [f"micro-batch {micro}"] if micro > 1 else []
+    return ", ".join([first["phase"], *shown, f"occurrence {first['occurrence']}"])
 
 
 def rerun(r: dict[str, Any], shadow: dict[str, Any] | None) -> str | None:
