@@ -342,6 +342,27 @@ def split_copy(root: Path) -> Path:
     return root
 
 
+def test_a_baseline_of_a_chosen_step_replays_it_from_the_checkpoint_before(runs, tmp_path):
+    """--numerics-step 41 (no checkpoint there): written from checkpoint 40 with step 40
+    replayed first, then compared at the step the file holds; asked of a comparison, or of a
+    step without its batches, it is one line."""
+    baseline = tmp_path / "numerics.json"
+    base = ["check", str(runs[0]), "--numerics-baseline", str(baseline)]
+    wrong = runner.invoke(app, [*base, "--numerics-step", "41"])
+    assert (
+        wrong.exit_code == 2 and "--numerics-step 41: applies when the baseline is" in wrong.output
+    )
+    assert not baseline.exists()
+    assert runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "41"]).exit_code == 0
+    assert json.loads(baseline.read_text())["step"] == 41
+    result = runner.invoke(app, [*base, "--json"])
+    (numerics,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "numerics"]
+    assert numerics["status"] == "passed" and numerics["evidence"]["step"] == 41
+    beyond = runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "400"])
+    assert beyond.exit_code == 2 and "missing batches for steps 160-400" in beyond.output
+    assert len(beyond.output.strip().splitlines()) == 1
+
+
 def test_a_baseline_pairs_by_statistics(tmp_path):
     """Against a model that computes act_in with other ops, the gate names act_in's addmm, now
     computed by B's add, instead of only counting ops gone and new."""

@@ -58,16 +58,21 @@ class NumericsBaseline(Report):
     method: int = 1  # how the fingerprints were reduced (engine/fingerprint.METHOD); 1 if absent
 
 
-def baseline_step(run: Run) -> int:
-    """The first checkpoint that has its batch: a step every later recording of the run has."""
+def baseline_step(run: Run, step: int | None = None) -> int:
+    """``step`` when the run can replay it (a checkpoint at or before it, and every batch from
+    there); by default the first checkpoint that has its batch, a step every later recording of
+    the run has."""
+    if step is not None:
+        run.require_batches(run.checkpoint_at_or_before(step), step)
+        return step
     steps = run.checkpoints_with_batches
     if not steps:
         raise DiagError(run.root, "no checkpoint has its batch logged: no step to fingerprint")
     return steps[0]
 
 
-def capture(run: Run, device: torch.device) -> NumericsBaseline:
-    step = baseline_step(run)
+def capture(run: Run, device: torch.device, step: int | None = None) -> NumericsBaseline:
+    step = baseline_step(run, step)
     prints = fingerprint_step(run, step, device).prints
     ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs, p.numels) for p in prints]
     return NumericsBaseline(step, torch.__version__, 0.0, ops, METHOD)
@@ -135,10 +140,13 @@ def _where(stretches: list[dict[str, Any]]) -> str:
     return f", first {side} in '{s['module']}' ({s['phase']}): {', '.join(s['ops'])}"
 
 
-def numerics_gate(run: Run, path: Path, update: bool, device: torch.device) -> CheckResult:
-    """The gate's ``numerics`` check: write the baseline when asked, else compare with it."""
+def numerics_gate(
+    run: Run, path: Path, update: bool, device: torch.device, step: int | None = None
+) -> CheckResult:
+    """The gate's ``numerics`` check: write the baseline (of ``step``) when asked, else compare
+    with it, at the step it holds."""
     if update:
-        baseline = capture(run, device)
+        baseline = capture(run, device, step)
         write_baseline(path, baseline)
         said = f"baseline written to {path}: {len(baseline.ops)} ops of step {baseline.step}"
         return CheckResult("numerics", PASS, said, {"step": baseline.step, "path": str(path)})

@@ -18,6 +18,7 @@ from energydiag.cli.options import (
     JsonOpt,
     JunitOpt,
     NumericsBaselineOpt,
+    NumericsStepOpt,
     PngOpt,
     RunArg,
     TriesOpt,
@@ -65,6 +66,7 @@ def check_cmd(
     baseline: BaselineOpt = None,
     numerics_baseline: NumericsBaselineOpt = None,
     update_baseline: UpdateBaselineOpt = False,
+    numerics_step: NumericsStepOpt = None,
     junit: JunitOpt = None,
     json_file: JsonFileOpt = None,
     github: GithubOpt = False,
@@ -83,7 +85,9 @@ def check_cmd(
         if target:
             check_writable(target)
     stored = read_json(baseline) if baseline else None
-    outcome = check.run(run, config, steps, stored, device, numerics_baseline, update_baseline)
+    outcome = check.run(
+        run, config, steps, stored, device, numerics_baseline, update_baseline, numerics_step
+    )
     data = outcome.report.to_json()
     if junit:
         write_text_atomic(junit, render_ci.junit(data))

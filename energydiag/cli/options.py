@@ -301,6 +301,16 @@ NumericsBaselineOpt = Annotated[
         help="One step's per-op fingerprints: fail with the first op that changed since.",
     ),
 ]
+NumericsStepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--numerics-step",
+        metavar="N",
+        min=0,
+        help="The step --update-baseline fingerprints (default: the first checkpoint whose "
+        "batch is logged); the steps from the checkpoint before it replay first.",
+    ),
+]
 UpdateBaselineOpt = Annotated[
     bool,
     typer.Option(

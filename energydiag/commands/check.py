@@ -23,14 +23,19 @@ def run(
     device: str = "cpu",
     numerics_baseline: Path | None = None,
     update_baseline: bool = False,
+    numerics_step: int | None = None,
 ) -> Outcome[CheckReport]:
     """``baseline`` is a previous check report's JSON: a metric worse than it fails.
     ``numerics_baseline``: a file of one step's per-op fingerprints, compared op by op (or
-    written, with ``update_baseline``)."""
+    written, of ``numerics_step``, with ``update_baseline``)."""
     if update_baseline and numerics_baseline is None:
         raise OptionError("give the numerics baseline file to write", "update_baseline")
+    if numerics_step is not None and not update_baseline:
+        problem = "applies when the baseline is written: one is compared at the step it holds"
+        raise OptionError(problem, "numerics_step", value=numerics_step)
     thresholds, target, run = load_config(config), resolve_device(device), Run(run_dir)
     found = check(run, thresholds, steps, baseline, target)
     if numerics_baseline is not None:
-        found.checks.append(numerics_gate(run, numerics_baseline, update_baseline, target))
+        gate = numerics_gate(run, numerics_baseline, update_baseline, target, numerics_step)
+        found.checks.append(gate)
     return Outcome(found, ExitCode.found_if(bool(found.failed)))
