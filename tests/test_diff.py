@@ -45,7 +45,7 @@ def test_one_ulp_in_one_weight_is_named_where_it_is_first_read(runs):
     first = report["first_divergence"]
     assert code == 1 and report["unmatched"] == [0, 0]
     assert (first["phase"], first["module"], first["op"]) == ("forward", "act_in", "aten::addmm")
-    assert first["micro_batch"] == 1
+    assert first["micro_batch"] == 1 and first["step"] == STEP
     assert first["differing_inputs"] == ["weight 'act_in.weight'"] and first["inputs_matched"]
     assert report["verdict"] == "the sides start apart: weight 'act_in.weight' differs"
     assert report["replayed_from"] == [STEP, STEP]

@@ -30,6 +30,7 @@ class OpDifference(Record):
     b_op: str = ""  # B's op and occurrence when paired by statistics
     b_occurrence: int = 0
     micro_batch: int | None = None  # A's, where its ops were fingerprinted
+    step: int | None = None  # the report's, for a reader of this object alone
 
     def keys(self) -> tuple[Key, Key]:
         """Each side's key of this op (another op on B when paired by statistics)."""

@@ -235,6 +235,8 @@ def _report(
     aligned = align(side_a.prints, side_b.prints, close_for(tol))
     outside = "<outside modules>" if variant.watch == "op" else "<model>"
     first, modules = compare(aligned.pairs, tol, outside)
+    if first is not None:
+        first.step = step
     found = DiffReport(
         str(run_a.root),
         str(run_b.root),
