@@ -342,10 +342,11 @@ def split_copy(root: Path) -> Path:
     return root
 
 
-def test_a_baseline_of_a_chosen_step_replays_it_from_the_checkpoint_before(runs, tmp_path):
-    """--numerics-step 41 (no checkpoint there): written from checkpoint 40 with step 40
-    replayed first, then compared at the step the file holds; asked of a comparison, or of a
-    step without its batches, it is one line."""
+def test_a_baseline_of_chosen_steps_replays_them_from_the_checkpoint_before(runs, tmp_path):
+    """--numerics-step 41..43 (no checkpoint at 41): written from checkpoint 40 with step 40
+    replayed first, then compared at the steps the file holds, step after step; one ulp in
+    step 43's batch fails at step 43 with the first op that reads it. Asked of a comparison,
+    or of steps without their batches, --numerics-step is one line."""
     baseline = tmp_path / "numerics.json"
     base = ["check", str(runs[0]), "--numerics-baseline", str(baseline)]
     wrong = runner.invoke(app, [*base, "--numerics-step", "41"])
@@ -353,14 +354,26 @@ def test_a_baseline_of_a_chosen_step_replays_it_from_the_checkpoint_before(runs,
         wrong.exit_code == 2 and "--numerics-step 41: applies when the baseline is" in wrong.output
     )
     assert not baseline.exists()
-    assert runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "41"]).exit_code == 0
-    assert json.loads(baseline.read_text())["step"] == 41
-    result = runner.invoke(app, [*base, "--json"])
+    written = runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "41..43"])
+    assert written.exit_code == 0 and "ops of steps 41..43" in written.stdout
+    stored = json.loads(baseline.read_text())
+    assert stored["step"] == 41 and [s["step"] for s in stored["later"]] == [42, 43]
+    assert numerics_check(base)["evidence"]["steps"] == [41, 43]
+    batch = "batches/step-00000043.safetensors"
+    changed = edited_copy(tmp_path / "changed", runs[0], batch, "h", one_ulp_up)
+    failed = numerics_check(["check", str(changed), "--numerics-baseline", str(baseline)])
+    assert failed["status"] == "failed" and failed["evidence"]["step"] == 43
+    assert failed["message"].startswith("step 43: aten::")
+    for span, problem in [("400", "missing batches for steps 160-400"), ("43..41", "N <= M")]:
+        refused = runner.invoke(app, [*base, "--update-baseline", "--numerics-step", span])
+        assert refused.exit_code == 2 and problem in refused.output
+        assert len(refused.output.strip().splitlines()) == 1
+
+
+def numerics_check(args: list[str]) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
     (numerics,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "numerics"]
-    assert numerics["status"] == "passed" and numerics["evidence"]["step"] == 41
-    beyond = runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "400"])
-    assert beyond.exit_code == 2 and "missing batches for steps 160-400" in beyond.output
-    assert len(beyond.output.strip().splitlines()) == 1
+    return numerics
 
 
 def test_a_baseline_pairs_by_statistics(tmp_path):

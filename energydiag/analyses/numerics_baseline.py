@@ -18,7 +18,7 @@ import torch
 
 from energydiag.analyses.diff_alignment import Pair, align, close_for, relative
 from energydiag.analyses.gate import FAIL, PASS, CheckResult
-from energydiag.analyses.numerics_diff import fingerprint_step
+from energydiag.analyses.numerics_diff import fingerprint_steps
 from energydiag.engine.fingerprint import OpPrint
 from energydiag.engine.reductions import METHOD
 from energydiag.errors import DiagError, OptionError
@@ -48,6 +48,12 @@ class StoredOp(Record):
         )
 
 
+@dataclass
+class StoredStep(Record):
+    step: int
+    ops: list[StoredOp]
+
+
 @report("numerics-baseline")
 @dataclass
 class NumericsBaseline(Report):
@@ -56,26 +62,40 @@ class NumericsBaseline(Report):
     tolerance: float = 0.0  # relative difference an op may move by; edit the file to loosen
     ops: list[StoredOp] = field(default_factory=list)
     method: int = 1  # how the fingerprints were reduced (engine/fingerprint.METHOD); 1 if absent
+    later: list[StoredStep] = field(default_factory=list)  # the steps after ``step``, if any
+
+    def stored(self) -> list[StoredStep]:
+        return [StoredStep(self.step, self.ops), *self.later]
 
 
-def baseline_step(run: Run, step: int | None = None) -> int:
-    """``step`` when the run can replay it (a checkpoint at or before it, and every batch from
-    there); by default the first checkpoint that has its batch, a step every later recording of
-    the run has."""
-    if step is not None:
-        run.require_batches(run.checkpoint_at_or_before(step), step)
-        return step
+def baseline_steps(run: Run, span: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``span`` when the run can replay it (a checkpoint at or before its first step, and every
+    batch from there); by default the first checkpoint that has its batch, a step every later
+    recording of the run has."""
+    if span is not None:
+        first, last = span
+        if first > last:
+            raise OptionError("use N..M with N <= M", "numerics_step", value=f"{first}..{last}")
+        run.require_batches(run.checkpoint_at_or_before(first), last)
+        return span
     steps = run.checkpoints_with_batches
     if not steps:
         raise DiagError(run.root, "no checkpoint has its batch logged: no step to fingerprint")
-    return steps[0]
+    return steps[0], steps[0]
 
 
-def capture(run: Run, device: torch.device, step: int | None = None) -> NumericsBaseline:
-    step = baseline_step(run, step)
-    prints = fingerprint_step(run, step, device).prints
-    ops = [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs, p.numels) for p in prints]
-    return NumericsBaseline(step, torch.__version__, 0.0, ops, METHOD)
+def capture(
+    run: Run, device: torch.device, span: tuple[int, int] | None = None
+) -> NumericsBaseline:
+    """Each step of ``span`` fingerprinted in turn, one session going on from the checkpoint."""
+    first, last = baseline_steps(run, span)
+    played = enumerate(fingerprint_steps(run, first, last, device), start=first)
+    head, *later = [StoredStep(step, _stored(prints)) for step, (prints, *_) in played]
+    return NumericsBaseline(head.step, torch.__version__, 0.0, head.ops, METHOD, later)
+
+
+def _stored(prints: list[OpPrint]) -> list[StoredOp]:
+    return [StoredOp(p.phase, p.module, p.op, p.occurrence, p.outputs, p.numels) for p in prints]
 
 
 def write_baseline(path: Path, baseline: NumericsBaseline) -> None:
@@ -89,6 +109,9 @@ def read_baseline(path: Path) -> NumericsBaseline:
         baseline = NumericsBaseline.from_json(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, SchemaError, TypeError, KeyError) as err:
         raise DiagError(path, f"not a numerics baseline ({str(err).splitlines()[0]})") from None
+    steps = [s.step for s in baseline.stored()]
+    if steps != list(range(steps[0], steps[0] + len(steps))):
+        raise DiagError(path, f"not a numerics baseline (steps {steps} are not consecutive)")
     if baseline.method != METHOD:  # every op would move by float64 rounding, none by the code
         problem = (
             f"fingerprinted by method {baseline.method}, and this energydiag reduces by method "
@@ -99,10 +122,22 @@ def read_baseline(path: Path) -> NumericsBaseline:
 
 
 def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[str, Any]:
-    """The step replayed now against the stored fingerprints: the first op that moved beyond
-    the tolerance (None: none did), how far, and the ops only one side has."""
-    prints = fingerprint_step(run, baseline.step, device).prints
-    stored = [op.fingerprint(i) for i, op in enumerate(baseline.ops)]
+    """The stored steps replayed now, in turn, against their fingerprints: at the first step
+    where any op moved beyond the tolerance or only one side has it (else the last), the first
+    op that moved (None: none did), how far, and the ops only one side has."""
+    steps = baseline.stored()
+    played = fingerprint_steps(run, steps[0].step, steps[-1].step, device)
+    for stored, now in zip(steps, played, strict=True):
+        compared = _compared(baseline, stored, now.prints)
+        if compared["first_changed"] or compared["missing"] or compared["new"]:
+            break
+    return compared | {"steps": [steps[0].step, steps[-1].step]}
+
+
+def _compared(
+    baseline: NumericsBaseline, step: StoredStep, prints: list[OpPrint]
+) -> dict[str, Any]:
+    stored = [op.fingerprint(i) for i, op in enumerate(step.ops)]
     aligned = align(stored, prints, close_for(baseline.tolerance))
     moved = next(
         (
@@ -113,7 +148,7 @@ def compare(baseline: NumericsBaseline, run: Run, device: torch.device) -> dict[
         None,
     )
     return {
-        "step": baseline.step,
+        "step": step.step,
         "first_changed": moved,
         "missing": len(aligned.unpaired_a),
         "new": len(aligned.unpaired_b),
@@ -141,28 +176,40 @@ def _where(stretches: list[dict[str, Any]]) -> str:
 
 
 def numerics_gate(
-    run: Run, path: Path, update: bool, device: torch.device, step: int | None = None
+    run: Run,
+    path: Path,
+    update: bool,
+    device: torch.device,
+    span: tuple[int, int] | None = None,
 ) -> CheckResult:
-    """The gate's ``numerics`` check: write the baseline (of ``step``) when asked, else compare
-    with it, at the step it holds."""
+    """The gate's ``numerics`` check: write the baseline (of the steps of ``span``) when asked,
+    else compare with it, at the steps it holds."""
     if update:
-        baseline = capture(run, device, step)
+        baseline = capture(run, device, span)
         write_baseline(path, baseline)
-        said = f"baseline written to {path}: {len(baseline.ops)} ops of step {baseline.step}"
-        return CheckResult("numerics", PASS, said, {"step": baseline.step, "path": str(path)})
+        stored = baseline.stored()
+        said = f"baseline written to {path}: {sum(len(s.ops) for s in stored)} ops of "
+        said += _steps(stored[0].step, stored[-1].step)
+        evidence = {"step": baseline.step, "steps": [stored[0].step, stored[-1].step]}
+        return CheckResult("numerics", PASS, said, evidence | {"path": str(path)})
     compared = compare(read_baseline(path), run, device)
     moved = compared["first_changed"]
     if moved is None and not compared["missing"] and not compared["new"]:
-        said = f"every op of step {compared['step']} as in the baseline"
+        said = f"every op of {_steps(*compared['steps'])} as in the baseline"
         return CheckResult("numerics", PASS, said, compared)
     if moved is None:
         said = f"{compared['missing']} op(s) of the baseline gone, {compared['new']} new"
         said += _where(compared["unpaired"])
     else:
+        module = f" in '{moved['module']}'" if moved["module"] else ", outside every module,"
         said = (
-            f"{moved['op']} in '{moved['module']}' ({moved['phase']}, occurrence "
+            f"{moved['op']}{module} ({moved['phase']}, occurrence "
             f"{moved['occurrence']}) moved by {moved['relative']:.3g} relative"
         )
         said += f", now computed by {moved['now']}" if "now" in moved else ""
     versions = f"torch {compared['recorded_with']} then, {compared['torch']} now"
     return CheckResult("numerics", FAIL, f"step {compared['step']}: {said} ({versions})", compared)
+
+
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}..{last}"

@@ -267,7 +267,14 @@ def fingerprint_step(
     run: Run, step: int, device: torch.device, variant: Variant | None = None
 ) -> Played:
     """The step's per-op fingerprints, its loss, and the parameters after it."""
-    return next(_fingerprinted(run, step, step, device, variant or Variant("")))
+    return next(fingerprint_steps(run, step, step, device, variant))
+
+
+def fingerprint_steps(
+    run: Run, first: int, last: int, device: torch.device, variant: Variant | None = None
+) -> Iterator[Played]:
+    """Steps ``first``..``last`` fingerprinted op by op in turn, one session going on."""
+    return _fingerprinted(run, first, last, device, variant or Variant(""))
 
 
 def _fingerprinted(

@@ -302,13 +302,12 @@ NumericsBaselineOpt = Annotated[
     ),
 ]
 NumericsStepOpt = Annotated[
-    int | None,
+    str | None,
     typer.Option(
         "--numerics-step",
-        metavar="N",
-        min=0,
-        help="The step --update-baseline fingerprints (default: the first checkpoint whose "
-        "batch is logged); the steps from the checkpoint before it replay first.",
+        metavar="N|N..M",
+        help="The step, or steps, --update-baseline fingerprints (default: the first "
+        "checkpoint whose batch is logged); the steps from the checkpoint before replay first.",
     ),
 ]
 UpdateBaselineOpt = Annotated[

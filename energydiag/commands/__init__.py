@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from energydiag.errors import OptionError
 from energydiag.exitcodes import ExitCode
 from energydiag.schema import Report
 
@@ -20,3 +21,11 @@ R = TypeVar("R", bound=Report)
 class Outcome(Generic[R]):
     report: R
     code: ExitCode
+
+
+def step_span(text: str, option: str) -> tuple[int, int]:
+    """``N..M``, both included, or ``N`` alone; that N <= M is the caller's to hold."""
+    first, dots, last = text.partition("..")
+    if not (first.isdigit() and (last.isdigit() or not dots)):
+        raise OptionError("use N or N..M with N <= M, both steps", option, value=repr(text))
+    return int(first), int(last or first)

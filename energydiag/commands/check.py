@@ -7,7 +7,7 @@ from typing import Any
 
 from energydiag.analyses.gate import CheckReport, check
 from energydiag.analyses.numerics_baseline import numerics_gate
-from energydiag.commands import Outcome
+from energydiag.commands import Outcome, step_span
 from energydiag.engine.session import resolve_device
 from energydiag.errors import OptionError
 from energydiag.exitcodes import ExitCode
@@ -23,11 +23,12 @@ def run(
     device: str = "cpu",
     numerics_baseline: Path | None = None,
     update_baseline: bool = False,
-    numerics_step: int | None = None,
+    numerics_step: str | None = None,
 ) -> Outcome[CheckReport]:
     """``baseline`` is a previous check report's JSON: a metric worse than it fails.
     ``numerics_baseline``: a file of one step's per-op fingerprints, compared op by op (or
-    written, of ``numerics_step``, with ``update_baseline``)."""
+    written, of the step or steps ``numerics_step`` names, N or N..M, with
+    ``update_baseline``)."""
     if update_baseline and numerics_baseline is None:
         raise OptionError("give the numerics baseline file to write", "update_baseline")
     if numerics_step is not None and not update_baseline:
@@ -36,6 +37,7 @@ def run(
     thresholds, target, run = load_config(config), resolve_device(device), Run(run_dir)
     found = check(run, thresholds, steps, baseline, target)
     if numerics_baseline is not None:
-        gate = numerics_gate(run, numerics_baseline, update_baseline, target, numerics_step)
+        span = step_span(numerics_step, "numerics_step") if numerics_step else None
+        gate = numerics_gate(run, numerics_baseline, update_baseline, target, span)
         found.checks.append(gate)
     return Outcome(found, ExitCode.found_if(bool(found.failed)))

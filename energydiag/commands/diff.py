@@ -6,7 +6,7 @@ from pathlib import Path
 
 from energydiag.analyses.diff_variants import parse_variant
 from energydiag.analyses.numerics_diff import AGREE, DiffReport, diff_steps
-from energydiag.commands import Outcome
+from energydiag.commands import Outcome, step_span
 from energydiag.engine.session import resolve_device
 from energydiag.errors import OptionError
 from energydiag.exitcodes import ExitCode
@@ -28,15 +28,7 @@ def run(
     if (run_b is None) == (against is None):
         raise OptionError("give a second run, or a variant of this one's replay", "against")
     variant = parse_variant(against) if against else None
-    first, last = step_range(steps) if steps else (step, step)
+    first, last = step_span(steps, "steps") if steps else (step, step)
     runs = Run(run_a), Run(run_b) if run_b else None
     found = diff_steps(*runs, first, last, variant, resolve_device(device), bitwise)
     return Outcome(found, ExitCode.found_if(found.verdict not in AGREE))
-
-
-def step_range(text: str) -> tuple[int, int]:
-    """``N..M``, both included (``diff_steps`` holds them to N <= M)."""
-    first, dots, last = text.partition("..")
-    if not (dots and first.isdigit() and last.isdigit()):
-        raise OptionError("use N..M with N <= M, both steps", "steps", value=repr(text))
-    return int(first), int(last)
