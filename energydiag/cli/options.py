@@ -298,7 +298,8 @@ NumericsBaselineOpt = Annotated[
     Path | None,
     typer.Option(
         metavar="FILE",
-        help="One step's per-op fingerprints: fail with the first op that changed since.",
+        help="One step's (or a few steps') per-op fingerprints: fail with the first op that "
+        "changed since.",
     ),
 ]
 NumericsStepOpt = Annotated[
