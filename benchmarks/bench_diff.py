@@ -1,7 +1,7 @@
 """What `diff`'s fingerprints cost: each way of watching a replayed step against the same step
 replayed plainly, on the benchmark model (interleaved medians, one run).
 
-    python benchmarks/bench_diff.py [--rounds N]
+    python benchmarks/bench_diff.py [--rounds N] [--device cpu|cuda]
 
 Goal (issue 23): ≤ 1.3× a plain step and ≤ 10% extra memory. `diff` watches every step by
 module hooks (outputs, the loss, gradients, then the parameters and optimizer state the step
@@ -102,11 +102,16 @@ def memory(run_dir: Path) -> None:
 FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def main(rounds: int) -> None:
+def main(rounds: int, device: str) -> None:
+    """On CUDA each variant ends in a synchronize (the watch reads its numbers back at the end
+    of the step, a plain step would not wait for its kernels), and memory is not measured: the
+    RSS measures what lives on the CPU."""
     torch.set_num_threads(1)
+    target = torch.device(device)
+    sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(record(Path(tmp) / "run"))
-        session = open_session(run, 0, torch.device("cpu"))
+        session = open_session(run, 0, target)
         batch = run.batch(0)
         counted: list[int] = []
 
@@ -124,23 +129,24 @@ def main(rounds: int) -> None:
                 session.train(batch)
             counted.append(len(prints.prints()))
 
-        medians = interleaved_medians(
-            {
-                "replayed step": plain,
-                "instrumented, idle observer": instrumented,
-                "watched by module (every step)": lambda: watch(session, batch),
-                "forward ops fingerprinted": lambda: fingerprinted(NAMED_IN[FORWARD]),
-                "every op fingerprinted": fingerprinted,
-            },
-            rounds,
-        )
-        report(
-            f"diff fingerprints ({counted[-1]} ops a step, 1 thread, CPU)", medians, "replayed step"
-        )
-        memory(Path(tmp) / "run")
+        variants = {
+            "replayed step": plain,
+            "instrumented, idle observer": instrumented,
+            "watched by module (every step)": lambda: watch(session, batch),
+            "forward ops fingerprinted": lambda: fingerprinted(NAMED_IN[FORWARD]),
+            "every op fingerprinted": fingerprinted,
+        }
+        synced = {name: (lambda fn=fn: (fn(), sync())) for name, fn in variants.items()}
+        medians = interleaved_medians(synced, rounds)
+        title = f"diff fingerprints ({counted[-1]} ops a step, 1 thread, {target})"
+        report(title, medians, "replayed step")
+        if target.type == "cpu":
+            memory(Path(tmp) / "run")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
-    main(parser.parse_args().rounds)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    main(args.rounds, args.device)

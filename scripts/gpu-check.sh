@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one short run: the CUDA tests, then the replay benchmark on CPU
-# and on CUDA side by side. Usage (on a machine with a GPU): bash scripts/gpu-check.sh
+# and on CUDA side by side, then what diff's fingerprints cost on CUDA.
+# Usage (on a machine with a GPU): bash scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -9,3 +10,4 @@ python=${PYTHON:-.venv/bin/python}
 cd benchmarks
 "$python" bench_replay.py --rounds 15 --device cpu
 "$python" bench_replay.py --rounds 15 --device cuda
+"$python" bench_diff.py --rounds 15 --device cuda
