@@ -1,10 +1,12 @@
-"""A step's per-op fingerprints kept as a CI baseline, and the first op a later commit changed.
+"""A step's (or a few steps') per-op fingerprints kept as a CI baseline, and the first op a later
+commit changed.
 
-``check --numerics-baseline FILE`` replays one step with every op fingerprinted and compares
-each op with the stored one (paired by phase, module, op and occurrence): a kernel, dtype or
-code change that moves any op's output beyond ``tolerance`` (0 by default: bit for bit, since
-one machine replays deterministically) fails the gate with that op. ``--update-baseline``
-writes or replaces the file; the gate never does on its own.
+The gate replays the stored steps with every op fingerprinted, one session going on from step
+to step, and compares each op with the stored one (paired by phase, module, op and occurrence):
+a kernel, dtype or code change that moves any op's output beyond ``tolerance`` (0 by default:
+bit for bit, since one machine replays deterministically) fails the gate with that op and its
+step. The file is written or replaced only when asked (``update``); the gate never does on its
+own.
 """
 
 from __future__ import annotations
