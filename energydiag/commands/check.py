@@ -34,10 +34,10 @@ def run(
     if numerics_step is not None and not update_baseline:
         problem = "applies when the baseline is written: one is compared at the step it holds"
         raise OptionError(problem, "numerics_step", value=numerics_step)
+    span = step_span(numerics_step, "numerics_step") if numerics_step else None
     thresholds, target, run = load_config(config), resolve_device(device), Run(run_dir)
     found = check(run, thresholds, steps, baseline, target)
     if numerics_baseline is not None:
-        span = step_span(numerics_step, "numerics_step") if numerics_step else None
         gate = numerics_gate(run, numerics_baseline, update_baseline, target, span)
         found.checks.append(gate)
     return Outcome(found, ExitCode.found_if(bool(found.failed)))

@@ -118,8 +118,14 @@ class Fingerprints:
             return
         where = key_of(call.phase, call.module, call.name, 0)[:3]
         self.seen[where] += 1
-        entry = OpPrint(len(self.entries), call.phase, call.module, call.name, self.seen[where])
-        entry.micro_batch = call.micro_batch
+        entry = OpPrint(
+            len(self.entries),
+            call.phase,
+            call.module,
+            call.name,
+            self.seen[where],
+            micro_batch=call.micro_batch,
+        )
         ins = _floats((call.args, call.kwargs))
         entry.parameters = [self.params.get(t.untyped_storage().data_ptr(), "") for t in ins]
         entry.numels = [t.numel() for t in outs]

@@ -38,10 +38,7 @@ def diff(console: Console, r: dict[str, Any]) -> None:
             ),
             ("paired with", partner(first)),
             ("relative difference", f"{first['relative']:.3g}"),
-            (
-                "inputs",
-                inputs(first),
-            ),
+            ("inputs", inputs(first)),
             ("float64 re-run", rerun(r, shadow)),
         ],
     )
