@@ -129,3 +129,21 @@ def test_a_baseline_of_an_earlier_reduction_asks_to_be_written_again(tmp_path, m
     assert result.exit_code == 2 and "Traceback" not in result.output
     line = " ".join(result.output.split())
     assert f"{baseline}: fingerprinted by method {method}" in line and "(--update-baseline)" in line
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_runs_of_a_hand_written_loop_pass_their_own_baseline(tmp_path, seed):
+    """Healthy controls, three seeds of a plain loop (AdamW, clipping, a StepLR schedule): a
+    baseline of steps 4..6, written from checkpoint 4, passes on the same run replayed again."""
+    from handloop import train
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+    root = train(tmp_path / "run", steps=8, checkpoint_every=4, seed=seed, scheduler=schedule).root
+    base = ["check", str(root), "--numerics-baseline", str(tmp_path / "numerics.json")]
+    written = runner.invoke(app, [*base, "--update-baseline", "--numerics-step", "4..6"])
+    assert "ops of steps 4..6" in written.stdout
+    numerics = numerics_check(base)
+    assert numerics["status"] == "passed" and numerics["evidence"]["steps"] == [4, 6]
+    assert numerics["evidence"]["missing"] == numerics["evidence"]["new"] == 0
